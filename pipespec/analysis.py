@@ -1,0 +1,541 @@
+"""The analytical model of PipeSpec, and a discrete-event simulation for what the closed forms do not cover.
+
+Pure arithmetic: no threads, no torch, no logging. Everything here is deterministic (the simulation's randomness
+comes from a seeded hash, not from global state).
+
+Terms (as in PipeSpec, McDanel et al. 2025, and ``pipespec.types``):
+
+- *chain*: models M0 (smallest, the draft) -> ... -> M(k-1) (the target). ``latencies_s[i]`` is the time of one
+  forward pass of M(i) in seconds, smallest model first; the simulation also takes a function of the number of
+  tokens the forward processes.
+- *alpha* (``acceptance[i]``): the probability that a token M(i) chose equals M(i+1)'s own choice at that position,
+  the same for every token and independent of the others (i.i.d.). Only neighbours have an alpha.
+- *gamma*: the verify window, the number of drafted tokens one verification pass checks. The pass also yields one
+  token of the verifier's own: the *correction* at the first mismatch, or the *bonus* when all gamma matched.
+- *c*: draft forward time / target forward time (the cost of one drafted token, in target steps).
+- *step*: one forward pass of a stage: a *verification* when it checks proposals, a *decode* when it has none
+  and picks one token itself.
+- *lookahead* (lock-step SD only): every stage runs ahead of its successor by ``lookahead - 1`` tokens before the
+  successor verifies, so a two-model SD round with lookahead g has gamma = g - 1.
+
+Units: throughputs are committed target tokens per second; speedups are relative to the target decoding alone.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SimResult",
+    "StageCounts",
+    "expected_tokens_per_step",
+    "lockstep_speedup",
+    "pipespec_speedup",
+    "predict_throughput",
+    "simulate",
+    "verification_probability",
+]
+
+import heapq
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pipespec.types import Mode
+
+Latency = float | Callable[[int], float]
+
+_MODES = ("pipe", "sd", "ar")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Closed forms (the paper's analytical model)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_alpha(alpha: float) -> None:
+    # `not (0 <= x <= 1)` also rejects NaN, which a plain `x < 0 or x > 1` would let through.
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha (per-token acceptance) must be in [0, 1], got {alpha!r}")
+
+
+def _check_gamma(gamma: float) -> None:
+    if not gamma >= 0:
+        raise ValueError(f"gamma (verify window, in tokens) must be >= 0, got {gamma!r}")
+
+
+def _check_c(c: float) -> None:
+    if not c >= 0:
+        raise ValueError(f"c (draft/target step time ratio) must be >= 0, got {c!r}")
+
+
+def _window_tokens(alpha: float, gamma: float) -> float:
+    """Expected tokens one verification of ``gamma`` drafts yields: sum_{j=0..gamma} alpha^j.
+
+    Accepted drafts are min(Geometric, gamma), plus the correction or bonus token. gamma may be fractional (the
+    steady-state models below use rates, not whole counts).
+    """
+    if alpha == 1.0:
+        return gamma + 1.0  # the limit of the geometric sum
+    if alpha == 0.0:
+        return 1.0
+    # (1 - alpha^(gamma+1)) / (1 - alpha) through expm1/log: keeps precision for alpha just below 1.
+    return -math.expm1((gamma + 1.0) * math.log(alpha)) / (1.0 - alpha)
+
+
+def verification_probability(alpha: float, gamma: float) -> float:
+    """rho = alpha / (1 - alpha^(gamma+1) + alpha): the steady-state share of a stage's steps that verify.
+
+    It is the stationary probability of a two-state chain: after a rejection the stage's predecessor has been
+    rolled back and has nothing valid, so the next step is a decode; a decode is followed by a verification when
+    the predecessor's token at the decoded position matches (probability alpha); a verification is followed by
+    another one when all gamma drafts and the predecessor's token at the bonus position match (alpha^(gamma+1)).
+    Equal at alpha = 1 (rho = 1) and alpha = 0 (rho = 0); no limit needed.
+    """
+    _check_alpha(alpha)
+    _check_gamma(gamma)
+    return alpha / (1.0 - alpha ** (gamma + 1.0) + alpha)
+
+
+def expected_tokens_per_step(alpha: float, gamma: float) -> float:
+    """E[N] = (1 - rho) * 1 + rho * (1 - alpha^(gamma+1)) / (1 - alpha): tokens a stage adds per step.
+
+    A decode adds one token; a verification adds the accepted prefix plus one. Equals 1 at alpha = 0 and gamma + 1
+    at alpha = 1; greater than 1 for every 0 < alpha and gamma > 0 (the paper's never-slower-than-AR guarantee).
+    """
+    rho = verification_probability(alpha, gamma)
+    return (1.0 - rho) + rho * _window_tokens(alpha, gamma)
+
+
+def lockstep_speedup(alpha: float, gamma: float, c: float) -> float:
+    """SD = (1 - alpha^(gamma+1)) / ((1 - alpha) * (gamma * c + 1)): lock-step speculative decoding over AR.
+
+    A round costs gamma draft steps (gamma * c target steps) plus one target verification and yields the window's
+    expected tokens. At alpha = 1 it is (gamma + 1) / (gamma * c + 1).
+    """
+    _check_alpha(alpha)
+    _check_gamma(gamma)
+    _check_c(c)
+    return _window_tokens(alpha, gamma) / (gamma * c + 1.0)
+
+
+def pipespec_speedup(alpha: float, gamma: float) -> float:
+    """PipeSpec over AR in the paper's model: E[N] target tokens per target step, i.e. ``expected_tokens_per_step``.
+
+    Asynchrony removes the gamma * c term of lock-step SD: the drafts for the next window are made while the target
+    verifies the current one, so a target step costs one target forward, never a wait. What it pays instead is
+    rollbacks: after each rejection the target's next step is a decode (one token), hence the rho mix.
+    ``lockstep_speedup(alpha, gamma, 0.0)`` (the SD formula with the gamma * c term simply dropped) is the upper
+    bound this reaches when every step verifies a full window (rho = 1, i.e. alpha = 1). Assumes the predecessor
+    always has gamma tokens ready, i.i.d. acceptance, one device per model, free coordination, and a verification
+    costing one decode step.
+    """
+    return expected_tokens_per_step(alpha, gamma)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Throughput of a chain
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_chain(latencies: Sequence[object], acceptance: Sequence[float], mode: str, verify_cap: int) -> None:
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    if not latencies:
+        raise ValueError("the chain needs at least one model (the target)")
+    if len(acceptance) != len(latencies) - 1:
+        raise ValueError(
+            f"acceptance needs one value per neighbouring pair: {len(latencies)} models need "
+            f"{len(latencies) - 1}, got {len(acceptance)}"
+        )
+    for a in acceptance:
+        _check_alpha(a)
+    if verify_cap < 1:
+        raise ValueError(f"verify_cap must be >= 1, got {verify_cap!r}")
+
+
+def _accepted_distribution(alpha: float, n: int) -> list[float]:
+    """P(A = j), j = 0..n, for A = min(Geometric(alpha), n): accepted drafts out of n checked."""
+    probs = [alpha**j * (1.0 - alpha) for j in range(n)]
+    probs.append(alpha**n)
+    return probs
+
+
+def _sd_throughput(lat: Sequence[float], acc: Sequence[float], lookahead: int, verify_cap: int) -> float:
+    # Renewal-reward: rounds are i.i.d., so tokens/s = E[tokens per round] / E[seconds per round], exactly.
+    ahead = lookahead - 1  # each stage runs this far ahead of its successor before the successor verifies
+    offered = {ahead: 1.0}  # distribution of the number of tokens the current stage offers its successor
+    seconds = ahead * lat[0]
+    for i in range(1, len(lat) - 1):
+        nxt: dict[int, float] = {}
+        for n, p in offered.items():
+            for a, q in enumerate(_accepted_distribution(acc[i - 1], min(n, verify_cap))):
+                # One verification pass leaves M(i) a + 1 tokens ahead; it then drafts on its own up to `ahead`.
+                own = max(0, ahead - (a + 1))
+                seconds += p * q * (1 + own) * lat[i]
+                nxt[max(a + 1, ahead)] = nxt.get(max(a + 1, ahead), 0.0) + p * q
+        offered = nxt
+    tokens = sum(p * _window_tokens(acc[-1], min(n, verify_cap)) for n, p in offered.items())
+    return tokens / (seconds + lat[-1])
+
+
+def _pipe_throughput(lat: Sequence[float], acc: Sequence[float], verify_cap: int) -> float:
+    rate = 1.0 / lat[0]  # the draft publishes one token per forward and never waits
+    for i in range(1, len(lat)):
+        # Tokens M(i-1) publishes while M(i) runs one step; one of them lands on the position of M(i)'s own
+        # bonus/correction, so a verification checks the others (see predict_throughput).
+        gamma = min(max(rate * lat[i] - 1.0, 0.0), float(verify_cap))
+        rate = expected_tokens_per_step(acc[i - 1], gamma) / lat[i]
+    return rate
+
+
+def predict_throughput(
+    latencies_s: Sequence[float],
+    acceptance: Sequence[float],
+    mode: Mode,
+    lookahead: int = 8,
+    verify_cap: int = 64,
+) -> float:
+    """Predicted committed tokens per second of the target for a chain, under i.i.d. acceptance.
+
+    ``latencies_s[i]``: seconds per forward of M(i), smallest first, the same for a decode and a verification.
+    ``acceptance[i]``: alpha between M(i) and M(i+1) (``len(latencies_s) - 1`` values).
+
+    ``ar``: 1 / latencies_s[-1].
+
+    ``sd`` (lock step, exact under the assumptions; g = lookahead): a round starts with every stage on the target's
+    sequence. M0 drafts g - 1 tokens (g - 1 forwards). Each middle stage M(i) verifies the n tokens offered by
+    M(i-1) in one forward, accepting A_i = min(Geometric(alpha_{i-1}), n) and adding its own token, so it is
+    A_i + 1 ahead; it then decodes max(0, g - 2 - A_i) tokens on its own to be g - 1 ahead, and offers
+    n_i = max(A_i + 1, g - 1) tokens (so g - 1 or more; min(n, verify_cap) are checked). The target verifies
+    n_{k-2} tokens: E[tokens] = E[sum_{j=0..n} alpha_{k-2}^j]. A middle stage replaces every token it rejects with
+    its own choice, so what the target checks are M(k-2)'s tokens, accepted with alpha_{k-2} each: an M0 draft
+    reaches the target with probability alpha_0 * alpha_1 (3 models), but the effective acceptance at the target
+    is alpha_1, and the middle stage's effect is on the round time (its own decodes when it rejected early) and on
+    n (g - 1, or more after a full acceptance). The distribution of n is carried stage by stage (a handful of
+    values), and rounds are i.i.d., so throughput = E[tokens per round] / E[round time] (renewal-reward).
+    For two models this is ``lockstep_speedup(alpha, g - 1, c) / latencies_s[-1]``.
+
+    ``pipe`` (steady state, approximate): every stage runs all the time and the target's step is the bottleneck,
+    so throughput = E[N_{k-1}] / latencies_s[-1]. Stage by stage, R_0 = 1 / l_0 and
+    R_i = E[N](alpha_{i-1}, gamma_i) / l_i with gamma_i = min(R_{i-1} * l_i - 1, verify_cap), clipped at 0.
+    Why ``- 1``: M(i-1) publishes R_{i-1} * l_i tokens during one step of M(i); while M(i) verified the previous
+    window, M(i-1) already drafted the position where M(i) puts its bonus token, and that draft is checked against
+    the bonus (it is the alpha^(gamma+1) in rho), not verified in the window. This is exactly the paper's
+    two-state chain with gamma = tokens per window. Assumptions: i.i.d. acceptance; the predecessor's output is a
+    steady stream at its mean rate (a middle stage's bursts and its resync after its own rollback are averaged
+    out, which overestimates a middle stage whose steps are not much shorter than its successor's); rollbacks
+    reach the predecessor at once; no max_ahead stalls (drafting far enough ahead). As E[N] >= 1, pipe >= ar.
+    ``simulate`` checks this and covers what it leaves out.
+    """
+    _check_chain(latencies_s, acceptance, mode, verify_cap)
+    if any(not x > 0 for x in latencies_s):
+        raise ValueError(f"latencies must be > 0 seconds, got {list(latencies_s)!r}")
+    if lookahead < 1:
+        raise ValueError(f"lookahead must be >= 1, got {lookahead!r}")
+    if mode == "ar" or len(latencies_s) == 1:
+        return 1.0 / latencies_s[-1]
+    if mode == "sd":
+        return _sd_throughput(latencies_s, acceptance, lookahead, verify_cap)
+    return _pipe_throughput(latencies_s, acceptance, verify_cap)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Discrete-event simulation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StageCounts:
+    """What one simulated stage did (names as in ``pipespec.types.StageStats``)."""
+
+    forwards: int  # forward passes
+    proposed: int  # predecessor tokens this stage checked (verifying stages only)
+    accepted: int  # of those, the ones it kept
+    verifications: int  # forwards that checked at least one proposed token
+    drafted: int  # tokens this stage chose itself (drafts, decodes, corrections, bonus tokens)
+    rollbacks: int  # times its successor's sequence made it drop tokens
+    rollbacks_sent: int  # times it told its predecessor to roll back
+
+
+@dataclass(frozen=True, slots=True)
+class SimResult:
+    mode: Mode
+    committed: int  # tokens the target has verified (may pass `tokens` by the last step's surplus)
+    seconds: float  # simulated time when the target committed them
+    tokens_per_s: float
+    stages: tuple[StageCounts, ...]  # smallest model first
+    output: tuple[int, ...]  # the committed token ids; the same for every mode given the seed (lossless)
+
+
+_MASK = (1 << 64) - 1
+
+
+def _mix(x: int) -> int:
+    """splitmix64's finaliser: a cheap, well-spread 64-bit hash (the simulation's only source of randomness)."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+class _Models:
+    """Greedy fake models: M(i)'s choice is a function of the prefix, through a hash of it.
+
+    The target's choice is a hash of the prefix; M(i) copies M(i+1)'s choice with probability alpha_i (a hash of
+    the prefix, compared with alpha_i * 2^64) and otherwise picks a fresh 64-bit token (a collision has
+    probability ~2^-64). So neighbours agree with probability alpha_i per position, i.i.d. over prefixes; a token is
+    right or wrong for each stage by identity, whoever produced it (a correction M(i) adopted from M(i+1) is just
+    M(i+1)'s token); and the same prefix always gives the same choice, as with a deterministic model, so the
+    output can be compared token by token with the target decoding alone.
+    """
+
+    def __init__(self, acceptance: Sequence[float], seed: int) -> None:
+        self._thresholds = [a * 2.0**64 for a in acceptance]
+        self._salt = _mix(seed & _MASK)
+        self.root = _mix(self._salt ^ 0x5EED)  # hash of the prompt
+
+    def extend(self, prefix_hash: int, token: int) -> int:
+        return _mix(prefix_hash ^ _mix(token ^ self._salt))
+
+    def choice(self, stage: int, prefix_hash: int) -> int:
+        token = _mix(prefix_hash ^ self._salt)
+        for j in range(len(self._thresholds) - 1, stage - 1, -1):
+            tag = _mix(prefix_hash ^ self._salt ^ (((j + 1) * 0xA24BAED4963EE407) & _MASK))
+            if tag >= self._thresholds[j]:
+                token = _mix(tag ^ 0x632BE59BD9B4E019)  # M(j) disagrees with M(j+1) here
+        return token
+
+
+class _Stage:
+    """One model's state: its sequence (generated tokens only), prefix hashes, KV length and counters."""
+
+    def __init__(self, latency: Latency, root: int) -> None:
+        self.latency = latency
+        self.tokens: list[int] = []
+        self.hashes: list[int] = [root]  # hashes[p] = hash of tokens[:p]: equal hashes <=> equal prefixes
+        self.kv = 0  # tokens whose KV is cached; the next forward feeds tokens[kv:]
+        self.rollback_pending = False  # set by the successor, applied at this stage's next step boundary
+        self.job: tuple[int, ...] | None = None  # proposals being verified; () for a draft/decode
+        self.busy = False
+        self.forwards = self.proposed = self.accepted = self.verifications = 0
+        self.drafted = self.rollbacks = self.rollbacks_sent = 0
+
+    def seconds(self, fed: int) -> float:
+        t = self.latency(fed) if callable(self.latency) else self.latency
+        if not t > 0:
+            raise ValueError(f"a forward must take > 0 seconds, got {t!r} for {fed} tokens")
+        return t
+
+    def append(self, models: _Models, token: int) -> None:
+        self.tokens.append(token)
+        self.hashes.append(models.extend(self.hashes[-1], token))
+
+    def counts(self) -> StageCounts:
+        return StageCounts(
+            self.forwards, self.proposed, self.accepted, self.verifications, self.drafted, self.rollbacks,
+            self.rollbacks_sent,
+        )
+
+
+def _divergence(a: _Stage, b: _Stage) -> int:
+    """Length of the longest common prefix of a's and b's sequences (binary search over prefix hashes)."""
+    lo, hi = 0, min(len(a.tokens), len(b.tokens))
+    if a.hashes[hi] == b.hashes[hi]:
+        return hi
+    while lo + 1 < hi:  # invariant: prefixes agree at lo, differ at hi
+        mid = (lo + hi) // 2
+        if a.hashes[mid] == b.hashes[mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _conflicts(pred: _Stage, stage: _Stage) -> bool:
+    common = min(len(pred.tokens), len(stage.tokens))
+    return pred.hashes[common] != stage.hashes[common]
+
+
+def _adopt(stage: _Stage, succ: _Stage, exact: bool) -> None:
+    """Roll ``stage`` back onto its successor's sequence: drop what conflicts (``exact``: and what lies past it)."""
+    keep = _divergence(stage, succ)
+    if keep < len(stage.tokens) and (exact or keep < len(succ.tokens)):
+        del stage.tokens[keep:], stage.hashes[keep + 1 :]
+        stage.kv = min(stage.kv, keep)
+        stage.rollbacks += 1
+    if len(succ.tokens) > len(stage.tokens):  # adopted tokens are not in the KV cache: the next forward feeds them
+        start = len(stage.tokens)
+        stage.tokens.extend(succ.tokens[start:])
+        stage.hashes.extend(succ.hashes[start + 1 :])
+
+
+def _forward(stage: _Stage, proposals: int) -> float:
+    stage.forwards += 1
+    return stage.seconds(max(1, len(stage.tokens) - stage.kv) + proposals)
+
+
+def _verify(stage: _Stage, models: _Models, index: int, proposals: Sequence[int], hashes: Sequence[int]) -> bool:
+    """Greedy verification of ``proposals`` (``hashes[j]`` = hash of the prefix before proposal j); True if all
+    were accepted. Appends the accepted prefix and the stage's own token (correction or bonus)."""
+    accepted = 0
+    while accepted < len(proposals) and models.choice(index, hashes[accepted]) == proposals[accepted]:
+        accepted += 1
+    stage.kv = len(stage.tokens) + accepted  # the KV of rejected proposals is dropped
+    stage.tokens.extend(proposals[:accepted])
+    stage.hashes.extend(hashes[1 : accepted + 1])
+    stage.append(models, models.choice(index, stage.hashes[-1]))
+    stage.drafted += 1
+    if proposals:
+        stage.proposed += len(proposals)
+        stage.accepted += accepted
+        stage.verifications += 1
+    return accepted == len(proposals)
+
+
+def _offer(pred: _Stage, stage: _Stage, cap: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The predecessor's tokens past ``stage``'s sequence (at most ``cap``) and their prefix hashes."""
+    n = len(stage.tokens)
+    proposals = tuple(pred.tokens[n : n + cap])
+    return proposals, tuple(pred.hashes[n : n + len(proposals) + 1])
+
+
+def _simulate_pipe(stages: list[_Stage], models: _Models, tokens: int, cap: int, max_ahead: int) -> float:
+    k = len(stages)
+    target = stages[-1]
+    events: list[tuple[float, int]] = []  # (finish time, stage): ties go to the smaller model, deterministically
+    offers: list[tuple[tuple[int, ...], tuple[int, ...]]] = [((), ())] * k
+
+    def start(i: int, now: float) -> None:
+        st = stages[i]
+        if st.rollback_pending:
+            st.rollback_pending = False
+            _adopt(st, stages[i + 1], exact=False)
+            if i > 0 and _conflicts(stages[i - 1], st):
+                stages[i - 1].rollback_pending = True  # the rollback cascades upstream
+                st.rollbacks_sent += 1
+        if i < k - 1 and len(st.tokens) - len(stages[i + 1].tokens) >= max_ahead:
+            st.busy = False  # far enough ahead: wait (re-tried after every event)
+            return
+        offers[i] = ((), ())
+        if i > 0:
+            pred = stages[i - 1]
+            if _conflicts(pred, st):
+                if not pred.rollback_pending:  # stale proposals: ask again for a rollback, decode meanwhile
+                    pred.rollback_pending = True
+                    st.rollbacks_sent += 1
+            else:
+                offers[i] = _offer(pred, st, cap)
+        st.busy = True
+        heapq.heappush(events, (now + _forward(st, len(offers[i][0])), i))
+
+    for i in range(k):
+        start(i, 0.0)
+    now = 0.0
+    while len(target.tokens) < tokens:
+        now, i = heapq.heappop(events)
+        st = stages[i]
+        proposals, hashes = offers[i]
+        if i == 0 or not proposals:
+            st.append(models, models.choice(i, st.hashes[-1]))
+            st.kv = len(st.tokens) - 1
+            st.drafted += 1
+        elif not _verify(st, models, i, proposals, hashes):
+            stages[i - 1].rollback_pending = True
+            st.rollbacks_sent += 1
+        start(i, now)
+        for j in range(k - 1):
+            if not stages[j].busy:
+                start(j, now)
+    return now
+
+
+def _simulate_sd(stages: list[_Stage], models: _Models, tokens: int, cap: int, lookahead: int) -> float:
+    k = len(stages)
+    target = stages[-1]
+    now = 0.0
+    while len(target.tokens) < tokens:
+        base = len(target.tokens)  # every stage starts the round on the target's sequence
+        for i, st in enumerate(stages):
+            if i > 0:  # one verification pass (a decode when there is nothing to check)
+                proposals, hashes = _offer(stages[i - 1], st, cap)
+                now += _forward(st, len(proposals))
+                if not _verify(st, models, i, proposals, hashes):
+                    st.rollbacks_sent += 1  # carried out at the round's end, with everyone else's
+            while i < k - 1 and len(st.tokens) - base < lookahead - 1:
+                now += _forward(st, 0)
+                st.append(models, models.choice(i, st.hashes[-1]))
+                st.kv = len(st.tokens) - 1
+                st.drafted += 1
+        for i in range(k - 2, -1, -1):  # the round ends: everyone takes the target's output, nothing more
+            _adopt(stages[i], stages[i + 1], exact=True)
+    return now
+
+
+def _simulate_ar(target: _Stage, models: _Models, index: int, tokens: int) -> float:
+    now = 0.0
+    while len(target.tokens) < tokens:
+        now += _forward(target, 0)
+        target.append(models, models.choice(index, target.hashes[-1]))
+        target.kv = len(target.tokens) - 1
+        target.drafted += 1
+    return now
+
+
+def simulate(
+    latencies: Sequence[Latency],
+    acceptance: Sequence[float],
+    tokens: int,
+    mode: Mode,
+    lookahead: int = 8,
+    verify_cap: int = 64,
+    max_ahead: int | None = None,
+    seed: int = 0,
+) -> SimResult:
+    """Discrete-event simulation of a chain generating ``tokens`` tokens; deterministic given ``seed``.
+
+    ``latencies[i]``: seconds per forward of M(i), or a function of the number of tokens the forward feeds (1 for a
+    plain decode; 1 + n to verify n proposals; more after adopting tokens from a rollback, whose KV is missing).
+    ``acceptance[i]``: alpha between M(i) and M(i+1), realised by hash-based fake models (see ``_Models``).
+
+    ``pipe`` follows PipeSpec's algorithm, every stage on its own device, coordination free:
+    M0 drafts one token per forward, never waiting, unless it is ``max_ahead`` tokens past its successor's
+    sequence (default 2 * verify_cap: enough to keep a full window ready while the next one is verified; middle
+    stages get the same bound, as any real buffer is finite). M(i), i >= 1, whenever free, takes M(i-1)'s tokens
+    past its own sequence (at most ``verify_cap``) and verifies them in one forward, keeping the matching prefix
+    and adding its own token; with nothing to take it decodes one token itself. A rejection flags M(i-1) for a
+    rollback; a stage applies it between forwards (a forward in flight is not aborted: its result is applied and
+    then cut back), adopts its successor's sequence and flags its own predecessor if that one now conflicts. A
+    stage that finds its predecessor's sequence in conflict with its own (a pending rollback, or a draft at the
+    position of its own bonus that does not match) flags it and decodes meanwhile.
+    ``sd``: rounds in lock step as in ``predict_throughput``; ``ar``: the target alone.
+
+    Where it departs from ``predict_throughput(..., "pipe")``: rollbacks take effect only at the predecessor's
+    next step boundary (it loses up to one forward), a middle stage's output comes in bursts and restarts after
+    each of its own rollbacks, max_ahead can stall the draft, and latency functions can make long windows costly.
+    With a cheap draft, high alpha and latencies that are multiples of the draft's, the two agree within a few
+    percent (see the tests).
+    """
+    _check_chain(latencies, acceptance, mode, verify_cap)
+    if tokens < 1:
+        raise ValueError(f"tokens must be >= 1, got {tokens!r}")
+    if lookahead < 1:
+        raise ValueError(f"lookahead must be >= 1, got {lookahead!r}")
+    ahead = 2 * verify_cap if max_ahead is None else max_ahead
+    if ahead < 1:
+        raise ValueError(f"max_ahead must be >= 1, got {max_ahead!r}")
+    models = _Models(acceptance, seed)
+    stages = [_Stage(lat, models.root) for lat in latencies]
+    if mode == "ar" or len(stages) == 1:
+        seconds = _simulate_ar(stages[-1], models, len(stages) - 1, tokens)
+    elif mode == "sd":
+        seconds = _simulate_sd(stages, models, tokens, verify_cap, lookahead)
+    else:
+        seconds = _simulate_pipe(stages, models, tokens, verify_cap, ahead)
+    target = stages[-1]
+    return SimResult(
+        mode=mode,
+        committed=len(target.tokens),
+        seconds=seconds,
+        tokens_per_s=len(target.tokens) / seconds,
+        stages=tuple(st.counts() for st in stages),
+        output=tuple(target.tokens),
+    )

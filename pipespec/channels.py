@@ -1,0 +1,99 @@
+"""Typed channels between stages.
+
+- ``Channel[T]``: a bounded anyio memory object stream with a name, for proposals going down the chain. Only this
+  direction applies back-pressure; its receiver drains it without blocking and learns of new messages through its
+  ``Doorbell``.
+- ``Mailbox[T]``: a one-slot, never-blocking, latest-value-wins box for verdicts and rollbacks going up the chain, so
+  a cycle of full buffers (proposals down, verdicts up) cannot deadlock.
+- ``Doorbell``: what a stage awaits when it has nothing to do; every channel or mailbox feeding the stage rings it.
+
+All of these are used from the event loop thread only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+T = TypeVar("T")
+
+__all__ = ["Doorbell", "Channel", "Mailbox"]
+
+
+class Doorbell:
+    """A re-armable wake-up. ``ring`` never blocks; ``wait`` returns once rung since the last ``wait``.
+
+    Callers always drain their inputs after ``wait`` returns, so a ring that lands between the wake-up and the
+    re-arm is never lost: its message is drained anyway.
+    """
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def ring(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event = anyio.Event()
+
+
+class Channel(Generic[T]):
+    """A named, bounded, typed channel with non-blocking draining on the receiving side."""
+
+    def __init__(self, name: str, buffer_size: int, doorbell: Doorbell) -> None:
+        if buffer_size <= 0:
+            raise ValueError("channels are bounded: buffer_size must be positive")
+        self.name = name
+        self._send: MemoryObjectSendStream[T]
+        self._recv: MemoryObjectReceiveStream[T]
+        self._send, self._recv = anyio.create_memory_object_stream[T](buffer_size)
+        self._doorbell = doorbell
+
+    async def send(self, item: T) -> None:
+        await self._send.send(item)
+        self._doorbell.ring()
+
+    def drain(self) -> list[T]:
+        """Everything buffered now, oldest first, without waiting."""
+        items: list[T] = []
+        while True:
+            try:
+                items.append(self._recv.receive_nowait())
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                return items
+
+    @property
+    def depth(self) -> int:
+        """Messages waiting in the buffer (for the live view)."""
+        return self._send.statistics().current_buffer_used
+
+    def close(self) -> None:
+        self._send.close()
+        self._recv.close()
+
+
+class Mailbox(Generic[T]):
+    """One slot; ``put`` merges with an unread value through ``merge(old, new)`` (default: the newer wins)."""
+
+    def __init__(self, name: str, doorbell: Doorbell, merge: Callable[[T, T], T] | None = None) -> None:
+        self.name = name
+        self._value: T | None = None
+        self._doorbell = doorbell
+        self._merge = merge
+
+    def put(self, value: T) -> None:
+        if self._value is not None and self._merge is not None:
+            value = self._merge(self._value, value)
+        self._value = value
+        self._doorbell.ring()
+
+    def take(self) -> T | None:
+        value, self._value = self._value, None
+        return value
+
+    def peek(self) -> T | None:
+        return self._value

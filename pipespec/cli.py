@@ -1,0 +1,212 @@
+"""The ``pipespec`` command line. Logging and the Console are configured here and nowhere else.
+
+Every bad input ends with one line on stderr and exit code 2; a failed generation with exit code 1; Ctrl-C prints
+what was generated so far and exits with code 130.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from .errors import ConfigError, PipelineError, PipespecError
+
+T = TypeVar("T")
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    click.echo(f"pipespec: error: {message}", err=True)
+    sys.exit(code)
+
+
+def configure_logging(verbose: int, log_file: str | None, console_ok: bool) -> None:
+    """structlog, once: JSON lines to --log-file; readable lines on stderr with -v when no live view runs."""
+    import logging
+
+    import structlog
+
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
+    processors: list[Any] = [structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso")]
+    if log_file:
+        try:
+            stream = open(log_file, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - lives for the process
+        except OSError as exc:
+            fail(f"cannot open log file {log_file}: {exc.strerror}")
+        structlog.configure(processors=[*processors, structlog.processors.JSONRenderer()],
+                            logger_factory=structlog.PrintLoggerFactory(stream),
+                            wrapper_class=structlog.make_filtering_bound_logger(min(level, logging.INFO)),
+                            cache_logger_on_first_use=True)
+    elif console_ok and verbose:
+        structlog.configure(processors=[*processors, structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())],
+                            logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+                            wrapper_class=structlog.make_filtering_bound_logger(level),
+                            cache_logger_on_first_use=True)
+    else:
+        structlog.configure(processors=processors, logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+                            wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL + 10),
+                            cache_logger_on_first_use=True)
+    # transformers and torch talk on their own; keep their warnings off the user's screen unless -v
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error" if not verbose else "warning")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def parse_models(models: str | None) -> list[str]:
+    from .loading import DEFAULT_CHAIN
+
+    if models is None:
+        return list(DEFAULT_CHAIN)
+    names = [m.strip() for m in models.split(",")]
+    if not all(names):
+        fail(f"--models {models!r} has an empty entry; list models smallest first, separated by commas")
+    return names
+
+
+def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
+    if prompt is not None and prompt_file is not None:
+        fail("give either --prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        try:
+            text = Path(prompt_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            fail(f"cannot read prompt file {prompt_file}: {exc.strerror}")
+        except UnicodeDecodeError:
+            fail(f"prompt file {prompt_file} is not UTF-8 text")
+    elif prompt is not None:
+        text = prompt
+    elif not sys.stdin.isatty():
+        text = sys.stdin.read()
+    else:
+        fail("no prompt: pass --prompt TEXT, --prompt-file FILE, or pipe text on stdin")
+    if not text.strip():
+        fail("the prompt is empty")
+    return text
+
+
+def run_async(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """asyncio.run with our error policy. asyncio turns Ctrl-C into cancellation of the main task first, so the
+    pipeline stops its stages cleanly before KeyboardInterrupt reaches us."""
+    try:
+        return asyncio.run(main())
+    except ConfigError as exc:
+        fail(str(exc))
+    except PipelineError as exc:
+        fail(str(exc), EXIT_FAILED)
+    except PipespecError as exc:
+        fail(str(exc), EXIT_FAILED)
+
+
+# -- shared options ----------------------------------------------------------------------------------------------
+
+def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("--models", "-m", default=None, metavar="A,B,C",
+                     help="Models smallest first, target last (aliases, folders, .gguf files or hub ids). "
+                          "Default: the built-in family."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--dtype", default="auto", show_default=True,
+                     type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+                     help="auto: float32 on CPU, bfloat16 on CUDA."),
+        click.option("--trust-remote-code", is_flag=True, help="Allow model folders to run their own Python code."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("--temperature", "-t", type=float, default=0.0, show_default=True, help="0 means greedy."),
+        click.option("--top-k", type=int, default=0, show_default=True, help="0 means no top-k filter."),
+        click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling threshold."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed."),
+        click.option("--acceptance", type=click.Choice(["coupled", "rejection"]), default="coupled",
+                     show_default=True, help="How sampled drafts are verified (see docs/sampling.md)."),
+        click.option("--mode", type=click.Choice(["pipe", "sd", "ar"]), default="pipe", show_default=True,
+                     help="pipe: asynchronous; sd: lock-step; ar: the target alone."),
+        click.option("--verify-cap", type=int, default=64, show_default=True,
+                     help="Most proposed tokens a stage checks in one forward pass."),
+        click.option("--lookahead", type=int, default=8, show_default=True, help="Tokens per round in sd mode."),
+        click.option("--max-ahead", type=int, default=None,
+                     help="Most tokens a stage may run ahead of its successor (pipe mode). Default: --verify-cap."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def generation_options(kw: dict[str, Any]) -> dict[str, Any]:
+    keys = ("temperature", "top_k", "top_p", "seed", "acceptance", "mode", "verify_cap", "lookahead", "max_ahead")
+    return {k: kw[k] for k in keys if k in kw}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pipespec", prog_name="pipespec")
+def main() -> None:
+    """PipeSpec: faster generation from a chain of language models, exactly the target's output."""
+
+
+@main.command()
+@model_options
+@sampling_options
+@click.option("--prompt", "-p", default=None, help="The prompt text.")
+@click.option("--prompt-file", default=None, metavar="FILE", help="Read the prompt from a file.")
+@click.option("--max-new-tokens", "-n", type=int, default=128, show_default=True)
+@click.option("--stop", multiple=True, help="Stop after this string (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object when done instead of streaming text.")
+@click.option("--tui/--no-tui", default=None, help="Live view of every stage (default: on when stdout is a terminal).")
+@click.option("--log-file", default=None, metavar="PATH", help="Write JSON-lines logs here.")
+@click.option("-v", "--verbose", count=True, help="Readable logs on stderr (when no live view runs).")
+def run(models: str | None, device: str, dtype: str, trust_remote_code: bool, prompt: str | None,
+        prompt_file: str | None, max_new_tokens: int, stop: tuple[str, ...], as_json: bool, tui: bool | None,
+        log_file: str | None, verbose: int, **kw: Any) -> None:
+    """Generate a continuation of a prompt with a chain of models."""
+    from .runcmd import run_command
+
+    use_tui = (sys.stdout.isatty() and not as_json) if tui is None else (tui and not as_json)
+    configure_logging(verbose, log_file, console_ok=not use_tui)
+    text = read_prompt(prompt, prompt_file)
+    names = parse_models(models)
+    options = generation_options(kw)
+    options.update(max_new_tokens=max_new_tokens, stop=stop)
+    code = run_command(names, text, options, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                       as_json=as_json, use_tui=use_tui)
+    sys.exit(code)
+
+
+@main.command(name="models")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def models_cmd(as_json: bool) -> None:
+    """List the built-in family and the model aliases."""
+    from .loading import ALIASES, BUILTIN
+
+    rows = [{"name": k, "kind": "built-in", "source": str(v), "installed": (v / "config.json").exists()}
+            for k, v in BUILTIN.items()]
+    rows += [{"name": k, "kind": "alias", "source": v} for k, v in ALIASES.items()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="pipespec models")
+    for col in ("name", "kind", "source"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(row["name"], row["kind"], row["source"])
+    Console().print(table)
+    click.echo("Any other name is a local folder, a .gguf file or a hub id (org/name).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Where models come from: aliases, the built-in family, local folders, GGUF files and hub ids.
+
+Model files are data, never code: ``trust_remote_code`` stays off unless asked for, safetensors is preferred, and a
+pickle checkpoint loads only through torch's weights-only loader.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError, ModelLoadError
+
+__all__ = ["ALIASES", "BUILTIN", "DEFAULT_CHAIN", "Source", "resolve_source", "load_model", "load_tokenizer",
+           "resolve_dtype"]
+
+ASSETS = Path(__file__).resolve().parent / "assets" / "family"
+
+# The built-in family: trained by scripts/train_family.py, shipped in the package, works offline.
+BUILTIN: dict[str, Path] = {
+    "tiny-draft": ASSETS / "draft",
+    "tiny-middle": ASSETS / "middle",
+    "tiny-target": ASSETS / "target",
+}
+DEFAULT_CHAIN = ("tiny-draft", "tiny-middle", "tiny-target")
+
+# Short names for public checkpoints (need the hub or a local cache of it).
+ALIASES: dict[str, str] = {
+    "68m": "JackFram/llama-68m",
+    "160m": "JackFram/llama-160m",
+    "7b": "meta-llama/Llama-2-7b-hf",
+    "13b": "meta-llama/Llama-2-13b-hf",
+    "70b": "meta-llama/Llama-2-70b-hf",
+    "1b": "meta-llama/Llama-3.2-1B-Instruct",
+    "3b": "meta-llama/Llama-3.2-3B-Instruct",
+    "8b": "meta-llama/Llama-3.1-8B-Instruct",
+    "70b-3.1": "meta-llama/Llama-3.1-70B-Instruct",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    spec: str  # what the user typed
+    kind: str  # "builtin" | "folder" | "gguf" | "hub"
+    location: str  # a path, or a hub id
+    name: str  # what the live view and stats call it
+
+    @property
+    def path(self) -> Path:
+        return Path(self.location)
+
+
+def resolve_source(spec: str) -> Source:
+    """Turn what the user typed into a place to load from; a missing local path fails here, clearly."""
+    spec = spec.strip()
+    if not spec:
+        raise ConfigError("empty model name in --models")
+    if spec in BUILTIN:
+        path = BUILTIN[spec]
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"built-in model {spec!r} is missing from this installation ({path})")
+        return Source(spec, "builtin", str(path), spec)
+    if spec in ALIASES:
+        return Source(spec, "hub", ALIASES[spec], spec)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {spec}")
+        return Source(spec, "gguf", str(path), path.stem)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{spec} is a folder but holds no config.json: not a transformers model folder")
+        return Source(spec, "folder", str(path), path.name)
+    looks_local = spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") != 1
+    if looks_local or path.exists():
+        raise ModelLoadError(f"model folder not found: {spec}")
+    if spec.count("/") == 1:
+        return Source(spec, "hub", spec, spec.split("/")[1])
+    known = ", ".join([*BUILTIN, *ALIASES])
+    raise ModelLoadError(f"unknown model {spec!r}: not an alias ({known}), a folder, a .gguf file or a hub id")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    host, _, port = endpoint.partition(":")
+    try:
+        with socket.create_connection((host, int(port or 443)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _local_dir(source: Source) -> Path:
+    """A folder holding the model: local sources as they are, hub ids from the cache or (if reachable) the hub."""
+    if source.kind in ("builtin", "folder"):
+        return source.path
+    if source.kind == "gguf":
+        return source.path.parent
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.py"]
+    try:
+        return Path(snapshot_download(source.location, local_files_only=True, allow_patterns=patterns))
+    except Exception:  # noqa: BLE001 - any failure here means "not in the local cache"
+        pass
+    if not _hub_reachable():
+        raise ModelLoadError(
+            f"{source.spec!r} ({source.location}) is not in the local Hugging Face cache and the hub cannot be reached "
+            f"(offline or HF_HUB_OFFLINE set); download it elsewhere and pass its local folder, e.g. "
+            f"--models /path/to/{source.location.split('/')[-1]}")
+    try:
+        return Path(snapshot_download(source.location, allow_patterns=patterns))
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"could not download {source.location}: {str(exc).splitlines()[0]}") from None
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in table:
+        raise ConfigError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    return table[dtype]
+
+
+def _check_weights_are_data(folder: Path) -> bool:
+    """True when the folder has safetensors weights; refuse pickles that need more than the weights-only loader."""
+    if any(folder.glob("*.safetensors")):
+        return True
+    for pickle_file in sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt")):
+        try:
+            torch.load(pickle_file, map_location="meta", weights_only=True, mmap=True)
+        except Exception as exc:  # noqa: BLE001 - the weights-only unpickler refuses anything that is not tensors
+            raise ModelLoadError(
+                f"refusing to load {pickle_file}: it is not a plain weights file ({str(exc).splitlines()[0][:120]})"
+            ) from None
+    return False
+
+
+def load_model(source: Source, device: torch.device, dtype: torch.dtype, *, trust_remote_code: bool = False) -> Any:
+    """Load one causal LM onto ``device`` in eval mode. Runs on the model's runner thread."""
+    from transformers import AutoModelForCausalLM
+
+    folder = _local_dir(source)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    try:
+        if source.kind == "gguf":
+            model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=source.path.name, **kwargs)
+        else:
+            kwargs["use_safetensors"] = _check_weights_are_data(folder)
+            model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+    except ModelLoadError:
+        raise
+    except torch.cuda.OutOfMemoryError:
+        raise ModelLoadError(f"out of GPU memory loading {source.name} on {device}; "
+                             "try another placement (--placement) or a smaller dtype") from None
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; the user needs one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"could not load model {source.spec!r}: {first[:300]}") from None
+    try:
+        model.to(device)
+    except torch.cuda.OutOfMemoryError:
+        raise ModelLoadError(f"out of GPU memory placing {source.name} on {device}; "
+                             "try another placement (--placement) or a smaller dtype") from None
+    model.eval()
+    return model
+
+
+def load_tokenizer(source: Source, *, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    folder = _local_dir(source)
+    try:
+        if source.kind == "gguf":
+            return AutoTokenizer.from_pretrained(str(folder), gguf_file=source.path.name)
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"could not load the tokenizer of {source.spec!r}: {first[:300]}") from None

@@ -1,0 +1,86 @@
+"""``pipespec run``: load the chain, generate once, stream the text (or print one JSON object)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from typing import Any
+
+import click
+
+from .errors import ConfigError, PipespecError
+from .scheduler import Pipeline
+from .types import Generation
+
+
+def _result_json(g: Generation) -> str:
+    return json.dumps({"text": g.text, "token_ids": list(g.token_ids), "stats": g.stats.to_dict()})
+
+
+def run_command(names: list[str], prompt: str, options: dict[str, Any], *, device: str, dtype: str,
+                trust_remote_code: bool, as_json: bool, use_tui: bool) -> int:
+    """Returns the process exit code."""
+    holder: dict[str, Any] = {}
+
+    async def main() -> int:
+        pipe = await _load(names, device, dtype, trust_remote_code, use_tui)
+        holder["pipe"] = pipe
+        async with pipe:
+            pipe.make_request(prompt, **options)  # validate before anything is printed
+            if as_json:
+                g = await pipe.generate(prompt, **options)
+                click.echo(_result_json(g))
+                return 0
+            if use_tui:
+                from .tui import run_with_live_view
+
+                g = await run_with_live_view(pipe, prompt, options)
+                holder["done"] = True
+                return 0
+            async for piece in pipe.stream(prompt, **options):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            holder["done"] = True
+            return 0
+
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        _report_interrupted(holder, as_json, use_tui)
+        return 130
+    except ConfigError as exc:
+        click.echo(f"pipespec: error: {exc}", err=True)
+        return 2
+    except PipespecError as exc:
+        click.echo(f"pipespec: error: {exc}", err=True)
+        return 1
+
+
+def _report_interrupted(holder: dict[str, Any], as_json: bool, use_tui: bool) -> None:
+    """Ctrl-C: nothing generated is lost. Streamed text is already on stdout; JSON and the live view print it."""
+    pipe: Pipeline | None = holder.get("pipe")
+    snap = pipe.snapshot() if pipe is not None else None
+    if as_json:
+        live = pipe._live if pipe is not None else None  # noqa: SLF001 - the CLI owns this pipeline
+        tokens = list(live.output.tokens) if live is not None else []
+        text = live.output.text if live is not None else ""
+        click.echo(json.dumps({"text": text, "token_ids": tokens, "stats": {"tokens": len(tokens),
+                                                                           "stop_reason": "interrupted"}}))
+    elif use_tui and snap is not None:
+        sys.stdout.write(snap.text + "\n")
+    else:
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    click.echo("pipespec: interrupted", err=True)
+
+
+async def _load(names: list[str], device: str, dtype: str, trust_remote_code: bool, progress: bool) -> Pipeline:
+    if not progress:
+        return await Pipeline.load(names, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    from .tui import loading_progress
+
+    with loading_progress(names) as on_loaded:
+        return await Pipeline.load(names, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                                   on_loaded=on_loaded)

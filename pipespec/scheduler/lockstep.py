@@ -1,0 +1,79 @@
+"""``sd`` mode: lock-step chain speculative decoding, the baseline the paper compares PipeSpec with.
+
+One round: stage 0 drafts until it is ``lookahead - 1`` tokens past the target's output; each middle stage verifies
+its predecessor's tokens in one forward pass, then drafts on its own until it is ``lookahead - 1`` tokens ahead; the
+target verifies; every stage then restarts from the target's output. Nothing runs concurrently: each stage waits
+for the others. Same runners, same workers and the same acceptance math as ``pipe``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ..stages import Stage
+from .run import LiveRun
+
+
+def _rows(probs: Any, count: int) -> list[tuple[Any, int]]:
+    return [(probs, i) for i in range(count)] if probs is not None else []
+
+
+async def run_lockstep(stages: list[Stage], live: LiveRun, lookahead: int) -> None:
+    request = live.request
+    params = request.params
+    verified = list(request.prompt)
+    draft, middles, target = stages[0], stages[1:-1], stages[-1]
+    assert target.io.commit is not None
+    while True:
+        base = len(verified)
+        window = min(lookahead - 1, request.max_len - base - 1)  # proposals the target may check this round
+        seq, rows = list(verified), []
+        if window > 0:
+            draft.set_state("drafting")
+            result = await draft.runner.call(draft.worker.draft, verified, window, params)
+            draft.set_state("idle")
+            draft.stats.forwards += len(result.tokens)
+            draft.stats.drafted += len(result.tokens)
+            seq += result.tokens
+            rows = _rows(result.probs, len(result.tokens))
+        previous = draft
+        for stage in middles:
+            stage.set_state("verifying")
+            proposed = len(seq) - base
+            result = await stage.runner.call(stage.worker.step, seq, base, params, rows if rows else None)
+            stage.stats.forwards += 1
+            stage.stats.drafted += 1
+            stage.stats.record_verification(proposed, result.accepted)
+            if result.accepted < proposed:
+                previous.stats.rollbacks += 1
+                stage.stats.rollbacks_sent += 1
+            seq = verified + list(result.tokens)
+            rows = _rows(result.probs, len(result.tokens))
+            extra = window - (len(seq) - base)
+            if extra > 0:
+                stage.set_state("drafting")
+                more = await stage.runner.call(stage.worker.draft, seq, extra, params)
+                stage.stats.forwards += len(more.tokens)
+                stage.stats.drafted += len(more.tokens)
+                seq += more.tokens
+                rows += _rows(more.probs, len(more.tokens))
+            del seq[base + max(window, 0):]
+            del rows[max(window, 0):]
+            stage.set_state("idle")
+            previous = stage
+        target.set_state("verifying")
+        proposed = len(seq) - base
+        result = await target.runner.call(target.worker.step, seq, base, params, rows if proposed else None)
+        target.stats.forwards += 1
+        target.stats.drafted += 1
+        target.stats.record_verification(proposed, result.accepted)
+        if result.accepted < proposed:
+            previous.stats.rollbacks += 1
+            target.stats.rollbacks_sent += 1
+        verified += result.tokens
+        if await target.io.commit(result.tokens):
+            live.finished = time.perf_counter()
+            for stage in stages:
+                stage.set_state("done")
+            return

@@ -1,0 +1,40 @@
+"""A validated generation request and the chain members it runs on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..models import ModelWorker
+from ..runtime import Runner
+from ..types import Mode
+from ..verify import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One model of the chain: its runner (thread) and its worker (weights and KV cache)."""
+
+    name: str
+    runner: Runner
+    worker: ModelWorker
+
+    @property
+    def device(self) -> str:
+        return str(self.runner.device)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    prompt: tuple[int, ...]
+    max_new_tokens: int
+    mode: Mode
+    params: SamplingParams
+    stop: tuple[str, ...] = ()
+    verify_cap: int = 64  # pipe: most proposals checked per forward pass
+    max_ahead: int = 64  # pipe: most tokens a stage may run past its successor
+    lookahead: int = 8  # sd: tokens per lock-step round (drafts + the target's own token)
+    draft_batch: int = 1
+
+    @property
+    def max_len(self) -> int:
+        return len(self.prompt) + self.max_new_tokens

@@ -1,0 +1,95 @@
+"""One generation in ``pipe`` (or ``ar``) mode: wire the chain, run every stage in one task group, stop cleanly.
+
+``ar`` is the same code with a chain of one: the target with no predecessor decodes one token per forward pass.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import anyio
+
+from ..channels import Channel, Doorbell, Mailbox
+from ..errors import PipelineError
+from ..stages import Stage, StageConfig, StageIO, run_draft, run_verifier
+from ..types import Proposal, Snapshot, StageSnapshot, StageStats, Verdict
+from .output import Output
+from .request import Member, Request
+
+PROPOSAL_BUFFER = 256  # messages; a stage drains its inbox every step, so this is rarely more than a few deep
+
+
+class LiveRun:
+    """The mutable state of a running generation, turned into immutable snapshots for the live view."""
+
+    def __init__(self, request: Request, stages: list[Stage], output: Output) -> None:
+        self.request = request
+        self.stages = stages
+        self.output = output
+        self.started = time.perf_counter()
+        self.finished: float | None = None
+
+    @property
+    def elapsed(self) -> float:
+        return (self.finished or time.perf_counter()) - self.started
+
+    def snapshot(self) -> Snapshot:
+        views = []
+        for stage in self.stages:
+            st = stage.stats
+            inbox = stage.io.inbox
+            recent_p = sum(p for p, _ in st.recent)
+            recent_a = sum(a for _, a in st.recent)
+            views.append(StageSnapshot(
+                index=stage.index, model=st.model, device=st.device, state=st.state,
+                queue_depth=inbox.depth if inbox is not None else 0, in_flight=stage.in_flight,
+                forwards=st.forwards, proposed=st.proposed, accepted=st.accepted,
+                recent_proposed=recent_p, recent_accepted=recent_a, verifications=st.verifications,
+                rollbacks=st.rollbacks, busy_seconds=stage.runner.busy_seconds))
+        return Snapshot(mode=self.request.mode, stages=tuple(views), committed=len(self.output.tokens),
+                        elapsed=self.elapsed, text=self.output.text, done=self.finished is not None)
+
+
+def build_stages(members: Sequence[Member], request: Request, output: Output) -> list[Stage]:
+    """Stage objects and the channels between them: proposals down, verdicts up, one doorbell per stage."""
+    config = StageConfig(prompt=request.prompt, max_len=request.max_len, params=request.params,
+                         verify_cap=request.verify_cap, max_ahead=request.max_ahead,
+                         draft_batch=request.draft_batch)
+    bells = [Doorbell() for _ in members]
+    ios = [StageIO(doorbell=bell) for bell in bells]
+    for i in range(len(members) - 1):
+        down: Channel[Proposal] = Channel(f"proposals {i}->{i + 1}", PROPOSAL_BUFFER, bells[i + 1])
+        up: Mailbox[Verdict] = Mailbox(f"verdicts {i + 1}->{i}", bells[i], Verdict.merge)
+        ios[i].outbox, ios[i + 1].inbox = down, down
+        ios[i].verdicts_in, ios[i + 1].verdicts_out = up, up
+    ios[-1].commit = output.commit
+    return [Stage(index=i, runner=m.runner, worker=m.worker, io=io, config=config,
+                  stats=StageStats(model=m.name, device=m.device))
+            for i, (m, io) in enumerate(zip(members, ios))]
+
+
+async def _guarded(stage: Stage) -> None:
+    """Run one stage; a failure becomes a PipelineError that names it."""
+    body = run_verifier if stage.index > 0 or stage.io.outbox is None else run_draft
+    try:
+        await body(stage)
+    except PipelineError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of a stage ends the generation, reported once
+        raise PipelineError(f"stage {stage.index} ({stage.stats.model}) failed: {type(exc).__name__}: {exc}",
+                            stage=stage.index) from exc
+
+
+async def run_pipe(stages: list[Stage], live: LiveRun) -> None:
+    """Run every stage until the target says the generation is over, then cancel the rest."""
+    async with anyio.create_task_group() as tg:
+        for stage in stages[:-1]:
+            tg.start_soon(_guarded, stage, name=f"stage-{stage.index}")
+        await _guarded(stages[-1])
+        live.finished = time.perf_counter()
+        tg.cancel_scope.cancel()
+    for stage in stages:
+        stage.set_state("done")
+        if stage.io.inbox is not None:
+            stage.io.inbox.close()

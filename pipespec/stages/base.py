@@ -1,0 +1,55 @@
+"""What a stage coroutine is given: its model (through its runner), its channels, its limits, its statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from ..channels import Channel, Doorbell, Mailbox
+from ..models import ModelWorker
+from ..runtime import Runner
+from ..types import Proposal, StageState, StageStats, Verdict
+from ..verify import SamplingParams
+
+# The target's output: called with the tokens it has just verified; returns True when the generation is over.
+CommitFn = Callable[[tuple[int, ...]], Awaitable[bool]]
+
+
+@dataclass(frozen=True, slots=True)
+class StageConfig:
+    prompt: tuple[int, ...]
+    max_len: int  # prompt + max_new_tokens: no stage's sequence grows past it
+    params: SamplingParams
+    verify_cap: int = 64  # most proposed tokens checked in one forward pass
+    max_ahead: int = 64  # most tokens a non-target stage may run past its successor's verified length
+    draft_batch: int = 1  # tokens the draft stage drafts per call into its worker
+
+
+@dataclass(slots=True)
+class StageIO:
+    doorbell: Doorbell  # rung by ``inbox`` and ``verdicts_in``
+    inbox: Channel[Proposal] | None = None  # proposals from the predecessor (None for stage 0)
+    outbox: Channel[Proposal] | None = None  # proposals to the successor (None for the target)
+    verdicts_in: Mailbox[Verdict] | None = None  # verdicts from the successor (None for the target)
+    verdicts_out: Mailbox[Verdict] | None = None  # verdicts to the predecessor (None for stage 0)
+    commit: CommitFn | None = None  # the target's output (None for the other stages)
+
+
+@dataclass(slots=True)
+class Stage:
+    index: int
+    runner: Runner
+    worker: ModelWorker
+    io: StageIO
+    config: StageConfig
+    stats: StageStats
+    in_flight: int = 0  # proposed tokens past this stage's verified prefix, for the live view
+
+    def set_state(self, state: StageState) -> None:
+        self.stats.state = state
+
+    def pending_rollback(self, epoch: int) -> bool:
+        """True when the successor has rolled this stage back since ``epoch`` and the verdict is still unread."""
+        box = self.io.verdicts_in
+        verdict = box.peek() if box is not None else None
+        return verdict is not None and verdict.rollback is not None and verdict.epoch > epoch

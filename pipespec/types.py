@@ -1,0 +1,192 @@
+"""Messages between stages, per-stage statistics and the snapshots the live view renders.
+
+Everything here is a small frozen dataclass: no tensors are read, no threads are touched.
+
+Terms (used the same way everywhere in pipespec):
+
+- *stage i*: the i-th model of the chain, smallest first; stage 0 is the draft, the last stage is the target.
+- *proposal*: tokens a stage publishes downstream, to stage i+1, as candidates to verify.
+- *verify*: stage i+1 runs one forward pass over the proposed tokens and keeps the longest prefix that matches
+  its own choice at every position (*accepted*), then appends its own choice at the first mismatch
+  (the *correction*) or, when everything matched, one more token of its own (the *bonus*).
+- *verdict*: what stage i+1 tells stage i back: how long its verified sequence is and, on a rejection,
+  a *rollback*: the sequence stage i must adopt (its tokens past the divergence are dropped, KV cache included).
+- *epoch*: a counter per link (stage i -> stage i+1). Stage i+1 bumps it with every rollback it sends; stage i
+  tags every proposal with the epoch it last adopted, so proposals made before a rollback are recognised as stale
+  and dropped by the receiver, never fished out of a queue.
+- *sequence positions* are absolute: position 0 is the first prompt token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Mode = Literal["pipe", "sd", "ar"]
+Acceptance = Literal["coupled", "rejection"]
+StageState = Literal["idle", "drafting", "verifying", "rolling back", "waiting", "done"]
+
+
+@dataclass(frozen=True, slots=True)
+class Proposal:
+    """Stage i's sequence from ``start`` on is ``tokens`` (it replaces whatever the receiver had past ``start``).
+
+    ``probs`` is only set under the rejection rule: a handle to the proposing stage's own probability rows
+    for these positions (``[len(tokens), vocab]``, on the proposer's device); the receiver never reads it on the
+    event loop, it hands it to its model worker.
+    """
+
+    epoch: int
+    start: int
+    tokens: tuple[int, ...]
+    probs: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """Stage i+1 -> stage i. ``verified`` is the length of stage i+1's verified sequence (prompt included).
+
+    When ``rollback`` is set, stage i must adopt it as its own sequence (it is stage i+1's verified sequence at the
+    time of sending) and tag its later proposals with ``epoch``.
+    """
+
+    epoch: int
+    verified: int
+    rollback: tuple[int, ...] | None = None
+
+    def merge(self, newer: Verdict) -> Verdict:
+        """Combine two verdicts not yet read (the mailbox keeps one): a pending rollback survives a later plain
+        verdict of the same epoch; a newer rollback replaces an older one."""
+        if newer.rollback is None and self.rollback is not None and newer.epoch <= self.epoch:
+            return Verdict(self.epoch, max(self.verified, newer.verified), self.rollback)
+        return newer
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """Tokens the target has verified: final output, appended in order."""
+
+    tokens: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class StageStats:
+    """Counters of one stage for one generation. Mutated only by the stage's own coroutine."""
+
+    model: str
+    device: str
+    forwards: int = 0  # forward passes of this stage's model (prefill included)
+    proposed: int = 0  # predecessor tokens this stage checked (verifying stages only)
+    accepted: int = 0  # of those, the ones it kept
+    verifications: int = 0  # forward passes that checked at least one proposed token
+    drafted: int = 0  # tokens this stage chose itself (drafts, corrections, bonus tokens)
+    rollbacks: int = 0  # times this stage was rolled back by its successor
+    rollbacks_sent: int = 0  # times this stage rolled its predecessor back
+    busy_seconds: float = 0.0  # wall time inside forward passes
+    state: StageState = "idle"
+    recent: list[tuple[int, int]] = field(default_factory=list)  # (proposed, accepted) of the last verifications
+
+    def record_verification(self, proposed: int, accepted: int) -> None:
+        self.proposed += proposed
+        self.accepted += accepted
+        if proposed:
+            self.verifications += 1
+            self.recent.append((proposed, accepted))
+            del self.recent[:-32]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "device": self.device,
+            "forwards": self.forwards,
+            "proposed": self.proposed,
+            "accepted": self.accepted,
+            "acceptance": round(self.accepted / self.proposed, 4) if self.proposed else None,
+            "accepted_per_verification": round(self.accepted / self.verifications, 3) if self.verifications else None,
+            "drafted": self.drafted,
+            "rollbacks": self.rollbacks,
+            "rollbacks_sent": self.rollbacks_sent,
+            "busy_seconds": round(self.busy_seconds, 4),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class StageSnapshot:
+    """What the live view shows of one stage at one instant."""
+
+    index: int
+    model: str
+    device: str
+    state: StageState
+    queue_depth: int  # proposals waiting in this stage's inbound channel
+    in_flight: int  # proposed tokens beyond this stage's verified prefix, not yet checked
+    forwards: int
+    proposed: int
+    accepted: int
+    recent_proposed: int
+    recent_accepted: int
+    verifications: int
+    rollbacks: int
+    busy_seconds: float
+
+    @property
+    def acceptance(self) -> float | None:
+        return self.accepted / self.proposed if self.proposed else None
+
+    @property
+    def recent_acceptance(self) -> float | None:
+        return self.recent_accepted / self.recent_proposed if self.recent_proposed else None
+
+    @property
+    def accepted_per_verification(self) -> float | None:
+        return self.accepted / self.verifications if self.verifications else None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """An immutable picture of a running generation, pulled by the live view."""
+
+    mode: Mode
+    stages: tuple[StageSnapshot, ...]
+    committed: int  # generated tokens committed by the target
+    elapsed: float  # seconds since the generation started
+    text: str  # generated text so far
+    done: bool = False
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.committed / self.elapsed if self.elapsed > 0 else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationStats:
+    tokens: int
+    seconds: float
+    mode: Mode
+    stages: tuple[dict[str, Any], ...]
+    prompt_tokens: int = 0
+    stop_reason: str = "length"
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 4),
+            "tokens_per_second": round(self.tokens_per_second, 3),
+            "mode": self.mode,
+            "prompt_tokens": self.prompt_tokens,
+            "stop_reason": self.stop_reason,
+            "stages": list(self.stages),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """The result of one generation: the generated text and token ids (prompt excluded) and its statistics."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    stats: GenerationStats

@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny random-weight LLaMA models built from a config (no downloads, no files).
+
+Equality with the target decoding alone is checked in float64, where different forward shapes (one token at a time
+versus a verified window) cannot flip an argmax through rounding.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+VOCAB = 96
+
+
+def tiny_llama(seed: int, *, hidden: int = 32, layers: int = 2, vocab: int = VOCAB, dtype: torch.dtype = torch.float64,
+               scale: float = 1.0) -> LlamaForCausalLM:
+    """A random LLaMA; ``scale`` multiplies the output layer so logits are peaky (fewer near-ties)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=False, initializer_range=0.2, eos_token_id=None, bos_token_id=None,
+                         pad_token_id=None)
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = None
+    return model
+
+
+def noisy_copy(model: LlamaForCausalLM, noise: float, seed: int) -> LlamaForCausalLM:
+    """The same model with Gaussian noise added to every weight: drafts that agree with it partially."""
+    torch.manual_seed(seed)
+    copy = LlamaForCausalLM(model.config).to(model.dtype).eval()
+    copy.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for p in copy.parameters():
+            p.add_(torch.randn_like(p) * noise * p.std())
+    copy.generation_config.eos_token_id = None
+    copy.generation_config.pad_token_id = None
+    return copy
+
+
+@pytest.fixture(scope="session")
+def target() -> LlamaForCausalLM:
+    return tiny_llama(0, hidden=48, layers=2)

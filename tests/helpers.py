@@ -1,0 +1,83 @@
+"""Test helpers: time limits for async tests, a slow-model fake, tiny model folders with a tokenizer."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from transformers import LlamaForCausalLM
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def limit(seconds: float) -> Callable[[F], F]:
+    """Fail an async test that runs longer than ``seconds`` (a hang becomes a failure, not a stuck CI)."""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        async def run(*args: Any, **kwargs: Any) -> Any:
+            async with asyncio.timeout(seconds):
+                return await fn(*args, **kwargs)
+
+        return run  # type: ignore[return-value]
+
+    return wrap
+
+
+class SlowLlama(LlamaForCausalLM):
+    """A real LLaMA whose every forward pass also takes ``delay`` seconds: makes a target slower than its drafts,
+    as on real hardware, without making the test models big. Sleeping releases the GIL, like a GPU kernel."""
+
+    delay = 0.0
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        out = super().forward(*args, **kwargs)
+        if self.delay:
+            time.sleep(self.delay)
+        return out
+
+
+SlowLlama.forward.__signature__ = inspect.signature(LlamaForCausalLM.forward)  # type: ignore[attr-defined]
+
+
+def slow(model: LlamaForCausalLM, delay: float) -> SlowLlama:
+    copy = SlowLlama(model.config).to(model.dtype).eval()
+    copy.load_state_dict(model.state_dict())
+    copy.delay = delay
+    copy.generation_config.eos_token_id = model.generation_config.eos_token_id
+    copy.generation_config.pad_token_id = None
+    return copy
+
+
+def hf_greedy(model: LlamaForCausalLM, prompt: list[int], n: int) -> list[int]:
+    """The target decoding alone, by HF transformers: the reference every mode must reproduce."""
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=0,
+                         pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def byte_tokenizer(vocab_size: int) -> Any:
+    """A byte-level BPE tokenizer with ``vocab_size`` entries, trained on a few lines of code, in memory."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["def add(a, b):\n    return a + b\n", "for i in range(10):\n    print(i)\n",
+              "class Point:\n    def __init__(self, x, y):\n        self.x = x\n"] * 20
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(corpus, vocab_size=vocab_size, min_frequency=1, special_tokens=["<|eos|>"],
+                            show_progress=False)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok._tokenizer, eos_token="<|eos|>")
+    return fast
+
+
+def save_folder(model: LlamaForCausalLM, tokenizer: Any, path: Path) -> str:
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return str(path)

@@ -1,0 +1,66 @@
+"""Channels, mailboxes, doorbells and verdict merging."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from helpers import limit
+from pipespec.channels import Channel, Doorbell, Mailbox
+from pipespec.types import Verdict
+
+
+@limit(5)
+async def test_channel_drains_in_order_and_rings() -> None:
+    bell = Doorbell()
+    ch: Channel[int] = Channel("c", 4, bell)
+    await ch.send(1)
+    await ch.send(2)
+    assert ch.depth == 2
+    with anyio.fail_after(1):
+        await bell.wait()  # already rung: returns at once
+    assert ch.drain() == [1, 2]
+    assert ch.drain() == []
+    assert ch.depth == 0
+
+
+@limit(5)
+async def test_channel_is_bounded() -> None:
+    ch: Channel[int] = Channel("c", 2, Doorbell())
+    await ch.send(1)
+    await ch.send(2)
+    with pytest.raises(TimeoutError):
+        with anyio.fail_after(0.05):
+            await ch.send(3)
+    with pytest.raises(ValueError):
+        Channel("bad", 0, Doorbell())
+
+
+@limit(5)
+async def test_doorbell_wakes_a_waiter() -> None:
+    bell = Doorbell()
+    woke: list[bool] = []
+
+    async def waiter() -> None:
+        await bell.wait()
+        woke.append(True)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        await anyio.sleep(0.01)
+        assert not woke
+        bell.ring()
+    assert woke == [True]
+
+
+def test_mailbox_latest_wins_and_rollback_survives_plain_verdict() -> None:
+    box: Mailbox[Verdict] = Mailbox("v", Doorbell(), Verdict.merge)
+    box.put(Verdict(0, 5))
+    box.put(Verdict(0, 6))
+    assert box.take() == Verdict(0, 6)
+    assert box.take() is None
+    box.put(Verdict(1, 7, (1, 2, 3)))
+    box.put(Verdict(1, 9))  # a plain verdict of the same epoch must not erase the rollback
+    assert box.peek() == Verdict(1, 9, (1, 2, 3))
+    box.put(Verdict(2, 4, (1, 2)))  # a newer rollback replaces the older one
+    assert box.take() == Verdict(2, 4, (1, 2))
