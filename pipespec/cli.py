@@ -54,11 +54,18 @@ def configure_logging(verbose: int, log_file: str | None, console_ok: bool) -> N
                             cache_logger_on_first_use=True)
     else:
         structlog.configure(processors=processors, logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-                            wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL + 10),
+                            wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL),
                             cache_logger_on_first_use=True)
-    # transformers and torch talk on their own; keep their warnings off the user's screen unless -v
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error" if not verbose else "warning")
+    # transformers and the hub talk on their own (warnings, progress bars); keep them off the screen unless -v
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    if verbose:
+        transformers.utils.logging.set_verbosity_warning()
+    else:
+        transformers.utils.logging.set_verbosity_error()
 
 
 def parse_models(models: str | None) -> list[str]:
