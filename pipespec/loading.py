@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,10 @@ from typing import Any
 import torch
 
 from .errors import ConfigError, ModelLoadError
+
+# transformers builds models under process-wide patches (empty weights on the meta device); two loads in two
+# runner threads at once corrupt each other, so construction is serialised. Moving weights to devices is not.
+_CONSTRUCT = threading.Lock()
 
 __all__ = ["ALIASES", "BUILTIN", "DEFAULT_CHAIN", "Source", "resolve_source", "load_model", "load_tokenizer",
            "resolve_dtype"]
@@ -156,11 +161,12 @@ def load_model(source: Source, device: torch.device, dtype: torch.dtype, *, trus
     folder = _local_dir(source)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     try:
-        if source.kind == "gguf":
-            model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=source.path.name, **kwargs)
-        else:
-            kwargs["use_safetensors"] = _check_weights_are_data(folder)
-            model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+        with _CONSTRUCT:
+            if source.kind == "gguf":
+                model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=source.path.name, **kwargs)
+            else:
+                kwargs["use_safetensors"] = _check_weights_are_data(folder)
+                model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     except ModelLoadError:
         raise
     except torch.cuda.OutOfMemoryError:
@@ -174,6 +180,9 @@ def load_model(source: Source, device: torch.device, dtype: torch.dtype, *, trus
     except torch.cuda.OutOfMemoryError:
         raise ModelLoadError(f"out of GPU memory placing {source.name} on {device}; "
                              "try another placement (--placement) or a smaller dtype") from None
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"could not move model {source.spec!r} to {device}: {str(exc).splitlines()[0][:200]}"
+                             ) from None
     model.eval()
     return model
 

@@ -113,6 +113,16 @@ class ModelWorker:
         self.cached.extend(tokens)
         return out.logits[0, -keep:]
 
+    def prefill(self, prompt: Sequence[int]) -> bool:
+        """Fill the cache with all but the last prompt token, so the first decision forwards a short window.
+        Returns whether a forward pass ran (not for a one-token prompt)."""
+        keep = min(common_prefix(self.cached, prompt), len(prompt) - 1)
+        self.rollback(keep)
+        if keep < len(prompt) - 1:
+            self.forward(prompt[keep:-1], keep, 1)
+            return True
+        return False
+
     def logits(self, seq: Sequence[int], first: int) -> torch.Tensor:
         """Logits predicting positions ``first .. len(seq)`` of ``seq`` (the last row predicts the next token).
 

@@ -15,6 +15,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+# Several stage threads share 2 cores here; one intra-op thread each avoids oversubscription (and is faster for
+# models this small).
+torch.set_num_threads(1)
+
 VOCAB = 96
 
 

@@ -20,7 +20,7 @@ import anyio
 import structlog
 import torch
 
-from ..errors import ConfigError, PipelineClosed, PipelineError
+from ..errors import ConfigError, ModelLoadError, PipelineClosed, PipelineError, PipespecError
 from ..loading import load_model, load_tokenizer, resolve_dtype, resolve_source
 from ..models import ModelWorker
 from ..runtime import Runner, resolve_device
@@ -107,7 +107,11 @@ class Pipeline:
         except BaseException as exc:
             for runner in runners:
                 runner.close(wait=False)
-            raise _first_error(exc) from None
+            err = _first_error(exc)
+            if isinstance(err, Exception) and not isinstance(err, PipespecError):
+                raise ModelLoadError(f"loading the chain failed: {type(err).__name__}: "
+                                     f"{str(err).splitlines()[0] if str(err) else ''}"[:300]) from err
+            raise err from None
         members = [Member(names[i], runners[i], w) for i, w in enumerate(workers) if w is not None]
         return cls(members, tokenizer)
 
@@ -226,6 +230,7 @@ class Pipeline:
             output = Output(self.tokenizer, request.max_new_tokens, self.eos_ids(), request.stop, on_piece)
             stages = build_stages(members, request, output)
             live = LiveRun(request, stages, output)
+            busy_before = [m.runner.busy_seconds for m in members]
             self._live = live
             try:
                 for i, m in enumerate(members):
@@ -252,7 +257,8 @@ class Pipeline:
         tokens = tuple(output.tokens)
         text = self.tokenizer.decode(list(tokens), skip_special_tokens=True) if self.tokenizer is not None else ""
         stats = GenerationStats(tokens=len(tokens), seconds=live.elapsed, mode=request.mode,
-                                stages=tuple(_stage_dict(s.stats, s.runner.busy_seconds) for s in stages),
+                                stages=tuple(_stage_dict(s.stats, s.runner.busy_seconds - b)
+                                             for s, b in zip(stages, busy_before)),
                                 prompt_tokens=len(request.prompt), stop_reason=output.stop_reason or "length")
         if request.mode == "ar" and len(self.members) > 1:
             stats = _ar_stats_for_chain(stats, self.members)

@@ -7,8 +7,12 @@ successor replaces its sequence and it drafts on from there.
 
 from __future__ import annotations
 
+import structlog
+
 from ..types import Proposal
 from .base import Stage
+
+log = structlog.get_logger("pipespec.stages")  # unconfigured structlog prints every level: guarded
 
 
 async def run_draft(stage: Stage) -> None:
@@ -17,6 +21,8 @@ async def run_draft(stage: Stage) -> None:
     seq = list(cfg.prompt)
     epoch = 0  # the epoch of the last rollback adopted; tags every proposal
     successor_verified = len(cfg.prompt)
+    # every stage prefills at once, in its own thread, while the others prefill and draft
+    stats.forwards += await stage.runner.call(worker.prefill, cfg.prompt)
     while True:
         verdict = io.verdicts_in.take()
         if verdict is not None:
@@ -26,6 +32,8 @@ async def run_draft(stage: Stage) -> None:
                 seq = list(verdict.rollback)
                 epoch = verdict.epoch
                 stats.rollbacks += 1
+                if structlog.is_configured():
+                    log.debug("rollback adopted", stage=stage.index, epoch=epoch, position=len(seq))
         ahead = len(seq) - successor_verified
         room = min(cfg.max_len - len(seq), cfg.max_ahead - ahead)
         if room <= 0:

@@ -14,9 +14,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import structlog
+
 from ..models import common_prefix
 from ..types import Proposal, Verdict
 from .base import Stage
+
+log = structlog.get_logger("pipespec.stages")  # unconfigured structlog prints every level: guarded
 
 
 class _Upstream:
@@ -73,7 +77,12 @@ async def run_verifier(stage: Stage) -> None:
         assert io.verdicts_out is not None
         io.verdicts_out.put(Verdict(up.epoch, len(seq), tuple(seq)))
         stats.rollbacks_sent += 1
+        if structlog.is_configured():
+            log.debug("rollback sent", stage=stage.index, epoch=up.epoch, position=len(seq))
 
+    stage.set_state("drafting")
+    # every stage prefills at once, in its own thread, while the others prefill and draft
+    stats.forwards += await stage.runner.call(worker.prefill, cfg.prompt)
     while True:
         # 1. verdicts from the successor: how far it got, and maybe a rollback to adopt
         if io.verdicts_in is not None:
@@ -86,6 +95,8 @@ async def run_verifier(stage: Stage) -> None:
                     up.agreed = min(up.agreed, common_prefix(seq, verdict.rollback))
                     seq = list(verdict.rollback)
                     stats.rollbacks += 1
+                    if structlog.is_configured():
+                        log.debug("rollback adopted", stage=stage.index, epoch=out_epoch, position=len(seq))
         # 2. proposals from the predecessor; roll it back if it disagrees with what this stage has verified
         if io.inbox is not None:
             for proposal in io.inbox.drain():
@@ -119,6 +130,9 @@ async def run_verifier(stage: Stage) -> None:
         if stage.pending_rollback(out_epoch):
             continue  # the successor has moved on to another sequence; this result extends a dead one
         stats.record_verification(n, result.accepted)
+        if structlog.is_configured():
+            log.debug("verified", stage=stage.index, epoch=up.epoch, position=len(seq), proposed=n,
+                      accepted=result.accepted, tokens=len(result.tokens))
         stats.drafted += 1
         start = len(seq)
         seq.extend(result.tokens)

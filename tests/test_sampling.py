@@ -1,0 +1,137 @@
+"""Sampling is lossless through the whole chain.
+
+- coupled rule: seed for seed, the chain's tokens are the target's own (``mode="ar"``), for chains of 2-4 models,
+  several temperatures, top-k and top-p;
+- both rules: the distribution of the first two generated tokens matches the target's exact (warped) distribution,
+  enumerated over a 3-token vocabulary, by a chi-square test at significance 0.001.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import pipespec
+from conftest import noisy_copy, tiny_llama
+from helpers import limit, slow
+from pipespec.verify import SamplingParams, warp_logits
+
+PROMPT = [5, 17, 33, 2, 9]
+
+
+@pytest.mark.parametrize("length", [2, 3, 4])
+@limit(180)
+async def test_coupled_is_seed_for_seed_the_target(length: int, target: torch.nn.Module) -> None:
+    drafts = [noisy_copy(target, 0.6 - 0.15 * i, 20 + i) for i in range(length - 1)]
+    async with pipespec.Pipeline.load([*drafts, slow(target, 0.002)], device="cpu") as pipe:
+        for temperature, top_k, top_p in [(0.5, 0, 1.0), (1.0, 0, 1.0), (1.5, 0, 1.0), (1.0, 10, 1.0),
+                                          (0.8, 0, 0.9), (1.2, 20, 0.8)]:
+            for seed in range(6):
+                opts = dict(max_new_tokens=12, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+                alone = await pipe.generate(PROMPT, mode="ar", **opts)
+                for mode in ("pipe", "sd"):
+                    g = await pipe.generate(PROMPT, mode=mode, **opts)
+                    assert g.token_ids == alone.token_ids, (mode, temperature, top_k, top_p, seed)
+
+
+# -- the distribution of the first two tokens ---------------------------------------------------------------------
+
+V = 3  # vocabulary: 9 outcomes for two tokens
+PROMPT3 = [0, 2, 1, 1]
+
+
+def exact_two_token_distribution(model: torch.nn.Module, params: SamplingParams) -> torch.Tensor:
+    """P(x1, x2 | prompt) under the target's warped distribution, by enumeration: [V, V]."""
+    with torch.inference_mode():
+        first = torch.softmax(warp_logits(model(torch.tensor([PROMPT3])).logits[0, -1:], params), -1)[0]
+        table = torch.zeros(V, V, dtype=torch.float64)
+        for x1 in range(V):
+            second = torch.softmax(warp_logits(model(torch.tensor([PROMPT3 + [x1]])).logits[0, -1:], params), -1)[0]
+            table[x1] = first[x1].double() * second.double()
+    return table
+
+
+def chi_square_critical_001(df: int) -> float:
+    """Upper 0.001 quantile of chi-square (Wilson-Hilferty), accurate to ~1% for df >= 3."""
+    z = 3.090232  # standard normal 0.999 quantile
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+async def sample_pairs(pipe: pipespec.Pipeline, n: int, mode: str,
+                       params: SamplingParams) -> tuple[torch.Tensor, int]:
+    """Counts of (x1, x2) over seeds 0..n-1, and how many proposals the target checked in all."""
+    counts = torch.zeros(V, V, dtype=torch.float64)
+    checked = 0
+    for seed in range(n):
+        g = await pipe.generate(PROMPT3, max_new_tokens=2, mode=mode, temperature=params.temperature,
+                                top_k=params.top_k, top_p=params.top_p, seed=seed, acceptance=params.acceptance)
+        counts[g.token_ids[0], g.token_ids[1]] += 1
+        checked += g.stats.stages[-1]["proposed"]
+    return counts, checked
+
+
+def assert_matches(counts: torch.Tensor, exact: torch.Tensor) -> None:
+    n = counts.sum()
+    expected = exact * n
+    keep = expected > 0
+    assert counts[~keep].sum() == 0, "sampled a pair the target gives probability 0"
+    stat = float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+    df = int(keep.sum()) - 1
+    tv = float((counts / n - exact).abs().sum() / 2)
+    assert stat < chi_square_critical_001(df), f"chi2={stat:.1f} (df={df}), empirical TV={tv:.4f}"
+
+
+def vocab3_chain(draft_noise: float) -> list[torch.nn.Module]:
+    target = tiny_llama(7, hidden=16, layers=1, vocab=V)
+    middle = noisy_copy(target, draft_noise / 2, 8)
+    draft = noisy_copy(target, draft_noise, 9) if draft_noise < 5 else tiny_llama(99, hidden=16, layers=1, vocab=V)
+    return [draft, middle, slow(target, 0.004)]
+
+
+CASES = [
+    # (acceptance, mode, draft noise, temperature, top_k, top_p, samples)
+    ("rejection", "pipe", 10.0, 1.0, 0, 1.0, 6000),  # unrelated draft: mostly rejections and residual samples
+    ("rejection", "pipe", 0.2, 1.0, 0, 1.0, 6000),  # close drafts: mostly acceptances
+    ("rejection", "sd", 10.0, 1.5, 0, 0.9, 6000),
+    ("coupled", "pipe", 10.0, 1.0, 2, 1.0, 4000),
+    ("coupled", "sd", 0.5, 0.7, 0, 1.0, 4000),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("acceptance", "mode", "noise", "temperature", "top_k", "top_p", "n"), CASES)
+@limit(300)
+async def test_two_token_distribution_is_the_targets(acceptance: str, mode: str, noise: float, temperature: float,
+                                                     top_k: int, top_p: float, n: int) -> None:
+    models = vocab3_chain(noise)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, acceptance=acceptance)  # type: ignore[arg-type]
+    exact = exact_two_token_distribution(models[-1], params)
+    async with pipespec.Pipeline.load(models, device="cpu") as pipe:
+        counts, checked = await sample_pairs(pipe, n, mode, params)
+    assert_matches(counts, exact)
+    # the target really verified proposals (not only decoded on its own) in a good share of the generations
+    assert checked > n // 2, checked
+
+
+def test_chi_square_test_has_power_against_a_3_percent_error() -> None:
+    """The test above catches a 3% total-variation error: shift 3% of the mass between cells of a real target table
+    and the statistic, at the sample size used, lands far beyond the critical value."""
+    exact = exact_two_token_distribution(vocab3_chain(10.0)[-1], SamplingParams(temperature=1.0))
+    flat = exact.flatten()
+    order = torch.argsort(flat)
+    shifted = flat.clone()
+    # move 0.03 of probability from the two likeliest outcomes to the two least likely (TV = 0.03)
+    shifted[order[-1]] -= 0.015
+    shifted[order[-2]] -= 0.015
+    shifted[order[0]] += 0.015
+    shifted[order[1]] += 0.015
+    n = 6000
+    noncentrality = n * float(((shifted - flat) ** 2 / flat).sum())
+    df = len(flat) - 1
+    # the expected statistic under that error, minus 3 standard deviations, is still past the critical value
+    mean, sd = df + noncentrality, math.sqrt(2 * (df + 2 * noncentrality))
+    assert mean - 3 * sd > chi_square_critical_001(df)
+    assert list(itertools.product(range(V), repeat=2))  # 9 outcomes enumerated
