@@ -20,7 +20,7 @@ import torch
 
 from .verify import SamplingParams, choose, count_accepted, rejection_verify, sample
 
-__all__ = ["ModelWorker", "StepResult", "ProbRows", "common_prefix"]
+__all__ = ["ModelWorker", "StepResult", "ProbRows", "common_prefix", "make_worker"]
 
 # Rows of a proposer's probabilities: (tensor [m, vocab], row index) per proposed position.
 ProbRows = Sequence[tuple[torch.Tensor, int]]
@@ -76,8 +76,9 @@ class ModelWorker:
 
     # -- KV cache primitives -------------------------------------------------------------------------------------
 
-    def reset(self, seed: int | None = None) -> None:
-        """Forget the cache (start of a generation); seed this stage's generator for the rejection rule."""
+    def reset(self, seed: int | None = None, capacity: int | None = None) -> None:
+        """Forget the cache (start of a generation); seed this stage's generator for the rejection rule.
+        ``capacity`` (the longest sequence of the generation) matters only to static caches."""
         from transformers import DynamicCache
 
         self.cache = DynamicCache(config=self.config)
@@ -202,3 +203,20 @@ def gather_rows(rows: ProbRows, device: torch.device) -> torch.Tensor:
         i = j
     out = torch.cat([piece.to(device, non_blocking=False) for piece in pieces])
     return out.float()
+
+
+def make_worker(model: Any, name: str, device: torch.device, fast: bool | str = "auto") -> ModelWorker:
+    """The fast static-cache worker where it applies (``fast="auto"``: LLaMA models on CUDA), else the eager one.
+
+    ``fast=True`` asks for the static path on any device (CUDA graphs only on CUDA) and fails if the model does
+    not support it; ``fast=False`` always uses HF's own forward with a dynamic cache.
+    """
+    from .static_llama import supports_static
+
+    if fast == "auto":
+        fast = device.type == "cuda" and supports_static(model) is None
+    if not fast:
+        return ModelWorker(model, name, device)
+    from .fastworker import StaticWorker
+
+    return StaticWorker(model, name, device)

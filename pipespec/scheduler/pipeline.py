@@ -22,7 +22,7 @@ import torch
 
 from ..errors import ConfigError, ModelLoadError, PipelineClosed, PipelineError, PipespecError
 from ..loading import load_model, load_tokenizer, resolve_dtype, resolve_source
-from ..models import ModelWorker
+from ..models import ModelWorker, make_worker
 from ..runtime import Runner, resolve_device
 from ..types import Generation, GenerationStats, Mode, Snapshot
 from ..verify import SamplingParams
@@ -55,18 +55,20 @@ class Pipeline:
     @classmethod
     def load(cls, models: Sequence[Any], *, device: str | torch.device | Sequence[str] = "auto",
              dtype: str | torch.dtype = "auto", tokenizer: Any | None = None, trust_remote_code: bool = False,
-             on_loaded: Callable[[int, str], None] | None = None) -> _Loading:
+             fast: bool | str = "auto", on_loaded: Callable[[int, str], None] | None = None) -> _Loading:
         """Load a chain: model names/folders (see ``pipespec models``) or already-loaded HF models.
 
-        ``device`` is one device for every model or one per model. Await the result, or use it with
-        ``async with``. ``on_loaded(i, name)`` is called as each model finishes loading.
+        ``device`` is one device for every model or one per model. ``fast``: "auto" runs LLaMA models on CUDA
+        over a static KV cache with CUDA graphs; True forces that path (eager on CPU), False keeps HF's forward.
+        Await the result, or use it with ``async with``. ``on_loaded(i, name)`` is called as each model loads.
         """
         return _Loading(cls._load(models, device=device, dtype=dtype, tokenizer=tokenizer,
-                                  trust_remote_code=trust_remote_code, on_loaded=on_loaded))
+                                  trust_remote_code=trust_remote_code, fast=fast, on_loaded=on_loaded))
 
     @classmethod
     async def _load(cls, models: Sequence[Any], *, device: Any, dtype: Any, tokenizer: Any,
-                    trust_remote_code: bool, on_loaded: Callable[[int, str], None] | None) -> Pipeline:
+                    trust_remote_code: bool, fast: bool | str,
+                    on_loaded: Callable[[int, str], None] | None) -> Pipeline:
         if isinstance(models, str):
             models = [m for m in models.split(",")]
         if not models:
@@ -90,7 +92,7 @@ class Pipeline:
             else:
                 model = await runners[i].call(load_model, source, dev, resolve_dtype(dtype, dev),
                                               trust_remote_code=trust_remote_code)
-            workers[i] = ModelWorker(model, names[i], dev)
+            workers[i] = await runners[i].call(make_worker, model, names[i], dev, fast)
             log.info("model loaded", stage=i, model=names[i], device=str(dev))
             if on_loaded is not None:
                 on_loaded(i, names[i])
@@ -235,7 +237,7 @@ class Pipeline:
             try:
                 for i, m in enumerate(members):
                     seed = request.params.seed * 1000003 + i if request.params.rule == "rejection" else None
-                    await m.runner.call(m.worker.reset, seed)
+                    await m.runner.call(m.worker.reset, seed, request.max_len)
                 live.started = time.perf_counter()
                 if request.mode == "sd":
                     await run_lockstep(stages, live, request.lookahead)

@@ -1,0 +1,139 @@
+"""A LLaMA forward pass over a static KV cache, for CUDA-graph capture (the fast path).
+
+It reuses the weights of a loaded HF ``LlamaForCausalLM`` (q/k/v and gate/up are fused once; the HF modules are
+re-pointed at views of the fused tensors, so no weight is stored twice and the HF model keeps working) and HF's
+own rotary-embedding module (so every RoPE variant HF supports gives the same cos/sin tables).
+
+Shapes are static per call signature: ``n`` tokens at positions ``pos`` attend to the first ``kv_len`` cache slots
+through a mask ``slot <= pos``. Slots past the valid length may hold junk from padding or from tokens since rolled
+back; the mask never lets a position see a slot it has not itself written, so a rollback only moves a length.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["StaticLlama", "supports_static"]
+
+
+def supports_static(model: Any) -> str | None:
+    """None when ``model`` can run on the static path, else the reason it cannot."""
+    if not any(cls.__name__ == "LlamaForCausalLM" for cls in type(model).__mro__):
+        return f"{type(model).__name__} is not LlamaForCausalLM"
+    cfg = model.config
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation {cfg.hidden_act}"
+    if getattr(cfg, "mlp_bias", False):
+        return "MLP biases"
+    if getattr(cfg, "quantization_config", None) is not None:
+        return "quantized weights"
+    if any(p.device.type == "meta" for p in model.parameters()):
+        return "weights offloaded to the meta device"
+    devices = {p.device for p in model.parameters()}
+    if len(devices) > 1:
+        return "model split over several devices"
+    return None
+
+
+class StaticLlama:
+    """Callable as ``forward(ids [n], pos [n], kv_len) -> logits [n, vocab]`` (float32)."""
+
+    def __init__(self, model: Any, capacity: int) -> None:
+        reason = supports_static(model)
+        if reason is not None:
+            raise ValueError(f"static path unsupported: {reason}")
+        cfg = model.config
+        self.model = model
+        inner = model.model
+        self.device = inner.embed_tokens.weight.device
+        self.dtype = inner.embed_tokens.weight.dtype
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.eps = cfg.rms_norm_eps
+        self.n_layers = cfg.num_hidden_layers
+        self.layers = [self._fuse(layer) for layer in inner.layers[: self.n_layers]]
+        self.embed = inner.embed_tokens.weight
+        self.norm = inner.norm.weight
+        self.lm_head = model.lm_head.weight
+        self.capacity = 0
+        self.cache_k: torch.Tensor | None = None
+        self.cache_v: torch.Tensor | None = None
+        self.cos: torch.Tensor | None = None
+        self.sin: torch.Tensor | None = None
+        self.ensure_capacity(capacity)
+
+    def _fuse(self, layer: Any) -> dict[str, Any]:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).contiguous()
+        q_n, k_n = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0]
+        attn.q_proj.weight = torch.nn.Parameter(qkv[:q_n], requires_grad=False)
+        attn.k_proj.weight = torch.nn.Parameter(qkv[q_n:q_n + k_n], requires_grad=False)
+        attn.v_proj.weight = torch.nn.Parameter(qkv[q_n + k_n:], requires_grad=False)
+        qkv_bias = None
+        if attn.q_proj.bias is not None:
+            qkv_bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]).contiguous()
+        gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous()
+        g_n = mlp.gate_proj.weight.shape[0]
+        mlp.gate_proj.weight = torch.nn.Parameter(gate_up[:g_n], requires_grad=False)
+        mlp.up_proj.weight = torch.nn.Parameter(gate_up[g_n:], requires_grad=False)
+        return {"ln1": layer.input_layernorm.weight, "qkv": qkv, "qkv_bias": qkv_bias, "q_n": q_n, "k_n": k_n,
+                "o": attn.o_proj.weight, "o_bias": attn.o_proj.bias, "ln2": layer.post_attention_layernorm.weight,
+                "gate_up": gate_up, "down": mlp.down_proj.weight, "ffn": g_n}
+
+    def ensure_capacity(self, capacity: int) -> bool:
+        """Allocate cache and RoPE tables for ``capacity`` slots; True when (re)allocated (graphs must go)."""
+        if capacity <= self.capacity:
+            return False
+        shape = (self.n_layers, 1, self.n_kv, capacity, self.head_dim)
+        self.cache_k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.cache_v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        positions = torch.arange(capacity, device=self.device).unsqueeze(0)  # [1, capacity]
+        probe = torch.zeros(1, 1, self.head_dim, dtype=self.dtype, device=self.device)
+        cos, sin = self.model.model.rotary_emb(probe, positions)  # [1, capacity, head_dim] each
+        self.cos, self.sin = cos[0], sin[0]
+        self.capacity = capacity
+        return True
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # the same computation as LlamaRMSNorm: in float32, then back to the weights' dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * xf.to(x.dtype)
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """ids, pos: [n] int64 on the model's device; returns logits [n, vocab] float32."""
+        assert self.cache_k is not None and self.cache_v is not None and self.cos is not None
+        n = ids.shape[0]
+        h, kvh, hd = self.n_heads, self.n_kv, self.head_dim
+        x = F.embedding(ids, self.embed)  # [n, hidden]
+        cos = self.cos.index_select(0, pos).unsqueeze(0).to(x.dtype)  # [1, n, hd]
+        sin = self.sin.index_select(0, pos).unsqueeze(0).to(x.dtype)
+        slots = torch.arange(kv_len, device=ids.device)
+        mask = (slots.unsqueeze(0) <= pos.unsqueeze(1)).view(1, 1, n, kv_len)  # [1, 1, n, kv_len]
+        for i, w in enumerate(self.layers):
+            qkv = F.linear(self._rms(x, w["ln1"]), w["qkv"], w["qkv_bias"])  # [n, (h + 2 kvh) hd]
+            q = qkv[:, : w["q_n"]].view(n, h, hd).transpose(0, 1)  # [h, n, hd]
+            k = qkv[:, w["q_n"]: w["q_n"] + w["k_n"]].view(n, kvh, hd).transpose(0, 1)  # [kvh, n, hd]
+            v = qkv[:, w["q_n"] + w["k_n"]:].view(n, kvh, hd).transpose(0, 1)
+            q = self._rotate(q, cos, sin)
+            k = self._rotate(k, cos, sin)
+            ck, cv = self.cache_k[i], self.cache_v[i]  # [1, kvh, capacity, hd]
+            ck.index_copy_(2, pos, k.unsqueeze(0))
+            cv.index_copy_(2, pos, v.unsqueeze(0))
+            att = F.scaled_dot_product_attention(q.unsqueeze(0), ck[:, :, :kv_len], cv[:, :, :kv_len],
+                                                 attn_mask=mask, enable_gqa=kvh != h)  # [1, h, n, hd]
+            att = att[0].transpose(0, 1).reshape(n, h * hd)
+            x = x + F.linear(att, w["o"], w["o_bias"])
+            gate, up = F.linear(self._rms(x, w["ln2"]), w["gate_up"]).split(w["ffn"], dim=-1)
+            x = x + F.linear(F.silu(gate) * up, w["down"])
+        return F.linear(self._rms(x, self.norm), self.lm_head).float()

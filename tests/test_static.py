@@ -1,0 +1,83 @@
+"""The static-cache fast path on the CPU (its CUDA-graph replay is covered by the gpu-marked tests).
+
+The static cache must give the logits of a fresh full forward pass after any sequence of growth and rollback, and a
+pipeline on it must reproduce the target decoding alone.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import pipespec
+from conftest import noisy_copy, tiny_llama
+from helpers import hf_greedy, limit, slow
+from pipespec.fastworker import StaticWorker
+from pipespec.static_llama import supports_static
+
+
+def test_supports_static_names_the_reason() -> None:
+    assert supports_static(tiny_llama(1)) is None
+    assert "not LlamaForCausalLM" in (supports_static(torch.nn.Linear(2, 2)) or "")
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("prompt_len", [1, 5, 150])
+def test_static_cache_matches_fresh_forward_through_rollbacks(prompt_len: int) -> None:
+    model = tiny_llama(3, hidden=32)
+    reference = tiny_llama(3, hidden=32)  # an untouched copy: StaticLlama re-points the weights at fused tensors
+    worker = StaticWorker(model, "m", torch.device("cpu"), capacity=600)
+    worker.reset(None, 600)
+    rng = random.Random(prompt_len)
+    seq = [rng.randrange(96) for _ in range(prompt_len)]
+    worker.prefill(seq)
+    for _ in range(40):
+        if rng.random() < 0.4 and len(seq) > 3:
+            cut = rng.randrange(2, len(seq))
+            seq = seq[:cut] + [rng.randrange(96) for _ in range(rng.randrange(1, 4))]
+        else:
+            seq = seq + [rng.randrange(96) for _ in range(rng.randrange(1, 9))]
+        first = rng.randrange(max(1, len(seq) - 7), len(seq) + 1)
+        got = worker.logits(seq, first)
+        want = reference(torch.tensor([seq])).logits[0, first - 1:]
+        assert torch.allclose(got.double(), want, atol=1e-8), (len(seq), first)
+    # the HF model still works after its weights were re-pointed at the fused tensors
+    assert torch.allclose(model(torch.tensor([seq])).logits, reference(torch.tensor([seq])).logits, atol=1e-10)
+
+
+@limit(120)
+async def test_pipeline_on_static_path_equals_target_alone(target: torch.nn.Module) -> None:
+    models = [noisy_copy(target, 0.5, 1), noisy_copy(target, 0.2, 2), slow(target, 0.003)]
+    prompt = [5, 17, 33, 2, 9]
+    want = hf_greedy(target, prompt, 40)
+    async with pipespec.Pipeline.load(models, device="cpu", fast=True) as pipe:
+        assert all(isinstance(m.worker, StaticWorker) for m in pipe.members)
+        for mode in ("pipe", "sd", "ar"):
+            g = await pipe.generate(prompt, max_new_tokens=40, mode=mode)
+            assert list(g.token_ids) == want, mode
+        # sampling: coupled is still seed for seed the target alone
+        alone = await pipe.generate(prompt, max_new_tokens=20, mode="ar", temperature=1.0, seed=4)
+        chain = await pipe.generate(prompt, max_new_tokens=20, mode="pipe", temperature=1.0, seed=4)
+        assert alone.token_ids == chain.token_ids
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replay_matches_eager() -> None:
+    model = tiny_llama(3, hidden=64, dtype=torch.float32).cuda()
+    reference = tiny_llama(3, hidden=64, dtype=torch.float32).cuda()
+    worker = StaticWorker(model, "m", torch.device("cuda", 0), capacity=600)
+    worker.reset(None, 600)
+    rng = random.Random(0)
+    seq = [rng.randrange(96) for _ in range(10)]
+    with torch.inference_mode(), torch.cuda.stream(torch.cuda.Stream()):
+        for _ in range(60):
+            if rng.random() < 0.3:
+                seq = seq[:rng.randrange(2, len(seq))]
+            seq = seq + [rng.randrange(96) for _ in range(rng.randrange(1, 9))]
+            got = worker.logits(seq, len(seq) - 1)
+            want = reference(torch.tensor([seq], device="cuda")).logits[0, -2:]
+            assert torch.allclose(got, want, atol=1e-3, rtol=1e-3)
+    assert worker.captures > 0
