@@ -79,6 +79,19 @@ def parse_models(models: str | None) -> list[str]:
     return names
 
 
+def resolve_devices(n_models: int, device: str, placement: str | None) -> list[str]:
+    """--device and --placement -> one device per model (a bad value ends with a one-line error)."""
+    import torch
+
+    from .placement import devices_for
+
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    try:
+        return list(devices_for(n_models, device, placement, n_gpus))
+    except ConfigError as exc:
+        fail(str(exc))
+
+
 def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
     if prompt is not None and prompt_file is not None:
         fail("give either --prompt or --prompt-file, not both")
@@ -166,6 +179,8 @@ def main() -> None:
 @main.command()
 @model_options
 @sampling_options
+@click.option("--placement", default=None, metavar="0,0,1",
+              help="GPU index (or 'cpu') per model; default: one stage per GPU, the target alone if GPUs are few.")
 @click.option("--prompt", "-p", default=None, help="The prompt text.")
 @click.option("--prompt-file", default=None, metavar="FILE", help="Read the prompt from a file.")
 @click.option("--max-new-tokens", "-n", type=int, default=128, show_default=True)
@@ -174,7 +189,8 @@ def main() -> None:
 @click.option("--tui/--no-tui", default=None, help="Live view of every stage (default: on when stdout is a terminal).")
 @click.option("--log-file", default=None, metavar="PATH", help="Write JSON-lines logs here.")
 @click.option("-v", "--verbose", count=True, help="Readable logs on stderr (when no live view runs).")
-def run(models: str | None, device: str, dtype: str, trust_remote_code: bool, prompt: str | None,
+def run(models: str | None, device: str, dtype: str, trust_remote_code: bool, placement: str | None,
+        prompt: str | None,
         prompt_file: str | None, max_new_tokens: int, stop: tuple[str, ...], as_json: bool, tui: bool | None,
         log_file: str | None, verbose: int, **kw: Any) -> None:
     """Generate a continuation of a prompt with a chain of models."""
@@ -186,7 +202,8 @@ def run(models: str | None, device: str, dtype: str, trust_remote_code: bool, pr
     names = parse_models(models)
     options = generation_options(kw)
     options.update(max_new_tokens=max_new_tokens, stop=stop)
-    code = run_command(names, text, options, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+    devices = resolve_devices(len(names), device, placement)
+    code = run_command(names, text, options, device=devices, dtype=dtype, trust_remote_code=trust_remote_code,
                        as_json=as_json, use_tui=use_tui)
     sys.exit(code)
 
@@ -213,6 +230,82 @@ def models_cmd(as_json: bool) -> None:
         table.add_row(row["name"], row["kind"], row["source"])
     Console().print(table)
     click.echo("Any other name is a local folder, a .gguf file or a hub id (org/name).")
+
+
+@main.command()
+@model_options
+@sampling_options
+@click.option("--max-new-tokens", "-n", type=int, default=256, show_default=True, help="Most tokens per reply.")
+@click.option("--system", default=None, metavar="TEXT",
+              help="A system message (the chat template's system turn; else the start of the transcript).")
+@click.option("--stop", multiple=True, help="End a reply after this string (repeatable).")
+@click.option("--log-file", default=None, metavar="PATH", help="Write JSON-lines logs here.")
+@click.option("-v", "--verbose", count=True, help="Readable logs on stderr.")
+def chat(models: str | None, device: str, dtype: str, trust_remote_code: bool, max_new_tokens: int,
+         system: str | None, stop: tuple[str, ...], log_file: str | None, verbose: int, **kw: Any) -> None:
+    """Talk to a chain of models in the terminal: multi-turn, replies stream, /help lists the commands."""
+    from .chat import chat_command
+
+    configure_logging(verbose, log_file, console_ok=True)
+    names = parse_models(models)
+    options = generation_options(kw)
+    options.update(max_new_tokens=max_new_tokens, stop=stop)
+    sys.exit(chat_command(names, options, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                          system=system))
+
+
+# -- pipespec bench ----------------------------------------------------------------------------------------------
+
+@main.command()
+@model_options
+@click.option("--prompts", default="code", show_default=True, metavar="NAME|FILE",
+              help="A prompt set (code, text, humaneval) or a .txt / .jsonl file.")
+@click.option("--n", "n", type=int, default=8, show_default=True, help="How many prompts (the first N).")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--methods", default="hf,hf_assisted,ar,sd,pipe", show_default=True, metavar="LIST",
+              help="Comma-separated: hf, hf_assisted, ar, sd, pipe.")
+@click.option("--warmup", type=int, default=1, show_default=True,
+              help="Untimed runs of each method on the first prompt.")
+@click.option("--lookahead", type=int, default=8, show_default=True, help="Tokens per round in sd mode.")
+@click.option("--verify-cap", type=int, default=64, show_default=True,
+              help="Most proposed tokens a stage checks in one forward pass.")
+@click.option("--out", default="bench-out", show_default=True, metavar="DIR",
+              help="Where bench.json, bench.md and bench.png go (not with --json).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table; write no files.")
+@click.option("--log-file", default=None, metavar="PATH", help="Write JSON-lines logs here.")
+@click.option("-v", "--verbose", count=True, help="Readable logs on stderr.")
+def bench(models: str | None, device: str, dtype: str, trust_remote_code: bool, prompts: str, n: int,
+          max_new_tokens: int, methods: str, warmup: int, lookahead: int, verify_cap: int, out: str,
+          as_json: bool, log_file: str | None, verbose: int) -> None:
+    """Time HF generate, HF assisted generation and pipespec's ar / sd / pipe on the same prompts."""
+    from .bench import BenchSettings, eprint, run_bench
+
+    configure_logging(verbose, log_file, console_ok=True)
+    settings = BenchSettings(models=tuple(parse_models(models)), prompts=prompts, n=n, max_new_tokens=max_new_tokens,
+                             device=device, dtype=dtype, methods=tuple(m.strip() for m in methods.split(",")),
+                             warmup=warmup, lookahead=lookahead, verify_cap=verify_cap,
+                             trust_remote_code=trust_remote_code)
+    try:
+        settings.validate()
+    except ConfigError as exc:
+        fail(str(exc))
+    report = run_async(lambda: run_bench(settings, progress=None if as_json else eprint))
+    failed = any("error" in m for m in report["methods"].values())
+    if as_json:
+        click.echo(json.dumps(report))
+        sys.exit(EXIT_FAILED if failed else 0)
+    from rich.console import Console
+
+    from .bench_report import rich_table, write_outputs
+
+    Console().print(rich_table(report))
+    try:
+        written = write_outputs(report, Path(out))
+    except OSError as exc:
+        fail(f"cannot write to {out}: {exc.strerror}", EXIT_FAILED)
+    for line in written:
+        eprint(line)
+    sys.exit(EXIT_FAILED if failed else 0)
 
 
 if __name__ == "__main__":

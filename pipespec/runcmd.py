@@ -18,7 +18,7 @@ def _result_json(g: Generation) -> str:
     return json.dumps({"text": g.text, "token_ids": list(g.token_ids), "stats": g.stats.to_dict()})
 
 
-def run_command(names: list[str], prompt: str, options: dict[str, Any], *, device: str, dtype: str,
+def run_command(names: list[str], prompt: str, options: dict[str, Any], *, device: str | list[str], dtype: str,
                 trust_remote_code: bool, as_json: bool, use_tui: bool) -> int:
     """Returns the process exit code."""
     holder: dict[str, Any] = {}
@@ -76,7 +76,7 @@ def _report_interrupted(holder: dict[str, Any], as_json: bool, use_tui: bool) ->
     click.echo("pipespec: interrupted", err=True)
 
 
-async def _load(names: list[str], device: str, dtype: str, trust_remote_code: bool, progress: bool) -> Pipeline:
+async def _load(names: list[str], device: str | list[str], dtype: str, trust_remote_code: bool, progress: bool) -> Pipeline:
     if not progress:
         return await Pipeline.load(names, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     from .tui import loading_progress

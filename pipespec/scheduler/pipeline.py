@@ -78,6 +78,7 @@ class Pipeline:
             raise ConfigError(f"{len(devices)} devices given for {len(models)} models")
         resolved = [resolve_device(d) for d in devices]
         sources = [None if not isinstance(m, str) else resolve_source(m) for m in models]
+        _check_memory(sources, resolved, dtype)
         runners: list[Runner] = []
         workers: list[ModelWorker | None] = [None] * len(models)
         names = [s.name if s is not None else _model_name(m, i) for i, (s, m) in enumerate(zip(sources, models))]
@@ -362,3 +363,19 @@ def _check_tokenizers(sources: Sequence[Any], target_tokenizer: Any) -> None:
         if other.get_vocab() != target_vocab:
             raise ConfigError(f"model {source.spec!r} uses a different tokenizer from the target "
                               f"({sources[-1].spec!r}); every model of a chain must share the target's tokenizer")
+
+
+def _check_memory(sources: Sequence[Any], devices: Sequence[torch.device], dtype: Any) -> None:
+    """Refuse, before loading anything, a placement whose weights cannot fit in the GPUs' free memory."""
+    from ..placement import check_fits, estimate_bytes
+
+    if not any(d.type == "cuda" for d in devices):
+        return
+    needs = []
+    for source, dev in zip(sources, devices):
+        size = None
+        if source is not None and source.kind in ("builtin", "folder"):
+            size = estimate_bytes(source.location, torch.finfo(resolve_dtype(dtype, dev)).bits // 8)
+        needs.append((source.name if source is not None else "model", str(dev), size))
+    free = {f"cuda:{i}": torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())}
+    check_fits(needs, free)

@@ -1,0 +1,93 @@
+"""Which device each stage runs on, and whether the models fit there.
+
+Default on CUDA: one stage per GPU when there are enough GPUs; otherwise the target gets the last GPU to itself
+(it is the bottleneck) and the smaller stages are packed onto the others. ``--placement 0,0,1`` chooses by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .errors import ConfigError
+
+__all__ = ["plan_placement", "parse_placement"]
+
+
+def plan_placement(n_models: int, n_gpus: int) -> list[int]:
+    """GPU index per model (smallest first). Pure: tested on the CPU."""
+    if n_models <= 0:
+        raise ConfigError("no models to place")
+    if n_gpus <= 0:
+        raise ConfigError("no GPU to place models on")
+    if n_gpus >= n_models:
+        return list(range(n_models))
+    if n_gpus == 1:
+        return [0] * n_models
+    # the target alone on the last GPU; the others spread round-robin over the rest
+    others = [i % (n_gpus - 1) for i in range(n_models - 1)]
+    return [*others, n_gpus - 1]
+
+
+def parse_placement(text: str, n_models: int, n_gpus: int) -> list[str]:
+    """'0,0,1' -> ['cuda:0', 'cuda:0', 'cuda:1']; 'cpu' entries allowed. One entry per model."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != n_models:
+        raise ConfigError(f"--placement {text!r} has {len(parts)} entries for {n_models} models")
+    devices: list[str] = []
+    for part in parts:
+        if part == "cpu":
+            devices.append("cpu")
+            continue
+        if not part.isdigit():
+            raise ConfigError(f"--placement entry {part!r} is not a GPU index or 'cpu'")
+        if int(part) >= n_gpus:
+            raise ConfigError(f"--placement uses GPU {part} but this machine has {n_gpus} GPU(s)")
+        devices.append(f"cuda:{part}")
+    return devices
+
+
+def devices_for(n_models: int, device: str, placement: str | None, n_gpus: int) -> Sequence[str]:
+    """The device of every model from the CLI's --device and --placement."""
+    if placement:
+        return parse_placement(placement, n_models, n_gpus)
+    if device in ("auto", "cuda") and n_gpus > 0:
+        return [f"cuda:{i}" for i in plan_placement(n_models, n_gpus)]
+    return [device] * n_models
+
+
+def estimate_bytes(folder: str, dtype_bytes: int) -> int | None:
+    """Weights' size once loaded: the safetensors files' size, rescaled from the stored dtype. None if unknown."""
+    import json
+    from pathlib import Path
+
+    path = Path(folder)
+    files = list(path.glob("*.safetensors")) or list(path.glob("*.bin"))
+    if not files:
+        return None
+    stored = 2
+    try:
+        config = json.loads((path / "config.json").read_text())
+        name = str(config.get("dtype") or config.get("torch_dtype") or "float16")
+        stored = 4 if "32" in name else 2
+    except (OSError, ValueError):
+        pass
+    return sum(f.stat().st_size for f in files) * dtype_bytes // stored
+
+
+def check_fits(needs: Sequence[tuple[str, str, int | None]], free: dict[str, int]) -> None:
+    """needs: (model name, device, bytes or None) per model; free: bytes free per CUDA device.
+
+    Raises a ConfigError naming the device, the models and a placement to try when a device would overflow.
+    """
+    per_device: dict[str, int] = {}
+    for _, device, size in needs:
+        if device.startswith("cuda") and size:
+            per_device[device] = per_device.get(device, 0) + size
+    for device, total in per_device.items():
+        available = free.get(device)
+        if available is not None and total > 0.95 * available:
+            names = ", ".join(n for n, d, _ in needs if d == device)
+            raise ConfigError(
+                f"{names} need about {total / 2**30:.1f} GiB on {device} but only {available / 2**30:.1f} GiB is "
+                f"free; spread the models over more GPUs (e.g. --placement {','.join(str(i) for i in range(len(needs)))}) "
+                "or use a smaller dtype")

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import pytest
+
+from pipespec.errors import ConfigError
+from pipespec.placement import devices_for, parse_placement, plan_placement
+
+
+def test_one_stage_per_gpu_when_there_are_enough() -> None:
+    assert plan_placement(3, 4) == [0, 1, 2]
+    assert plan_placement(3, 3) == [0, 1, 2]
+
+
+def test_target_alone_and_smaller_ones_packed() -> None:
+    assert plan_placement(3, 2) == [0, 0, 1]
+    assert plan_placement(4, 3) == [0, 1, 0, 2]
+    assert plan_placement(3, 1) == [0, 0, 0]
+
+
+def test_parse_placement() -> None:
+    assert parse_placement("0,0,1", 3, 2) == ["cuda:0", "cuda:0", "cuda:1"]
+    assert parse_placement("cpu,0", 2, 1) == ["cpu", "cuda:0"]
+    with pytest.raises(ConfigError, match="entries"):
+        parse_placement("0,1", 3, 2)
+    with pytest.raises(ConfigError, match="GPU 5"):
+        parse_placement("0,5", 2, 2)
+    with pytest.raises(ConfigError, match="not a GPU index"):
+        parse_placement("x,0", 2, 2)
+
+
+def test_devices_for_cpu_machine() -> None:
+    assert devices_for(3, "auto", None, 0) == ["auto"] * 3
+    assert devices_for(2, "cpu", None, 4) == ["cpu", "cpu"]
+    assert devices_for(3, "auto", None, 2) == ["cuda:0", "cuda:0", "cuda:1"]
