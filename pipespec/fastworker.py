@@ -34,10 +34,17 @@ class StaticWorker(ModelWorker):
     """A ``ModelWorker`` whose cache primitives run over ``StaticLlama`` (and CUDA graphs on CUDA)."""
 
     def __init__(self, model: Any, name: str, device: torch.device, *, graphs: bool | None = None,
-                 capacity: int = 2048) -> None:
+                 capacity: int = 2048, compile: bool = False) -> None:
         super().__init__(model, name, device)
         self.static = StaticLlama(model, capacity + PAD)
+        if compile:
+            self.static.compile()
         self.use_graphs = device.type == "cuda" if graphs is None else graphs
+        pin = device.type == "cuda"
+        # host staging buffers per bucket, pinned so the copies to the device are asynchronous
+        self._host = {b: (torch.zeros(b, dtype=torch.long, pin_memory=pin), torch.zeros(b, dtype=torch.long,
+                                                                                         pin_memory=pin))
+                      for b in TOKEN_BUCKETS}
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._pool: Any = None
         self.captures = 0  # graphs captured so far (for tests and stats)
@@ -67,13 +74,19 @@ class StaticWorker(ModelWorker):
         bucket = _bucket(n)
         # attend over a multiple of CONTEXT_STEP slots that covers every (padded) position of this call
         kv_len = min(-(-(position + bucket) // CONTEXT_STEP) * CONTEXT_STEP, self.static.capacity)
-        ids = torch.zeros(bucket, dtype=torch.long)
-        ids[:n] = torch.tensor(list(tokens), dtype=torch.long)
-        pos = torch.arange(position, position + bucket, dtype=torch.long)  # padding rows write past the end
+        if bucket in self._host:
+            ids, pos = self._host[bucket]
+            ids[:n] = torch.tensor(list(tokens), dtype=torch.long)
+            ids[n:] = 0
+            torch.arange(position, position + bucket, out=pos)  # padding rows write past the end
+        else:
+            ids = torch.tensor(list(tokens), dtype=torch.long)
+            pos = torch.arange(position, position + bucket, dtype=torch.long)
         if self.use_graphs and bucket in TOKEN_BUCKETS:
             logits = self._replay(ids, pos, kv_len)
         else:
-            logits = self.static.forward(ids.to(self.device), pos.to(self.device), kv_len)
+            logits = self.static.forward(ids.to(self.device, non_blocking=True), pos.to(self.device, non_blocking=True),
+                                         kv_len)
         self.forwards += 1
         self.cached.extend(tokens)
         return logits[n - keep:n]
@@ -95,8 +108,8 @@ class StaticWorker(ModelWorker):
         The capture replays the same inputs' writes to the cache when it is next replayed, never stale ones: every
         replay first copies that call's own ids and positions into the static input buffers.
         """
-        static_ids = ids.to(self.device)
-        static_pos = pos.to(self.device)
+        static_ids = ids.to(self.device, copy=True)
+        static_pos = pos.to(self.device, copy=True)
         stream = torch.cuda.current_stream(self.device)
         result = self.static.forward(static_ids, static_pos, key[1]).clone()  # eager warm-up: real K/V, real logits
         stream.synchronize()

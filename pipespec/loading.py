@@ -22,7 +22,7 @@ from .errors import ConfigError, ModelLoadError
 _CONSTRUCT = threading.Lock()
 
 __all__ = ["ALIASES", "BUILTIN", "DEFAULT_CHAIN", "Source", "resolve_source", "load_model", "load_tokenizer",
-           "resolve_dtype"]
+           "resolve_dtype", "preload_transformers"]
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "family"
 
@@ -58,6 +58,15 @@ class Source:
     @property
     def path(self) -> Path:
         return Path(self.location)
+
+
+def preload_transformers() -> None:
+    """Resolve transformers' lazy attributes on the calling thread. Its lazy module is not thread-safe: two runner
+    threads resolving ``AutoModelForCausalLM`` at once can fail with an ImportError (seen with transformers 5.17)."""
+    import transformers
+
+    for name in ("AutoModelForCausalLM", "AutoTokenizer", "DynamicCache", "LlamaForCausalLM", "LlamaConfig"):
+        getattr(transformers, name)
 
 
 def resolve_source(spec: str) -> Source:

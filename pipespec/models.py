@@ -209,7 +209,7 @@ def make_worker(model: Any, name: str, device: torch.device, fast: bool | str = 
     """The fast static-cache worker where it applies (``fast="auto"``: LLaMA models on CUDA), else the eager one.
 
     ``fast=True`` asks for the static path on any device (CUDA graphs only on CUDA) and fails if the model does
-    not support it; ``fast=False`` always uses HF's own forward with a dynamic cache.
+    not support it; ``fast="compile"`` adds torch.compile; ``fast=False`` always uses HF's own forward.
     """
     from .static_llama import supports_static
 
@@ -219,4 +219,5 @@ def make_worker(model: Any, name: str, device: torch.device, fast: bool | str = 
         return ModelWorker(model, name, device)
     from .fastworker import StaticWorker
 
-    return StaticWorker(model, name, device)
+    # "compile": also fuse each layer's element-wise work with torch.compile (slower start, faster steps)
+    return StaticWorker(model, name, device, compile=fast == "compile")

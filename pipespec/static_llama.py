@@ -26,8 +26,8 @@ def supports_static(model: Any) -> str | None:
     cfg = model.config
     if getattr(cfg, "hidden_act", "silu") != "silu":
         return f"activation {cfg.hidden_act}"
-    if getattr(cfg, "mlp_bias", False):
-        return "MLP biases"
+    if getattr(cfg, "mlp_bias", False) or getattr(cfg, "attention_bias", False):
+        return "biases in attention or MLP"
     if getattr(cfg, "quantization_config", None) is not None:
         return "quantized weights"
     if any(p.device.type == "meta" for p in model.parameters()):
@@ -59,6 +59,8 @@ class StaticLlama:
         self.embed = inner.embed_tokens.weight
         self.norm = inner.norm.weight
         self.lm_head = model.lm_head.weight
+        self._pre = _pre_attention
+        self._post = _post_attention
         self.capacity = 0
         self.cache_k: torch.Tensor | None = None
         self.cache_v: torch.Tensor | None = None
@@ -73,15 +75,12 @@ class StaticLlama:
         attn.q_proj.weight = torch.nn.Parameter(qkv[:q_n], requires_grad=False)
         attn.k_proj.weight = torch.nn.Parameter(qkv[q_n:q_n + k_n], requires_grad=False)
         attn.v_proj.weight = torch.nn.Parameter(qkv[q_n + k_n:], requires_grad=False)
-        qkv_bias = None
-        if attn.q_proj.bias is not None:
-            qkv_bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]).contiguous()
         gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous()
         g_n = mlp.gate_proj.weight.shape[0]
         mlp.gate_proj.weight = torch.nn.Parameter(gate_up[:g_n], requires_grad=False)
         mlp.up_proj.weight = torch.nn.Parameter(gate_up[g_n:], requires_grad=False)
-        return {"ln1": layer.input_layernorm.weight, "qkv": qkv, "qkv_bias": qkv_bias, "q_n": q_n, "k_n": k_n,
-                "o": attn.o_proj.weight, "o_bias": attn.o_proj.bias, "ln2": layer.post_attention_layernorm.weight,
+        return {"ln1": layer.input_layernorm.weight, "qkv": qkv, "q_n": q_n, "k_n": k_n,
+                "o": attn.o_proj.weight, "ln2": layer.post_attention_layernorm.weight,
                 "gate_up": gate_up, "down": mlp.down_proj.weight, "ffn": g_n}
 
     def ensure_capacity(self, capacity: int) -> bool:
@@ -98,42 +97,57 @@ class StaticLlama:
         self.capacity = capacity
         return True
 
-    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # the same computation as LlamaRMSNorm: in float32, then back to the weights' dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * xf.to(x.dtype)
-
-    @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
-
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         """ids, pos: [n] int64 on the model's device; returns logits [n, vocab] float32."""
         assert self.cache_k is not None and self.cache_v is not None and self.cos is not None
         n = ids.shape[0]
         h, kvh, hd = self.n_heads, self.n_kv, self.head_dim
         x = F.embedding(ids, self.embed)  # [n, hidden]
-        cos = self.cos.index_select(0, pos).unsqueeze(0).to(x.dtype)  # [1, n, hd]
-        sin = self.sin.index_select(0, pos).unsqueeze(0).to(x.dtype)
+        cos = self.cos.index_select(0, pos).unsqueeze(1).to(x.dtype)  # [n, 1, hd]
+        sin = self.sin.index_select(0, pos).unsqueeze(1).to(x.dtype)
         slots = torch.arange(kv_len, device=ids.device)
         mask = (slots.unsqueeze(0) <= pos.unsqueeze(1)).view(1, 1, n, kv_len)  # [1, 1, n, kv_len]
+        pre, post = self._pre, self._post
         for i, w in enumerate(self.layers):
-            qkv = F.linear(self._rms(x, w["ln1"]), w["qkv"], w["qkv_bias"])  # [n, (h + 2 kvh) hd]
-            q = qkv[:, : w["q_n"]].view(n, h, hd).transpose(0, 1)  # [h, n, hd]
-            k = qkv[:, w["q_n"]: w["q_n"] + w["k_n"]].view(n, kvh, hd).transpose(0, 1)  # [kvh, n, hd]
-            v = qkv[:, w["q_n"] + w["k_n"]:].view(n, kvh, hd).transpose(0, 1)
-            q = self._rotate(q, cos, sin)
-            k = self._rotate(k, cos, sin)
+            q, k, v = pre(x, cos, sin, w["ln1"], w["qkv"], h, kvh, hd, self.eps)  # [h|kvh, n, hd]
             ck, cv = self.cache_k[i], self.cache_v[i]  # [1, kvh, capacity, hd]
             ck.index_copy_(2, pos, k.unsqueeze(0))
             cv.index_copy_(2, pos, v.unsqueeze(0))
             att = F.scaled_dot_product_attention(q.unsqueeze(0), ck[:, :, :kv_len], cv[:, :, :kv_len],
                                                  attn_mask=mask, enable_gqa=kvh != h)  # [1, h, n, hd]
-            att = att[0].transpose(0, 1).reshape(n, h * hd)
-            x = x + F.linear(att, w["o"], w["o_bias"])
-            gate, up = F.linear(self._rms(x, w["ln2"]), w["gate_up"]).split(w["ffn"], dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w["down"])
-        return F.linear(self._rms(x, self.norm), self.lm_head).float()
+            x = post(x, att, w["o"], w["ln2"], w["gate_up"], w["down"], w["ffn"], self.eps)
+        return F.linear(_rms(x, self.norm, self.eps), self.lm_head).float()
+
+    def compile(self) -> None:
+        """Fuse each layer's element-wise work (norms, RoPE, SiLU) with torch.compile; attention and the cache
+        writes stay eager. Shapes are dynamic, so one compilation serves every bucket and every layer."""
+        self._pre = torch.compile(_pre_attention, dynamic=True, fullgraph=True)
+        self._post = torch.compile(_post_attention, dynamic=True, fullgraph=True)
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # the same computation as LlamaRMSNorm: in float32, then back to the weights' dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _pre_attention(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ln: torch.Tensor, qkv_w: torch.Tensor,
+                   h: int, kvh: int, hd: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: [n, hidden] -> q [h, n, hd], k and v [kvh, n, hd], RoPE applied to q and k together."""
+    n = x.shape[0]
+    qkv = F.linear(_rms(x, ln, eps), qkv_w).view(n, h + 2 * kvh, hd)
+    qk, v = qkv[:, : h + kvh], qkv[:, h + kvh:]
+    half = hd // 2
+    rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
+    qk = qk * cos + rotated * sin  # cos, sin: [n, 1, hd]
+    return qk[:, :h].transpose(0, 1), qk[:, h:].transpose(0, 1), v.transpose(0, 1)
+
+
+def _post_attention(x: torch.Tensor, att: torch.Tensor, o_w: torch.Tensor, ln: torch.Tensor, gate_up_w: torch.Tensor,
+                    down_w: torch.Tensor, ffn: int, eps: float) -> torch.Tensor:
+    """Residual stream after attention output and the MLP. att: [1, h, n, hd] -> x [n, hidden]."""
+    n = x.shape[0]
+    x = x + F.linear(att[0].transpose(0, 1).reshape(n, -1), o_w)
+    gate, up = F.linear(_rms(x, ln, eps), gate_up_w).split(ffn, dim=-1)
+    return x + F.linear(F.silu(gate) * up, down_w)

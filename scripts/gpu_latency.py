@@ -16,6 +16,8 @@ import time
 
 import torch
 
+COMPILE = True  # also measure the torch.compile'd variant
+
 SHAPES = {  # hidden, layers, heads, kv heads, ffn, vocab
     "68m": (768, 2, 12, 12, 3072, 32000),
     "160m": (768, 12, 12, 12, 3072, 32000),
@@ -93,27 +95,33 @@ def measure(shape: str, device: torch.device, bandwidth: float, reps: int) -> di
             hf_step()
         row[f"hf_eager_{n}_ms"] = round(median_ms(hf_step, reps), 3)
     del cache
-    # pipespec static path: CUDA graphs per (tokens, context) bucket
-    worker = StaticWorker(model, shape, device, capacity=1024)
-    worker.reset(None, 1024)
-    stream = torch.cuda.Stream(device)
-    with torch.cuda.stream(stream):
-        worker.prefill(prompt + [1])
-        for n in (1, 8):
-            extra = torch.randint(0, 32000, (n,)).tolist()
-            seq = prompt + extra
+    # pipespec static path: CUDA graphs per (tokens, context) bucket; then the same with torch.compile'd layers
+    for variant, compile_layers in (("graph", False), ("compiled", True)):
+        if compile_layers and not COMPILE:
+            continue
+        worker = StaticWorker(model, shape, device, capacity=1024, compile=compile_layers)
+        worker.reset(None, 1024)
+        stream = torch.cuda.Stream(device)
+        t0 = time.perf_counter()
+        with torch.cuda.stream(stream):
+            worker.prefill(prompt + [1])
+            for n in (1, 8):
+                extra = torch.randint(0, 32000, (n,)).tolist()
+                seq = prompt + extra
 
-            def static_step() -> None:
-                worker.logits(seq, len(seq) - n + 1)
-                worker.rollback(len(prompt))
+                def static_step() -> None:
+                    worker.logits(seq, len(seq) - n + 1)
+                    worker.rollback(len(prompt))
 
-            for _ in range(3):
-                static_step()
-            row[f"graph_{n}_ms"] = round(median_ms(static_step, reps), 3)
+                for _ in range(3):
+                    static_step()
+                row[f"{variant}_{n}_ms"] = round(median_ms(static_step, reps), 3)
+                row[f"{variant}_{n}_over_floor"] = round(row[f"{variant}_{n}_ms"] / row["floor_ms"], 2)
+        row[f"{variant}_setup_s"] = round(time.perf_counter() - t0, 1)
+        del worker
     for n in (1, 8):
-        row[f"graph_{n}_over_floor"] = round(row[f"graph_{n}_ms"] / row["floor_ms"], 2)
         row[f"hf_eager_{n}_over_floor"] = round(row[f"hf_eager_{n}_ms"] / row["floor_ms"], 2)
-    del worker, model
+    del model
     torch.cuda.empty_cache()
     return row
 
@@ -124,19 +132,19 @@ def main() -> None:
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args()
+    global COMPILE
+    COMPILE = not args.no_compile
     device = torch.device(args.device)
     torch.cuda.set_device(device)
     bandwidth = copy_bandwidth(device)
     rows = []
     print(f"{torch.cuda.get_device_name(device)}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
-    print(f"{'shape':6} {'GB':>6} {'floor':>7} {'HF 1':>7} {'HF 8':>7} {'graph 1':>8} {'graph 8':>8} {'x floor 1/8':>12}")
     for shape in args.shapes.split(","):
         row = measure(shape, device, bandwidth, args.reps)
         rows.append(row)
-        print(f"{shape:6} {row['weights_gb']:6.2f} {row['floor_ms']:7.2f} {row['hf_eager_1_ms']:7.2f} "
-              f"{row['hf_eager_8_ms']:7.2f} {row['graph_1_ms']:8.2f} {row['graph_8_ms']:8.2f} "
-              f"{row['graph_1_over_floor']:5.2f}/{row['graph_8_over_floor']:.2f}", flush=True)
+        print(json.dumps(row), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(device), "bandwidth_tb_s": bandwidth / 1e12,

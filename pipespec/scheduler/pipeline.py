@@ -21,7 +21,7 @@ import structlog
 import torch
 
 from ..errors import ConfigError, ModelLoadError, PipelineClosed, PipelineError, PipespecError
-from ..loading import load_model, load_tokenizer, resolve_dtype, resolve_source
+from ..loading import load_model, load_tokenizer, preload_transformers, resolve_dtype, resolve_source
 from ..models import ModelWorker, make_worker
 from ..runtime import Runner, resolve_device
 from ..types import Generation, GenerationStats, Mode, Snapshot
@@ -77,6 +77,7 @@ class Pipeline:
         if len(devices) != len(models):
             raise ConfigError(f"{len(devices)} devices given for {len(models)} models")
         resolved = [resolve_device(d) for d in devices]
+        preload_transformers()
         sources = [None if not isinstance(m, str) else resolve_source(m) for m in models]
         _check_memory(sources, resolved, dtype)
         runners: list[Runner] = []
