@@ -53,12 +53,13 @@ class Verdict:
     epoch: int
     verified: int
     rollback: tuple[int, ...] | None = None
+    ahead: int | None = None  # adaptive runtime: how far stage i should draft past ``verified`` (None: its default)
 
     def merge(self, newer: Verdict) -> Verdict:
         """Combine two verdicts not yet read (the mailbox keeps one): a pending rollback survives a later plain
         verdict of the same epoch; a newer rollback replaces an older one."""
         if newer.rollback is None and self.rollback is not None and newer.epoch <= self.epoch:
-            return Verdict(self.epoch, max(self.verified, newer.verified), self.rollback)
+            return Verdict(self.epoch, max(self.verified, newer.verified), self.rollback, newer.ahead)
         return newer
 
 

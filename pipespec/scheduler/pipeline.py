@@ -162,7 +162,8 @@ class Pipeline:
     def make_request(self, prompt: str | Sequence[int], *, max_new_tokens: int = 128, mode: Mode = "pipe",
                      temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                      acceptance: str = "coupled", stop: Sequence[str] | str = (), verify_cap: int = 64,
-                     max_ahead: int | None = None, lookahead: int = 8, draft_batch: int = 1) -> Request:
+                     max_ahead: int | None = None, lookahead: int = 8, draft_batch: int = 1,
+                     adaptive: bool = True) -> Request:
         """Validate a generation's options; every bad value raises a ConfigError with a one-line message."""
         if mode not in MODES:
             raise ConfigError(f"unknown mode {mode!r}: use pipe, sd or ar")
@@ -190,7 +191,7 @@ class Pipeline:
         stops = (stop,) if isinstance(stop, str) else tuple(stop)
         return Request(prompt=ids, max_new_tokens=max_new_tokens, mode=mode, params=params, stop=stops,
                        verify_cap=verify_cap, max_ahead=max_ahead or max(verify_cap, lookahead),
-                       lookahead=lookahead, draft_batch=draft_batch)
+                       lookahead=lookahead, draft_batch=draft_batch, adaptive=bool(adaptive))
 
     async def generate(self, prompt: str | Sequence[int], **options: Any) -> Generation:
         """Generate and return the whole result. Options: see ``make_request``."""

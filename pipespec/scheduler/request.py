@@ -34,6 +34,7 @@ class Request:
     max_ahead: int = 64  # pipe: most tokens a stage may run past its successor
     lookahead: int = 8  # sd: tokens per lock-step round (drafts + the target's own token)
     draft_batch: int = 1
+    adaptive: bool = True  # pipe: adapt verify caps and run-ahead limits online
 
     @property
     def max_len(self) -> int:

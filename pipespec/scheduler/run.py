@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 
 import anyio
+import torch
 
 from ..channels import Channel, Doorbell, Mailbox
 from ..errors import PipelineError
@@ -55,7 +56,7 @@ def build_stages(members: Sequence[Member], request: Request, output: Output) ->
     """Stage objects and the channels between them: proposals down, verdicts up, one doorbell per stage."""
     config = StageConfig(prompt=request.prompt, max_len=request.max_len, params=request.params,
                          verify_cap=request.verify_cap, max_ahead=request.max_ahead,
-                         draft_batch=request.draft_batch)
+                         draft_batch=request.draft_batch, adaptive=request.adaptive)
     bells = [Doorbell() for _ in members]
     ios = [StageIO(doorbell=bell) for bell in bells]
     for i in range(len(members) - 1):
@@ -77,8 +78,18 @@ async def _guarded(stage: Stage) -> None:
     except PipelineError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of a stage ends the generation, reported once
-        raise PipelineError(f"stage {stage.index} ({stage.stats.model}) failed: {type(exc).__name__}: {exc}",
-                            stage=stage.index) from exc
+        raise stage_failed(stage, exc) from exc
+
+
+def stage_failed(stage: Stage, exc: Exception) -> PipelineError:
+    """One line naming the failed stage; out of GPU memory also names its device and suggests a placement."""
+    name = f"stage {stage.index} ({stage.stats.model})"
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return PipelineError(f"{name} ran out of GPU memory on {stage.stats.device} mid-generation; try another "
+                             "placement (--placement: this model on a GPU of its own, or 'cpu'), a smaller dtype "
+                             "or fewer new tokens", stage=stage.index)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return PipelineError(f"{name} failed: {type(exc).__name__}: {first}"[:400], stage=stage.index)
 
 
 async def run_pipe(stages: list[Stage], live: LiveRun) -> None:

@@ -23,6 +23,7 @@ class StageConfig:
     verify_cap: int = 64  # most proposed tokens checked in one forward pass
     max_ahead: int = 64  # most tokens a non-target stage may run past its successor's verified length
     draft_batch: int = 1  # tokens the draft stage drafts per call into its worker
+    adaptive: bool = True  # adapt verify caps and run-ahead limits online (pipespec.policy); caps above stay maxima
 
 
 @dataclass(slots=True)

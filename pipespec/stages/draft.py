@@ -21,12 +21,15 @@ async def run_draft(stage: Stage) -> None:
     seq = list(cfg.prompt)
     epoch = 0  # the epoch of the last rollback adopted; tags every proposal
     successor_verified = len(cfg.prompt)
+    max_ahead = cfg.max_ahead  # the successor may lower it (adaptive runtime)
     # every stage prefills at once, in its own thread, while the others prefill and draft
     stats.forwards += await stage.runner.call(worker.prefill, cfg.prompt)
     while True:
         verdict = io.verdicts_in.take()
         if verdict is not None:
             successor_verified = verdict.verified
+            if verdict.ahead is not None:
+                max_ahead = verdict.ahead
             if verdict.rollback is not None and verdict.epoch > epoch:
                 stage.set_state("rolling back")
                 seq = list(verdict.rollback)
@@ -35,7 +38,7 @@ async def run_draft(stage: Stage) -> None:
                 if structlog.is_configured():
                     log.debug("rollback adopted", stage=stage.index, epoch=epoch, position=len(seq))
         ahead = len(seq) - successor_verified
-        room = min(cfg.max_len - len(seq), cfg.max_ahead - ahead)
+        room = min(cfg.max_len - len(seq), max_ahead - ahead)
         if room <= 0:
             stage.set_state("waiting")
             await io.doorbell.wait()

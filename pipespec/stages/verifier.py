@@ -12,11 +12,13 @@ sequence up; the predecessor adopts it, and cascades the rollback further up if 
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import structlog
 
 from ..models import common_prefix
+from ..policy import LinkEstimator
 from ..types import Proposal, Verdict
 from .base import Stage
 
@@ -70,6 +72,9 @@ async def run_verifier(stage: Stage) -> None:
     up = _Upstream(cfg.prompt)
     out_epoch = 0  # epoch of the last rollback this stage adopted from its successor
     successor_verified = len(cfg.prompt)
+    max_ahead = cfg.max_ahead  # how far this stage may run past its successor (the successor may lower it)
+    verify_cap = cfg.verify_cap  # adapted online when cfg.adaptive
+    link = LinkEstimator()  # acceptance and latency of the link predecessor -> this stage
     needs_rows = cfg.params.needs_probs
 
     def roll_back_predecessor() -> None:
@@ -89,6 +94,8 @@ async def run_verifier(stage: Stage) -> None:
             verdict = io.verdicts_in.take()
             if verdict is not None:
                 successor_verified = verdict.verified
+                if verdict.ahead is not None:
+                    max_ahead = verdict.ahead
                 if verdict.rollback is not None and verdict.epoch > out_epoch:
                     stage.set_state("rolling back")
                     out_epoch = verdict.epoch
@@ -111,9 +118,9 @@ async def run_verifier(stage: Stage) -> None:
             stage.set_state("waiting")
             await io.doorbell.wait()
             continue
-        n = max(0, min(len(up.tokens) - len(seq), cfg.verify_cap, room - 1))
+        n = max(0, min(len(up.tokens) - len(seq), verify_cap, room - 1))
         stage.in_flight = max(0, len(up.tokens) - len(seq))
-        if n == 0 and not is_target and len(seq) - successor_verified >= cfg.max_ahead:
+        if n == 0 and not is_target and len(seq) - successor_verified >= max_ahead:
             stage.set_state("waiting")
             await io.doorbell.wait()
             continue
@@ -125,7 +132,9 @@ async def run_verifier(stage: Stage) -> None:
                 rows = rows[:n] or None
         proposed = up.tokens[len(seq):len(seq) + n]
         stage.set_state("verifying" if n else "drafting")
+        started = time.perf_counter()
         result = await stage.runner.call(worker.step, seq + proposed, len(seq), cfg.params, rows)
+        link.observe_forward(n + 1, time.perf_counter() - started)
         stats.forwards += 1
         if stage.pending_rollback(out_epoch):
             continue  # the successor has moved on to another sequence; this result extends a dead one
@@ -137,7 +146,12 @@ async def run_verifier(stage: Stage) -> None:
         start = len(seq)
         seq.extend(result.tokens)
         if io.verdicts_out is not None:
-            io.verdicts_out.put(Verdict(up.epoch, len(seq)))
+            ahead = None
+            if cfg.adaptive and n:
+                link.observe_verification(n, result.accepted)
+                verify_cap = link.verify_cap(cfg.verify_cap)
+                ahead = link.run_ahead(cfg.max_ahead)
+            io.verdicts_out.put(Verdict(up.epoch, len(seq), ahead=ahead))
             if up.conflicts_with(seq):  # a rejected proposal (the correction differs from the predecessor's token)
                 roll_back_predecessor()
         if is_target:
