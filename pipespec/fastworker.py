@@ -39,7 +39,8 @@ class StaticWorker(ModelWorker):
         self.static = StaticLlama(model, capacity + PAD)
         if compile:
             self.static.compile()
-        self.use_graphs = device.type == "cuda" if graphs is None else graphs
+        # graphs are per device: a model split over GPUs runs its static path eagerly (launches overlap the GPUs)
+        self.use_graphs = (device.type == "cuda" and len(self.static.devices) == 1) if graphs is None else graphs
         pin = device.type == "cuda"
         # host staging buffers per bucket, pinned so the copies to the device are asynchronous
         self._host = {b: (torch.zeros(b, dtype=torch.long, pin_memory=pin), torch.zeros(b, dtype=torch.long,

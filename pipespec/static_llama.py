@@ -32,10 +32,19 @@ def supports_static(model: Any) -> str | None:
         return "quantized weights"
     if any(p.device.type == "meta" for p in model.parameters()):
         return "weights offloaded to the meta device"
-    devices = {p.device for p in model.parameters()}
-    if len(devices) > 1:
-        return "model split over several devices"
+    for layer in model.model.layers:  # a model may be split over devices, but each layer must sit on one
+        if len({p.device for p in layer.parameters()}) > 1:
+            return "a layer split over several devices"
     return None
+
+
+def model_devices(model: Any) -> list[torch.device]:
+    """The distinct devices a model's weights live on, in layer order (more than one: split layer-wise)."""
+    seen: list[torch.device] = []
+    for p in model.parameters():
+        if p.device not in seen:
+            seen.append(p.device)
+    return seen
 
 
 class StaticLlama:
@@ -56,16 +65,17 @@ class StaticLlama:
         self.eps = cfg.rms_norm_eps
         self.n_layers = cfg.num_hidden_layers
         self.layers = [self._fuse(layer) for layer in inner.layers[: self.n_layers]]
+        self.layer_devices = [w["qkv"].device for w in self.layers]  # layer-wise split over GPUs is allowed
+        self.devices = list(dict.fromkeys([self.device, *self.layer_devices, model.lm_head.weight.device]))
         self.embed = inner.embed_tokens.weight
         self.norm = inner.norm.weight
         self.lm_head = model.lm_head.weight
         self._pre = _pre_attention
         self._post = _post_attention
         self.capacity = 0
-        self.cache_k: torch.Tensor | None = None
-        self.cache_v: torch.Tensor | None = None
-        self.cos: torch.Tensor | None = None
-        self.sin: torch.Tensor | None = None
+        self.cache_k: list[torch.Tensor] = []  # one [1, kv heads, capacity, head_dim] per layer, on its device
+        self.cache_v: list[torch.Tensor] = []
+        self.rope: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # cos, sin [capacity, hd] per device
         self.ensure_capacity(capacity)
 
     def _fuse(self, layer: Any) -> dict[str, Any]:
@@ -87,36 +97,46 @@ class StaticLlama:
         """Allocate cache and RoPE tables for ``capacity`` slots; True when (re)allocated (graphs must go)."""
         if capacity <= self.capacity:
             return False
-        shape = (self.n_layers, 1, self.n_kv, capacity, self.head_dim)
-        self.cache_k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.cache_v = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        positions = torch.arange(capacity, device=self.device).unsqueeze(0)  # [1, capacity]
-        probe = torch.zeros(1, 1, self.head_dim, dtype=self.dtype, device=self.device)
-        cos, sin = self.model.model.rotary_emb(probe, positions)  # [1, capacity, head_dim] each
-        self.cos, self.sin = cos[0], sin[0]
+        shape = (1, self.n_kv, capacity, self.head_dim)
+        self.cache_k = [torch.zeros(shape, dtype=self.dtype, device=d) for d in self.layer_devices]
+        self.cache_v = [torch.zeros(shape, dtype=self.dtype, device=d) for d in self.layer_devices]
+        rotary = self.model.model.rotary_emb
+        home = next(rotary.buffers()).device if any(True for _ in rotary.buffers()) else self.device
+        positions = torch.arange(capacity, device=home).unsqueeze(0)  # [1, capacity]
+        probe = torch.zeros(1, 1, self.head_dim, dtype=self.dtype, device=home)
+        cos, sin = rotary(probe, positions)  # [1, capacity, head_dim] each
+        self.rope = {d: (cos[0].to(d), sin[0].to(d)) for d in self.devices}
         self.capacity = capacity
         return True
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         """ids, pos: [n] int64 on the model's device; returns logits [n, vocab] float32."""
-        assert self.cache_k is not None and self.cache_v is not None and self.cos is not None
         n = ids.shape[0]
         h, kvh, hd = self.n_heads, self.n_kv, self.head_dim
         x = F.embedding(ids, self.embed)  # [n, hidden]
-        cos = self.cos.index_select(0, pos).unsqueeze(1).to(x.dtype)  # [n, 1, hd]
-        sin = self.sin.index_select(0, pos).unsqueeze(1).to(x.dtype)
-        slots = torch.arange(kv_len, device=ids.device)
-        mask = (slots.unsqueeze(0) <= pos.unsqueeze(1)).view(1, 1, n, kv_len)  # [1, 1, n, kv_len]
+        per_device = {}  # what every layer on a device needs: positions, RoPE rows, the attention mask
+        for d in self.devices:
+            pos_d = pos.to(d, non_blocking=True)
+            cos_t, sin_t = self.rope[d]
+            slots = torch.arange(kv_len, device=d)
+            per_device[d] = (pos_d, cos_t.index_select(0, pos_d).unsqueeze(1).to(x.dtype),  # [n, 1, hd]
+                             sin_t.index_select(0, pos_d).unsqueeze(1).to(x.dtype),
+                             (slots.unsqueeze(0) <= pos_d.unsqueeze(1)).view(1, 1, n, kv_len))  # [1, 1, n, kv_len]
         pre, post = self._pre, self._post
         for i, w in enumerate(self.layers):
+            d = self.layer_devices[i]
+            if x.device != d:  # crossing to the next GPU of a layer-wise split: only the hidden state moves
+                x = x.to(d, non_blocking=True)
+            pos_d, cos, sin, mask = per_device[d]
             q, k, v = pre(x, cos, sin, w["ln1"], w["qkv"], h, kvh, hd, self.eps)  # [h|kvh, n, hd]
             ck, cv = self.cache_k[i], self.cache_v[i]  # [1, kvh, capacity, hd]
-            ck.index_copy_(2, pos, k.unsqueeze(0))
-            cv.index_copy_(2, pos, v.unsqueeze(0))
+            ck.index_copy_(2, pos_d, k.unsqueeze(0))
+            cv.index_copy_(2, pos_d, v.unsqueeze(0))
             att = F.scaled_dot_product_attention(q.unsqueeze(0), ck[:, :, :kv_len], cv[:, :, :kv_len],
                                                  attn_mask=mask, enable_gqa=kvh != h)  # [1, h, n, hd]
             x = post(x, att, w["o"], w["ln2"], w["gate_up"], w["down"], w["ffn"], self.eps)
-        return F.linear(_rms(x, self.norm, self.eps), self.lm_head).float()
+        x = _rms(x.to(self.norm.device, non_blocking=True), self.norm, self.eps)
+        return F.linear(x.to(self.lm_head.device, non_blocking=True), self.lm_head).float().to(self.device)
 
     def compile(self) -> None:
         """Fuse each layer's element-wise work (norms, RoPE, SiLU) with torch.compile; attention and the cache
