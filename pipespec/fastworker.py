@@ -4,10 +4,16 @@ Forward passes are padded to a token bucket (1, 2, 4, ... 64) and attend over a 
 slots), so each shape is captured once and replayed: no Python per layer, no kernel-launch gaps, no allocation.
 A rollback moves a length (``cached``); nothing is re-allocated. Runs on the model's runner thread, like the
 eager worker it replaces.
+
+Graphs are captured only between generations (in ``reset``), never while other stages run: a capture on one
+thread while another thread launches work or allocates on the same GPU fails ("operation not permitted when
+stream is capturing"). A shape first met during a generation runs eagerly (same kernels, same results) and is
+captured at the next ``reset``; captures are serialised across workers by a process-wide lock.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +27,7 @@ __all__ = ["StaticWorker", "TOKEN_BUCKETS"]
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 CONTEXT_STEP = 256  # context buckets are multiples of this
 PAD = TOKEN_BUCKETS[-1]  # slack slots past the longest sequence, where padding rows write
+_CAPTURE = threading.Lock()  # one capture at a time in the process
 
 
 def _bucket(n: int) -> int:
@@ -48,6 +55,7 @@ class StaticWorker(ModelWorker):
                       for b in TOKEN_BUCKETS}
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._pool: Any = None
+        self._wanted: set[tuple[int, int]] = set()  # shapes met eagerly, to capture at the next reset
         self.captures = 0  # graphs captured so far (for tests and stats)
 
     # -- cache primitives ---------------------------------------------------------------------------------------
@@ -55,7 +63,10 @@ class StaticWorker(ModelWorker):
     def reset(self, seed: int | None = None, capacity: int | None = None) -> None:
         self.cached = []
         if capacity is not None and self.static.ensure_capacity(capacity + PAD):
+            self._wanted.update(self._graphs)
             self._graphs.clear()  # captured graphs point at the old cache tensors
+        if self.use_graphs and self._wanted:
+            self.capture_pending()
         if seed is not None:
             self.generator = torch.Generator(device=self.device)
             self.generator.manual_seed(seed)
@@ -95,30 +106,48 @@ class StaticWorker(ModelWorker):
     def _replay(self, ids: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         key = (ids.shape[0], kv_len)
         entry = self._graphs.get(key)
-        if entry is None:
-            return self._capture(key, ids, pos)
+        if entry is None:  # not captured yet: run eagerly now, capture at the next reset
+            self._wanted.add(key)
+            return self.static.forward(ids.to(self.device, non_blocking=True),
+                                       pos.to(self.device, non_blocking=True), kv_len)
         graph, static_ids, static_pos, out = entry
         static_ids.copy_(ids, non_blocking=True)
         static_pos.copy_(pos, non_blocking=True)
         graph.replay()
         return out
 
-    def _capture(self, key: tuple[int, int], ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """First use of a shape: run it eagerly (its result is this call's answer), then capture it for later.
+    def capture_pending(self) -> None:
+        """Capture every shape met since the last reset. Call only while no generation runs (from ``reset``).
 
-        The capture replays the same inputs' writes to the cache when it is next replayed, never stale ones: every
-        replay first copies that call's own ids and positions into the static input buffers.
+        Warm-up and capture write junk K/V at slots 0..bucket-1: harmless, the cache is logically empty here, and
+        every replay copies its own call's ids and positions into the static input buffers first.
         """
-        static_ids = ids.to(self.device, copy=True)
-        static_pos = pos.to(self.device, copy=True)
         stream = torch.cuda.current_stream(self.device)
-        result = self.static.forward(static_ids, static_pos, key[1]).clone()  # eager warm-up: real K/V, real logits
-        stream.synchronize()
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, stream=stream):
-            out = self.static.forward(static_ids, static_pos, key[1])
-        self._graphs[key] = (graph, static_ids, static_pos, out)
-        self.captures += 1
-        return result
+        with _CAPTURE:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            for key in sorted(self._wanted):
+                bucket, kv_len = key
+                if key in self._graphs or bucket + PAD > self.static.capacity:
+                    continue
+                static_ids = torch.zeros(bucket, dtype=torch.long, device=self.device)
+                static_pos = torch.arange(bucket, dtype=torch.long, device=self.device)
+                for _ in range(2):  # warm-up on the capturing stream (lazy library initialisation, workspaces)
+                    self.static.forward(static_ids, static_pos, kv_len)
+                stream.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
+                    out = self.static.forward(static_ids, static_pos, kv_len)
+                self._graphs[key] = (graph, static_ids, static_pos, out)
+                self.captures += 1
+            self._wanted.clear()
+
+    def warm_up(self, buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64), context: int = 2 * CONTEXT_STEP) -> None:
+        """Capture the common shapes ahead of the first generation (optional; benchmarks call it)."""
+        if not self.use_graphs:
+            return
+        for bucket in buckets:
+            for kv_len in range(CONTEXT_STEP, min(context, self.static.capacity) + 1, CONTEXT_STEP):
+                if bucket <= kv_len:
+                    self._wanted.add((bucket, kv_len))
+        self.capture_pending()

@@ -102,6 +102,7 @@ class StageStats:
             "forwards": self.forwards,
             "proposed": self.proposed,
             "accepted": self.accepted,
+            "verifications": self.verifications,
             "acceptance": round(self.accepted / self.proposed, 4) if self.proposed else None,
             "accepted_per_verification": round(self.accepted / self.verifications, 3) if self.verifications else None,
             "drafted": self.drafted,

@@ -115,6 +115,7 @@ def measure(shape: str, device: torch.device, bandwidth: float, reps: int) -> di
 
                 for _ in range(3):
                     static_step()
+                worker.capture_pending()  # shapes met above become graphs (single-threaded here: safe)
                 row[f"{variant}_{n}_ms"] = round(median_ms(static_step, reps), 3)
                 row[f"{variant}_{n}_over_floor"] = round(row[f"{variant}_{n}_ms"] / row["floor_ms"], 2)
         row[f"{variant}_setup_s"] = round(time.perf_counter() - t0, 1)

@@ -325,7 +325,7 @@ def _stage_dict(stats: Any, busy: float) -> dict[str, Any]:
 
 def _ar_stats_for_chain(stats: GenerationStats, members: Sequence[Member]) -> GenerationStats:
     """In ``ar`` mode only the target runs; still report one entry per model, in chain order."""
-    idle = tuple({"model": m.name, "device": m.device, "forwards": 0, "proposed": 0, "accepted": 0,
+    idle = tuple({"model": m.name, "device": m.device, "forwards": 0, "proposed": 0, "accepted": 0, "verifications": 0,
                   "acceptance": None, "accepted_per_verification": None, "drafted": 0, "rollbacks": 0,
                   "rollbacks_sent": 0, "busy_seconds": 0.0} for m in members[:-1])
     return GenerationStats(tokens=stats.tokens, seconds=stats.seconds, mode=stats.mode,
