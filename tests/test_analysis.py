@@ -1,5 +1,6 @@
-"""Tests of pipespec.analysis: hand-computed closed forms, limits, the never-slower-than-AR guarantee, input
-validation, and the simulation (hand-traced runs, determinism, losslessness, agreement with the closed forms)."""
+"""Tests of pipespec.analysis and pipespec.simulation: hand-computed closed forms, limits, the never-slower-than-AR
+guarantee, input validation, and the simulation (hand-traced runs, determinism, losslessness, agreement with the
+closed forms)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,15 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
+from pipespec import analysis, simulation
 from pipespec.analysis import (
-    SimResult,
     expected_tokens_per_step,
     lockstep_speedup,
     pipespec_speedup,
     predict_throughput,
-    simulate,
     verification_probability,
 )
+from pipespec.simulation import SimResult, simulate
 from pipespec.types import Mode
 
 # --- closed forms, by hand --------------------------------------------------------------------------------------
@@ -303,3 +304,25 @@ def test_four_model_chain_runs() -> None:
     assert r.tokens_per_s > 50.0
     assert r.tokens_per_s == pytest.approx(predict_throughput(lat, acc, "pipe"), rel=0.08)
     assert simulate(lat, acc, 1500, "sd").tokens_per_s == pytest.approx(predict_throughput(lat, acc, "sd"), rel=0.06)
+
+
+def test_simulation_names_are_still_exported_by_analysis() -> None:
+    from pipespec.analysis import SimResult as OldSimResult
+    from pipespec.analysis import StageCounts, simulate as old_simulate
+
+    assert old_simulate is simulate and OldSimResult is SimResult and StageCounts is simulation.StageCounts
+    assert {"simulate", "SimResult", "StageCounts"} <= set(analysis.__all__)
+    with pytest.raises(AttributeError):
+        analysis.no_such_name  # noqa: B018
+
+
+def test_waiting_for_a_slow_predecessor_helps_and_stays_lossless() -> None:
+    # A candidate policy, simulated only: with a draft half as fast as the target, waiting for its forward in
+    # flight beats decoding alone; with a cheap draft it changes nothing. The output never changes.
+    lat, acc = [0.01, 0.02], [0.8]
+    assert _mean_rate(lat, acc, 600, "pipe", seeds=2) < statistics.mean(
+        simulate(lat, acc, 600, "pipe", seed=s, wait_fraction=0.5).tokens_per_s for s in range(2))
+    waited = simulate([0.001, 0.01, 0.02], [0.8, 0.8], 300, "pipe", seed=4, wait_fraction=0.5)
+    assert waited.output[:300] == simulate([0.001, 0.01, 0.02], [0.8, 0.8], 300, "ar", seed=4).output[:300]
+    with pytest.raises(ValueError, match="wait_fraction"):
+        simulate(lat, acc, 10, "pipe", wait_fraction=-1.0)
