@@ -206,15 +206,15 @@ def gather_rows(rows: ProbRows, device: torch.device) -> torch.Tensor:
 
 
 def make_worker(model: Any, name: str, device: torch.device, fast: bool | str = "auto") -> ModelWorker:
-    """The fast static-cache worker where it applies (``fast="auto"``: LLaMA models on CUDA), else the eager one.
+    """The fast static-cache worker where it applies (``fast="auto"``: LLaMA models), else HF's eager forward.
 
     ``fast=True`` asks for the static path on any device (CUDA graphs only on CUDA) and fails if the model does
     not support it; ``fast="compile"`` adds torch.compile; ``fast=False`` always uses HF's own forward.
     """
     from .static_llama import supports_static
 
-    if fast == "auto":
-        fast = device.type == "cuda" and supports_static(model) is None
+    if fast == "auto":  # LLaMA-architecture models take the static path anywhere (on the CPU too: ~25% faster)
+        fast = supports_static(model) is None
     if not fast:
         return ModelWorker(model, name, device)
     from .fastworker import StaticWorker

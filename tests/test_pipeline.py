@@ -30,10 +30,13 @@ CHAINS = [("identical", 1)] + [(kind, n) for n in (2, 3, 4) for kind in ("identi
 
 
 @pytest.mark.parametrize(("kind", "length"), CHAINS)
+@pytest.mark.parametrize("fast", [False, True], ids=["hf-forward", "static-cache"])
 @limit(120)
-async def test_greedy_equals_target_alone(kind: str, length: int, target: torch.nn.Module) -> None:
+async def test_greedy_equals_target_alone(kind: str, length: int, fast: bool, target: torch.nn.Module) -> None:
+    """Both model paths: HF's own forward with a dynamic cache (where the slowed target makes drafts run ahead) and
+    the static-cache path (which bypasses the slowing, so stages race as equals)."""
     models = chain(kind, length, target)
-    async with pipespec.Pipeline.load(models, device="cpu") as pipe:
+    async with pipespec.Pipeline.load(models, device="cpu", fast=fast) as pipe:
         for prompt in PROMPTS:
             n = 24
             want = hf_greedy(target, prompt, n)
@@ -54,14 +57,14 @@ async def test_greedy_equals_target_alone(kind: str, length: int, target: torch.
 async def test_acceptance_reflects_draft_quality(target: torch.nn.Module) -> None:
     """Identical drafts are always accepted and never rolled back; unrelated ones almost never accepted."""
     prompt = PROMPTS[1]
-    async with pipespec.Pipeline.load(chain("identical", 2, target, delay=0.01), device="cpu") as pipe:
+    async with pipespec.Pipeline.load(chain("identical", 2, target, delay=0.01), device="cpu", fast=False) as pipe:
         g = await pipe.generate(prompt, max_new_tokens=40, mode="pipe")
         draft, tgt = g.stats.stages
         assert tgt["proposed"] > 0 and tgt["accepted"] == tgt["proposed"]
         assert draft["rollbacks"] == 0 and tgt["rollbacks_sent"] == 0
         g = await pipe.generate(prompt, max_new_tokens=40, mode="sd", lookahead=5)
         assert g.stats.stages[1]["accepted"] == g.stats.stages[1]["proposed"] > 0
-    async with pipespec.Pipeline.load(chain("unrelated", 2, target, delay=0.01), device="cpu") as pipe:
+    async with pipespec.Pipeline.load(chain("unrelated", 2, target, delay=0.01), device="cpu", fast=False) as pipe:
         g = await pipe.generate(prompt, max_new_tokens=40, mode="sd")
         tgt = g.stats.stages[1]
         assert tgt["proposed"] > 0 and tgt["accepted"] / tgt["proposed"] < 0.3

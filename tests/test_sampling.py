@@ -26,7 +26,7 @@ PROMPT = [5, 17, 33, 2, 9]
 @limit(180)
 async def test_coupled_is_seed_for_seed_the_target(length: int, target: torch.nn.Module) -> None:
     drafts = [noisy_copy(target, 0.6 - 0.15 * i, 20 + i) for i in range(length - 1)]
-    async with pipespec.Pipeline.load([*drafts, slow(target, 0.002)], device="cpu") as pipe:
+    async with pipespec.Pipeline.load([*drafts, slow(target, 0.002)], device="cpu", fast=False) as pipe:
         for temperature, top_k, top_p in [(0.5, 0, 1.0), (1.0, 0, 1.0), (1.5, 0, 1.0), (1.0, 10, 1.0),
                                           (0.8, 0, 0.9), (1.2, 20, 0.8)]:
             for seed in range(6):
@@ -109,7 +109,7 @@ async def test_two_token_distribution_is_the_targets(acceptance: str, mode: str,
     models = vocab3_chain(noise)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, acceptance=acceptance)  # type: ignore[arg-type]
     exact = exact_two_token_distribution(models[-1], params)
-    async with pipespec.Pipeline.load(models, device="cpu") as pipe:
+    async with pipespec.Pipeline.load(models, device="cpu", fast=False) as pipe:
         counts, checked = await sample_pairs(pipe, n, mode, params)
     assert_matches(counts, exact)
     # the target really verified proposals (not only decoded on its own) in a good share of the generations

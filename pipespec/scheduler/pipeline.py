@@ -58,8 +58,9 @@ class Pipeline:
              fast: bool | str = "auto", on_loaded: Callable[[int, str], None] | None = None) -> _Loading:
         """Load a chain: model names/folders (see ``pipespec models``) or already-loaded HF models.
 
-        ``device`` is one device for every model or one per model. ``fast``: "auto" runs LLaMA models on CUDA
-        over a static KV cache with CUDA graphs; True forces that path (eager on CPU), False keeps HF's forward.
+        ``device`` is one device for every model or one per model. ``fast``: "auto" runs LLaMA models over a
+        static KV cache (with CUDA graphs on CUDA); True insists on it; "compile" adds torch.compile; False keeps
+        HF's own forward with a dynamic cache.
         Await the result, or use it with ``async with``. ``on_loaded(i, name)`` is called as each model loads.
         """
         return _Loading(cls._load(models, device=device, dtype=dtype, tokenizer=tokenizer,
