@@ -13,6 +13,7 @@ captured at the next ``reset``; captures are serialised across workers by a proc
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -46,8 +47,12 @@ class StaticWorker(ModelWorker):
         self.static = StaticLlama(model, capacity + PAD)
         if compile:
             self.static.compile()
-        # graphs are per device: a model split over GPUs runs its static path eagerly (launches overlap the GPUs)
-        self.use_graphs = (device.type == "cuda" and len(self.static.devices) == 1) if graphs is None else graphs
+        # graphs are per device: a model split over GPUs runs its static path eagerly (launches overlap the GPUs);
+        # PIPESPEC_CUDA_GRAPHS=0 turns them off (a safety valve: same kernels, launched one by one)
+        if graphs is None:
+            graphs = device.type == "cuda" and len(self.static.devices) == 1
+            graphs = graphs and os.environ.get("PIPESPEC_CUDA_GRAPHS", "1") != "0"
+        self.use_graphs = graphs
         pin = device.type == "cuda"
         # host staging buffers per bucket, pinned so the copies to the device are asynchronous
         self._host = {b: (torch.zeros(b, dtype=torch.long, pin_memory=pin), torch.zeros(b, dtype=torch.long,
