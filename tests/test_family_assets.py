@@ -111,3 +111,27 @@ def test_load_prompts_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown prompt set") as err:
         load_prompts("no-such-set")
     assert "\n" not in str(err.value)
+
+
+def test_builtin_chain_equals_its_target_and_is_accepted() -> None:
+    """The shipped 3-model family: every mode commits the target's own greedy tokens, and the target keeps at least a
+    third of what the middle proposes (lock-step mode, whose acceptance does not depend on timing)."""
+    import asyncio
+
+    import pipespec
+    from pipespec.prompts import load_prompts
+
+    async def main() -> None:
+        async with pipespec.Pipeline.load(["tiny-draft", "tiny-middle", "tiny-target"], device="cpu") as pipe:
+            accepted = proposed = 0
+            for prompt in load_prompts("text")[:3]:
+                alone = await pipe.generate(prompt, max_new_tokens=48, mode="ar")
+                for mode in ("pipe", "sd"):
+                    g = await pipe.generate(prompt, max_new_tokens=48, mode=mode)
+                    assert g.token_ids == alone.token_ids, (mode, prompt)
+                    if mode == "sd":
+                        accepted += g.stats.stages[-1]["accepted"]
+                        proposed += g.stats.stages[-1]["proposed"]
+            assert proposed > 0 and accepted / proposed >= 1 / 3, (accepted, proposed)
+
+    asyncio.run(asyncio.wait_for(main(), 120))
