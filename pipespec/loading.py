@@ -7,8 +7,10 @@ pickle checkpoint loads only through torch's weights-only loader.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,13 +156,24 @@ def _check_weights_are_data(folder: Path) -> bool:
     if any(folder.glob("*.safetensors")):
         return True
     for pickle_file in sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt")):
-        try:
-            torch.load(pickle_file, map_location="meta", weights_only=True, mmap=True)
+        try:  # mmap only works on zip checkpoints; the legacy format goes through the same weights-only unpickler
+            torch.load(pickle_file, map_location="meta", weights_only=True, mmap=zipfile.is_zipfile(pickle_file))
         except Exception as exc:  # noqa: BLE001 - the weights-only unpickler refuses anything that is not tensors
             raise ModelLoadError(
-                f"refusing to load {pickle_file}: it is not a plain weights file ({str(exc).splitlines()[0][:120]})"
+                f"refusing to load {pickle_file}: it is not a plain weights file ({_unpickling_refusal(exc)})"
             ) from None
     return False
+
+
+def _unpickling_refusal(exc: Exception) -> str:
+    """The reason in torch's long weights-only error (which goes on to explain how to load the file anyway)."""
+    text = str(exc)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return f"unpickling it would call {found.group(1)}; only tensors are allowed"
+    found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    reason = found.group(1) if found else (text.strip().splitlines() or [type(exc).__name__])[0]
+    return reason.strip()[:120]
 
 
 def load_model(source: Source, device: torch.device, dtype: torch.dtype, *, trust_remote_code: bool = False) -> Any:
@@ -183,6 +196,8 @@ def load_model(source: Source, device: torch.device, dtype: torch.dtype, *, trus
                              "try another placement (--placement) or a smaller dtype") from None
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; the user needs one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "trust_remote_code" in str(exc) and not trust_remote_code:
+            first = f"{first[:200]} (it ships its own Python code: pass --trust-remote-code only if you trust it)"
         raise ModelLoadError(f"could not load model {source.spec!r}: {first[:300]}") from None
     try:
         model.to(device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import sys
 from typing import Any
@@ -49,6 +50,8 @@ def run_command(names: list[str], prompt: str, options: dict[str, Any], *, devic
         return asyncio.run(main())
     except KeyboardInterrupt:
         _report_interrupted(holder, as_json, use_tui)
+        # skip the interpreter's final garbage collections over torch's objects (1-2 s): Ctrl-C must exit promptly
+        gc.freeze()
         return 130
     except ConfigError as exc:
         click.echo(f"pipespec: error: {exc}", err=True)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ..errors import PipelineError
 from ..stages import Stage
-from .run import LiveRun
+from .run import LiveRun, stage_failed
 
 
 def _rows(probs: Any, count: int) -> list[tuple[Any, int]]:
@@ -20,6 +21,17 @@ def _rows(probs: Any, count: int) -> list[tuple[Any, int]]:
 
 
 async def run_lockstep(stages: list[Stage], live: LiveRun, lookahead: int) -> None:
+    try:
+        await _lockstep(stages, live, lookahead)
+    except PipelineError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - as in pipe mode, one PipelineError that names the failed stage
+        # one stage works at a time; the target stays "verifying" between rounds, so the first busy one failed
+        failed = next((s for s in stages if s.stats.state in ("drafting", "verifying")), stages[-1])
+        raise stage_failed(failed, exc) from exc
+
+
+async def _lockstep(stages: list[Stage], live: LiveRun, lookahead: int) -> None:
     request = live.request
     params = request.params
     verified = list(request.prompt)

@@ -29,7 +29,7 @@ from ..verify import SamplingParams
 from .lockstep import run_lockstep
 from .output import Output
 from .request import Member, Request
-from .run import LiveRun, build_stages, run_pipe
+from .run import LiveRun, build_stages, run_pipe, stage_failed
 
 log = structlog.get_logger("pipespec.pipeline")
 
@@ -241,7 +241,10 @@ class Pipeline:
             try:
                 for i, m in enumerate(members):
                     seed = request.params.seed * 1000003 + i if request.params.rule == "rejection" else None
-                    await m.runner.call(m.worker.reset, seed, request.max_len)
+                    try:  # a static KV cache grows here: running out of memory is reported like a stage failure
+                        await m.runner.call(m.worker.reset, seed, request.max_len)
+                    except Exception as exc:  # noqa: BLE001
+                        raise stage_failed(stages[i], exc) from exc
                 live.started = time.perf_counter()
                 if request.mode == "sd":
                     await run_lockstep(stages, live, request.lookahead)
@@ -252,7 +255,7 @@ class Pipeline:
                 err = _first_error(exc)
                 if isinstance(err, PipelineError):
                     log.error("generation failed", error=str(err))
-                    raise err from exc
+                    raise err from err.__cause__  # the stage's own error, not the task group wrapping this one
                 raise
             finally:
                 with anyio.CancelScope(shield=True):
