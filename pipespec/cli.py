@@ -235,14 +235,17 @@ def models_cmd(as_json: bool) -> None:
 @main.command()
 @model_options
 @sampling_options
+@click.option("--placement", default=None, metavar="0,0,1",
+              help="GPU index (or 'cpu') per model; default: one stage per GPU, the target alone if GPUs are few.")
 @click.option("--max-new-tokens", "-n", type=int, default=256, show_default=True, help="Most tokens per reply.")
 @click.option("--system", default=None, metavar="TEXT",
               help="A system message (the chat template's system turn; else the start of the transcript).")
 @click.option("--stop", multiple=True, help="End a reply after this string (repeatable).")
 @click.option("--log-file", default=None, metavar="PATH", help="Write JSON-lines logs here.")
 @click.option("-v", "--verbose", count=True, help="Readable logs on stderr.")
-def chat(models: str | None, device: str, dtype: str, trust_remote_code: bool, max_new_tokens: int,
-         system: str | None, stop: tuple[str, ...], log_file: str | None, verbose: int, **kw: Any) -> None:
+def chat(models: str | None, device: str, dtype: str, trust_remote_code: bool, placement: str | None,
+         max_new_tokens: int, system: str | None, stop: tuple[str, ...], log_file: str | None, verbose: int,
+         **kw: Any) -> None:
     """Talk to a chain of models in the terminal: multi-turn, replies stream, /help lists the commands."""
     from .chat import chat_command
 
@@ -250,7 +253,8 @@ def chat(models: str | None, device: str, dtype: str, trust_remote_code: bool, m
     names = parse_models(models)
     options = generation_options(kw)
     options.update(max_new_tokens=max_new_tokens, stop=stop)
-    sys.exit(chat_command(names, options, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+    devices = resolve_devices(len(names), device, placement)
+    sys.exit(chat_command(names, options, device=devices, dtype=dtype, trust_remote_code=trust_remote_code,
                           system=system))
 
 
@@ -258,9 +262,9 @@ def chat(models: str | None, device: str, dtype: str, trust_remote_code: bool, m
 
 @main.command()
 @model_options
-@click.option("--prompts", default="code", show_default=True, metavar="NAME|FILE",
-              help="A prompt set (code, text, humaneval) or a .txt / .jsonl file.")
-@click.option("--n", "n", type=int, default=8, show_default=True, help="How many prompts (the first N).")
+@click.option("--prompts", default="text", show_default=True, metavar="NAME|FILE",
+              help="A prompt set (text, code, humaneval) or a .txt / .jsonl file.")
+@click.option("--n", "n", type=int, default=5, show_default=True, help="How many prompts (the first N).")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--methods", default="hf,hf_assisted,ar,sd,pipe", show_default=True, metavar="LIST",
               help="Comma-separated: hf, hf_assisted, ar, sd, pipe.")
@@ -281,8 +285,9 @@ def bench(models: str | None, device: str, dtype: str, trust_remote_code: bool, 
     from .bench import BenchSettings, eprint, run_bench
 
     configure_logging(verbose, log_file, console_ok=True)
+    chosen = tuple(dict.fromkeys(m.strip() for m in methods.split(",")))  # in order, each once
     settings = BenchSettings(models=tuple(parse_models(models)), prompts=prompts, n=n, max_new_tokens=max_new_tokens,
-                             device=device, dtype=dtype, methods=tuple(m.strip() for m in methods.split(",")),
+                             device=device, dtype=dtype, methods=chosen,
                              warmup=warmup, lookahead=lookahead, verify_cap=verify_cap,
                              trust_remote_code=trust_remote_code)
     try:
@@ -298,7 +303,7 @@ def bench(models: str | None, device: str, dtype: str, trust_remote_code: bool, 
 
     from .bench_report import rich_table, write_outputs
 
-    Console().print(rich_table(report))
+    Console(width=None if sys.stdout.isatty() else 160).print(rich_table(report))
     try:
         written = write_outputs(report, Path(out))
     except OSError as exc:
@@ -306,6 +311,196 @@ def bench(models: str | None, device: str, dtype: str, trust_remote_code: bool, 
     for line in written:
         eprint(line)
     sys.exit(EXIT_FAILED if failed else 0)
+
+
+# -- simulate and plan: the orchestrator on simulated models, and a measured plan for a real chain --------------
+
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        fail(f"{option} {text!r}: expected numbers separated by commas")
+
+
+def _simulate_table(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    head = Table(title=f"pipespec simulate: {report['mode']}, latencies {report['latencies_ms']} ms, "
+                       f"acceptance {[round(a, 3) for a in report['acceptance']]}")
+    head.add_column("tokens/s", justify="left")
+    head.add_column("value", justify="right")
+    head.add_row("measured (real orchestrator, simulated models)", f"{report['measured_tokens_per_s']:.1f}")
+    head.add_row("predicted (analysis.predict_throughput)", f"{report['predicted_tokens_per_s']:.1f}")
+    head.add_row("simulated (same draws, free coordination)", f"{report['simulated_tokens_per_s']:.1f}")
+    at_measured = report["predicted_at_measured_latencies_tokens_per_s"]
+    head.add_row("predicted at the measured forward times", f"{at_measured:.1f}")
+    head.add_row("measured / predicted", f"{report['measured_over_predicted']:.3f}")
+    head.add_row("measured / simulated", f"{report['measured_over_simulated']:.3f}")
+    console.print(head)
+    stages = Table(title="stages")
+    for col in ("stage", "forwards", "sim. forwards", "proposed", "accepted", "rollbacks", "busy", "ms/forward"):
+        stages.add_column(col, justify="right")
+    for i, st in enumerate(report["stages"]):
+        stages.add_row(str(i), str(st["forwards"]), str(st["simulated_forwards"]), str(st["proposed"]),
+                       str(st["accepted"]), str(st["rollbacks"]), f"{100 * st['busy_fraction']:.0f}%",
+                       "-" if st["measured_ms_per_forward"] is None else f"{st['measured_ms_per_forward']:.3f}")
+    console.print(stages)
+    console.print(f"orchestrator overhead: {report['orchestrator_overhead_us_per_token']:.0f} us of event-loop time "
+                  f"per committed token ({100 * report['event_loop_busy_fraction']:.1f}% of the wall time); "
+                  f"target idle {report['target_idle_us_per_token']:.0f} us per token; "
+                  f"{report['tokens']} tokens x {report['repeats']} in {report['seconds']:.2f} s")
+    for mode, row in report.get("compare", {}).items():
+        console.print(f"{mode}: measured {row['measured_tokens_per_s']:.1f}, predicted "
+                      f"{row['predicted_tokens_per_s']:.1f}, simulated {row['simulated_tokens_per_s']:.1f} tokens/s")
+
+
+@main.command(name="simulate")
+@click.option("--latencies-ms", default="0.5,5,20", show_default=True, metavar="L0,L1,...",
+              help="Milliseconds per forward pass of each simulated model, smallest first.")
+@click.option("--acceptance", default="0.8,0.8", show_default=True, metavar="A0,A1,...",
+              help="Per-token acceptance between neighbours (one value fewer than models).")
+@click.option("--acceptance-trace", default=None, metavar="FILE",
+              help="JSON: one list of 0/1 per neighbouring pair (recorded acceptances), instead of --acceptance.")
+@click.option("--tokens", "-n", type=int, default=400, show_default=True, help="Tokens per generation.")
+@click.option("--mode", type=click.Choice(["pipe", "sd", "ar"]), default="pipe", show_default=True)
+@click.option("--verify-cap", type=int, default=64, show_default=True)
+@click.option("--lookahead", type=int, default=8, show_default=True)
+@click.option("--max-ahead", type=int, default=None, help="Default: max(--verify-cap, --lookahead).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--repeats", type=int, default=1, show_default=True, help="Generations (one prompt each).")
+@click.option("--verify-cost-ms", type=float, default=0.0, show_default=True,
+              help="Extra milliseconds per token a forward feeds past the first.")
+@click.option("--draft-batch", type=int, default=1, show_default=True, help="Drafts per call into the draft model.")
+@click.option("--compare", is_flag=True, help="Also run the other modes on the same chain.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def simulate_cmd(latencies_ms: str, acceptance: str, acceptance_trace: str | None, tokens: int, mode: str,
+                 verify_cap: int, lookahead: int, max_ahead: int | None, seed: int, repeats: int,
+                 verify_cost_ms: float, draft_batch: int, compare: bool, as_json: bool) -> None:
+    """Run the real orchestrator on simulated models (sleeps, a seeded acceptance oracle); compare it with the
+    analytical model and the discrete-event simulation. See docs/analysis.md."""
+    from .simworker import run_on_clock, simulate_report
+
+    configure_logging(0, None, console_ok=False)
+    lat = _floats(latencies_ms, "--latencies-ms")
+    acc: list[Any]
+    if acceptance_trace is not None:
+        try:
+            acc = json.loads(Path(acceptance_trace).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            fail(f"cannot read acceptance trace {acceptance_trace}: {exc}")
+        if not isinstance(acc, list) or not all(isinstance(t, list) for t in acc):
+            fail(f"{acceptance_trace}: expected a JSON list of 0/1 lists, one per neighbouring pair")
+    else:
+        acc = _floats(acceptance, "--acceptance")
+    for name, value in (("--tokens", tokens), ("--verify-cap", verify_cap), ("--lookahead", lookahead),
+                        ("--repeats", repeats), ("--draft-batch", draft_batch)):
+        if value < 1:
+            fail(f"{name} must be >= 1, got {value}")
+    if max_ahead is not None and max_ahead < 1:
+        fail(f"--max-ahead must be >= 1, got {max_ahead}")
+    if verify_cost_ms < 0:
+        fail(f"--verify-cost-ms must be >= 0, got {verify_cost_ms}")
+    options = dict(tokens=tokens, verify_cap=verify_cap, lookahead=lookahead, max_ahead=max_ahead, seed=seed,
+                   repeats=repeats, verify_cost_per_token_ms=verify_cost_ms, draft_batch=draft_batch)
+    modes = [mode] + ([m for m in ("pipe", "sd", "ar") if m != mode] if compare else [])
+    reports = []
+    for m in modes:
+        try:
+            reports.append(run_on_clock(lambda clock, m=m: simulate_report(clock, lat, acc, mode=m, **options)))
+        except (ConfigError, ValueError) as exc:
+            fail(str(exc))
+        except PipespecError as exc:
+            fail(str(exc), EXIT_FAILED)
+    report = reports[0]
+    if compare:
+        report["compare"] = {r["mode"]: {k: r[k] for k in ("measured_tokens_per_s", "predicted_tokens_per_s",
+                                                             "simulated_tokens_per_s")} for r in reports[1:]}
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        _simulate_table(report)
+
+
+def _plan_tables(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    lat = Table(title=f"forward pass, ms (device {result['device']})")
+    lat.add_column("model")
+    sizes = list(next(iter(result["latency_ms"].values())))
+    for n in sizes:
+        lat.add_column(f"{n} tok", justify="right")
+    for model, row in result["latency_ms"].items():
+        lat.add_row(model, *(f"{row[n]:.2f}" for n in sizes))
+    console.print(lat)
+    if result["acceptance"]:
+        console.print("greedy agreement: " + ", ".join(f"{k} {v:.3f}" for k, v in result["acceptance"].items()))
+    preds = Table(title="predicted throughput, best first")
+    for col in ("chain", "verify cap", "predicted tok/s", "simulated tok/s", "speedup"):
+        preds.add_column(col, justify="right" if col != "chain" else "left")
+    for p in result["predictions"]:
+        preds.add_row(",".join(p["chain"]), "-" if p["verify_cap"] is None else str(p["verify_cap"]),
+                      f"{p['predicted_tokens_per_s']:.1f}", f"{p['simulated_tokens_per_s']:.1f}",
+                      f"{p['speedup']:.2f}x")
+    console.print(preds)
+    best = result["recommended"]
+    cap = "" if best["verify_cap"] is None else f" --verify-cap {best['verify_cap']}"
+    mode = " --mode ar" if best["verify_cap"] is None else ""
+    console.print(f"recommended: pipespec run --models {','.join(best['chain'])}{cap}{mode}")
+    if result.get("shared_device"):
+        console.print("note: these models share one device; the predictions assume one device per model, so "
+                      "chains of several models will measure slower than predicted")
+    run = result.get("measured")
+    if run:
+        console.print(f"measured: {run['measured_tokens_per_s']:.1f} tok/s (predicted "
+                      f"{run['predicted_tokens_per_s']:.1f}); target alone {run['ar_measured_tokens_per_s']:.1f} "
+                      f"(predicted {run['ar_predicted_tokens_per_s']:.1f})")
+
+
+@main.command(name="plan")
+@model_options
+@click.option("--prompts", default="code", show_default=True,
+              help="A prompt set (code, text, humaneval) or a .txt/.jsonl file.")
+@click.option("--num-prompts", type=int, default=3, show_default=True, help="How many of its prompts to use.")
+@click.option("--tokens", type=int, default=48, show_default=True,
+              help="Target tokens per prompt for the agreement measurement (and per generation with --run).")
+@click.option("--run", "do_run", is_flag=True, help="Also generate with the recommended configuration.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def plan_cmd(models: str | None, device: str, dtype: str, trust_remote_code: bool, prompts: str, num_prompts: int,
+             tokens: int, do_run: bool, as_json: bool) -> None:
+    """Measure a chain on this device, predict every sub-chain and verify cap, and recommend one."""
+    from .plan import plan
+    from .prompts import load_prompts
+
+    configure_logging(0, None, console_ok=False)
+    names = parse_models(models)
+    if num_prompts < 1 or tokens < 1:
+        fail(f"--num-prompts and --tokens must be >= 1, got {num_prompts} and {tokens}")
+    try:
+        texts = load_prompts(prompts)[:num_prompts]
+    except ValueError as exc:
+        fail(str(exc))
+
+    def progress(message: str) -> None:
+        if not as_json:
+            click.echo(f"pipespec plan: {message}", err=True)
+
+    async def main_() -> dict[str, Any]:
+        from .scheduler import Pipeline
+
+        progress(f"loading {','.join(names)}")
+        async with Pipeline.load(names, device=device, dtype=dtype, trust_remote_code=trust_remote_code) as pipe:
+            result = await plan(pipe, texts, tokens=tokens, run=do_run, on_progress=progress)
+        return result.to_dict()
+
+    result = run_async(main_)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        _plan_tables(result)
 
 
 if __name__ == "__main__":
