@@ -45,7 +45,7 @@ def configure_logging(verbose: int, log_file: str | None, console_ok: bool) -> N
             fail(f"cannot open log file {log_file}: {exc.strerror}")
         structlog.configure(processors=[*processors, structlog.processors.JSONRenderer()],
                             logger_factory=structlog.PrintLoggerFactory(stream),
-                            wrapper_class=structlog.make_filtering_bound_logger(min(level, logging.INFO)),
+                            wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
                             cache_logger_on_first_use=True)
     elif console_ok and verbose:
         structlog.configure(processors=[*processors, structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())],
@@ -170,7 +170,30 @@ def generation_options(kw: dict[str, Any]) -> dict[str, Any]:
     return {k: kw[k] for k in keys if k in kw}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """click's group with pipespec's error policy: a usage error is one line and exit code 2 (click prints three),
+    and Ctrl-C at any point, even while torch is still importing, ends with exit code 130 and no traceback."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:  # bare `pipespec`: the help, not an error
+            click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+            sys.exit(0)
+        except click.UsageError as exc:
+            hint = f" (see 'pipespec {exc.ctx.info_name} --help')" if exc.ctx and exc.ctx.parent else ""
+            fail(f"{exc.format_message()}{hint}")
+        except click.ClickException as exc:
+            fail(exc.format_message())
+        except (KeyboardInterrupt, click.exceptions.Abort):
+            click.echo("pipespec: interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pipespec", prog_name="pipespec")
 def main() -> None:
     """PipeSpec: faster generation from a chain of language models, exactly the target's output."""

@@ -72,7 +72,9 @@ def _report_interrupted(holder: dict[str, Any], as_json: bool, use_tui: bool) ->
         click.echo(json.dumps({"text": text, "token_ids": tokens, "stats": {"tokens": len(tokens),
                                                                            "stop_reason": "interrupted"}}))
     elif use_tui and snap is not None:
-        sys.stdout.write(snap.text + "\n")
+        from .tui import printable
+
+        sys.stdout.write(printable(snap.text) + "\n")
     else:
         sys.stdout.write("\n")
     sys.stdout.flush()

@@ -15,6 +15,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# Attention kernels allowed on the static path: both take an explicit mask, both are safe to capture in CUDA
+# graphs. (cuDNN's attention was seen failing inside a capture on an H100; flash attention takes no mask.)
+_ATTENTION_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 __all__ = ["StaticLlama", "supports_static"]
 
@@ -112,7 +117,6 @@ class StaticLlama:
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         """ids, pos: [n] int64 on the model's device; returns logits [n, vocab] float32."""
         n = ids.shape[0]
-        h, kvh, hd = self.n_heads, self.n_kv, self.head_dim
         x = F.embedding(ids, self.embed)  # [n, hidden]
         per_device = {}  # what every layer on a device needs: positions, RoPE rows, the attention mask
         for d in self.devices:
@@ -122,6 +126,14 @@ class StaticLlama:
             per_device[d] = (pos_d, cos_t.index_select(0, pos_d).unsqueeze(1).to(x.dtype),  # [n, 1, hd]
                              sin_t.index_select(0, pos_d).unsqueeze(1).to(x.dtype),
                              (slots.unsqueeze(0) <= pos_d.unsqueeze(1)).view(1, 1, n, kv_len))  # [1, 1, n, kv_len]
+        with sdpa_kernel(_ATTENTION_BACKENDS):
+            x = self._layers(x, per_device, kv_len)
+        x = _rms(x.to(self.norm.device, non_blocking=True), self.norm, self.eps)
+        return F.linear(x.to(self.lm_head.device, non_blocking=True), self.lm_head).float().to(self.device)
+
+    def _layers(self, x: torch.Tensor, per_device: dict[torch.device, Any], kv_len: int) -> torch.Tensor:
+        n = x.shape[0]
+        h, kvh, hd = self.n_heads, self.n_kv, self.head_dim
         pre, post = self._pre, self._post
         for i, w in enumerate(self.layers):
             d = self.layer_devices[i]
@@ -135,8 +147,7 @@ class StaticLlama:
             att = F.scaled_dot_product_attention(q.unsqueeze(0), ck[:, :, :kv_len], cv[:, :, :kv_len],
                                                  attn_mask=mask, enable_gqa=kvh != h)  # [1, h, n, hd]
             x = post(x, att, w["o"], w["ln2"], w["gate_up"], w["down"], w["ffn"], self.eps)
-        x = _rms(x.to(self.norm.device, non_blocking=True), self.norm, self.eps)
-        return F.linear(x.to(self.lm_head.device, non_blocking=True), self.lm_head).float().to(self.device)
+        return x
 
     def compile(self) -> None:
         """Fuse each layer's element-wise work (norms, RoPE, SiLU) with torch.compile; attention and the cache
