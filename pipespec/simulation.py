@@ -14,7 +14,7 @@ from __future__ import annotations
 __all__ = ["FakeModels", "SimResult", "StageCounts", "simulate"]
 
 import heapq
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 

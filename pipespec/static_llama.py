@@ -132,7 +132,6 @@ class StaticLlama:
         return F.linear(x.to(self.lm_head.device, non_blocking=True), self.lm_head).float().to(self.device)
 
     def _layers(self, x: torch.Tensor, per_device: dict[torch.device, Any], kv_len: int) -> torch.Tensor:
-        n = x.shape[0]
         h, kvh, hd = self.n_heads, self.n_kv, self.head_dim
         pre, post = self._pre, self._post
         for i, w in enumerate(self.layers):

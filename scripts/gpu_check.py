@@ -7,7 +7,6 @@ import asyncio
 import sys
 import time
 
-import torch
 
 import pipespec
 

@@ -33,6 +33,7 @@ def test_bare_command_prints_help() -> None:
 
 def test_import_is_light() -> None:
     """`import pipespec` does not import torch until the API is used (Ctrl-C at start-up stays clean)."""
-    code = "import sys, pipespec, pipespec.cli; print('torch' in sys.modules); pipespec.Pipeline; print('torch' in sys.modules)"
+    code = ("import sys, pipespec, pipespec.cli; print('torch' in sys.modules); pipespec.Pipeline; "
+            "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout.split()
     assert out == ["False", "True"]
