@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from ..errors import PipelineError
+from ..models import StepResult
 from ..stages import Stage
 from .run import LiveRun, stage_failed
 
@@ -29,6 +30,21 @@ async def run_lockstep(stages: list[Stage], live: LiveRun, lookahead: int) -> No
         # one stage works at a time; the target stays "verifying" between rounds, so the first busy one failed
         failed = next((s for s in stages if s.stats.state in ("drafting", "verifying")), stages[-1])
         raise stage_failed(failed, exc) from exc
+
+
+async def _verify(stage: Stage, previous: Stage, seq: list[int], base: int, rows: list[tuple[Any, int]],
+                  params: Any) -> StepResult:
+    """One verification of ``seq[base:]`` by ``stage``; a rejection counts as a rollback of ``previous``."""
+    stage.set_state("verifying")
+    proposed = len(seq) - base
+    result = await stage.runner.call(stage.worker.step, seq, base, params, rows if proposed and rows else None)
+    stage.stats.forwards += 1
+    stage.stats.drafted += 1
+    stage.stats.record_verification(proposed, result.accepted)
+    if result.accepted < proposed:
+        previous.stats.rollbacks += 1
+        stage.stats.rollbacks_sent += 1
+    return result
 
 
 async def _lockstep(stages: list[Stage], live: LiveRun, lookahead: int) -> None:
@@ -51,15 +67,7 @@ async def _lockstep(stages: list[Stage], live: LiveRun, lookahead: int) -> None:
             rows = _rows(result.probs, len(result.tokens))
         previous = draft
         for stage in middles:
-            stage.set_state("verifying")
-            proposed = len(seq) - base
-            result = await stage.runner.call(stage.worker.step, seq, base, params, rows if rows else None)
-            stage.stats.forwards += 1
-            stage.stats.drafted += 1
-            stage.stats.record_verification(proposed, result.accepted)
-            if result.accepted < proposed:
-                previous.stats.rollbacks += 1
-                stage.stats.rollbacks_sent += 1
+            result = await _verify(stage, previous, seq, base, rows, params)
             seq = verified + list(result.tokens)
             rows = _rows(result.probs, len(result.tokens))
             extra = window - (len(seq) - base)
@@ -74,15 +82,7 @@ async def _lockstep(stages: list[Stage], live: LiveRun, lookahead: int) -> None:
             del rows[max(window, 0):]
             stage.set_state("idle")
             previous = stage
-        target.set_state("verifying")
-        proposed = len(seq) - base
-        result = await target.runner.call(target.worker.step, seq, base, params, rows if proposed else None)
-        target.stats.forwards += 1
-        target.stats.drafted += 1
-        target.stats.record_verification(proposed, result.accepted)
-        if result.accepted < proposed:
-            previous.stats.rollbacks += 1
-            target.stats.rollbacks_sent += 1
+        result = await _verify(target, previous, seq, base, rows, params)
         verified += result.tokens
         if await target.io.commit(result.tokens):
             live.finished = time.perf_counter()
