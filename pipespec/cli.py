@@ -159,6 +159,9 @@ def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--lookahead", type=int, default=8, show_default=True, help="Tokens per round in sd mode."),
         click.option("--max-ahead", type=int, default=None,
                      help="Most tokens a stage may run ahead of its successor (pipe mode). Default: --verify-cap."),
+        click.option("--adaptive/--no-adaptive", default=True, show_default=True,
+                     help="Adapt verify caps and run-ahead limits to the acceptance and latency seen (pipe mode); "
+                          "--no-adaptive keeps --verify-cap and --max-ahead fixed."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -166,7 +169,8 @@ def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def generation_options(kw: dict[str, Any]) -> dict[str, Any]:
-    keys = ("temperature", "top_k", "top_p", "seed", "acceptance", "mode", "verify_cap", "lookahead", "max_ahead")
+    keys = ("temperature", "top_k", "top_p", "seed", "acceptance", "mode", "verify_cap", "lookahead", "max_ahead",
+            "adaptive")
     return {k: kw[k] for k in keys if k in kw}
 
 

@@ -58,6 +58,7 @@ class StaticWorker(ModelWorker):
         self._host = {b: (torch.zeros(b, dtype=torch.long, pin_memory=pin), torch.zeros(b, dtype=torch.long,
                                                                                          pin_memory=pin))
                       for b in TOKEN_BUCKETS}
+        self._copied: dict[int, Any] = {}  # bucket -> CUDA event recorded after its buffers were last copied out
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._pool: Any = None
         self._wanted: set[tuple[int, int]] = set()  # shapes met eagerly, to capture at the next reset
@@ -91,8 +92,12 @@ class StaticWorker(ModelWorker):
         bucket = _bucket(n)
         # attend over a multiple of CONTEXT_STEP slots that covers every (padded) position of this call
         kv_len = min(-(-(position + bucket) // CONTEXT_STEP) * CONTEXT_STEP, self.static.capacity)
-        if bucket in self._host:
+        staged = bucket in self._host
+        if staged:
             ids, pos = self._host[bucket]
+            copied = self._copied.get(bucket)
+            if copied is not None:  # the last asynchronous copy out of this pinned buffer must be done first
+                copied.synchronize()
             ids[:n] = torch.tensor(list(tokens), dtype=torch.long)
             ids[n:] = 0
             torch.arange(position, position + bucket, out=pos)  # padding rows write past the end
@@ -104,6 +109,10 @@ class StaticWorker(ModelWorker):
         else:
             logits = self.static.forward(ids.to(self.device, non_blocking=True), pos.to(self.device, non_blocking=True),
                                          kv_len)
+        if staged and self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self._copied[bucket] = event
         self.forwards += 1
         self.cached.extend(tokens)
         return logits[n - keep:n]
