@@ -31,7 +31,14 @@ from .output import Output
 from .request import Member, Request
 from .run import LiveRun, build_stages, run_pipe, stage_failed
 
-log = structlog.get_logger("pipespec.pipeline")
+_log = structlog.get_logger("pipespec.pipeline")
+
+
+def log(level: str, event: str, **fields: object) -> None:
+    """Log only where the application configured structlog (the CLI does): a library must not print to the
+    stdout of the program that embeds it, which is what structlog's unconfigured default would do."""
+    if structlog.is_configured():
+        getattr(_log, level)(event, **fields)
 
 MODES: tuple[Mode, ...] = ("pipe", "sd", "ar")
 DRAIN_TIMEOUT = 10.0  # seconds a finished or cancelled generation waits for in-flight forward passes
@@ -96,7 +103,7 @@ class Pipeline:
                 model = await runners[i].call(load_model, source, dev, resolve_dtype(dtype, dev),
                                               trust_remote_code=trust_remote_code)
             workers[i] = await runners[i].call(make_worker, model, names[i], dev, fast)
-            log.info("model loaded", stage=i, model=names[i], device=str(dev))
+            log("info", "model loaded", stage=i, model=names[i], device=str(dev))
             if on_loaded is not None:
                 on_loaded(i, names[i])
 
@@ -254,14 +261,14 @@ class Pipeline:
                 live.finished = live.finished or time.perf_counter()
                 err = _first_error(exc)
                 if isinstance(err, PipelineError):
-                    log.error("generation failed", error=str(err))
+                    log("error", "generation failed", error=str(err))
                     raise err from err.__cause__  # the stage's own error, not the task group wrapping this one
                 raise
             finally:
                 with anyio.CancelScope(shield=True):
                     for m in members:
                         if not await m.runner.drain(DRAIN_TIMEOUT):
-                            log.warning("forward pass still running after cancel", model=m.name)
+                            log("warning", "forward pass still running after cancel", model=m.name)
                         m.runner.submit(m.worker.release)
         tokens = tuple(output.tokens)
         text = self.tokenizer.decode(list(tokens), skip_special_tokens=True) if self.tokenizer is not None else ""
