@@ -5,11 +5,15 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import structlog
+
 from ..channels import Channel, Doorbell, Mailbox
 from ..models import ModelWorker
 from ..runtime import Runner
 from ..types import Proposal, StageState, StageStats, Verdict
 from ..verify import SamplingParams
+
+log = structlog.get_logger("pipespec.stages")  # unconfigured structlog prints every level: calls are guarded
 
 # The target's output: called with the tokens it has just verified; returns True when the generation is over.
 CommitFn = Callable[[tuple[int, ...]], Awaitable[bool]]
@@ -37,6 +41,30 @@ class StageIO:
 
 
 @dataclass(slots=True)
+class SuccessorView:
+    """What a stage knows of its successor, from the verdicts it sends up: how far it has verified, how far this stage
+    may run past that (the adaptive runtime may lower it), and the epoch of the last rollback adopted from it (every
+    proposal this stage sends is tagged with it)."""
+
+    verified: int
+    max_ahead: int
+    epoch: int = 0
+
+    def take(self, box: Mailbox[Verdict] | None) -> tuple[int, ...] | None:
+        """Read the pending verdict, if any; return the sequence to adopt when it carries a newer rollback."""
+        verdict = box.take() if box is not None else None
+        if verdict is None:
+            return None
+        self.verified = verdict.verified
+        if verdict.ahead is not None:
+            self.max_ahead = verdict.ahead
+        if verdict.rollback is None or verdict.epoch <= self.epoch:
+            return None
+        self.epoch = verdict.epoch
+        return verdict.rollback
+
+
+@dataclass(slots=True)
 class Stage:
     index: int
     runner: Runner
@@ -54,3 +82,11 @@ class Stage:
         box = self.io.verdicts_in
         verdict = box.peek() if box is not None else None
         return verdict is not None and verdict.rollback is not None and verdict.epoch > epoch
+
+    def adopt(self, rollback: tuple[int, ...], epoch: int) -> list[int]:
+        """Take the successor's sequence as this stage's own (a rollback); returns it as a new list."""
+        self.set_state("rolling back")
+        self.stats.rollbacks += 1
+        if structlog.is_configured():
+            log.debug("rollback adopted", stage=self.index, epoch=epoch, position=len(rollback))
+        return list(rollback)

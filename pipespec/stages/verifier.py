@@ -20,9 +20,7 @@ import structlog
 from ..models import common_prefix
 from ..policy import LinkEstimator
 from ..types import Proposal, Verdict
-from .base import Stage
-
-log = structlog.get_logger("pipespec.stages")  # unconfigured structlog prints every level: guarded
+from .base import Stage, SuccessorView, log
 
 
 class _Upstream:
@@ -70,9 +68,7 @@ async def run_verifier(stage: Stage) -> None:
     is_target = io.outbox is None
     seq = list(cfg.prompt)  # this stage's verified sequence
     up = _Upstream(cfg.prompt)
-    out_epoch = 0  # epoch of the last rollback this stage adopted from its successor
-    successor_verified = len(cfg.prompt)
-    max_ahead = cfg.max_ahead  # how far this stage may run past its successor (the successor may lower it)
+    successor = SuccessorView(len(cfg.prompt), cfg.max_ahead)
     verify_cap = cfg.verify_cap  # adapted online when cfg.adaptive
     link = LinkEstimator()  # acceptance and latency of the link predecessor -> this stage
     needs_rows = cfg.params.needs_probs
@@ -90,20 +86,10 @@ async def run_verifier(stage: Stage) -> None:
     stats.forwards += await stage.runner.call(worker.prefill, cfg.prompt)
     while True:
         # 1. verdicts from the successor: how far it got, and maybe a rollback to adopt
-        if io.verdicts_in is not None:
-            verdict = io.verdicts_in.take()
-            if verdict is not None:
-                successor_verified = verdict.verified
-                if verdict.ahead is not None:
-                    max_ahead = verdict.ahead
-                if verdict.rollback is not None and verdict.epoch > out_epoch:
-                    stage.set_state("rolling back")
-                    out_epoch = verdict.epoch
-                    up.agreed = min(up.agreed, common_prefix(seq, verdict.rollback))
-                    seq = list(verdict.rollback)
-                    stats.rollbacks += 1
-                    if structlog.is_configured():
-                        log.debug("rollback adopted", stage=stage.index, epoch=out_epoch, position=len(seq))
+        rollback = successor.take(io.verdicts_in)
+        if rollback is not None:
+            up.agreed = min(up.agreed, common_prefix(seq, rollback))
+            seq = stage.adopt(rollback, successor.epoch)
         # 2. proposals from the predecessor; roll it back if it disagrees with what this stage has verified
         if io.inbox is not None:
             for proposal in io.inbox.drain():
@@ -120,7 +106,7 @@ async def run_verifier(stage: Stage) -> None:
             continue
         n = max(0, min(len(up.tokens) - len(seq), verify_cap, room - 1))
         stage.in_flight = max(0, len(up.tokens) - len(seq))
-        if n == 0 and not is_target and len(seq) - successor_verified >= max_ahead:
+        if n == 0 and not is_target and len(seq) - successor.verified >= successor.max_ahead:
             stage.set_state("waiting")
             await io.doorbell.wait()
             continue
@@ -136,7 +122,7 @@ async def run_verifier(stage: Stage) -> None:
         result = await stage.runner.call(worker.step, seq + proposed, len(seq), cfg.params, rows)
         link.observe_forward(n + 1, time.perf_counter() - started)
         stats.forwards += 1
-        if stage.pending_rollback(out_epoch):
+        if stage.pending_rollback(successor.epoch):
             continue  # the successor has moved on to another sequence; this result extends a dead one
         stats.record_verification(n, result.accepted)
         if structlog.is_configured():
@@ -161,4 +147,4 @@ async def run_verifier(stage: Stage) -> None:
                 return
         else:
             assert io.outbox is not None
-            await io.outbox.send(Proposal(out_epoch, start, result.tokens, result.probs))
+            await io.outbox.send(Proposal(successor.epoch, start, result.tokens, result.probs))
