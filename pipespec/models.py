@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .verify import SamplingParams, choose, count_accepted, rejection_verify, sample
+from .verify import SamplingParams, choose, count_accepted, rejection_verify
 
 __all__ = ["ModelWorker", "StepResult", "ProbRows", "common_prefix", "make_worker"]
 
@@ -177,16 +177,6 @@ class ModelWorker:
             if q is not None:
                 rows.append(q)
         return StepResult(0, tuple(tokens), torch.cat(rows) if rows else None)
-
-    def sample_next(self, seq: Sequence[int], params: SamplingParams) -> int:
-        """One plain decoding step (used by tests and tools)."""
-        logits = self.logits(seq, len(seq))
-        if params.rule == "rejection":
-            _, q = choose(logits, params, torch.tensor([len(seq)]), self.generator)
-            assert q is not None
-            return int(sample(q, self.generator)[0])
-        own, _ = choose(logits, params, torch.tensor([len(seq)], device=logits.device), self.generator)
-        return int(own[0])
 
 
 def gather_rows(rows: ProbRows, device: torch.device) -> torch.Tensor:
