@@ -124,7 +124,35 @@ class Oracle:
         return out
 
 
-class SimulatedWorker(ModelWorker):
+class OracleChoices:
+    """Greedy choices from an ``Oracle``, for a worker whose ``_hashes[p]`` names ``cached[:p]``: shared by the
+    sleeping ``SimulatedWorker`` here and the real-shape ``synthetic.SyntheticWorker``."""
+
+    oracle: Oracle
+    stage: int
+    _hashes: list[int]
+    _prompt_len: int | None
+
+    def _learn_prompt(self, length: int) -> None:
+        # Traces are indexed from the end of the prompt. Every mode's first call after ``reset`` names it:
+        # ``prefill(prompt)`` (pipe, ar), ``draft(prompt, n)`` (sd's stage 0) or ``step(seq, len(prompt))`` (sd).
+        if self._prompt_len is None:
+            self._prompt_len = length
+
+    def _choice(self, position: int) -> int:
+        assert self._prompt_len is not None
+        return self.oracle.choice(self.stage, self._hashes[position], position - self._prompt_len)
+
+    def _verdict(self, seq: Sequence[int], start: int) -> StepResult:
+        """After ``seq`` was fed: the longest prefix of ``seq[start:]`` equal to this model's own choices, then its
+        choice at the first mismatch (or the bonus). ``seq[:start + accepted]`` was fed, so the hashes cover it."""
+        accepted = 0
+        while start + accepted < len(seq) and self._choice(start + accepted) == seq[start + accepted]:
+            accepted += 1
+        return StepResult(accepted, tuple(seq[start:start + accepted]) + (self._choice(start + accepted),))
+
+
+class SimulatedWorker(OracleChoices, ModelWorker):
     """A ``ModelWorker`` with no model: choices come from an ``Oracle``, forward passes are sleeps.
 
     It keeps the same bookkeeping as the real worker (``cached`` is the sequence "in the KV cache"; a call keeps the
@@ -168,12 +196,6 @@ class SimulatedWorker(ModelWorker):
         del self.cached[length:]
         del self._hashes[length + 1:]
 
-    def _learn_prompt(self, length: int) -> None:
-        # Traces are indexed from the end of the prompt. Every mode's first call after ``reset`` names it:
-        # ``prefill(prompt)`` (pipe, ar), ``draft(prompt, n)`` (sd's stage 0) or ``step(seq, len(prompt))`` (sd).
-        if self._prompt_len is None:
-            self._prompt_len = length
-
     def _forward(self, seq: Sequence[int], first: int) -> None:
         """Feed ``seq`` as the real worker's ``logits(seq, first)`` would, and take as long as that forward."""
         began = time.perf_counter()
@@ -198,10 +220,6 @@ class SimulatedWorker(ModelWorker):
         time.sleep(max(remaining - self._overshoot, 0.0))
         late = time.perf_counter() - deadline
         self._overshoot = min(max(self._overshoot + 0.1 * late, 0.0), 0.0005)
-
-    def _choice(self, position: int) -> int:
-        assert self._prompt_len is not None
-        return self.oracle.choice(self.stage, self._hashes[position], position - self._prompt_len)
 
     @staticmethod
     def _check(params: SamplingParams) -> None:
@@ -231,13 +249,7 @@ class SimulatedWorker(ModelWorker):
             raise ValueError(f"start={start} must be in [1, {len(seq)}]")
         self._learn_prompt(start)
         self._forward(seq, start)
-        accepted = 0
-        while start + accepted < len(seq):
-            if self._choice(start + accepted) != seq[start + accepted]:
-                break
-            accepted += 1
-        # seq[:start + accepted] is what was fed, so _hashes covers the choice's prefix
-        return StepResult(accepted, tuple(seq[start:start + accepted]) + (self._choice(start + accepted),))
+        return self._verdict(seq, start)
 
     def draft(self, seq: Sequence[int], n: int, params: SamplingParams) -> StepResult:
         self._check(params)
@@ -248,8 +260,6 @@ class SimulatedWorker(ModelWorker):
             work.append(self._choice(len(work)))
         return StepResult(0, tuple(work[len(seq):]))
 
-    def sample_next(self, seq: Sequence[int], params: SamplingParams) -> int:
-        return self.draft(seq, 1, params).tokens[0]
 
 
 def _latency_s(spec: LatencyMs, verify_cost_per_token_ms: float) -> Callable[[int], float]:

@@ -14,7 +14,7 @@ import torch
 
 from .fastworker import StaticWorker
 from .models import ProbRows, StepResult
-from .simworker import Oracle
+from .simworker import Oracle, OracleChoices
 from .verify import SamplingParams
 
 __all__ = ["SyntheticWorker", "SHAPES", "random_llama"]
@@ -59,7 +59,7 @@ def random_llama(shape: str, devices: Sequence[str | torch.device], dtype: torch
     return model
 
 
-class SyntheticWorker(StaticWorker):
+class SyntheticWorker(OracleChoices, StaticWorker):
     """Real forward passes over the static path; token choices from the oracle (greedy only)."""
 
     def __init__(self, model: Any, name: str, device: torch.device, oracle: Oracle, stage: int,
@@ -96,30 +96,20 @@ class SyntheticWorker(StaticWorker):
         # worker's .tolist() would
         logits[-1, :1].tolist()
 
-    def _choice(self, position: int) -> int:
-        assert self._prompt_len is not None
-        return self.oracle.choice(self.stage, self._hashes[position], position - self._prompt_len)
-
     def prefill(self, prompt: Sequence[int]) -> bool:
-        if self._prompt_len is None:
-            self._prompt_len = len(prompt)
+        self._learn_prompt(len(prompt))
         return super().prefill(prompt)
 
     def step(self, seq: Sequence[int], start: int, params: SamplingParams,
              proposal_probs: ProbRows | None = None) -> StepResult:
         if params.rule != "greedy":
             raise ValueError("synthetic acceptance is greedy only")
-        if self._prompt_len is None:
-            self._prompt_len = start
+        self._learn_prompt(start)
         self._wait(self.logits(seq, start))
-        accepted = 0
-        while start + accepted < len(seq) and self._choice(start + accepted) == seq[start + accepted]:
-            accepted += 1
-        return StepResult(accepted, tuple(seq[start:start + accepted]) + (self._choice(start + accepted),))
+        return self._verdict(seq, start)
 
     def draft(self, seq: Sequence[int], n: int, params: SamplingParams) -> StepResult:
-        if self._prompt_len is None:
-            self._prompt_len = len(seq)
+        self._learn_prompt(len(seq))
         work = list(seq)
         for _ in range(n):
             self._wait(self.logits(work, len(work)))
