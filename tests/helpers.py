@@ -62,6 +62,15 @@ def hf_greedy(model: LlamaForCausalLM, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+def grow_or_diverge(rng: Any, seq: list[int], longest_growth: int, vocab: int = 96) -> list[int]:
+    """One random step of a decoding with rollbacks: diverge at a random point (40 %: a rollback plus new tokens), or
+    grow by up to ``longest_growth`` tokens."""
+    if rng.random() < 0.4 and len(seq) > 3:
+        cut = rng.randrange(2, len(seq))
+        return seq[:cut] + [rng.randrange(vocab) for _ in range(rng.randrange(1, 4))]
+    return seq + [rng.randrange(vocab) for _ in range(rng.randrange(1, longest_growth + 1))]
+
+
 def byte_tokenizer(vocab_size: int) -> Any:
     """A byte-level BPE tokenizer with ``vocab_size`` entries, trained on a few lines of code, in memory."""
     from tokenizers import ByteLevelBPETokenizer

@@ -7,6 +7,7 @@ import random
 import torch
 
 from conftest import tiny_llama
+from helpers import grow_or_diverge
 from pipespec.models import ModelWorker, common_prefix
 from pipespec.verify import SamplingParams
 
@@ -31,11 +32,7 @@ def test_cache_rollback_matches_fresh_forward() -> None:
     seq = [rng.randrange(96) for _ in range(6)]
     for _ in range(30):
         # grow, or diverge at a random point (a rollback), then ask for the last few positions' logits
-        if rng.random() < 0.4 and len(seq) > 3:
-            cut = rng.randrange(2, len(seq))
-            seq = seq[:cut] + [rng.randrange(96) for _ in range(rng.randrange(1, 4))]
-        else:
-            seq = seq + [rng.randrange(96) for _ in range(rng.randrange(1, 5))]
+        seq = grow_or_diverge(rng, seq, 4)
         first = rng.randrange(max(1, len(seq) - 5), len(seq) + 1)
         got = worker.logits(seq, first)
         want = fresh_logits(model, seq)[first - 1:]

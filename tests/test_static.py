@@ -13,7 +13,7 @@ import torch
 
 import pipespec
 from conftest import noisy_copy, tiny_llama
-from helpers import hf_greedy, limit, slow
+from helpers import grow_or_diverge, hf_greedy, limit, slow
 from pipespec.fastworker import StaticWorker
 from pipespec.static_llama import supports_static
 
@@ -34,11 +34,7 @@ def test_static_cache_matches_fresh_forward_through_rollbacks(prompt_len: int) -
     seq = [rng.randrange(96) for _ in range(prompt_len)]
     worker.prefill(seq)
     for _ in range(40):
-        if rng.random() < 0.4 and len(seq) > 3:
-            cut = rng.randrange(2, len(seq))
-            seq = seq[:cut] + [rng.randrange(96) for _ in range(rng.randrange(1, 4))]
-        else:
-            seq = seq + [rng.randrange(96) for _ in range(rng.randrange(1, 9))]
+        seq = grow_or_diverge(rng, seq, 8)
         first = rng.randrange(max(1, len(seq) - 7), len(seq) + 1)
         got = worker.logits(seq, first)
         want = reference(torch.tensor([seq])).logits[0, first - 1:]
