@@ -51,8 +51,14 @@ def test_speedups_and_stage_statistics(report: dict) -> None:
         stages = methods[mode]["stages"]
         assert [s["model"] for s in stages] == ["tiny-draft", "tiny-middle", "tiny-target"]
         for s in stages[1:]:
-            assert s["proposed"] > 0 and 0 <= s["acceptance"] <= 1
-            assert s["accepted_per_verification"] == pytest.approx(s["accepted"] / s["verifications"], abs=1e-3)
+            assert 0 <= s["accepted"] <= s["proposed"]
+            if mode == "sd":
+                # lock step always hands each verifier a window; in pipe a verifier checks only what its
+                # predecessor produced in time, and with 2 x 16 tokens on 2 busy cores that can be nothing at all
+                assert s["proposed"] > 0
+            if s["proposed"]:
+                assert 0 <= s["acceptance"] <= 1
+                assert s["accepted_per_verification"] == pytest.approx(s["accepted"] / s["verifications"], abs=1e-3)
     assert methods["ar"]["stages"] is None
     for key in ("device", "date", "models", "prompts", "max_new_tokens", "commit", "torch", "transformers"):
         assert key in report
