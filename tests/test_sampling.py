@@ -112,8 +112,10 @@ async def test_two_token_distribution_is_the_targets(acceptance: str, mode: str,
     async with pipespec.Pipeline.load(models, device="cpu", fast=False) as pipe:
         counts, checked = await sample_pairs(pipe, n, mode, params)
     assert_matches(counts, exact)
-    # the target really verified proposals (not only decoded on its own) in a good share of the generations
-    assert checked > n // 2, checked
+    # the target really verified proposals (not only decoded on its own). How many it checks depends on how often
+    # the middle model's first token agrees with the target's (about half the time with these noisy copies) and, in
+    # pipe mode, on timing; a clean-clone CI run on 2 busy cores saw 0.47 n, so the bound leaves a wide margin.
+    assert checked > n // 5, checked
 
 
 def test_chi_square_test_has_power_against_a_3_percent_error() -> None:
