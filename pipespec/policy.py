@@ -1,22 +1,33 @@
-"""The adaptive runtime's policy: how many proposals a stage checks per forward pass (its verify cap) and how far
-its predecessor may draft ahead, from the acceptance and latency observed so far.
+"""The adaptive runtime's policy: how many proposals a stage checks per forward pass (its verify cap), how far
+its predecessor may draft ahead, and which stages of the chain take part at all (stage bypass), from the acceptance
+and latency observed so far.
 
-Pure logic: numbers in, numbers out; the verifying stage feeds it observations and sends the resulting run-ahead
-limit up with its verdicts.
+Pure logic: numbers in, numbers out. The stages feed a ``ChainMonitor`` their observations; it answers their verify
+caps and run-ahead limits, and a controller task asks it now and then which sub-chain to run.
 
 With per-token acceptance ``alpha`` between a stage and its predecessor, a window of ``g`` proposals yields on
 average ``W(g) = (1 - alpha^(g+1)) / (1 - alpha)`` tokens (accepted ones plus the stage's own), and costs
 ``t0 + t1 * g`` seconds (a fixed cost per forward pass plus a cost per token, fitted online). The best cap maximises
 ``W(g) / (t0 + t1 g)``. Drafts more than ``log(eps) / log(alpha)`` tokens ahead survive verification with probability
 below ``eps``: the predecessor stops there instead of drafting what will almost surely be thrown away.
+
+Stage bypass: every sub-chain that ends at the target is scored with the analytical model
+(``analysis.predict_throughput``) from each stage's fitted latency and the acceptance between the stages that
+would become neighbours; the monitor switches when another sub-chain is predicted clearly (``margin``) faster.
+Acceptance between stages that were never neighbours is estimated as the product along the chain between them
+(a draft token survives both checks), until it is observed. A bypassed stage is brought back on probation after
+``probe_after`` committed tokens, to refresh its estimates; if it is bypassed again right after, the wait doubles.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-__all__ = ["window_yield", "best_verify_cap", "useful_run_ahead", "LinkEstimator"]
+from .analysis import predict_throughput
+
+__all__ = ["window_yield", "best_verify_cap", "useful_run_ahead", "LinkEstimator", "ChainMonitor"]
 
 CAPS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -105,3 +116,144 @@ class LinkEstimator:
 
     def run_ahead(self, ceiling: int) -> int:
         return useful_run_ahead(self.alpha, ceiling)
+
+
+@dataclass
+class _Probe:
+    after: int  # committed tokens a bypassed stage waits before it is brought back on probation
+    since: int = 0  # the monitor's token count when the stage was bypassed
+
+
+@dataclass
+class ChainMonitor:
+    """What the adaptive runtime knows of a chain of ``stages`` models (index 0 the draft, the last the target).
+
+    Per stage, a latency fit (``LinkEstimator`` latency part); per pair (proposer, verifier), an acceptance estimate
+    (its alpha part); the sub-chain in use (``active``, always ending at the target); and when to look again. It
+    outlives a generation (a ``Pipeline`` keeps one), so the next generation starts from what this one learned.
+    Mutated from the event loop only.
+    """
+
+    stages: int
+    interval: float = 0.25  # seconds between two looks at the chain
+    margin: float = 0.05  # another sub-chain must be predicted this much faster to switch to it
+    settle: int = 24  # committed tokens after a switch before the next decision (fresh observations)
+    probe_after: int = 64  # committed tokens before a bypassed stage is brought back on probation (doubles)
+    probe_max: int = 1024
+    max_verify_cap: int = 64  # the verify cap the predictions assume
+    active: tuple[int, ...] = ()
+    tokens: int = 0  # committed tokens seen, all generations together
+    switches: int = 0
+    _latency: list[LinkEstimator] = field(default_factory=list)
+    _pairs: dict[tuple[int, int], LinkEstimator] = field(default_factory=dict)
+    _probes: dict[int, _Probe] = field(default_factory=dict)
+    _probing: int | None = None
+    _last_look: float = -math.inf
+    _last_switch: int = 0
+
+    def __post_init__(self) -> None:
+        if self.stages < 1:
+            raise ValueError("a chain has at least one stage")
+        self.active = self.active or tuple(range(self.stages))
+        self._latency = [LinkEstimator() for _ in range(self.stages)]
+
+    # -- observations ----------------------------------------------------------------------------------------------
+
+    def observe_forward(self, stage: int, tokens: int, seconds: float) -> None:
+        self._latency[stage].observe_forward(tokens, seconds)
+
+    def observe_verification(self, proposer: int, verifier: int, proposed: int, accepted: int) -> None:
+        self._pair(proposer, verifier).observe_verification(proposed, accepted)
+
+    def observe_commit(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    # -- answers to the stages -------------------------------------------------------------------------------------
+
+    def alpha(self, proposer: int, verifier: int) -> float:
+        """Per-token acceptance of ``proposer``'s tokens by ``verifier``: observed, else the product along the chain
+        between them (each link observed or its prior)."""
+        pair = self._pairs.get((proposer, verifier))
+        if pair is not None and pair.successes + pair.failures >= 1.0:
+            return pair.alpha
+        if verifier - proposer == 1:
+            return pair.alpha if pair is not None else LinkEstimator().alpha
+        return math.prod(self.alpha(i, i + 1) for i in range(proposer, verifier))
+
+    def latency(self, stage: int) -> tuple[float, float]:
+        return self._latency[stage].latency()
+
+    def verify_cap(self, proposer: int, verifier: int, ceiling: int) -> int:
+        t0, t1 = self.latency(verifier)
+        return best_verify_cap(self.alpha(proposer, verifier), t0, t1, ceiling)
+
+    def run_ahead(self, proposer: int, verifier: int, ceiling: int) -> int:
+        return useful_run_ahead(self.alpha(proposer, verifier), ceiling)
+
+    # -- which stages run --------------------------------------------------------------------------------------------
+
+    def step_seconds(self, stage: int) -> float:
+        """Mean seconds of one forward pass of ``stage`` at its usual number of tokens."""
+        est = self._latency[stage]
+        t0, t1 = est.latency()
+        return t0 + t1 * (est.sn / est.sw if est.sw else 1.0)
+
+    def predict(self, chain: tuple[int, ...]) -> float:
+        """Predicted committed tokens per second of ``chain`` (stage indices, smallest first, ending at the target)."""
+        lat = [self.step_seconds(i) for i in chain]
+        acc = [self.alpha(a, b) for a, b in zip(chain, chain[1:])]
+        return predict_throughput(lat, acc, "pipe", verify_cap=self.max_verify_cap)
+
+    def candidates(self) -> list[tuple[int, ...]]:
+        target = self.stages - 1
+        return [(*drafts, target) for r in range(self.stages)
+                for drafts in itertools.combinations(range(target), r)]
+
+    def decide(self, now: float) -> tuple[int, ...] | None:
+        """The sub-chain to switch to, or None to keep ``active``. Looks at most every ``interval`` seconds."""
+        if self.stages < 2 or now - self._last_look < self.interval:
+            return None
+        self._last_look = now
+        if self.tokens - self._last_switch < self.settle:
+            return None
+        if not all(self._latency[i].sw for i in self.active):
+            return None  # a stage in use has not been timed yet
+        chain = self._best()
+        if chain != self.active:
+            return self._switch(chain)
+        if self._probing is not None:  # the probed stage stays: it helps, so its next probe comes early again
+            self._probes.pop(self._probing, None)
+            self._probing = None
+        for stage, probe in sorted(self._probes.items()):
+            if self.tokens - probe.since >= probe.after:
+                self._probing = stage
+                return self._switch(tuple(sorted((*self.active, stage))))
+        return None
+
+    def _best(self) -> tuple[int, ...]:
+        current = self.predict(self.active)
+        scores = {c: self.predict(c) for c in self.candidates() if all(self._latency[i].sw for i in c)}
+        best = max(scores, key=lambda c: (scores[c], -len(c)))
+        return best if scores[best] > current * (1.0 + self.margin) else self.active
+
+    def _switch(self, chain: tuple[int, ...]) -> tuple[int, ...]:
+        for stage in set(self.active) - set(chain):  # bypassed now
+            old = self._probes.get(stage)
+            after = self.probe_after if old is None else old.after
+            if self._probing == stage:  # brought back on probation and dropped again: wait twice as long
+                after = min(2 * after, self.probe_max)
+                self._probing = None
+            self._probes[stage] = _Probe(after, self.tokens)
+        for stage in set(chain) - set(self.active):
+            if stage != self._probing:
+                self._probes.pop(stage, None)
+        self.active = chain
+        self._last_switch = self.tokens
+        self.switches += 1
+        return chain
+
+    def _pair(self, proposer: int, verifier: int) -> LinkEstimator:
+        pair = self._pairs.get((proposer, verifier))
+        if pair is None:
+            pair = self._pairs[(proposer, verifier)] = LinkEstimator()
+        return pair

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 Mode = Literal["pipe", "sd", "ar"]
 Acceptance = Literal["coupled", "rejection"]
-StageState = Literal["idle", "drafting", "verifying", "rolling back", "waiting", "done"]
+StageState = Literal["idle", "drafting", "verifying", "rolling back", "waiting", "bypassed", "done"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +40,15 @@ class Proposal:
     start: int
     tokens: tuple[int, ...]
     probs: Any = None
+    origin: int | None = None  # the stage whose model chose these tokens (None: the sender; a bypassed one relays)
+
+
+@dataclass(frozen=True, slots=True)
+class RowRefs:
+    """Probability rows a bypassed stage relays with its predecessor's tokens: one (tensor, row) per token, handles
+    only (the tensors stay where the proposer made them)."""
+
+    rows: tuple[tuple[Any, int], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +92,7 @@ class StageStats:
     drafted: int = 0  # tokens this stage chose itself (drafts, corrections, bonus tokens)
     rollbacks: int = 0  # times this stage was rolled back by its successor
     rollbacks_sent: int = 0  # times this stage rolled its predecessor back
+    bypasses: int = 0  # times the adaptive runtime took this stage out of the chain (it relays or pauses meanwhile)
     busy_seconds: float = 0.0  # wall time inside forward passes
     state: StageState = "idle"
     recent: list[tuple[int, int]] = field(default_factory=list)  # (proposed, accepted) of the last verifications
@@ -108,6 +118,7 @@ class StageStats:
             "drafted": self.drafted,
             "rollbacks": self.rollbacks,
             "rollbacks_sent": self.rollbacks_sent,
+            "bypasses": self.bypasses,
             "busy_seconds": round(self.busy_seconds, 4),
         }
 

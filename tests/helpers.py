@@ -90,3 +90,14 @@ def save_folder(model: LlamaForCausalLM, tokenizer: Any, path: Path) -> str:
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return str(path)
+
+
+def target_alone(oracle: Any, prompt: list[int], n: int) -> list[int]:
+    """A simulated chain's target decoding alone, straight from its oracle: the reference every mode must reproduce."""
+    h = oracle.hashes(prompt)[-1]
+    out = []
+    for j in range(n):
+        token = oracle.choice(oracle.stages - 1, h, j)
+        out.append(token)
+        h = oracle.extend(h, token)
+    return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from pipespec.policy import LinkEstimator, best_verify_cap, useful_run_ahead, window_yield
+from pipespec.policy import ChainMonitor, LinkEstimator, best_verify_cap, useful_run_ahead, window_yield
 
 
 def test_window_yield() -> None:
@@ -39,3 +39,78 @@ def test_link_estimator_learns_acceptance_and_latency() -> None:
     assert math.isclose(t0, 0.002, rel_tol=1e-6) and math.isclose(t1, 0.0005, rel_tol=1e-6)
     assert link.verify_cap(64) <= 8
     assert link.run_ahead(64) <= 8
+
+
+# -- stage bypass: the ChainMonitor on hand-fed observations ---------------------------------------------------------
+
+
+def fed(latencies_ms: list[float], alphas: dict[tuple[int, int], float], **options: object) -> ChainMonitor:
+    """A monitor that has seen 50 one-token forwards per stage and 50 verifications per pair."""
+    monitor = ChainMonitor(len(latencies_ms), **options)  # type: ignore[arg-type]
+    for stage, ms in enumerate(latencies_ms):
+        for _ in range(50):
+            monitor.observe_forward(stage, 1, ms / 1000)
+    for (a, b), alpha in alphas.items():
+        accepted = round(alpha / (1 - alpha))  # `accepted` successes, then one failure: alpha = accepted / (accepted+1)
+        for _ in range(50):
+            monitor.observe_verification(a, b, accepted + 1, accepted)
+    return monitor
+
+
+def test_monitor_bypasses_a_slow_middle_that_agrees_poorly() -> None:
+    """A middle stage almost as slow as the target, which keeps half the draft's tokens: the analytical model
+    predicts draft -> target (acceptance 0.8 * 0.5, never observed) clearly faster than the whole chain."""
+    m = fed([1, 9, 10], {(0, 1): 0.8, (1, 2): 0.5})
+    assert math.isclose(m.alpha(0, 2), m.alpha(0, 1) * m.alpha(1, 2))  # the product, until observed
+    assert abs(m.alpha(0, 2) - 0.8 * 0.5) < 0.05  # (the estimates carry a weak prior)
+    assert m.predict((0, 2)) > 1.1 * m.predict((0, 1, 2))
+    m.observe_commit(m.settle)
+    assert m.decide(now=1.0) == (0, 2) and m.active == (0, 2)
+    assert m.decide(now=1.1) is None  # within one interval: no second look
+
+
+def test_monitor_keeps_the_chain_that_is_predicted_best() -> None:
+    m = fed([0.5, 5, 20], {(0, 1): 0.8, (1, 2): 0.8})
+    m.observe_commit(1000)
+    assert m.decide(now=1.0) is None and m.active == (0, 1, 2)
+    m = fed([1, 5, 20], {(0, 1): 0.05, (1, 2): 0.8})  # a useless draft: the model predicts no gain from it
+    m.observe_commit(1000)
+    assert m.decide(now=1.0) in (None, (1, 2))
+
+
+def test_monitor_waits_for_fresh_observations_after_a_switch() -> None:
+    m = fed([1, 9, 10], {(0, 1): 0.8, (1, 2): 0.5})
+    assert m.decide(now=1.0) is None  # fewer than `settle` tokens committed so far
+    m.observe_commit(m.settle)
+    assert m.decide(now=2.0) == (0, 2)
+
+
+def test_a_bypassed_stage_is_probed_again_later_and_less_often_when_it_still_does_not_help() -> None:
+    m = fed([1, 9, 10], {(0, 1): 0.8, (1, 2): 0.5}, probe_after=64)
+    m.observe_commit(m.settle)
+    now = 1.0
+    assert m.decide(now) == (0, 2)
+    m.observe_verification(0, 2, 3, 2)  # observed directly now
+    m.observe_commit(63)
+    now += 1
+    assert m.decide(now) is None
+    m.observe_commit(1)
+    now += 1
+    assert m.decide(now) == (0, 1, 2)  # on probation
+    m.observe_commit(m.settle)
+    now += 1
+    assert m.decide(now) == (0, 2)  # it still slows the chain: out again, next probe after 128 tokens
+    m.observe_commit(127)
+    now += 1
+    assert m.decide(now) is None
+    m.observe_commit(1)
+    now += 1
+    assert m.decide(now) == (0, 1, 2)
+
+
+def test_monitor_answers_caps_per_pair() -> None:
+    m = fed([1, 10], {(0, 1): 0.9})
+    assert m.verify_cap(0, 1, 64) == 64  # one-token forwards all cost the same: long windows
+    assert m.run_ahead(0, 1, 64) == useful_run_ahead(m.alpha(0, 1), 64)
+    assert m.candidates() == [(1,), (0, 1)]
+    assert ChainMonitor(1).decide(now=5.0) is None  # nothing to choose with one model

@@ -17,6 +17,7 @@ import torch
 import pipespec
 from conftest import noisy_copy, tiny_llama
 from helpers import limit, slow
+from pipespec.policy import ChainMonitor
 from pipespec.verify import SamplingParams, warp_logits
 
 PROMPT = [5, 17, 33, 2, 9]
@@ -116,6 +117,22 @@ async def test_two_token_distribution_is_the_targets(acceptance: str, mode: str,
     # the middle model's first token agrees with the target's (about half the time with these noisy copies) and, in
     # pipe mode, on timing; a clean-clone CI run on 2 busy cores saw 0.47 n, so the bound leaves a wide margin.
     assert checked > n // 5, checked
+
+
+@pytest.mark.slow
+@limit(300)
+async def test_two_token_distribution_is_the_targets_with_the_middle_bypassed() -> None:
+    """The adaptive runtime took the middle model out: it relays the draft's tokens with the draft's own probability
+    rows, and the target checks them as the draft's (stage bypass, ``pipespec.policy``). Rejection rule only: the
+    coupled rule needs no rows and is checked seed for seed while the chain changes (test_bypass.py)."""
+    models = vocab3_chain(0.6)
+    params = SamplingParams(temperature=1.0, acceptance="rejection")
+    exact = exact_two_token_distribution(models[-1], params)
+    async with pipespec.Pipeline.load(models, device="cpu", fast=False) as pipe:
+        pipe.monitor = ChainMonitor(3, active=(0, 2), interval=1e9)
+        counts, checked = await sample_pairs(pipe, 4000, "pipe", params)
+    assert_matches(counts, exact)
+    assert checked > 4000 // 5, checked
 
 
 def test_chi_square_test_has_power_against_a_3_percent_error() -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from helpers import limit
+from helpers import limit, target_alone
 from pipespec.analysis import predict_throughput
 from pipespec.cli import main
 from pipespec.errors import ConfigError, PipelineError
@@ -22,17 +22,6 @@ torch.set_num_threads(1)
 
 GREEDY = SamplingParams()
 PROMPT = [5, 17, 33, 2, 9, 11]
-
-
-def target_alone(oracle: Oracle, prompt: list[int], n: int) -> list[int]:
-    """The target decoding alone, straight from the oracle: the reference every mode must reproduce."""
-    h = oracle.hashes(prompt)[-1]
-    out = []
-    for j in range(n):
-        token = oracle.choice(oracle.stages - 1, h, j)
-        out.append(token)
-        h = oracle.extend(h, token)
-    return out
 
 
 def instant(oracle: Oracle, stage: int) -> SimulatedWorker:

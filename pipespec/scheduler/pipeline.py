@@ -23,6 +23,7 @@ import torch
 from ..errors import ConfigError, ModelLoadError, PipelineClosed, PipelineError, PipespecError
 from ..loading import load_model, load_tokenizer, preload_transformers, resolve_dtype, resolve_source
 from ..models import ModelWorker, make_worker
+from ..policy import ChainMonitor
 from ..runtime import Runner, resolve_device
 from ..types import Generation, GenerationStats, Mode, Snapshot
 from ..verify import SamplingParams
@@ -56,6 +57,8 @@ class Pipeline:
         self._live: LiveRun | None = None
         self._closed = False
         _check_vocabularies(self.members)
+        # the adaptive runtime's knowledge of this chain; it carries over from one generation to the next
+        self.monitor = ChainMonitor(len(self.members))
 
     # -- construction -------------------------------------------------------------------------------------------
 
@@ -241,7 +244,8 @@ class Pipeline:
             if request.mode == "sd" and len(members) == 1:
                 request = _replace_mode(request, "ar")
             output = Output(self.tokenizer, request.max_new_tokens, self.eos_ids(), request.stop, on_piece)
-            stages = build_stages(members, request, output)
+            adaptive = request.adaptive and request.mode == "pipe"
+            stages = build_stages(members, request, output, self.monitor if adaptive else None)
             live = LiveRun(request, stages, output)
             busy_before = [m.runner.busy_seconds for m in members]
             self._live = live
@@ -338,7 +342,7 @@ def _ar_stats_for_chain(stats: GenerationStats, members: Sequence[Member]) -> Ge
     """In ``ar`` mode only the target runs; still report one entry per model, in chain order."""
     idle = tuple({"model": m.name, "device": m.device, "forwards": 0, "proposed": 0, "accepted": 0, "verifications": 0,
                   "acceptance": None, "accepted_per_verification": None, "drafted": 0, "rollbacks": 0,
-                  "rollbacks_sent": 0, "busy_seconds": 0.0} for m in members[:-1])
+                  "rollbacks_sent": 0, "bypasses": 0, "busy_seconds": 0.0} for m in members[:-1])
     return GenerationStats(tokens=stats.tokens, seconds=stats.seconds, mode=stats.mode,
                            stages=idle + stats.stages, prompt_tokens=stats.prompt_tokens,
                            stop_reason=stats.stop_reason)

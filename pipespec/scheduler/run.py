@@ -9,15 +9,18 @@ import time
 from collections.abc import Sequence
 
 import anyio
+import structlog
 import torch
 
 from ..channels import Channel, Doorbell, Mailbox
 from ..errors import PipelineError
+from ..policy import ChainMonitor
 from ..stages import Stage, StageConfig, StageIO, run_draft, run_verifier
 from ..types import Proposal, Snapshot, StageSnapshot, StageStats, Verdict
 from .output import Output
 from .request import Member, Request
 
+log = structlog.get_logger("pipespec.scheduler")
 PROPOSAL_BUFFER = 256  # messages; a stage drains its inbox every step, so this is rarely more than a few deep
 
 
@@ -52,8 +55,10 @@ class LiveRun:
                         elapsed=self.elapsed, text=self.output.text, done=self.finished is not None)
 
 
-def build_stages(members: Sequence[Member], request: Request, output: Output) -> list[Stage]:
-    """Stage objects and the channels between them: proposals down, verdicts up, one doorbell per stage."""
+def build_stages(members: Sequence[Member], request: Request, output: Output,
+                 monitor: ChainMonitor | None = None) -> list[Stage]:
+    """Stage objects and the channels between them: proposals down, verdicts up, one doorbell per stage.
+    ``monitor``: the adaptive runtime of this chain (None: static caps, every stage always in the chain)."""
     config = StageConfig(prompt=request.prompt, max_len=request.max_len, params=request.params,
                          verify_cap=request.verify_cap, max_ahead=request.max_ahead,
                          draft_batch=request.draft_batch, adaptive=request.adaptive)
@@ -66,7 +71,7 @@ def build_stages(members: Sequence[Member], request: Request, output: Output) ->
         ios[i].verdicts_in, ios[i + 1].verdicts_out = up, up
     ios[-1].commit = output.commit
     return [Stage(index=i, runner=m.runner, worker=m.worker, io=io, config=config,
-                  stats=StageStats(model=m.name, device=m.device))
+                  stats=StageStats(model=m.name, device=m.device), monitor=monitor)
             for i, (m, io) in enumerate(zip(members, ios))]
 
 
@@ -92,11 +97,38 @@ def stage_failed(stage: Stage, exc: Exception) -> PipelineError:
     return PipelineError(f"{name} failed: {type(exc).__name__}: {first}"[:400], stage=stage.index)
 
 
+def use_chain(stages: Sequence[Stage], chain: tuple[int, ...]) -> None:
+    """Bypass every stage that is not in ``chain`` (the target always is) and bring back those that are."""
+    for stage in stages[:-1]:
+        stage.bypass(stage.index not in chain)
+
+
+async def _control(stages: list[Stage], monitor: ChainMonitor) -> None:
+    """The adaptive runtime's stage bypass: now and then, ask the monitor which sub-chain to run."""
+    while True:
+        await anyio.sleep(monitor.interval)
+        try:
+            chain = monitor.decide(time.perf_counter())
+        except (ValueError, ArithmeticError) as exc:  # a policy bug must not cost the user their generation
+            if structlog.is_configured():
+                log.warning("stage bypass off for this generation", error=f"{type(exc).__name__}: {exc}")
+            return
+        if chain is not None:
+            use_chain(stages, chain)
+            if structlog.is_configured():
+                log.info("chain changed", chain=[stages[i].stats.model for i in chain])
+
+
 async def run_pipe(stages: list[Stage], live: LiveRun) -> None:
     """Run every stage until the target says the generation is over, then cancel the rest."""
+    monitor = stages[-1].monitor
+    if monitor is not None and len(stages) > 1:
+        use_chain(stages, monitor.active)  # start from the sub-chain the last generation ended with
     async with anyio.create_task_group() as tg:
         for stage in stages[:-1]:
             tg.start_soon(_guarded, stage, name=f"stage-{stage.index}")
+        if monitor is not None and len(stages) > 1:
+            tg.start_soon(_control, stages, monitor, name="controller")
         await _guarded(stages[-1])
         live.finished = time.perf_counter()
         tg.cancel_scope.cancel()

@@ -9,6 +9,7 @@ import structlog
 
 from ..channels import Channel, Doorbell, Mailbox
 from ..models import ModelWorker
+from ..policy import ChainMonitor
 from ..runtime import Runner
 from ..types import Proposal, StageState, StageStats, Verdict
 from ..verify import SamplingParams
@@ -73,6 +74,15 @@ class Stage:
     config: StageConfig
     stats: StageStats
     in_flight: int = 0  # proposed tokens past this stage's verified prefix, for the live view
+    monitor: ChainMonitor | None = None  # the adaptive runtime (pipe mode with adaptive on), indexed like the chain
+    bypassed: bool = False  # set by the controller: a draft pauses, a middle stage relays its predecessor's tokens
+
+    def bypass(self, on: bool) -> None:
+        """Take this stage out of the chain or bring it back (the controller's call); wakes it to notice."""
+        if on and not self.bypassed:
+            self.stats.bypasses += 1
+        self.bypassed = on
+        self.io.doorbell.ring()
 
     def set_state(self, state: StageState) -> None:
         self.stats.state = state

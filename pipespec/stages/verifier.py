@@ -8,6 +8,12 @@ token itself, so it never idles (a middle stage stops at ``max_ahead`` tokens pa
 Its verified tokens go downstream as proposals (the target commits them instead). When its predecessor's sequence
 disagrees with its verified one, it rolls the predecessor back: it bumps the link's epoch and sends its verified
 sequence up; the predecessor adopts it, and cascades the rollback further up if its own predecessor disagrees too.
+
+Bypassed by the adaptive runtime (a middle stage only), it runs no forward passes: it relays its predecessor's
+tokens downstream unchanged (with their proposer's probability rows and origin, so the successor checks them as
+that proposer's) and relays its successor's progress up, so the chain behaves as if it were not there. Its KV cache
+stays behind; brought back, its next forward pass feeds what it missed. Lossless either way: the target checks
+every token it commits.
 """
 
 from __future__ import annotations
@@ -18,17 +24,18 @@ from typing import Any
 import structlog
 
 from ..models import common_prefix
-from ..policy import LinkEstimator
-from ..types import Proposal, Verdict
+from ..types import Proposal, RowRefs, Verdict
 from .base import Stage, SuccessorView, log
 
 
 class _Upstream:
     """This stage's view of its predecessor's sequence in the current epoch, and the epoch itself."""
 
-    def __init__(self, prompt: tuple[int, ...]) -> None:
+    def __init__(self, prompt: tuple[int, ...], predecessor: int) -> None:
         self.tokens: list[int] = list(prompt)
         self.rows: list[tuple[Any, int] | None] = [None] * len(prompt)  # proposer's prob rows (rejection rule)
+        self.origins: list[int] = [predecessor] * len(prompt)  # the stage that chose each token
+        self.predecessor = predecessor
         self.epoch = 0
         self.agreed = len(prompt)  # tokens[:agreed] == the stage's verified sequence[:agreed]
 
@@ -38,13 +45,19 @@ class _Upstream:
             return False
         if proposal.start > len(self.tokens):
             raise RuntimeError(f"proposal starts at {proposal.start} past the known sequence ({len(self.tokens)})")
+        n = len(proposal.tokens)
         del self.tokens[proposal.start:]
         del self.rows[proposal.start:]
+        del self.origins[proposal.start:]
         self.tokens.extend(proposal.tokens)
-        if proposal.probs is not None:
-            self.rows.extend((proposal.probs, i) for i in range(len(proposal.tokens)))
+        if isinstance(proposal.probs, RowRefs):
+            self.rows.extend(proposal.probs.rows)
+        elif proposal.probs is not None:
+            self.rows.extend((proposal.probs, i) for i in range(n))
         else:
-            self.rows.extend([None] * len(proposal.tokens))
+            self.rows.extend([None] * n)
+        origin = self.predecessor if proposal.origin is None else proposal.origin
+        self.origins.extend([origin] * n)
         self.agreed = min(self.agreed, proposal.start)
         return True
 
@@ -60,18 +73,28 @@ class _Upstream:
         self.epoch += 1
         self.tokens = list(seq)
         self.rows = [None] * len(seq)
+        self.origins = [self.predecessor] * len(seq)
         self.agreed = len(seq)
+
+    def checkable(self, start: int, n: int, needs_rows: bool) -> int:
+        """How many of the ``n`` tokens from ``start`` can be checked: under the rejection rule, only those that
+        came with their proposer's rows (tokens adopted in a rollback never were proposed)."""
+        if needs_rows and n:
+            rows = self.rows[start:start + n]
+            if None in rows:
+                return rows.index(None)
+        return n
 
 
 async def run_verifier(stage: Stage) -> None:
-    cfg, io, stats, worker = stage.config, stage.io, stage.stats, stage.worker
+    cfg, io, stats, worker, monitor = stage.config, stage.io, stage.stats, stage.worker, stage.monitor
     is_target = io.outbox is None
-    seq = list(cfg.prompt)  # this stage's verified sequence
-    up = _Upstream(cfg.prompt)
+    seq = list(cfg.prompt)  # this stage's verified sequence (a bypassed stage: what it has relayed)
+    up = _Upstream(cfg.prompt, stage.index - 1)
     successor = SuccessorView(len(cfg.prompt), cfg.max_ahead)
-    verify_cap = cfg.verify_cap  # adapted online when cfg.adaptive
-    link = LinkEstimator()  # acceptance and latency of the link predecessor -> this stage
+    verify_cap = cfg.verify_cap  # adapted online when the adaptive runtime is on
     needs_rows = cfg.params.needs_probs
+    relayed_up = (-1, -1)  # (verified, ahead) last relayed to the predecessor while bypassed
 
     def roll_back_predecessor() -> None:
         up.reset_to(seq)
@@ -80,6 +103,26 @@ async def run_verifier(stage: Stage) -> None:
         stats.rollbacks_sent += 1
         if structlog.is_configured():
             log.debug("rollback sent", stage=stage.index, epoch=up.epoch, position=len(seq))
+
+    async def relay(room: int) -> None:
+        """Bypassed: pass the predecessor's new tokens down as they are, and the successor's progress up."""
+        nonlocal relayed_up
+        assert io.outbox is not None and io.verdicts_out is not None
+        progress = (successor.verified, successor.max_ahead)
+        if progress != relayed_up:  # the predecessor drafts against the successor's progress, not the relay's
+            relayed_up = progress
+            io.verdicts_out.put(Verdict(up.epoch, successor.verified, ahead=successor.max_ahead))
+        start = len(seq)
+        n = up.checkable(start, min(len(up.tokens) - start, room), needs_rows)
+        stage.in_flight = 0
+        if n <= 0:
+            stage.set_state("bypassed")
+            await io.doorbell.wait()
+            return
+        tokens = tuple(up.tokens[start:start + n])
+        rows = RowRefs(tuple(up.rows[start:start + n])) if needs_rows else None  # type: ignore[arg-type]
+        seq.extend(tokens)
+        await io.outbox.send(Proposal(successor.epoch, start, tokens, rows, up.origins[start]))
 
     stage.set_state("drafting")
     # every stage prefills at once, in its own thread, while the others prefill and draft
@@ -104,23 +147,24 @@ async def run_verifier(stage: Stage) -> None:
             stage.set_state("waiting")
             await io.doorbell.wait()
             continue
+        if stage.bypassed and not is_target:
+            await relay(room)
+            continue
         n = max(0, min(len(up.tokens) - len(seq), verify_cap, room - 1))
         stage.in_flight = max(0, len(up.tokens) - len(seq))
         if n == 0 and not is_target and len(seq) - successor.verified >= successor.max_ahead:
             stage.set_state("waiting")
             await io.doorbell.wait()
             continue
-        rows = None
-        if needs_rows and n:
-            rows = up.rows[len(seq):len(seq) + n]
-            if None in rows:  # tokens without the proposer's rows (adopted, never proposed) cannot be checked
-                n = rows.index(None)
-                rows = rows[:n] or None
+        n = up.checkable(len(seq), n, needs_rows)
+        rows = up.rows[len(seq):len(seq) + n] if needs_rows and n else None
         proposed = up.tokens[len(seq):len(seq) + n]
+        origin = up.origins[len(seq)] if n else up.predecessor
         stage.set_state("verifying" if n else "drafting")
         started = time.perf_counter()
         result = await stage.runner.call(worker.step, seq + proposed, len(seq), cfg.params, rows)
-        link.observe_forward(n + 1, time.perf_counter() - started)
+        if monitor is not None:
+            monitor.observe_forward(stage.index, n + 1, time.perf_counter() - started)
         stats.forwards += 1
         if stage.pending_rollback(successor.epoch):
             continue  # the successor has moved on to another sequence; this result extends a dead one
@@ -133,15 +177,18 @@ async def run_verifier(stage: Stage) -> None:
         seq.extend(result.tokens)
         if io.verdicts_out is not None:
             ahead = None
-            if cfg.adaptive and n:
-                link.observe_verification(n, result.accepted)
-                verify_cap = link.verify_cap(cfg.verify_cap)
-                ahead = link.run_ahead(cfg.max_ahead)
+            if monitor is not None and n:
+                monitor.observe_verification(origin, stage.index, n, result.accepted)
+                verify_cap = monitor.verify_cap(origin, stage.index, cfg.verify_cap)
+                ahead = monitor.run_ahead(origin, stage.index, cfg.max_ahead)
             io.verdicts_out.put(Verdict(up.epoch, len(seq), ahead=ahead))
+            relayed_up = (-1, -1)
             if up.conflicts_with(seq):  # a rejected proposal (the correction differs from the predecessor's token)
                 roll_back_predecessor()
         if is_target:
             assert io.commit is not None
+            if monitor is not None:
+                monitor.observe_commit(len(result.tokens))
             if await io.commit(result.tokens):
                 stage.set_state("done")
                 return
