@@ -49,11 +49,13 @@ class BenchSettings:
     n: int = 5
     max_new_tokens: int = 128
     device: str = "auto"
+    devices: tuple[str, ...] | None = None  # one per model (--placement); overrides ``device``
     dtype: str = "auto"
     methods: tuple[str, ...] = METHODS
     warmup: int = 1
     lookahead: int = 8
     verify_cap: int = 64
+    adaptive: bool = True  # pipe: the adaptive runtime (caps, run-ahead, stage bypass); off for a static chain
     trust_remote_code: bool = False
 
     def validate(self) -> None:
@@ -236,7 +238,7 @@ def _hf_generate(model: Any, device: torch.device, prompt: Ids, kwargs: dict[str
 class _StageTotals:
     """Per-stage counters of pipespec generations, summed over prompts."""
 
-    KEYS = ("forwards", "proposed", "accepted", "verifications", "drafted", "rollbacks", "busy_seconds")
+    KEYS = ("forwards", "proposed", "accepted", "verifications", "drafted", "rollbacks", "bypasses", "busy_seconds")
 
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
@@ -297,7 +299,7 @@ async def _settle(pipe: Pipeline) -> None:
 
 def _pipespec(pipe: Pipeline, mode: str, s: BenchSettings) -> Contender:
     options = {"max_new_tokens": s.max_new_tokens, "mode": mode, "verify_cap": s.verify_cap,
-               "lookahead": s.lookahead}
+               "lookahead": s.lookahead, "adaptive": s.adaptive}
 
     async def generate(prompt: Ids) -> Ids:
         g = await pipe.generate(prompt, **options)
@@ -375,7 +377,7 @@ async def run_bench(s: BenchSettings, progress: Progress | None = None) -> dict[
         raise ConfigError(f"--n {s.n} asks for more prompts than {s.prompts!r} has ({len(texts)})")
     texts = texts[:s.n]
     say(f"loading {', '.join(s.models)}")
-    async with Pipeline.load(list(s.models), device=s.device, dtype=s.dtype,
+    async with Pipeline.load(list(s.models), device=list(s.devices) if s.devices else s.device, dtype=s.dtype,
                              trust_remote_code=s.trust_remote_code) as pipe:
         prompts = [pipe.encode(t) for t in texts]
         for p in prompts:  # every option and prompt length is checked before anything is timed

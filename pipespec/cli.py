@@ -300,22 +300,29 @@ def chat(models: str | None, device: str, dtype: str, trust_remote_code: bool, p
 @click.option("--lookahead", type=int, default=8, show_default=True, help="Tokens per round in sd mode.")
 @click.option("--verify-cap", type=int, default=64, show_default=True,
               help="Most proposed tokens a stage checks in one forward pass.")
+@click.option("--placement", default=None, metavar="0,0,1",
+              help="Device of each model (GPU index or cpu), smallest first; default: one stage per GPU.")
+@click.option("--adaptive/--no-adaptive", default=True, show_default=True,
+              help="pipe: adapt verify caps and run-ahead, and bypass stages that slow the chain; "
+                   "--no-adaptive runs the whole chain with --verify-cap fixed.")
 @click.option("--out", default="bench-out", show_default=True, metavar="DIR",
               help="Where bench.json, bench.md and bench.png go (not with --json).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table; write no files.")
 @click.option("--log-file", default=None, metavar="PATH", help="Write JSON-lines logs here.")
 @click.option("-v", "--verbose", count=True, help="Readable logs on stderr.")
 def bench(models: str | None, device: str, dtype: str, trust_remote_code: bool, prompts: str, n: int,
-          max_new_tokens: int, methods: str, warmup: int, lookahead: int, verify_cap: int, out: str,
-          as_json: bool, log_file: str | None, verbose: int) -> None:
+          max_new_tokens: int, methods: str, warmup: int, lookahead: int, verify_cap: int, placement: str | None,
+          adaptive: bool, out: str, as_json: bool, log_file: str | None, verbose: int) -> None:
     """Time HF generate, HF assisted generation and pipespec's ar / sd / pipe on the same prompts."""
     from .bench import BenchSettings, eprint, run_bench
 
     configure_logging(verbose, log_file, console_ok=True)
     chosen = tuple(dict.fromkeys(m.strip() for m in methods.split(",")))  # in order, each once
-    settings = BenchSettings(models=tuple(parse_models(models)), prompts=prompts, n=n, max_new_tokens=max_new_tokens,
-                             device=device, dtype=dtype, methods=chosen,
-                             warmup=warmup, lookahead=lookahead, verify_cap=verify_cap,
+    names = tuple(parse_models(models))
+    devices = tuple(resolve_devices(len(names), device, placement))  # by default one stage per GPU, as `run`
+    settings = BenchSettings(models=names, prompts=prompts, n=n, max_new_tokens=max_new_tokens,
+                             device=device, devices=devices, dtype=dtype, methods=chosen,
+                             warmup=warmup, lookahead=lookahead, verify_cap=verify_cap, adaptive=adaptive,
                              trust_remote_code=trust_remote_code)
     try:
         settings.validate()

@@ -1,21 +1,34 @@
 """Adaptive runtime vs static configurations, on simulated stages in the real scheduler (CPU).
 
-For each chain configuration: tokens/s of `pipe` with the adaptive policy, with the default static configuration
-(verify cap 64, max-ahead 64), and with every static (verify cap, max-ahead) in a grid; the best static is the
-yardstick. Simulated stages sleep for their latency (plus a per-token verify cost), so the CPU's own speed matters
-little, but a loaded machine still adds noise: each figure is the median of --repeats runs.
+For each chain configuration: tokens/s of `pipe`
+- with the adaptive policy (verify caps, run-ahead limits and stage bypass), starting cold every generation (a fresh
+  ChainMonitor, so nothing is carried over from an earlier run);
+- with the default static configuration (the whole chain, verify cap 64, max-ahead 64);
+- with every static configuration: each sub-chain that ends at the target x verify cap x max-ahead; the best of
+  them is the yardstick. A sub-chain is simulated with the acceptance its stages would have as neighbours (the
+  product along the chain, as in the oracle).
+Simulated stages sleep for their latency (plus a per-token verify cost), so the CPU's own speed matters little, but
+a loaded machine still adds noise: each figure is the median of --repeats runs.
 
     python scripts/adaptive_vs_static.py --repeats 3 --tokens 300
+    python scripts/adaptive_vs_static.py --family --repeats 3 --tokens 96   # the built-in family, real models, CPU
+
+With ``--family``, the same comparison on the built-in model family (tiny-draft, tiny-middle, tiny-target) on the
+CPU, over the first prompts of the ``text`` set: real forward passes, real acceptance, and stages that contend for
+the same cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
+import math
 import statistics
 import time
 
+from pipespec.policy import ChainMonitor
 from pipespec.simworker import simulated_pipeline
 
 CONFIGS = [
@@ -24,39 +37,106 @@ CONFIGS = [
     ([1, 10], [0.6], 0.5),  # verification cost grows with the window: a CPU-like target
     ([2, 20], [0.9], 0.0),
     ([1, 4], [0.5], 0.3),  # a draft barely cheaper than its target, poor acceptance
+    ([1, 9, 10], [0.8, 0.5], 0.0),  # a middle stage nearly as slow as the target that agrees poorly with it
+    ([1, 8, 10], [0.9, 0.6], 0.0),
 ]
-GRID = [(cap, ahead) for cap in (4, 8, 16, 64) for ahead in (4, 16, 64)]
+GRID = [(cap, ahead) for cap in (4, 16, 64) for ahead in (4, 16, 64)]
 
 
-async def rate(pipe, prompt: list[int], tokens: int, repeats: int, **options) -> float:
+async def rate(pipe, prompt: list[int], tokens: int, repeats: int, cold: bool = False, **options) -> float:
     runs = []
     for _ in range(repeats):
+        if cold:
+            pipe.monitor = ChainMonitor(len(pipe.members))
         t0 = time.perf_counter()
         g = await pipe.generate(prompt, max_new_tokens=tokens, mode="pipe", **options)
         runs.append(g.stats.tokens / (time.perf_counter() - t0))
     return statistics.median(runs)
 
 
+def sub_chains(latencies: list[float], acceptance: list[float]):
+    k = len(latencies)
+    for r in range(k):
+        for drafts in itertools.combinations(range(k - 1), r):
+            chain = (*drafts, k - 1)
+            acc = [math.prod(acceptance[a:b]) for a, b in zip(chain, chain[1:])]
+            yield chain, [latencies[i] for i in chain], acc
+
+
 async def main(args: argparse.Namespace) -> None:
     prompt = list(range(3, 19))
     for latencies, acceptance, cost in CONFIGS:
         async with simulated_pipeline(latencies, acceptance, verify_cost_per_token_ms=cost) as pipe:
-            adaptive = await rate(pipe, prompt, args.tokens, args.repeats, adaptive=True)
+            adaptive = await rate(pipe, prompt, args.tokens, args.repeats, cold=True, adaptive=True)
             default = await rate(pipe, prompt, args.tokens, args.repeats, adaptive=False)
-            grid = {}
-            for cap, ahead in GRID:
-                grid[(cap, ahead)] = await rate(pipe, prompt, args.tokens, args.repeats, adaptive=False,
-                                                verify_cap=cap, max_ahead=ahead)
-            best = max(grid, key=grid.get)
-            print(json.dumps({"latencies_ms": latencies, "acceptance": acceptance, "verify_cost_ms": cost,
-                              "adaptive": round(adaptive, 1), "default_static": round(default, 1),
-                              "best_static": round(grid[best], 1), "best_static_config": best,
-                              "adaptive_over_best": round(adaptive / grid[best], 3),
-                              "adaptive_over_default": round(adaptive / default, 3)}), flush=True)
+        grid = {}
+        for chain, lat, acc in sub_chains(latencies, acceptance):
+            if len(chain) == 1:
+                continue  # the target alone: 1 / latency, far below every chain here
+            async with simulated_pipeline(lat, acc, verify_cost_per_token_ms=cost) as pipe:
+                for cap, ahead in GRID:
+                    grid[(chain, cap, ahead)] = await rate(pipe, prompt, args.tokens, args.repeats, adaptive=False,
+                                                           verify_cap=cap, max_ahead=ahead)
+        best = max(grid, key=grid.get)
+        print(json.dumps({"latencies_ms": latencies, "acceptance": acceptance, "verify_cost_ms": cost,
+                          "adaptive": round(adaptive, 1), "default_static": round(default, 1),
+                          "best_static": round(grid[best], 1),
+                          "best_static_config": {"chain": best[0], "verify_cap": best[1], "max_ahead": best[2]},
+                          "adaptive_over_best": round(adaptive / grid[best], 3),
+                          "adaptive_over_default": round(adaptive / default, 3)}), flush=True)
+
+
+async def family(args: argparse.Namespace) -> None:
+    import torch
+
+    from pipespec import Pipeline
+    from pipespec.prompts import load_prompts
+
+    torch.set_num_threads(1)
+    names = ["tiny-draft", "tiny-middle", "tiny-target"]
+    prompts = load_prompts("text")[:args.prompts]
+
+    async def rate_all(pipe, cold: bool = False, **options) -> float:
+        ids = [pipe.encode(p) for p in prompts]
+        runs = []
+        for _ in range(args.repeats):
+            tokens = seconds = 0.0
+            for p in ids:
+                if cold:
+                    pipe.monitor = ChainMonitor(len(pipe.members))  # nothing carried over from earlier runs
+                t0 = time.perf_counter()
+                g = await pipe.generate(p, max_new_tokens=args.tokens, mode="pipe", **options)
+                seconds += time.perf_counter() - t0
+                tokens += g.stats.tokens
+            runs.append(tokens / seconds)
+        return statistics.median(runs)
+
+    async with Pipeline.load(names, device="cpu") as pipe:
+        adaptive = await rate_all(pipe, cold=True, adaptive=True)
+        warm = await rate_all(pipe, adaptive=True)  # the monitor carries over, as in a chat session
+        default = await rate_all(pipe, adaptive=False)
+    grid = {}
+    for r in range(1, len(names)):
+        for drafts in itertools.combinations(names[:-1], r):
+            chain = (*drafts, names[-1])
+            async with Pipeline.load(list(chain), device="cpu") as pipe:
+                for cap, ahead in GRID:
+                    grid[(chain, cap, ahead)] = await rate_all(pipe, adaptive=False, verify_cap=cap, max_ahead=ahead)
+    best = max(grid, key=grid.get)
+    print(json.dumps({"chain": names, "prompts": len(prompts), "tokens": args.tokens,
+                      "adaptive": round(adaptive, 1), "adaptive_warm": round(warm, 1),
+                      "default_static": round(default, 1), "best_static": round(grid[best], 1),
+                      "best_static_config": {"chain": best[0], "verify_cap": best[1], "max_ahead": best[2]},
+                      "adaptive_over_best": round(adaptive / grid[best], 3),
+                      "adaptive_warm_over_best": round(warm / grid[best], 3),
+                      "adaptive_over_default": round(adaptive / default, 3)}), flush=True)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
-    asyncio.run(main(parser.parse_args()))
+    parser.add_argument("--family", action="store_true", help="the built-in model family on the CPU")
+    parser.add_argument("--prompts", type=int, default=3, help="--family: how many prompts of the text set")
+    ns = parser.parse_args()
+    asyncio.run(family(ns) if ns.family else main(ns))

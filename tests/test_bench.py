@@ -83,12 +83,13 @@ def test_model_folders(tmp_path: Path) -> None:
 
 def test_files_without_json(tmp_path: Path) -> None:
     out = tmp_path / "bench"
-    code, stdout, err = invoke("bench", "--n", "1", "--max-new-tokens", "8", "--device", "cpu",
-                               "--methods", "ar,pipe", "--out", str(out))
+    code, stdout, err = invoke("bench", "--n", "1", "--max-new-tokens", "8", "--placement", "cpu,cpu,cpu",
+                               "--no-adaptive", "--methods", "ar,pipe", "--out", str(out))
     assert code == 0, err
     assert "pipespec bench" in stdout  # the Rich table
     data = json.loads((out / "bench.json").read_text())
     assert list(data["methods"]) == ["ar", "pipe"] and data["outputs_identical"] is True
+    assert data["settings"]["adaptive"] is False
     md = (out / "bench.md").read_text()
     assert "| method |" in md and "| pipe |" in md
     assert (out / "bench.png").exists() or "bench.png skipped" in err
@@ -100,6 +101,7 @@ def test_files_without_json(tmp_path: Path) -> None:
     (["--n", "99"], "asks for more prompts"),
     (["--prompts", "no-such-set"], "unknown prompt set"),
     (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--placement", "cpu,cpu"], "has 2 entries for 3 models"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None:
     code, _, err = invoke("bench", "--device", "cpu", *args)
