@@ -11,12 +11,12 @@ average ``W(g) = (1 - alpha^(g+1)) / (1 - alpha)`` tokens (accepted ones plus th
 ``W(g) / (t0 + t1 g)``. Drafts more than ``log(eps) / log(alpha)`` tokens ahead survive verification with probability
 below ``eps``: the predecessor stops there instead of drafting what will almost surely be thrown away.
 
-Stage bypass: every sub-chain that ends at the target is scored with the analytical model
+Stage bypass: every sub-chain of the active one that ends at the target is scored with the analytical model
 (``analysis.predict_throughput``) from each stage's fitted latency and the acceptance between the stages that
-would become neighbours; the monitor switches when another sub-chain is predicted clearly (``margin``) faster.
-Acceptance between stages that were never neighbours is estimated as the product along the chain between them
-(a draft token survives both checks), until it is observed. A bypassed stage is brought back on probation after
-``probe_after`` committed tokens, to refresh its estimates; if it is bypassed again right after, the wait doubles.
+would become neighbours; the monitor switches when one is predicted clearly (``margin``) faster. Acceptance between
+stages that were never neighbours is estimated as the product along the chain between them (a draft token survives
+both checks), until it is observed. A bypassed stage is brought back on probation after ``probe_after`` committed
+tokens, with its acceptance measured afresh; if it is bypassed again right after, the wait doubles.
 """
 
 from __future__ import annotations
@@ -135,12 +135,14 @@ class ChainMonitor:
     """
 
     stages: int
-    interval: float = 0.25  # seconds between two looks at the chain
+    interval: float = 0.1  # seconds between two looks at the chain
     margin: float = 0.05  # another sub-chain must be predicted this much faster to switch to it
-    settle: int = 24  # committed tokens after a switch before the next decision (fresh observations)
-    probe_after: int = 64  # committed tokens before a bypassed stage is brought back on probation (doubles)
-    probe_max: int = 1024
+    settle: int = 16  # committed tokens after a switch before the next decision (fresh observations)
+    probe_after: int = 256  # committed tokens before a bypassed stage is brought back on probation (doubles)
+    probe_max: int = 4096
     max_verify_cap: int = 64  # the verify cap the predictions assume
+    memory: float = 0.97  # forgetting per verification of the acceptance estimates (about 30 verifications' worth):
+    # longer than a verify cap alone would need, since a switch decided on a lucky run of tokens costs a probe
     active: tuple[int, ...] = ()
     tokens: int = 0  # committed tokens seen, all generations together
     switches: int = 0
@@ -227,12 +229,17 @@ class ChainMonitor:
         for stage, probe in sorted(self._probes.items()):
             if self.tokens - probe.since >= probe.after:
                 self._probing = stage
+                for pair in [p for p in self._pairs if stage in p]:  # measure it afresh
+                    del self._pairs[pair]
                 return self._switch(tuple(sorted((*self.active, stage))))
         return None
 
     def _best(self) -> tuple[int, ...]:
+        """The best sub-chain of the active one. Bringing a bypassed stage back is left to probes: its estimates
+        are as old as its bypass, and comparing them with fresh ones made the chain flip back and forth."""
         current = self.predict(self.active)
-        scores = {c: self.predict(c) for c in self.candidates() if all(self._latency[i].sw for i in c)}
+        scores = {c: self.predict(c) for c in self.candidates()
+                  if set(c) <= set(self.active) and all(self._latency[i].sw for i in c)}
         best = max(scores, key=lambda c: (scores[c], -len(c)))
         return best if scores[best] > current * (1.0 + self.margin) else self.active
 
@@ -255,5 +262,5 @@ class ChainMonitor:
     def _pair(self, proposer: int, verifier: int) -> LinkEstimator:
         pair = self._pairs.get((proposer, verifier))
         if pair is None:
-            pair = self._pairs[(proposer, verifier)] = LinkEstimator()
+            pair = self._pairs[(proposer, verifier)] = LinkEstimator(decay=self.memory)
         return pair

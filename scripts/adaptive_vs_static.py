@@ -5,8 +5,11 @@ For each chain configuration: tokens/s of `pipe`
   ChainMonitor, so nothing is carried over from an earlier run);
 - with the default static configuration (the whole chain, verify cap 64, max-ahead 64);
 - with every static configuration: each sub-chain that ends at the target x verify cap x max-ahead; the best of
-  them is the yardstick. A sub-chain is simulated with the acceptance its stages would have as neighbours (the
-  product along the chain, as in the oracle).
+  them is the yardstick.
+Acceptance is given as recorded traces (one 0/1 per generated position, drawn once at the configured rate), so that
+a sub-chain can be simulated with exactly the agreement its stages have inside the whole chain: a draft token
+reaches the target iff every link between them agrees at that position (the AND of their traces). With rates
+instead, each chain would draw its own random agreements, and luck would differ between the contenders.
 Simulated stages sleep for their latency (plus a per-token verify cost), so the CPU's own speed matters little, but
 a loaded machine still adds noise: each figure is the median of --repeats runs.
 
@@ -24,7 +27,7 @@ import argparse
 import asyncio
 import itertools
 import json
-import math
+import random
 import statistics
 import time
 
@@ -54,23 +57,37 @@ async def rate(pipe, prompt: list[int], tokens: int, repeats: int, cold: bool = 
     return statistics.median(runs)
 
 
-def sub_chains(latencies: list[float], acceptance: list[float]):
+TRACE_LENGTH = 499  # prime, and longer than a generation: no short period lines up with the windows
+
+
+def traces(acceptance: list[float], seed: int = 1) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[int(rng.random() < a) for _ in range(TRACE_LENGTH)] for a in acceptance]
+
+
+def sub_chains(latencies: list[float], links: list[list[int]]):
     k = len(latencies)
     for r in range(k):
         for drafts in itertools.combinations(range(k - 1), r):
             chain = (*drafts, k - 1)
-            acc = [math.prod(acceptance[a:b]) for a, b in zip(chain, chain[1:])]
+            acc = [[int(all(links[i][j] for i in range(a, b))) for j in range(TRACE_LENGTH)]
+                   for a, b in zip(chain, chain[1:])]
             yield chain, [latencies[i] for i in chain], acc
 
 
 async def main(args: argparse.Namespace) -> None:
     prompt = list(range(3, 19))
-    for latencies, acceptance, cost in CONFIGS:
-        async with simulated_pipeline(latencies, acceptance, verify_cost_per_token_ms=cost) as pipe:
+    only = {int(x) for x in args.only.split(",")} if args.only else None
+    for index, (latencies, acceptance, cost) in enumerate(CONFIGS):
+        if only is not None and index not in only:
+            continue
+        links = traces(acceptance)
+        async with simulated_pipeline(latencies, links, verify_cost_per_token_ms=cost) as pipe:
             adaptive = await rate(pipe, prompt, args.tokens, args.repeats, cold=True, adaptive=True)
+            warm = await rate(pipe, prompt, args.tokens, args.repeats, adaptive=True)  # carried over, as in chat
             default = await rate(pipe, prompt, args.tokens, args.repeats, adaptive=False)
         grid = {}
-        for chain, lat, acc in sub_chains(latencies, acceptance):
+        for chain, lat, acc in sub_chains(latencies, links):
             if len(chain) == 1:
                 continue  # the target alone: 1 / latency, far below every chain here
             async with simulated_pipeline(lat, acc, verify_cost_per_token_ms=cost) as pipe:
@@ -79,10 +96,11 @@ async def main(args: argparse.Namespace) -> None:
                                                            verify_cap=cap, max_ahead=ahead)
         best = max(grid, key=grid.get)
         print(json.dumps({"latencies_ms": latencies, "acceptance": acceptance, "verify_cost_ms": cost,
-                          "adaptive": round(adaptive, 1), "default_static": round(default, 1),
-                          "best_static": round(grid[best], 1),
+                          "adaptive": round(adaptive, 1), "adaptive_warm": round(warm, 1),
+                          "default_static": round(default, 1), "best_static": round(grid[best], 1),
                           "best_static_config": {"chain": best[0], "verify_cap": best[1], "max_ahead": best[2]},
                           "adaptive_over_best": round(adaptive / grid[best], 3),
+                          "adaptive_warm_over_best": round(warm / grid[best], 3),
                           "adaptive_over_default": round(adaptive / default, 3)}), flush=True)
 
 
@@ -138,5 +156,6 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--family", action="store_true", help="the built-in model family on the CPU")
     parser.add_argument("--prompts", type=int, default=3, help="--family: how many prompts of the text set")
+    parser.add_argument("--only", default="", metavar="I,J", help="run only these CONFIGS (0-based indices)")
     ns = parser.parse_args()
     asyncio.run(family(ns) if ns.family else main(ns))
