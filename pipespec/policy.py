@@ -15,8 +15,9 @@ Stage bypass: every sub-chain of the active one that ends at the target is score
 (``analysis.predict_throughput``) from each stage's fitted latency and the acceptance between the stages that
 would become neighbours; the monitor switches when one is predicted clearly (``margin``) faster. Acceptance between
 stages that were never neighbours is estimated as the product along the chain between them (a draft token survives
-both checks), until it is observed. A bypassed stage is brought back on probation after ``probe_after`` committed
-tokens, with its acceptance measured afresh; if it is bypassed again right after, the wait doubles.
+both checks), until it is observed. Every switch is then judged by the throughput measured before and after it,
+and neighbouring sub-chains are tried now and then, since the model cannot see stages that share a device slow
+each other down (see ``ChainMonitor``).
 """
 
 from __future__ import annotations
@@ -119,9 +120,23 @@ class LinkEstimator:
 
 
 @dataclass
-class _Probe:
-    after: int  # committed tokens a bypassed stage waits before it is brought back on probation
-    since: int = 0  # the monitor's token count when the stage was bypassed
+class _Measured:
+    """Committed tokens and seconds of one sub-chain over its latest time in use (clean intervals only)."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def rate(self) -> float | None:
+        return self.tokens / self.seconds if self.seconds > 0 and self.tokens > 0 else None
+
+
+@dataclass
+class _Tentative:
+    """A switch not yet confirmed by measurement: back to ``previous`` if the new chain measures worse."""
+
+    previous: tuple[int, ...]
+    predicted: bool  # the analytical model chose it (kept unless clearly slower) or a trial (kept if clearly faster)
 
 
 @dataclass
@@ -129,28 +144,42 @@ class ChainMonitor:
     """What the adaptive runtime knows of a chain of ``stages`` models (index 0 the draft, the last the target).
 
     Per stage, a latency fit (``LinkEstimator`` latency part); per pair (proposer, verifier), an acceptance estimate
-    (its alpha part); the sub-chain in use (``active``, always ending at the target); and when to look again. It
-    outlives a generation (a ``Pipeline`` keeps one), so the next generation starts from what this one learned.
-    Mutated from the event loop only.
+    (its alpha part); per sub-chain, the throughput measured while it ran; the sub-chain in use (``active``, always
+    ending at the target). It outlives a generation (a ``Pipeline`` keeps one), so the next generation starts from
+    what this one learned. Mutated from the event loop only.
+
+    Decisions, at most every ``interval`` seconds and ``settle`` committed tokens after the last switch:
+
+    1. a switch not yet confirmed is judged by measured throughput: one the model predicted stays unless it measures
+       ``margin`` slower than the chain before it; a trial stays only if it measures ``margin`` faster;
+    2. the model: a sub-chain of the active one predicted ``margin`` faster is switched to;
+    3. trials: a neighbour of the active chain (one stage more or one fewer) is tried when its wait is over. The
+       analytical model assumes that every stage has a device of its own; where stages share one (a CPU, one GPU),
+       taking one out also speeds the others up, which only a measurement shows. A failed trial doubles that
+       chain's wait (``trial_after`` up to ``trial_max`` tokens), a kept one resets it.
     """
 
     stages: int
     interval: float = 0.1  # seconds between two looks at the chain
-    margin: float = 0.05  # another sub-chain must be predicted this much faster to switch to it
+    margin: float = 0.05  # how much faster (predicted or measured) another sub-chain must be
     settle: int = 16  # committed tokens after a switch before the next decision (fresh observations)
-    probe_after: int = 256  # committed tokens before a bypassed stage is brought back on probation (doubles)
-    probe_max: int = 4096
+    trial_after: int = 128  # committed tokens before a neighbouring sub-chain is tried (doubles when it loses)
+    trial_max: int = 4096
     max_verify_cap: int = 64  # the verify cap the predictions assume
     memory: float = 0.97  # forgetting per verification of the acceptance estimates (about 30 verifications' worth):
-    # longer than a verify cap alone would need, since a switch decided on a lucky run of tokens costs a probe
+    # longer than a verify cap alone would need, since a switch decided on a lucky run of tokens costs a trial
     active: tuple[int, ...] = ()
     tokens: int = 0  # committed tokens seen, all generations together
     switches: int = 0
     _latency: list[LinkEstimator] = field(default_factory=list)
     _pairs: dict[tuple[int, int], LinkEstimator] = field(default_factory=dict)
-    _probes: dict[int, _Probe] = field(default_factory=dict)
-    _probing: int | None = None
+    _measured: dict[tuple[int, ...], _Measured] = field(default_factory=dict)
+    _waits: dict[tuple[int, ...], int] = field(default_factory=dict)  # trial wait per chain (tokens)
+    _next_trial: dict[tuple[int, ...], int] = field(default_factory=dict)  # token count when it may be tried
+    _tentative: _Tentative | None = None
     _last_look: float = -math.inf
+    _look_tokens: int = 0
+    _clean: bool = False  # the interval since the last look ran one chain in steady state
     _last_switch: int = 0
 
     def __post_init__(self) -> None:
@@ -160,6 +189,10 @@ class ChainMonitor:
         self._latency = [LinkEstimator() for _ in range(self.stages)]
 
     # -- observations ----------------------------------------------------------------------------------------------
+
+    def begin(self, now: float) -> None:
+        """A generation starts: its first interval (prefill, warm-up) is not a measurement."""
+        self._last_look, self._look_tokens, self._clean = now, self.tokens, False
 
     def observe_forward(self, stage: int, tokens: int, seconds: float) -> None:
         self._latency[stage].observe_forward(tokens, seconds)
@@ -206,6 +239,11 @@ class ChainMonitor:
         acc = [self.alpha(a, b) for a, b in zip(chain, chain[1:])]
         return predict_throughput(lat, acc, "pipe", verify_cap=self.max_verify_cap)
 
+    def measured(self, chain: tuple[int, ...]) -> float | None:
+        """Committed tokens per second measured over ``chain``'s latest time in use (None: not measured)."""
+        m = self._measured.get(chain)
+        return m.rate if m is not None else None
+
     def candidates(self) -> list[tuple[int, ...]]:
         target = self.stages - 1
         return [(*drafts, target) for r in range(self.stages)
@@ -215,45 +253,67 @@ class ChainMonitor:
         """The sub-chain to switch to, or None to keep ``active``. Looks at most every ``interval`` seconds."""
         if self.stages < 2 or now - self._last_look < self.interval:
             return None
-        self._last_look = now
-        if self.tokens - self._last_switch < self.settle:
+        if self._clean:
+            m = self._measured.setdefault(self.active, _Measured())
+            m.tokens += self.tokens - self._look_tokens
+            m.seconds += now - self._last_look
+        self._last_look, self._look_tokens, self._clean = now, self.tokens, True
+        if self.tokens - self._last_switch < self.settle or self.measured(self.active) is None:
             return None
         if not all(self._latency[i].sw for i in self.active):
             return None  # a stage in use has not been timed yet
+        if self._tentative is not None:
+            return self._judge(self._tentative)
         chain = self._best()
         if chain != self.active:
-            return self._switch(chain)
-        if self._probing is not None:  # the probed stage stays: it helps, so its next probe comes early again
-            self._probes.pop(self._probing, None)
-            self._probing = None
-        for stage, probe in sorted(self._probes.items()):
-            if self.tokens - probe.since >= probe.after:
-                self._probing = stage
-                for pair in [p for p in self._pairs if stage in p]:  # measure it afresh
-                    del self._pairs[pair]
-                return self._switch(tuple(sorted((*self.active, stage))))
+            return self._switch(chain, _Tentative(self.active, predicted=True))
+        for chain in self._neighbours():
+            if self.tokens >= self._next_trial.setdefault(chain, self.tokens + self._wait(chain)):
+                for stage in set(chain) - set(self.active):  # a stage coming back: measure its pairs afresh
+                    for pair in [p for p in self._pairs if stage in p]:
+                        del self._pairs[pair]
+                return self._switch(chain, _Tentative(self.active, predicted=False))
         return None
 
+    def _judge(self, tentative: _Tentative) -> tuple[int, ...] | None:
+        self._tentative = None
+        new, old = self.measured(self.active), self.measured(tentative.previous)
+        if new is None or old is None:
+            return None
+        lost = new < old * (1.0 - self.margin) if tentative.predicted else new <= old * (1.0 + self.margin)
+        if not lost:
+            self._waits.pop(self.active, None)
+            self._next_trial.pop(tentative.previous, None)
+            return None
+        self._waits[self.active] = min(2 * self._wait(self.active), self.trial_max)
+        self._next_trial[self.active] = self.tokens + self._wait(self.active)
+        return self._switch(tentative.previous, None)
+
     def _best(self) -> tuple[int, ...]:
-        """The best sub-chain of the active one. Bringing a bypassed stage back is left to probes: its estimates
-        are as old as its bypass, and comparing them with fresh ones made the chain flip back and forth."""
+        """The best sub-chain of the active one, by the model. Bringing a bypassed stage back is left to trials:
+        its estimates are as old as its bypass, and comparing them with fresh ones made the chain flip."""
         current = self.predict(self.active)
         scores = {c: self.predict(c) for c in self.candidates()
-                  if set(c) <= set(self.active) and all(self._latency[i].sw for i in c)}
+                  if set(c) <= set(self.active) and all(self._latency[i].sw for i in c) and not self._lost(c)}
         best = max(scores, key=lambda c: (scores[c], -len(c)))
         return best if scores[best] > current * (1.0 + self.margin) else self.active
 
-    def _switch(self, chain: tuple[int, ...]) -> tuple[int, ...]:
-        for stage in set(self.active) - set(chain):  # bypassed now
-            old = self._probes.get(stage)
-            after = self.probe_after if old is None else old.after
-            if self._probing == stage:  # brought back on probation and dropped again: wait twice as long
-                after = min(2 * after, self.probe_max)
-                self._probing = None
-            self._probes[stage] = _Probe(after, self.tokens)
-        for stage in set(chain) - set(self.active):
-            if stage != self._probing:
-                self._probes.pop(stage, None)
+    def _neighbours(self) -> list[tuple[int, ...]]:
+        """Sub-chains one stage away from the active one: fewest models first, then the best predicted."""
+        out = [c for c in self.candidates() if len(set(c) ^ set(self.active)) == 1]
+        return sorted(out, key=lambda c: (len(c), -self.predict(c)))
+
+    def _lost(self, chain: tuple[int, ...]) -> bool:
+        """Measured slower than the chain before it, and still waiting for its next trial."""
+        return chain in self._waits and chain != self.active and self._next_trial.get(chain, 0) > self.tokens
+
+    def _wait(self, chain: tuple[int, ...]) -> int:
+        return self._waits.get(chain, self.trial_after)
+
+    def _switch(self, chain: tuple[int, ...], tentative: _Tentative | None) -> tuple[int, ...]:
+        self._measured[chain] = _Measured()  # its rate from now on
+        self._tentative = tentative
+        self._clean = False  # the interval with the switch in it measures neither chain
         self.active = chain
         self._last_switch = self.tokens
         self.switches += 1

@@ -4,8 +4,8 @@ For each chain configuration: tokens/s of `pipe`
 - with the adaptive policy (verify caps, run-ahead limits and stage bypass), starting cold every generation (a fresh
   ChainMonitor, so nothing is carried over from an earlier run);
 - with the default static configuration (the whole chain, verify cap 64, max-ahead 64);
-- with every static configuration: each sub-chain that ends at the target x verify cap x max-ahead; the best of
-  them is the yardstick.
+- with every static configuration: each sub-chain that ends at the target (the target alone included) x verify
+  cap x max-ahead; the best of them is the yardstick.
 Acceptance is given as recorded traces (one 0/1 per generated position, drawn once at the configured rate), so that
 a sub-chain can be simulated with exactly the agreement its stages have inside the whole chain: a draft token
 reaches the target iff every link between them agrees at that position (the AND of their traces). With rates
@@ -88,10 +88,8 @@ async def main(args: argparse.Namespace) -> None:
             default = await rate(pipe, prompt, args.tokens, args.repeats, adaptive=False)
         grid = {}
         for chain, lat, acc in sub_chains(latencies, links):
-            if len(chain) == 1:
-                continue  # the target alone: 1 / latency, far below every chain here
             async with simulated_pipeline(lat, acc, verify_cost_per_token_ms=cost) as pipe:
-                for cap, ahead in GRID:
+                for cap, ahead in (GRID if len(chain) > 1 else GRID[:1]):  # the target alone: no caps
                     grid[(chain, cap, ahead)] = await rate(pipe, prompt, args.tokens, args.repeats, adaptive=False,
                                                            verify_cap=cap, max_ahead=ahead)
         best = max(grid, key=grid.get)
@@ -134,11 +132,11 @@ async def family(args: argparse.Namespace) -> None:
         warm = await rate_all(pipe, adaptive=True)  # the monitor carries over, as in a chat session
         default = await rate_all(pipe, adaptive=False)
     grid = {}
-    for r in range(1, len(names)):
+    for r in range(len(names)):
         for drafts in itertools.combinations(names[:-1], r):
             chain = (*drafts, names[-1])
             async with Pipeline.load(list(chain), device="cpu") as pipe:
-                for cap, ahead in GRID:
+                for cap, ahead in (GRID if len(chain) > 1 else GRID[:1]):  # the target alone: no caps
                     grid[(chain, cap, ahead)] = await rate_all(pipe, adaptive=False, verify_cap=cap, max_ahead=ahead)
     best = max(grid, key=grid.get)
     print(json.dumps({"chain": names, "prompts": len(prompts), "tokens": args.tokens,

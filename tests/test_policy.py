@@ -57,6 +57,19 @@ def fed(latencies_ms: list[float], alphas: dict[tuple[int, int], float], **optio
     return monitor
 
 
+class Clock:
+    """Drives a monitor's looks: each ``tick`` commits ``tokens`` over ``seconds`` and asks for a decision."""
+
+    def __init__(self, monitor: ChainMonitor) -> None:
+        self.monitor, self.now = monitor, 0.0
+        monitor.begin(self.now)
+
+    def tick(self, tokens: int, seconds: float = 0.125) -> tuple[int, ...] | None:
+        self.monitor.observe_commit(tokens)
+        self.now += seconds
+        return self.monitor.decide(self.now)
+
+
 def test_monitor_bypasses_a_slow_middle_that_agrees_poorly() -> None:
     """A middle stage almost as slow as the target, which keeps half the draft's tokens: the analytical model
     predicts draft -> target (acceptance 0.8 * 0.5, never observed) clearly faster than the whole chain."""
@@ -64,48 +77,48 @@ def test_monitor_bypasses_a_slow_middle_that_agrees_poorly() -> None:
     assert math.isclose(m.alpha(0, 2), m.alpha(0, 1) * m.alpha(1, 2))  # the product, until observed
     assert abs(m.alpha(0, 2) - 0.8 * 0.5) < 0.05  # (the estimates carry a weak prior)
     assert m.predict((0, 2)) > 1.1 * m.predict((0, 1, 2))
-    m.observe_commit(m.settle)
-    assert m.decide(now=1.0) == (0, 2) and m.active == (0, 2)
-    assert m.decide(now=1.1) is None  # within one interval: no second look
+    clock = Clock(m)
+    assert clock.tick(10) is None  # the generation's first interval (prefill) measures nothing
+    assert clock.tick(10) == (0, 2) and m.active == (0, 2)  # measured 80 tokens/s, then switched
+    assert m.decide(clock.now + 0.01) is None  # within one interval: no second look
+    assert clock.tick(12) is None  # the interval with the switch in it measures nothing; settling
+    assert clock.tick(12) is None and m.active == (0, 2)  # measured 96 > 80 tokens/s: confirmed
+    assert m.measured((0, 2)) == 96 and m.measured((0, 1, 2)) == 80
 
 
-def test_monitor_keeps_the_chain_that_is_predicted_best() -> None:
-    m = fed([0.5, 5, 20], {(0, 1): 0.8, (1, 2): 0.8})
-    m.observe_commit(1000)
-    assert m.decide(now=1.0) is None and m.active == (0, 1, 2)
-    m = fed([1, 5, 20], {(0, 1): 0.05, (1, 2): 0.8})  # a useless draft: the model predicts no gain from it
-    m.observe_commit(1000)
-    assert m.decide(now=1.0) in (None, (1, 2))
+def test_a_predicted_switch_that_measures_slower_is_undone() -> None:
+    m = fed([1, 9, 10], {(0, 1): 0.8, (1, 2): 0.5}, trial_after=64)
+    clock = Clock(m)
+    clock.tick(10)
+    assert clock.tick(10) == (0, 2)  # 80 tokens/s on the whole chain
+    clock.tick(8)
+    assert clock.tick(8) == (0, 1, 2)  # 64 tokens/s: back, although the model still prefers (0, 2)
+    for _ in range(5):
+        assert clock.tick(10) is None  # and the model does not propose it again until its wait is over
 
 
-def test_monitor_waits_for_fresh_observations_after_a_switch() -> None:
-    m = fed([1, 9, 10], {(0, 1): 0.8, (1, 2): 0.5})
-    assert m.decide(now=1.0) is None  # fewer than `settle` tokens committed so far
-    m.observe_commit(m.settle)
-    assert m.decide(now=2.0) == (0, 2)
+def test_monitor_keeps_the_chain_that_is_predicted_and_measured_best() -> None:
+    m = fed([0.5, 5, 20], {(0, 1): 0.8, (1, 2): 0.8}, trial_after=10_000)
+    clock = Clock(m)
+    for _ in range(10):
+        assert clock.tick(20) is None
+    assert m.active == (0, 1, 2)
 
 
-def test_a_bypassed_stage_is_probed_again_later_and_less_often_when_it_still_does_not_help() -> None:
-    m = fed([1, 9, 10], {(0, 1): 0.8, (1, 2): 0.5}, probe_after=64)
-    m.observe_commit(m.settle)
-    now = 1.0
-    assert m.decide(now) == (0, 2)
-    m.observe_verification(0, 2, 3, 2)  # observed directly now
-    m.observe_commit(63)
-    now += 1
-    assert m.decide(now) is None
-    m.observe_commit(1)
-    now += 1
-    assert m.decide(now) == (0, 1, 2)  # on probation
-    m.observe_commit(m.settle)
-    now += 1
-    assert m.decide(now) == (0, 2)  # it still slows the chain: out again, next probe after 128 tokens
-    m.observe_commit(127)
-    now += 1
-    assert m.decide(now) is None
-    m.observe_commit(1)
-    now += 1
-    assert m.decide(now) == (0, 1, 2)
+def test_trials_find_what_the_model_cannot_see() -> None:
+    """Stages sharing a device: the model predicts the whole chain best, but without the draft the others run
+    faster. A trial of each neighbour measures it; the faster one stays, the slower ones wait twice as long."""
+    m = fed([1, 5, 20], {(0, 1): 0.9, (1, 2): 0.8}, trial_after=64)
+    clock = Clock(m)
+    rates = {(0, 1, 2): 10, (1, 2): 15, (0, 2): 8, (2,): 9}  # tokens per look
+    seen = []
+    for _ in range(60):
+        chain = clock.tick(rates[m.active])
+        if chain is not None:
+            seen.append(chain)
+    assert seen[0] in ((0, 2), (1, 2))  # the first trial (fewest models first), after 64 tokens
+    assert (1, 2) in seen and m.active == (1, 2)  # kept: it measured faster
+    assert (0, 1, 2) in seen[seen.index((1, 2)) + 1:]  # the whole chain is tried again later, and loses
 
 
 def test_monitor_answers_caps_per_pair() -> None:

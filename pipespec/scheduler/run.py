@@ -124,6 +124,7 @@ async def run_pipe(stages: list[Stage], live: LiveRun) -> None:
     monitor = stages[-1].monitor
     if monitor is not None and len(stages) > 1:
         use_chain(stages, monitor.active)  # start from the sub-chain the last generation ended with
+        monitor.begin(time.perf_counter())
     async with anyio.create_task_group() as tg:
         for stage in stages[:-1]:
             tg.start_soon(_guarded, stage, name=f"stage-{stage.index}")
