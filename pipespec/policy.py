@@ -150,8 +150,9 @@ class ChainMonitor:
 
     Decisions, at most every ``interval`` seconds and ``settle`` committed tokens after the last switch:
 
-    1. a switch not yet confirmed is judged by measured throughput: one the model predicted stays unless it measures
-       ``margin`` slower than the chain before it; a trial stays only if it measures ``margin`` faster;
+    1. a switch not yet confirmed is judged by measured throughput, once the new chain has committed
+       ``judge_tokens``: one the model predicted stays unless it measures ``margin`` slower than the chain before
+       it; a trial stays only if it measures ``2 * margin`` faster (measurements over a few dozen tokens are noisy);
     2. the model: a sub-chain of the active one predicted ``margin`` faster is switched to;
     3. trials: a neighbour of the active chain (one stage more or one fewer) is tried when its wait is over. The
        analytical model assumes that every stage has a device of its own; where stages share one (a CPU, one GPU),
@@ -163,8 +164,9 @@ class ChainMonitor:
     interval: float = 0.1  # seconds between two looks at the chain
     margin: float = 0.05  # how much faster (predicted or measured) another sub-chain must be
     settle: int = 16  # committed tokens after a switch before the next decision (fresh observations)
-    trial_after: int = 128  # committed tokens before a neighbouring sub-chain is tried (doubles when it loses)
-    trial_max: int = 4096
+    trial_after: int = 256  # committed tokens before a neighbouring sub-chain is tried (doubles when it loses)
+    trial_max: int = 8192
+    judge_tokens: int = 32  # committed tokens a new sub-chain runs (measured) before it is judged
     max_verify_cap: int = 64  # the verify cap the predictions assume
     memory: float = 0.97  # forgetting per verification of the acceptance estimates (about 30 verifications' worth):
     # longer than a verify cap alone would need, since a switch decided on a lucky run of tokens costs a trial
@@ -260,6 +262,8 @@ class ChainMonitor:
         self._last_look, self._look_tokens, self._clean = now, self.tokens, True
         if self.tokens - self._last_switch < self.settle or self.measured(self.active) is None:
             return None
+        if self._tentative is not None and self._measured[self.active].tokens < self.judge_tokens:
+            return None  # commits come in bursts: judge a switch on enough tokens
         if not all(self._latency[i].sw for i in self.active):
             return None  # a stage in use has not been timed yet
         if self._tentative is not None:
@@ -280,7 +284,7 @@ class ChainMonitor:
         new, old = self.measured(self.active), self.measured(tentative.previous)
         if new is None or old is None:
             return None
-        lost = new < old * (1.0 - self.margin) if tentative.predicted else new <= old * (1.0 + self.margin)
+        lost = new < old * (1.0 - self.margin) if tentative.predicted else new <= old * (1.0 + 2 * self.margin)
         if not lost:
             self._waits.pop(self.active, None)
             self._next_trial.pop(tentative.previous, None)

@@ -33,7 +33,7 @@ TEXT_LINES = 14  # lines of generated text on screen (fewer when the terminal is
 MAX_TEXT_LINES = 30  # ... and at most this many when it is tall
 
 _STATE_STYLE = {"drafting": "cyan", "verifying": "green", "rolling back": "bold red", "waiting": "yellow",
-                "idle": "dim", "done": "dim"}
+                "bypassed": "magenta", "idle": "dim", "done": "dim"}
 
 # C0 controls (but newline and tab) -> the Unicode "control pictures" (U+2400..); DEL and the C1 controls -> U+FFFD
 _VISIBLE = {c: 0x2400 + c for c in range(32) if c not in (9, 10)} | {0x7F: 0x2421} | {c: 0xFFFD
