@@ -58,6 +58,9 @@ class StepResult:
 class ModelWorker:
     """One causal LM with its KV cache. Every method runs on the model's runner thread."""
 
+    # Whether its forward passes compete for its device with other stages placed there (a simulated worker sleeps).
+    contends = True
+
     def __init__(self, model: Any, name: str, device: torch.device) -> None:
         self.model = model
         self.name = name

@@ -154,9 +154,10 @@ class ChainMonitor:
        ``judge_tokens``: one the model predicted stays unless it measures ``margin`` slower than the chain before
        it; a trial stays only if it measures ``2 * margin`` faster (measurements over a few dozen tokens are noisy);
     2. the model: a sub-chain of the active one predicted ``margin`` faster is switched to;
-    3. trials: a neighbour of the active chain (one stage more or one fewer) is tried when its wait is over. The
-       analytical model assumes that every stage has a device of its own; where stages share one (a CPU, one GPU),
-       taking one out also speeds the others up, which only a measurement shows. A failed trial doubles that
+    3. trials: a neighbour of the active chain (one stage more, or one fewer where that stage shares its device) is
+       tried when its wait is over. The analytical model assumes that every stage has a device of its own; where
+       stages share one (a CPU, one GPU), taking one out also speeds the others up, which only a measurement shows.
+       A trial is also how a bypassed stage comes back. A failed trial doubles that
        chain's wait (``trial_after`` up to ``trial_max`` tokens), a kept one resets it.
     """
 
@@ -171,6 +172,9 @@ class ChainMonitor:
     memory: float = 0.97  # forgetting per verification of the acceptance estimates (about 30 verifications' worth):
     # longer than a verify cap alone would need, since a switch decided on a lucky run of tokens costs a trial
     active: tuple[int, ...] = ()
+    # per stage: whether it shares its device with another working stage (empty: assume every stage does). Only
+    # such a stage is taken out on trial: elsewhere the model's prediction already counts what it costs.
+    contended: tuple[bool, ...] = ()
     tokens: int = 0  # committed tokens seen, all generations together
     switches: int = 0
     _latency: list[LinkEstimator] = field(default_factory=list)
@@ -303,8 +307,11 @@ class ChainMonitor:
         return best if scores[best] > current * (1.0 + self.margin) else self.active
 
     def _neighbours(self) -> list[tuple[int, ...]]:
-        """Sub-chains one stage away from the active one: fewest models first, then the best predicted."""
-        out = [c for c in self.candidates() if len(set(c) ^ set(self.active)) == 1]
+        """Sub-chains one stage away from the active one: fewest models first, then the best predicted. A stage
+        comes out on trial only where it shares a device; any bypassed stage may come back."""
+        shared = self.contended or (True,) * self.stages
+        out = [c for c in self.candidates() if len(set(c) ^ set(self.active)) == 1
+               and (len(c) > len(self.active) or shared[(set(self.active) - set(c)).pop()])]
         return sorted(out, key=lambda c: (len(c), -self.predict(c)))
 
     def _lost(self, chain: tuple[int, ...]) -> bool:

@@ -161,6 +161,8 @@ class SimulatedWorker(OracleChoices, ModelWorker):
     Greedy only.
     """
 
+    contends = False  # sleeping takes nothing from the other stages
+
     def __init__(self, oracle: Oracle, stage: int, latency_s: Callable[[int], float], name: str) -> None:
         # No model: the base constructor would read one. Set what the scheduler and the Pipeline read.
         self.model = None

@@ -127,3 +127,14 @@ def test_monitor_answers_caps_per_pair() -> None:
     assert m.run_ahead(0, 1, 64) == useful_run_ahead(m.alpha(0, 1), 64)
     assert m.candidates() == [(1,), (0, 1)]
     assert ChainMonitor(1).decide(now=5.0) is None  # nothing to choose with one model
+
+
+def test_stages_on_devices_of_their_own_are_not_taken_out_on_trial() -> None:
+    m = fed([0.5, 5, 20], {(0, 1): 0.8, (1, 2): 0.8}, trial_after=16, contended=(False, False, False))
+    clock = Clock(m)
+    for _ in range(20):
+        assert clock.tick(20) is None  # the model keeps the whole chain, and there is nothing to try
+    m = fed([1, 9, 10], {(0, 1): 0.8, (1, 2): 0.5}, trial_after=16, contended=(False, False, False))
+    clock = Clock(m)
+    seen = [clock.tick(20) for _ in range(20)]
+    assert seen[1] == (0, 2) and (0, 1, 2) in seen  # bypassed by the model; a bypassed stage is still tried again

@@ -58,7 +58,7 @@ class Pipeline:
         self._closed = False
         _check_vocabularies(self.members)
         # the adaptive runtime's knowledge of this chain; it carries over from one generation to the next
-        self.monitor = ChainMonitor(len(self.members))
+        self.monitor = ChainMonitor(len(self.members), contended=_contended(self.members))
 
     # -- construction -------------------------------------------------------------------------------------------
 
@@ -330,6 +330,12 @@ class _Loading:
     async def __aexit__(self, *exc: object) -> None:
         if self._pipeline is not None:
             await self._pipeline.__aexit__(*exc)
+
+
+def _contended(members: Sequence[Member]) -> tuple[bool, ...]:
+    """Per stage: whether it shares its device with another stage that does real work there."""
+    busy = [m.device if getattr(m.worker, "contends", True) else None for m in members]
+    return tuple(d is not None and busy.count(d) > 1 for d in busy)
 
 
 def _replace_mode(request: Request, mode: Mode) -> Request:
