@@ -15,6 +15,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from helpers import byte_tokenizer, save_folder
+
 # Several stage threads share 2 cores here; one intra-op thread each avoids oversubscription (and is faster for
 # models this small).
 torch.set_num_threads(1)
@@ -54,3 +56,14 @@ def noisy_copy(model: LlamaForCausalLM, noise: float, seed: int) -> LlamaForCaus
 @pytest.fixture(scope="session")
 def target() -> LlamaForCausalLM:
     return tiny_llama(0, hidden=48, layers=2)
+
+
+@pytest.fixture(scope="session")
+def folder_chain(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Three model folders sharing a byte-level tokenizer: draft, middle, target."""
+    root = tmp_path_factory.mktemp("tui_models")
+    tok = byte_tokenizer(300)
+    target = tiny_llama(0, hidden=48, vocab=len(tok))
+    return [save_folder(noisy_copy(target, 0.6, 2), tok, root / "draft"),
+            save_folder(noisy_copy(target, 0.3, 1), tok, root / "middle"),
+            save_folder(target, tok, root / "target")]

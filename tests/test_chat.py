@@ -14,7 +14,7 @@ from pipespec.chat import Conversation, encode, fit
 from pipespec.cli import main
 from pipespec.errors import ConfigError
 from pipespec.tui import printable
-from test_tui import Terminal, chain, needs_pty  # noqa: F401 - chain is a fixture
+from terminal import Terminal, needs_pty
 
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% endif %}")
@@ -69,21 +69,21 @@ def test_fit_drops_old_exchanges_then_shortens_the_reply(tok: object) -> None:
         fit(conv, tok, n, 20)
 
 
-def streamed(chain: list[str], prompt: str, n: int) -> str:
+def streamed(folder_chain: list[str], prompt: str, n: int) -> str:
     """What ``pipespec run`` streams for ``prompt``: the reply chat must print."""
-    result = CliRunner().invoke(main, ["run", "--models", ",".join(chain), "--device", "cpu", "--no-tui",
+    result = CliRunner().invoke(main, ["run", "--models", ",".join(folder_chain), "--device", "cpu", "--no-tui",
                                        "--prompt", prompt, "--max-new-tokens", str(n)])
     assert result.exit_code == 0, result.stderr
     assert result.stdout.endswith("\n")
     return result.stdout[:-1]
 
 
-def test_scripted_session_continues_the_transcript_and_answers_commands(chain: list[str]) -> None:
-    first = streamed(chain, "def add(a, b):", 12)
+def test_scripted_session_continues_the_transcript_and_answers_commands(folder_chain: list[str]) -> None:
+    first = streamed(folder_chain, "def add(a, b):", 12)
     transcript = "def add(a, b):" + first + ("" if first.endswith("\n") else "\n") + "x = add(1, 2)"
-    second = streamed(chain, transcript, 12)
+    second = streamed(folder_chain, transcript, 12)
     script = "def add(a, b):\n/stats\n/help\n/nope\n\nx = add(1, 2)\n/reset\n/stats\n/quit\nnever read\n"
-    result = CliRunner().invoke(main, ["chat", "--models", ",".join(chain), "--device", "cpu", "-n", "12"],
+    result = CliRunner().invoke(main, ["chat", "--models", ",".join(folder_chain), "--device", "cpu", "-n", "12"],
                                 input=script)
     assert result.exit_code == 0, result.output
     out = result.stdout
@@ -99,12 +99,12 @@ def test_scripted_session_continues_the_transcript_and_answers_commands(chain: l
     assert "(conversation cleared)" in out and "never read" not in out
 
 
-def test_chat_template_models_get_their_template(chain: list[str], tmp_path: Path) -> None:
+def test_chat_template_models_get_their_template(folder_chain: list[str], tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(chain[-1])
+    tok = AutoTokenizer.from_pretrained(folder_chain[-1])
     tok.chat_template = TEMPLATE
-    model = AutoModelForCausalLM.from_pretrained(chain[-1], dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(folder_chain[-1], dtype="float32")
     folder = save_folder(model, tok, tmp_path / "chatty")
     result = CliRunner().invoke(main, ["chat", "--models", folder, "--device", "cpu", "-n", "6", "--system", "S"],
                                 input="hello\n")
@@ -115,17 +115,17 @@ def test_chat_template_models_get_their_template(chain: list[str], tmp_path: Pat
     assert "> " + printable(want) in result.stdout
 
 
-def test_chat_bad_option_is_one_line_and_exit_2(chain: list[str]) -> None:
-    result = CliRunner().invoke(main, ["chat", "--models", ",".join(chain), "--device", "cpu", "--top-p", "2"],
+def test_chat_bad_option_is_one_line_and_exit_2(folder_chain: list[str]) -> None:
+    result = CliRunner().invoke(main, ["chat", "--models", ",".join(folder_chain), "--device", "cpu", "--top-p", "2"],
                                 input="hello\n")
     assert result.exit_code == 2
     assert result.stderr.strip().count("\n") == 0 and "top_p" in result.stderr
 
 
 @needs_pty
-def test_chat_in_a_terminal_answers_stops_on_ctrl_c_and_quits(chain: list[str], tmp_path: Path) -> None:
-    want = printable(streamed(chain, "def add(a, b):", 200))
-    term = Terminal(["chat", "--models", ",".join(chain), "--device", "cpu", "-n", "200", "-v"], tmp_path)
+def test_chat_in_a_terminal_answers_stops_on_ctrl_c_and_quits(folder_chain: list[str], tmp_path: Path) -> None:
+    want = printable(streamed(folder_chain, "def add(a, b):", 200))
+    term = Terminal(["chat", "--models", ",".join(folder_chain), "--device", "cpu", "-n", "200", "-v"], tmp_path)
     try:
         banner = term.expect(r"Ctrl-D leaves\n")
         assert "model loaded" in term.text  # -v: readable logs on stderr, the terminal here

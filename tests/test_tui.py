@@ -3,25 +3,15 @@ chain, and ``pipespec run`` in a real pseudo-terminal (160x48), read back byte f
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import pty
 import re
-import select
-import struct
-import subprocess
-import sys
-import termios
-import time
 from pathlib import Path
 
-import pytest
 import torch
 from rich.console import Console
 
-from conftest import noisy_copy, tiny_llama
-from helpers import byte_tokenizer, limit, save_folder
+from helpers import limit
+from terminal import Terminal, needs_pty
 from pipespec import Pipeline
 from pipespec.tui import initial_snapshot, loading_progress, printable, render, run_with_live_view
 from pipespec.types import Snapshot, StageSnapshot
@@ -133,22 +123,11 @@ def test_loading_progress_shows_one_bar_per_model() -> None:
 
 # -- a real chain ------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def chain(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    """Three model folders sharing a byte-level tokenizer: draft, middle, target."""
-    root = tmp_path_factory.mktemp("tui_models")
-    tok = byte_tokenizer(300)
-    target = tiny_llama(0, hidden=48, vocab=len(tok))
-    return [save_folder(noisy_copy(target, 0.6, 2), tok, root / "draft"),
-            save_folder(noisy_copy(target, 0.3, 1), tok, root / "middle"),
-            save_folder(target, tok, root / "target")]
-
-
 @limit(60)
-async def test_run_with_live_view_returns_the_generation_and_prints_it(chain: list[str]) -> None:
+async def test_run_with_live_view_returns_the_generation_and_prints_it(folder_chain: list[str]) -> None:
     torch.set_num_threads(1)
     console = Console(record=True, width=160, force_terminal=True, color_system=None)
-    async with Pipeline.load(chain, device="cpu") as pipe:
+    async with Pipeline.load(folder_chain, device="cpu") as pipe:
         want = await pipe.generate("def add(a, b):", max_new_tokens=24)
         got = await run_with_live_view(pipe, "def add(a, b):", {"max_new_tokens": 24}, console=console)
     assert got.token_ids == want.token_ids
@@ -160,77 +139,12 @@ async def test_run_with_live_view_returns_the_generation_and_prints_it(chain: li
 
 # -- a real terminal ---------------------------------------------------------------------------------------------
 
-_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\\\)|\x1b[()][0-9A-Za-z]|\x1b[=>78]")
-
-
-class Terminal:
-    """``python -m pipespec ARGS`` in a pseudo-terminal of ``rows`` x ``cols``, as the controlling terminal of
-    its own session (so Ctrl-C typed into it interrupts it); everything it draws is kept in ``raw``."""
-
-    def __init__(self, args: list[str], tmp: Path, rows: int = 48, cols: int = 160) -> None:
-        master, slave = pty.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "NO_COLOR", "FORCE_COLOR")}
-        env.update(TERM="xterm-256color", OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8", HF_HUB_OFFLINE="1",
-                   TOKENIZERS_PARALLELISM="false", PIPESPEC_HISTORY=str(tmp / "history"))
-        become_session = "import os, sys; os.login_tty(0); os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
-        self.proc = subprocess.Popen([sys.executable, "-c", become_session, "-m", "pipespec", *args],
-                                     stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
-        os.close(slave)
-        self.fd = master
-        self.raw = b""
-
-    @property
-    def text(self) -> str:
-        """What was written, without colours, cursor movements and carriage returns."""
-        return _ANSI.sub("", self.raw.decode("utf-8", errors="replace")).replace("\r", "")
-
-    def _read(self, timeout: float) -> bool:
-        ready, _, _ = select.select([self.fd], [], [], timeout)
-        if not ready:
-            return True
-        try:
-            data = os.read(self.fd, 1 << 16)
-        except OSError:  # EIO: the program has exited and closed the terminal
-            data = b""
-        self.raw += data
-        return bool(data)
-
-    def expect(self, pattern: str, timeout: float = 60, start: int = 0) -> re.Match[str]:
-        """Read until ``pattern`` (a regex) matches the text from ``start`` on; fail after ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = re.compile(pattern).search(self.text, start)
-            if found:
-                return found
-            if time.monotonic() > deadline or not self._read(min(0.1, max(0.0, deadline - time.monotonic()))):
-                raise AssertionError(f"{pattern!r} not shown within {timeout}s; the screen so far:\n{self.text}")
-
-    def type(self, keys: str) -> None:
-        os.write(self.fd, keys.encode())
-
-    def wait(self, timeout: float = 60) -> int:
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None and time.monotonic() < deadline:
-            self._read(0.1)
-        while self._read(0.05):
-            pass
-        return self.proc.wait(timeout=1)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        os.close(self.fd)
-
-
-needs_pty = pytest.mark.skipif(not hasattr(os, "login_tty"), reason="needs a POSIX pseudo-terminal")
 
 
 @needs_pty
-def test_run_in_a_terminal_shows_the_live_view_while_text_streams(chain: list[str], tmp_path: Path) -> None:
+def test_run_in_a_terminal_shows_the_live_view_while_text_streams(folder_chain: list[str], tmp_path: Path) -> None:
     log = tmp_path / "run.jsonl"
-    term = Terminal(["run", "--models", ",".join(chain), "--device", "cpu", "--prompt", "def add(a, b):",
+    term = Terminal(["run", "--models", ",".join(folder_chain), "--device", "cpu", "--prompt", "def add(a, b):",
                      "--max-new-tokens", "300", "--log-file", str(log), "-vv"], tmp_path)
     try:
         assert term.wait(120) == 0, term.text
