@@ -154,8 +154,8 @@ class ChainMonitor:
        ``judge_tokens``: one the model predicted stays unless it measures ``margin`` slower than the chain before
        it; a trial stays only if it measures ``2 * margin`` faster (measurements over a few dozen tokens are noisy);
     2. the model: a sub-chain of the active one predicted ``margin`` faster is switched to;
-    3. trials: a neighbour of the active chain (one stage more, or one fewer where that stage shares its device) is
-       tried when its wait is over. The analytical model assumes that every stage has a device of its own; where
+    3. trials: a neighbour of the active chain (one stage more, or one fewer where that stage shares its device) that
+       the model does not predict far slower (``trial_band``) is tried when its wait is over. The analytical model assumes that every stage has a device of its own; where
        stages share one (a CPU, one GPU), taking one out also speeds the others up, which only a measurement shows.
        A trial is also how a bypassed stage comes back. A failed trial doubles that
        chain's wait (``trial_after`` up to ``trial_max`` tokens), a kept one resets it.
@@ -168,6 +168,7 @@ class ChainMonitor:
     trial_after: int = 256  # committed tokens before a neighbouring sub-chain is tried (doubles when it loses)
     trial_max: int = 8192
     judge_tokens: int = 32  # committed tokens a new sub-chain runs (measured) before it is judged
+    trial_band: float = 0.3  # only sub-chains predicted at least (1 - trial_band) x the active one are tried
     max_verify_cap: int = 64  # the verify cap the predictions assume
     memory: float = 0.97  # forgetting per verification of the acceptance estimates (about 30 verifications' worth):
     # longer than a verify cap alone would need, since a switch decided on a lucky run of tokens costs a trial
@@ -312,7 +313,9 @@ class ChainMonitor:
         shared = self.contended or (True,) * self.stages
         out = [c for c in self.candidates() if len(set(c) ^ set(self.active)) == 1
                and (len(c) > len(self.active) or shared[(set(self.active) - set(c)).pop()])]
-        return sorted(out, key=lambda c: (len(c), -self.predict(c)))
+        floor = (1.0 - self.trial_band) * self.predict(self.active)  # far worse by the model: not worth a trial
+        scores = {c: self.predict(c) for c in out}
+        return sorted((c for c in out if scores[c] >= floor), key=lambda c: (len(c), -scores[c]))
 
     def _lost(self, chain: tuple[int, ...]) -> bool:
         """Measured slower than the chain before it, and still waiting for its next trial."""

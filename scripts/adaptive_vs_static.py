@@ -50,7 +50,7 @@ async def rate(pipe, prompt: list[int], tokens: int, repeats: int, cold: bool = 
     runs = []
     for _ in range(repeats):
         if cold:
-            pipe.monitor = ChainMonitor(len(pipe.members))
+            pipe.monitor = ChainMonitor(len(pipe.members), contended=pipe.monitor.contended)
         t0 = time.perf_counter()
         g = await pipe.generate(prompt, max_new_tokens=tokens, mode="pipe", **options)
         runs.append(g.stats.tokens / (time.perf_counter() - t0))
@@ -119,7 +119,8 @@ async def family(args: argparse.Namespace) -> None:
             tokens = seconds = 0.0
             for p in ids:
                 if cold:
-                    pipe.monitor = ChainMonitor(len(pipe.members))  # nothing carried over from earlier runs
+                    # nothing carried over from earlier runs
+                    pipe.monitor = ChainMonitor(len(pipe.members), contended=pipe.monitor.contended)
                 t0 = time.perf_counter()
                 g = await pipe.generate(p, max_new_tokens=args.tokens, mode="pipe", **options)
                 seconds += time.perf_counter() - t0
