@@ -155,10 +155,10 @@ class ChainMonitor:
        it; a trial stays only if it measures ``2 * margin`` faster (measurements over a few dozen tokens are noisy);
     2. the model: a sub-chain of the active one predicted ``margin`` faster is switched to;
     3. trials: a neighbour of the active chain (one stage more, or one fewer where that stage shares its device) that
-       the model does not predict far slower (``trial_band``) is tried when its wait is over. The analytical model assumes that every stage has a device of its own; where
-       stages share one (a CPU, one GPU), taking one out also speeds the others up, which only a measurement shows.
-       A trial is also how a bypassed stage comes back. A failed trial doubles that
-       chain's wait (``trial_after`` up to ``trial_max`` tokens), a kept one resets it.
+       the model does not predict far slower (``trial_band``) is tried when its wait is over. The analytical model
+       assumes that every stage has a device of its own; where stages share one (a CPU, one GPU), taking one out
+       also speeds the others up, which only a measurement shows. A trial is also how a bypassed stage comes back.
+       A failed trial doubles that chain's wait (``trial_after`` up to ``trial_max`` tokens), a kept one resets it.
     """
 
     stages: int
