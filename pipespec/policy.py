@@ -166,6 +166,7 @@ class ChainMonitor:
     margin: float = 0.05  # how much faster (predicted or measured) another sub-chain must be
     settle: int = 16  # committed tokens after a switch before the next decision (fresh observations)
     trial_after: int = 256  # committed tokens before a neighbouring sub-chain is tried (doubles when it loses)
+    removal_trial_after: int = 64  # the same for taking out a stage that shares its device (where trials pay most)
     trial_max: int = 8192
     judge_tokens: int = 32  # committed tokens a new sub-chain runs (measured) before it is judged
     trial_band: float = 0.3  # only sub-chains predicted at least (1 - trial_band) x the active one are tried
@@ -322,7 +323,8 @@ class ChainMonitor:
         return chain in self._waits and chain != self.active and self._next_trial.get(chain, 0) > self.tokens
 
     def _wait(self, chain: tuple[int, ...]) -> int:
-        return self._waits.get(chain, self.trial_after)
+        first = self.removal_trial_after if len(chain) < len(self.active) else self.trial_after
+        return self._waits.get(chain, first)
 
     def _switch(self, chain: tuple[int, ...], tentative: _Tentative | None) -> tuple[int, ...]:
         self._measured[chain] = _Measured()  # its rate from now on

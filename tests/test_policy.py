@@ -98,7 +98,7 @@ def test_a_predicted_switch_that_measures_slower_is_undone() -> None:
 
 
 def test_monitor_keeps_the_chain_that_is_predicted_and_measured_best() -> None:
-    m = fed([0.5, 5, 20], {(0, 1): 0.8, (1, 2): 0.8}, trial_after=10_000)
+    m = fed([0.5, 5, 20], {(0, 1): 0.8, (1, 2): 0.8}, trial_after=10_000, removal_trial_after=10_000)
     clock = Clock(m)
     for _ in range(10):
         assert clock.tick(20) is None
