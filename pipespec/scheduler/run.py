@@ -116,7 +116,7 @@ async def _control(stages: list[Stage], monitor: ChainMonitor) -> None:
         if chain is not None:
             use_chain(stages, chain)
             if structlog.is_configured():
-                log.info("chain changed", chain=[stages[i].stats.model for i in chain])
+                log.debug("chain changed", chain=[stages[i].stats.model for i in chain])
 
 
 async def run_pipe(stages: list[Stage], live: LiveRun) -> None:
