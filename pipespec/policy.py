@@ -189,6 +189,7 @@ class ChainMonitor:
     _look_tokens: int = 0
     _clean: bool = False  # the interval since the last look ran one chain in steady state
     _last_switch: int = 0
+    _scores: dict[tuple[int, ...], float] = field(default_factory=dict)  # predictions of the current look
 
     def __post_init__(self) -> None:
         if self.stages < 1:
@@ -266,6 +267,7 @@ class ChainMonitor:
             m.tokens += self.tokens - self._look_tokens
             m.seconds += now - self._last_look
         self._last_look, self._look_tokens, self._clean = now, self.tokens, True
+        self._scores.clear()
         if self.tokens - self._last_switch < self.settle or self.measured(self.active) is None:
             return None
         if self._tentative is not None and self._measured[self.active].tokens < self.judge_tokens:
@@ -299,11 +301,17 @@ class ChainMonitor:
         self._next_trial[self.active] = self.tokens + self._wait(self.active)
         return self._switch(tentative.previous, None)
 
+    def _score(self, chain: tuple[int, ...]) -> float:
+        """``predict``, computed once per look (``_best`` and ``_neighbours`` ask for the same chains)."""
+        if chain not in self._scores:
+            self._scores[chain] = self.predict(chain)
+        return self._scores[chain]
+
     def _best(self) -> tuple[int, ...]:
         """The best sub-chain of the active one, by the model. Bringing a bypassed stage back is left to trials:
         its estimates are as old as its bypass, and comparing them with fresh ones made the chain flip."""
-        current = self.predict(self.active)
-        scores = {c: self.predict(c) for c in self.candidates()
+        current = self._score(self.active)
+        scores = {c: self._score(c) for c in self.candidates()
                   if set(c) <= set(self.active) and all(self._latency[i].sw for i in c) and not self._lost(c)}
         best = max(scores, key=lambda c: (scores[c], -len(c)))
         return best if scores[best] > current * (1.0 + self.margin) else self.active
@@ -314,8 +322,8 @@ class ChainMonitor:
         shared = self.contended or (True,) * self.stages
         out = [c for c in self.candidates() if len(set(c) ^ set(self.active)) == 1
                and (len(c) > len(self.active) or shared[(set(self.active) - set(c)).pop()])]
-        floor = (1.0 - self.trial_band) * self.predict(self.active)  # far worse by the model: not worth a trial
-        scores = {c: self.predict(c) for c in out}
+        floor = (1.0 - self.trial_band) * self._score(self.active)  # far worse by the model: not worth a trial
+        scores = {c: self._score(c) for c in out}
         return sorted((c for c in out if scores[c] >= floor), key=lambda c: (len(c), -scores[c]))
 
     def _lost(self, chain: tuple[int, ...]) -> bool:

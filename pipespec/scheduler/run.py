@@ -121,14 +121,14 @@ async def _control(stages: list[Stage], monitor: ChainMonitor) -> None:
 
 async def run_pipe(stages: list[Stage], live: LiveRun) -> None:
     """Run every stage until the target says the generation is over, then cancel the rest."""
-    monitor = stages[-1].monitor
-    if monitor is not None and len(stages) > 1:
+    monitor = stages[-1].monitor if len(stages) > 1 else None  # a chain of one has nothing to bypass
+    if monitor is not None:
         use_chain(stages, monitor.active)  # start from the sub-chain the last generation ended with
         monitor.begin(time.perf_counter())
     async with anyio.create_task_group() as tg:
         for stage in stages[:-1]:
             tg.start_soon(_guarded, stage, name=f"stage-{stage.index}")
-        if monitor is not None and len(stages) > 1:
+        if monitor is not None:
             tg.start_soon(_control, stages, monitor, name="controller")
         await _guarded(stages[-1])
         live.finished = time.perf_counter()
