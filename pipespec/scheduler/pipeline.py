@@ -110,24 +110,19 @@ class Pipeline:
             if on_loaded is not None:
                 on_loaded(i, names[i])
 
-        tokenizer_error: list[BaseException] = []
-
-        async def load_target_tokenizer() -> Any:
-            try:
-                return await anyio.to_thread.run_sync(
-                    lambda: load_tokenizer(sources[-1], trust_remote_code=trust_remote_code))
-            except Exception as exc:  # noqa: BLE001 - a model's own error, if any, is the one to report
-                tokenizer_error.append(exc)
-                return None
-
+        tokenizer_error: Exception | None = None
         try:
             async with anyio.create_task_group() as tg:
                 for i in range(len(models)):
                     tg.start_soon(load_one, i)
                 if tokenizer is None and sources[-1] is not None:
-                    tokenizer = await load_target_tokenizer()
-            if tokenizer_error:
-                raise tokenizer_error[0]
+                    try:
+                        tokenizer = await anyio.to_thread.run_sync(
+                            lambda: load_tokenizer(sources[-1], trust_remote_code=trust_remote_code))
+                    except Exception as exc:  # noqa: BLE001 - raised below, unless a model's own error comes first
+                        tokenizer_error = exc
+            if tokenizer_error is not None:
+                raise tokenizer_error
             if len(models) > 1 and tokenizer is not None:
                 await anyio.to_thread.run_sync(_check_tokenizers, sources, tokenizer)
         except BaseException as exc:
