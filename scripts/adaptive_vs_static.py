@@ -46,15 +46,32 @@ CONFIGS = [
 GRID = [(cap, ahead) for cap in (4, 16, 64) for ahead in (4, 16, 64)]
 
 
-async def rate(pipe, prompt: list[int], tokens: int, repeats: int, cold: bool = False, **options) -> float:
+async def rate(pipe, prompts: list[list[int]], tokens: int, repeats: int, cold: bool = False, **options) -> float:
+    """Median over ``repeats`` of committed tokens/s through every prompt in turn. ``cold``: a fresh monitor for
+    every generation (nothing carried over from earlier runs)."""
     runs = []
     for _ in range(repeats):
-        if cold:
-            pipe.monitor = ChainMonitor(len(pipe.members), contended=pipe.monitor.contended)
-        t0 = time.perf_counter()
-        g = await pipe.generate(prompt, max_new_tokens=tokens, mode="pipe", **options)
-        runs.append(g.stats.tokens / (time.perf_counter() - t0))
+        committed, seconds = 0, 0.0
+        for prompt in prompts:
+            if cold:
+                pipe.monitor = ChainMonitor(len(pipe.members), contended=pipe.monitor.contended)
+            t0 = time.perf_counter()
+            g = await pipe.generate(prompt, max_new_tokens=tokens, mode="pipe", **options)
+            seconds += time.perf_counter() - t0
+            committed += g.stats.tokens
+        runs.append(committed / seconds)
     return statistics.median(runs)
+
+
+def summary(adaptive: float, warm: float, default: float, grid: dict) -> dict:
+    """The comparison printed for one chain: adaptive (cold and warm) against the default and the best static."""
+    best = max(grid, key=grid.get)
+    return {"adaptive": round(adaptive, 1), "adaptive_warm": round(warm, 1),
+            "default_static": round(default, 1), "best_static": round(grid[best], 1),
+            "best_static_config": {"chain": best[0], "verify_cap": best[1], "max_ahead": best[2]},
+            "adaptive_over_best": round(adaptive / grid[best], 3),
+            "adaptive_warm_over_best": round(warm / grid[best], 3),
+            "adaptive_over_default": round(adaptive / default, 3)}
 
 
 TRACE_LENGTH = 499  # prime, and longer than a generation: no short period lines up with the windows
@@ -76,30 +93,24 @@ def sub_chains(latencies: list[float], links: list[list[int]]):
 
 
 async def main(args: argparse.Namespace) -> None:
-    prompt = list(range(3, 19))
+    prompts = [list(range(3, 19))]
     only = {int(x) for x in args.only.split(",")} if args.only else None
     for index, (latencies, acceptance, cost) in enumerate(CONFIGS):
         if only is not None and index not in only:
             continue
         links = traces(acceptance)
         async with simulated_pipeline(latencies, links, verify_cost_per_token_ms=cost) as pipe:
-            adaptive = await rate(pipe, prompt, args.tokens, args.repeats, cold=True, adaptive=True)
-            warm = await rate(pipe, prompt, args.tokens, args.repeats, adaptive=True)  # carried over, as in chat
-            default = await rate(pipe, prompt, args.tokens, args.repeats, adaptive=False)
+            adaptive = await rate(pipe, prompts, args.tokens, args.repeats, cold=True, adaptive=True)
+            warm = await rate(pipe, prompts, args.tokens, args.repeats, adaptive=True)  # carried over, as in chat
+            default = await rate(pipe, prompts, args.tokens, args.repeats, adaptive=False)
         grid = {}
         for chain, lat, acc in sub_chains(latencies, links):
             async with simulated_pipeline(lat, acc, verify_cost_per_token_ms=cost) as pipe:
                 for cap, ahead in (GRID if len(chain) > 1 else GRID[:1]):  # the target alone: no caps
-                    grid[(chain, cap, ahead)] = await rate(pipe, prompt, args.tokens, args.repeats, adaptive=False,
+                    grid[(chain, cap, ahead)] = await rate(pipe, prompts, args.tokens, args.repeats, adaptive=False,
                                                            verify_cap=cap, max_ahead=ahead)
-        best = max(grid, key=grid.get)
         print(json.dumps({"latencies_ms": latencies, "acceptance": acceptance, "verify_cost_ms": cost,
-                          "adaptive": round(adaptive, 1), "adaptive_warm": round(warm, 1),
-                          "default_static": round(default, 1), "best_static": round(grid[best], 1),
-                          "best_static_config": {"chain": best[0], "verify_cap": best[1], "max_ahead": best[2]},
-                          "adaptive_over_best": round(adaptive / grid[best], 3),
-                          "adaptive_warm_over_best": round(warm / grid[best], 3),
-                          "adaptive_over_default": round(adaptive / default, 3)}), flush=True)
+                          **summary(adaptive, warm, default, grid)}), flush=True)
 
 
 async def family(args: argparse.Namespace) -> None:
@@ -112,41 +123,21 @@ async def family(args: argparse.Namespace) -> None:
     names = ["tiny-draft", "tiny-middle", "tiny-target"]
     prompts = load_prompts("text")[:args.prompts]
 
-    async def rate_all(pipe, cold: bool = False, **options) -> float:
-        ids = [pipe.encode(p) for p in prompts]
-        runs = []
-        for _ in range(args.repeats):
-            tokens = seconds = 0.0
-            for p in ids:
-                if cold:
-                    # nothing carried over from earlier runs
-                    pipe.monitor = ChainMonitor(len(pipe.members), contended=pipe.monitor.contended)
-                t0 = time.perf_counter()
-                g = await pipe.generate(p, max_new_tokens=args.tokens, mode="pipe", **options)
-                seconds += time.perf_counter() - t0
-                tokens += g.stats.tokens
-            runs.append(tokens / seconds)
-        return statistics.median(runs)
-
     async with Pipeline.load(names, device="cpu") as pipe:
-        adaptive = await rate_all(pipe, cold=True, adaptive=True)
-        warm = await rate_all(pipe, adaptive=True)  # the monitor carries over, as in a chat session
-        default = await rate_all(pipe, adaptive=False)
+        ids = [list(pipe.encode(p)) for p in prompts]
+        adaptive = await rate(pipe, ids, args.tokens, args.repeats, cold=True, adaptive=True)
+        warm = await rate(pipe, ids, args.tokens, args.repeats, adaptive=True)  # carried over, as in chat
+        default = await rate(pipe, ids, args.tokens, args.repeats, adaptive=False)
     grid = {}
     for r in range(len(names)):
         for drafts in itertools.combinations(names[:-1], r):
             chain = (*drafts, names[-1])
             async with Pipeline.load(list(chain), device="cpu") as pipe:
                 for cap, ahead in (GRID if len(chain) > 1 else GRID[:1]):  # the target alone: no caps
-                    grid[(chain, cap, ahead)] = await rate_all(pipe, adaptive=False, verify_cap=cap, max_ahead=ahead)
-    best = max(grid, key=grid.get)
+                    grid[(chain, cap, ahead)] = await rate(pipe, ids, args.tokens, args.repeats, adaptive=False,
+                                                           verify_cap=cap, max_ahead=ahead)
     print(json.dumps({"chain": names, "prompts": len(prompts), "tokens": args.tokens,
-                      "adaptive": round(adaptive, 1), "adaptive_warm": round(warm, 1),
-                      "default_static": round(default, 1), "best_static": round(grid[best], 1),
-                      "best_static_config": {"chain": best[0], "verify_cap": best[1], "max_ahead": best[2]},
-                      "adaptive_over_best": round(adaptive / grid[best], 3),
-                      "adaptive_warm_over_best": round(warm / grid[best], 3),
-                      "adaptive_over_default": round(adaptive / default, 3)}), flush=True)
+                      **summary(adaptive, warm, default, grid)}), flush=True)
 
 
 if __name__ == "__main__":
