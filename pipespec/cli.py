@@ -16,13 +16,10 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from .errors import ConfigError, PipelineError, PipespecError
+from .types import MODES
+from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ConfigError, PipespecError, exit_code
 
 T = TypeVar("T")
-
-EXIT_USAGE = 2
-EXIT_FAILED = 1
-EXIT_INTERRUPTED = 130
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
@@ -118,12 +115,8 @@ def run_async(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
     pipeline stops its stages cleanly before KeyboardInterrupt reaches us."""
     try:
         return asyncio.run(main())
-    except ConfigError as exc:
-        fail(str(exc))
-    except PipelineError as exc:
-        fail(str(exc), EXIT_FAILED)
     except PipespecError as exc:
-        fail(str(exc), EXIT_FAILED)
+        fail(str(exc), exit_code(exc))
 
 
 # -- shared options ----------------------------------------------------------------------------------------------
@@ -152,7 +145,7 @@ def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed."),
         click.option("--acceptance", type=click.Choice(["coupled", "rejection"]), default="coupled",
                      show_default=True, help="How sampled drafts are verified (see docs/sampling.md)."),
-        click.option("--mode", type=click.Choice(["pipe", "sd", "ar"]), default="pipe", show_default=True,
+        click.option("--mode", type=click.Choice(MODES), default="pipe", show_default=True,
                      help="pipe: asynchronous; sd: lock-step; ar: the target alone."),
         click.option("--verify-cap", type=int, default=64, show_default=True,
                      help="Most proposed tokens a stage checks in one forward pass."),
@@ -166,6 +159,12 @@ def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
     for opt in reversed(opts):
         f = opt(f)
     return f
+
+
+placement_option = click.option(
+    "--placement", default=None, metavar="0,0,1",
+    help="GPU index (or 'cpu') per model, smallest first; default: one stage per GPU, the target alone if GPUs are few.")
+log_file_option = click.option("--log-file", default=None, metavar="PATH", help="Write JSON-lines logs here.")
 
 
 def generation_options(kw: dict[str, Any]) -> dict[str, Any]:
@@ -184,7 +183,7 @@ class _Group(click.Group):
             return super().main(*args, **kwargs)
         except click.exceptions.NoArgsIsHelpError as exc:  # bare `pipespec`: the help, not an error
             click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
-            sys.exit(0)
+            sys.exit(EXIT_OK)
         except click.UsageError as exc:
             hint = f" (see 'pipespec {exc.ctx.info_name} --help')" if exc.ctx and exc.ctx.parent else ""
             fail(f"{exc.format_message()}{hint}")
@@ -206,22 +205,21 @@ def main() -> None:
 @main.command()
 @model_options
 @sampling_options
-@click.option("--placement", default=None, metavar="0,0,1",
-              help="GPU index (or 'cpu') per model; default: one stage per GPU, the target alone if GPUs are few.")
+@placement_option
 @click.option("--prompt", "-p", default=None, help="The prompt text.")
 @click.option("--prompt-file", default=None, metavar="FILE", help="Read the prompt from a file.")
 @click.option("--max-new-tokens", "-n", type=int, default=128, show_default=True)
 @click.option("--stop", multiple=True, help="Stop after this string (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object when done instead of streaming text.")
 @click.option("--tui/--no-tui", default=None, help="Live view of every stage (default: on when stdout is a terminal).")
-@click.option("--log-file", default=None, metavar="PATH", help="Write JSON-lines logs here.")
+@log_file_option
 @click.option("-v", "--verbose", count=True, help="Readable logs on stderr (when no live view runs).")
 def run(models: str | None, device: str, dtype: str, trust_remote_code: bool, placement: str | None,
         prompt: str | None,
         prompt_file: str | None, max_new_tokens: int, stop: tuple[str, ...], as_json: bool, tui: bool | None,
         log_file: str | None, verbose: int, **kw: Any) -> None:
     """Generate a continuation of a prompt with a chain of models."""
-    from .runcmd import run_command
+    from .apps.run import run_command
 
     use_tui = (sys.stdout.isatty() and not as_json) if tui is None else (tui and not as_json)
     configure_logging(verbose, log_file, console_ok=not use_tui)
@@ -262,19 +260,18 @@ def models_cmd(as_json: bool) -> None:
 @main.command()
 @model_options
 @sampling_options
-@click.option("--placement", default=None, metavar="0,0,1",
-              help="GPU index (or 'cpu') per model; default: one stage per GPU, the target alone if GPUs are few.")
+@placement_option
 @click.option("--max-new-tokens", "-n", type=int, default=256, show_default=True, help="Most tokens per reply.")
 @click.option("--system", default=None, metavar="TEXT",
               help="A system message (the chat template's system turn; else the start of the transcript).")
 @click.option("--stop", multiple=True, help="End a reply after this string (repeatable).")
-@click.option("--log-file", default=None, metavar="PATH", help="Write JSON-lines logs here.")
+@log_file_option
 @click.option("-v", "--verbose", count=True, help="Readable logs on stderr.")
 def chat(models: str | None, device: str, dtype: str, trust_remote_code: bool, placement: str | None,
          max_new_tokens: int, system: str | None, stop: tuple[str, ...], log_file: str | None, verbose: int,
          **kw: Any) -> None:
     """Talk to a chain of models in the terminal: multi-turn, replies stream, /help lists the commands."""
-    from .chat import chat_command
+    from .apps.chat import chat_command
 
     configure_logging(verbose, log_file, console_ok=True)
     names = parse_models(models)
@@ -300,21 +297,20 @@ def chat(models: str | None, device: str, dtype: str, trust_remote_code: bool, p
 @click.option("--lookahead", type=int, default=8, show_default=True, help="Tokens per round in sd mode.")
 @click.option("--verify-cap", type=int, default=64, show_default=True,
               help="Most proposed tokens a stage checks in one forward pass.")
-@click.option("--placement", default=None, metavar="0,0,1",
-              help="Device of each model (GPU index or cpu), smallest first; default: one stage per GPU.")
+@placement_option
 @click.option("--adaptive/--no-adaptive", default=True, show_default=True,
               help="pipe: adapt verify caps and run-ahead, and bypass stages that slow the chain; "
                    "--no-adaptive runs the whole chain with --verify-cap fixed.")
 @click.option("--out", default="bench-out", show_default=True, metavar="DIR",
               help="Where bench.json, bench.md and bench.png go (not with --json).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table; write no files.")
-@click.option("--log-file", default=None, metavar="PATH", help="Write JSON-lines logs here.")
+@log_file_option
 @click.option("-v", "--verbose", count=True, help="Readable logs on stderr.")
 def bench(models: str | None, device: str, dtype: str, trust_remote_code: bool, prompts: str, n: int,
           max_new_tokens: int, methods: str, warmup: int, lookahead: int, verify_cap: int, placement: str | None,
           adaptive: bool, out: str, as_json: bool, log_file: str | None, verbose: int) -> None:
     """Time HF generate, HF assisted generation and pipespec's ar / sd / pipe on the same prompts."""
-    from .bench import BenchSettings, eprint, run_bench
+    from .apps.bench.run import BenchSettings, eprint, run_bench
 
     configure_logging(verbose, log_file, console_ok=True)
     chosen = tuple(dict.fromkeys(m.strip() for m in methods.split(",")))  # in order, each once
@@ -332,19 +328,19 @@ def bench(models: str | None, device: str, dtype: str, trust_remote_code: bool, 
     failed = any("error" in m for m in report["methods"].values())
     if as_json:
         click.echo(json.dumps(report))
-        sys.exit(EXIT_FAILED if failed else 0)
+        sys.exit(EXIT_FAILURE if failed else EXIT_OK)
     from rich.console import Console
 
-    from .bench_report import rich_table, write_outputs
+    from .apps.bench.report import rich_table, write_outputs
 
     Console(width=None if sys.stdout.isatty() else 160).print(rich_table(report))
     try:
         written = write_outputs(report, Path(out))
     except OSError as exc:
-        fail(f"cannot write to {out}: {exc.strerror}", EXIT_FAILED)
+        fail(f"cannot write to {out}: {exc.strerror}", EXIT_FAILURE)
     for line in written:
         eprint(line)
-    sys.exit(EXIT_FAILED if failed else 0)
+    sys.exit(EXIT_FAILURE if failed else EXIT_OK)
 
 
 # -- simulate and plan: the orchestrator on simulated models, and a measured plan for a real chain --------------
@@ -356,40 +352,6 @@ def _floats(text: str, option: str) -> list[float]:
         fail(f"{option} {text!r}: expected numbers separated by commas")
 
 
-def _simulate_table(report: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=None if sys.stdout.isatty() else 140)
-    head = Table(title=f"pipespec simulate: {report['mode']}, latencies {report['latencies_ms']} ms, "
-                       f"acceptance {[round(a, 3) for a in report['acceptance']]}")
-    head.add_column("tokens/s", justify="left")
-    head.add_column("value", justify="right")
-    head.add_row("measured (real orchestrator, simulated models)", f"{report['measured_tokens_per_s']:.1f}")
-    head.add_row("predicted (analysis.predict_throughput)", f"{report['predicted_tokens_per_s']:.1f}")
-    head.add_row("simulated (same draws, free coordination)", f"{report['simulated_tokens_per_s']:.1f}")
-    at_measured = report["predicted_at_measured_latencies_tokens_per_s"]
-    head.add_row("predicted at the measured forward times", f"{at_measured:.1f}")
-    head.add_row("measured / predicted", f"{report['measured_over_predicted']:.3f}")
-    head.add_row("measured / simulated", f"{report['measured_over_simulated']:.3f}")
-    console.print(head)
-    stages = Table(title="stages")
-    for col in ("stage", "forwards", "sim. forwards", "proposed", "accepted", "rollbacks", "busy", "ms/forward"):
-        stages.add_column(col, justify="right")
-    for i, st in enumerate(report["stages"]):
-        stages.add_row(str(i), str(st["forwards"]), str(st["simulated_forwards"]), str(st["proposed"]),
-                       str(st["accepted"]), str(st["rollbacks"]), f"{100 * st['busy_fraction']:.0f}%",
-                       "-" if st["measured_ms_per_forward"] is None else f"{st['measured_ms_per_forward']:.3f}")
-    console.print(stages)
-    console.print(f"orchestrator overhead: {report['orchestrator_overhead_us_per_token']:.0f} us of event-loop time "
-                  f"per committed token ({100 * report['event_loop_busy_fraction']:.1f}% of the wall time); "
-                  f"target idle {report['target_idle_us_per_token']:.0f} us per token; "
-                  f"{report['tokens']} tokens x {report['repeats']} in {report['seconds']:.2f} s")
-    for mode, row in report.get("compare", {}).items():
-        console.print(f"{mode}: measured {row['measured_tokens_per_s']:.1f}, predicted "
-                      f"{row['predicted_tokens_per_s']:.1f}, simulated {row['simulated_tokens_per_s']:.1f} tokens/s")
-
-
 @main.command(name="simulate")
 @click.option("--latencies-ms", default="0.5,5,20", show_default=True, metavar="L0,L1,...",
               help="Milliseconds per forward pass of each simulated model, smallest first.")
@@ -398,7 +360,7 @@ def _simulate_table(report: dict[str, Any]) -> None:
 @click.option("--acceptance-trace", default=None, metavar="FILE",
               help="JSON: one list of 0/1 per neighbouring pair (recorded acceptances), instead of --acceptance.")
 @click.option("--tokens", "-n", type=int, default=400, show_default=True, help="Tokens per generation.")
-@click.option("--mode", type=click.Choice(["pipe", "sd", "ar"]), default="pipe", show_default=True)
+@click.option("--mode", type=click.Choice(MODES), default="pipe", show_default=True)
 @click.option("--verify-cap", type=int, default=64, show_default=True)
 @click.option("--lookahead", type=int, default=8, show_default=True)
 @click.option("--max-ahead", type=int, default=None, help="Default: max(--verify-cap, --lookahead).")
@@ -414,7 +376,7 @@ def simulate_cmd(latencies_ms: str, acceptance: str, acceptance_trace: str | Non
                  verify_cost_ms: float, draft_batch: int, compare: bool, as_json: bool) -> None:
     """Run the real orchestrator on simulated models (sleeps, a seeded acceptance oracle); compare it with the
     analytical model and the discrete-event simulation. See docs/analysis.md."""
-    from .simworker import run_on_clock, simulate_report
+    from .apps.simulate import print_report, run_on_clock, simulate_report
 
     configure_logging(0, None, console_ok=False)
     lat = _floats(latencies_ms, "--latencies-ms")
@@ -438,7 +400,7 @@ def simulate_cmd(latencies_ms: str, acceptance: str, acceptance_trace: str | Non
         fail(f"--verify-cost-ms must be >= 0, got {verify_cost_ms}")
     options = dict(tokens=tokens, verify_cap=verify_cap, lookahead=lookahead, max_ahead=max_ahead, seed=seed,
                    repeats=repeats, verify_cost_per_token_ms=verify_cost_ms, draft_batch=draft_batch)
-    modes = [mode] + ([m for m in ("pipe", "sd", "ar") if m != mode] if compare else [])
+    modes = [mode] + ([m for m in MODES if m != mode] if compare else [])
     reports = []
     for m in modes:
         try:
@@ -446,7 +408,7 @@ def simulate_cmd(latencies_ms: str, acceptance: str, acceptance_trace: str | Non
         except (ConfigError, ValueError) as exc:
             fail(str(exc))
         except PipespecError as exc:
-            fail(str(exc), EXIT_FAILED)
+            fail(str(exc), EXIT_FAILURE)
     report = reports[0]
     if compare:
         report["compare"] = {r["mode"]: {k: r[k] for k in ("measured_tokens_per_s", "predicted_tokens_per_s",
@@ -454,44 +416,7 @@ def simulate_cmd(latencies_ms: str, acceptance: str, acceptance_trace: str | Non
     if as_json:
         click.echo(json.dumps(report))
     else:
-        _simulate_table(report)
-
-
-def _plan_tables(result: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(width=None if sys.stdout.isatty() else 140)
-    lat = Table(title=f"forward pass, ms (device {result['device']})")
-    lat.add_column("model")
-    sizes = list(next(iter(result["latency_ms"].values())))
-    for n in sizes:
-        lat.add_column(f"{n} tok", justify="right")
-    for model, row in result["latency_ms"].items():
-        lat.add_row(model, *(f"{row[n]:.2f}" for n in sizes))
-    console.print(lat)
-    if result["acceptance"]:
-        console.print("greedy agreement: " + ", ".join(f"{k} {v:.3f}" for k, v in result["acceptance"].items()))
-    preds = Table(title="predicted throughput, best first")
-    for col in ("chain", "verify cap", "predicted tok/s", "simulated tok/s", "speedup"):
-        preds.add_column(col, justify="right" if col != "chain" else "left")
-    for p in result["predictions"]:
-        preds.add_row(",".join(p["chain"]), "-" if p["verify_cap"] is None else str(p["verify_cap"]),
-                      f"{p['predicted_tokens_per_s']:.1f}", f"{p['simulated_tokens_per_s']:.1f}",
-                      f"{p['speedup']:.2f}x")
-    console.print(preds)
-    best = result["recommended"]
-    cap = "" if best["verify_cap"] is None else f" --verify-cap {best['verify_cap']}"
-    mode = " --mode ar" if best["verify_cap"] is None else ""
-    console.print(f"recommended: pipespec run --models {','.join(best['chain'])}{cap}{mode}")
-    if result.get("shared_device"):
-        console.print("note: these models share one device; the predictions assume one device per model, so "
-                      "chains of several models will measure slower than predicted")
-    run = result.get("measured")
-    if run:
-        console.print(f"measured: {run['measured_tokens_per_s']:.1f} tok/s (predicted "
-                      f"{run['predicted_tokens_per_s']:.1f}); target alone {run['ar_measured_tokens_per_s']:.1f} "
-                      f"(predicted {run['ar_predicted_tokens_per_s']:.1f})")
+        print_report(report)
 
 
 @main.command(name="plan")
@@ -506,7 +431,7 @@ def _plan_tables(result: dict[str, Any]) -> None:
 def plan_cmd(models: str | None, device: str, dtype: str, trust_remote_code: bool, prompts: str, num_prompts: int,
              tokens: int, do_run: bool, as_json: bool) -> None:
     """Measure a chain on this device, predict every sub-chain and verify cap, and recommend one."""
-    from .plan import plan
+    from .apps.plan import plan, print_tables
     from .prompts import load_prompts
 
     configure_logging(0, None, console_ok=False)
@@ -534,7 +459,7 @@ def plan_cmd(models: str | None, device: str, dtype: str, trust_remote_code: boo
     if as_json:
         click.echo(json.dumps(result))
     else:
-        _plan_tables(result)
+        print_tables(result)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["PipespecError", "ConfigError", "ModelLoadError", "PipelineError", "PipelineClosed"]
+__all__ = ["PipespecError", "ConfigError", "ModelLoadError", "PipelineError", "PipelineClosed", "EXIT_OK",
+           "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED", "exit_code", "first_line"]
 
 
 class PipespecError(Exception):
@@ -27,3 +28,26 @@ class PipelineError(PipespecError):
 
 class PipelineClosed(PipespecError):
     """The pipeline was closed; it serves no more generations."""
+
+
+# The exit-code policy of every command (cli.py and the apps import these; nothing else writes the numbers).
+EXIT_OK = 0
+EXIT_FAILURE = 1  # a generation or a benchmark method failed
+EXIT_USAGE = 2  # bad input: a ConfigError, a click usage error
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), after printing what was generated so far
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, cut to ``limit`` characters ('' when it has none): what a one-line
+    error shows of an underlying exception."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else ""
+
+
+def exit_code(exc: BaseException) -> int:
+    """The exit code a command ends with after ``exc``: the one policy every command follows."""
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(exc, ConfigError):
+        return EXIT_USAGE
+    return EXIT_FAILURE

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError, ModelLoadError
+from .errors import ConfigError, ModelLoadError, first_line
 
 # transformers builds models under process-wide patches (empty weights on the meta device); two loads in two
 # runner threads at once corrupt each other, so construction is serialised. Moving weights to devices is not.
@@ -134,7 +134,7 @@ def _local_dir(source: Source) -> Path:
     try:
         return Path(snapshot_download(source.location, allow_patterns=patterns))
     except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"could not download {source.location}: {str(exc).splitlines()[0]}") from None
+        raise ModelLoadError(f"could not download {source.location}: {first_line(exc) or type(exc).__name__}") from None
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -172,7 +172,7 @@ def _unpickling_refusal(exc: Exception) -> str:
     if found:
         return f"unpickling it would call {found.group(1)}; only tensors are allowed"
     found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
-    reason = found.group(1) if found else (text.strip().splitlines() or [type(exc).__name__])[0]
+    reason = found.group(1) if found else (first_line(exc, 120) or type(exc).__name__)
     return reason.strip()[:120]
 
 
@@ -195,7 +195,7 @@ def load_model(source: Source, device: torch.device, dtype: torch.dtype, *, trus
         raise ModelLoadError(f"out of GPU memory loading {source.name} on {device}; "
                              "try another placement (--placement) or a smaller dtype") from None
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; the user needs one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc, 300) or type(exc).__name__
         if "trust_remote_code" in str(exc) and not trust_remote_code:
             first = f"{first[:200]} (it ships its own Python code: pass --trust-remote-code only if you trust it)"
         raise ModelLoadError(f"could not load model {source.spec!r}: {first[:300]}") from None
@@ -205,8 +205,8 @@ def load_model(source: Source, device: torch.device, dtype: torch.dtype, *, trus
         raise ModelLoadError(f"out of GPU memory placing {source.name} on {device}; "
                              "try another placement (--placement) or a smaller dtype") from None
     except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"could not move model {source.spec!r} to {device}: {str(exc).splitlines()[0][:200]}"
-                             ) from None
+        raise ModelLoadError(f"could not move model {source.spec!r} to {device}: "
+                             f"{first_line(exc) or type(exc).__name__}") from None
     model.eval()
     return model
 
@@ -220,5 +220,5 @@ def load_tokenizer(source: Source, *, trust_remote_code: bool = False) -> Any:
             return AutoTokenizer.from_pretrained(str(folder), gguf_file=source.path.name)
         return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc, 300) or type(exc).__name__
         raise ModelLoadError(f"could not load the tokenizer of {source.spec!r}: {first[:300]}") from None

@@ -7,10 +7,14 @@ Default on CUDA: one stage per GPU when there are enough GPUs; otherwise the tar
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
 
-__all__ = ["plan_placement", "parse_placement"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["plan_placement", "parse_placement", "resolve_device"]
 
 
 def plan_placement(n_models: int, n_gpus: int) -> list[int]:
@@ -91,3 +95,28 @@ def check_fits(needs: Sequence[tuple[str, str, int | None]], free: dict[str, int
                 f"{names} need about {total / 2**30:.1f} GiB on {device} but only {available / 2**30:.1f} GiB is "
                 f"free; spread the models over more GPUs (e.g. --placement {','.join(str(i) for i in range(len(needs)))}) "
                 "or use a smaller dtype")
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'auto' -> the first CUDA device if there is one, else the CPU; anything else is checked, not trusted."""
+    import torch
+
+    if isinstance(device, torch.device):
+        dev = device
+    elif device == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!s} was asked for but CUDA is not available on this machine")
+        index = dev.index if dev.index is not None else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!s} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+        return torch.device("cuda", index)
+    if dev.type != "cpu":
+        raise ConfigError(f"unsupported device {device!s}: use auto, cpu, cuda or cuda:N")
+    return dev

@@ -2,19 +2,8 @@
 
 Everything here is a small frozen dataclass: no tensors are read, no threads are touched.
 
-Terms (used the same way everywhere in pipespec):
-
-- *stage i*: the i-th model of the chain, smallest first; stage 0 is the draft, the last stage is the target.
-- *proposal*: tokens a stage publishes downstream, to stage i+1, as candidates to verify.
-- *verify*: stage i+1 runs one forward pass over the proposed tokens and keeps the longest prefix that matches
-  its own choice at every position (*accepted*), then appends its own choice at the first mismatch
-  (the *correction*) or, when everything matched, one more token of its own (the *bonus*).
-- *verdict*: what stage i+1 tells stage i back: how long its verified sequence is and, on a rejection,
-  a *rollback*: the sequence stage i must adopt (its tokens past the divergence are dropped, KV cache included).
-- *epoch*: a counter per link (stage i -> stage i+1). Stage i+1 bumps it with every rollback it sends; stage i
-  tags every proposal with the epoch it last adopted, so proposals made before a rollback are recognised as stale
-  and dropped by the receiver, never fished out of a queue.
-- *sequence positions* are absolute: position 0 is the first prompt token.
+Terms (stage, proposal, verify, accepted, correction, bonus, verdict, rollback, epoch, positions): the glossary in
+docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -23,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Mode = Literal["pipe", "sd", "ar"]
+MODES: tuple[Mode, ...] = ("pipe", "sd", "ar")  # the generation modes, in the order the CLI lists them
 Acceptance = Literal["coupled", "rejection"]
 StageState = Literal["idle", "drafting", "verifying", "rolling back", "waiting", "bypassed", "done"]
 
@@ -72,11 +62,9 @@ class Verdict:
         return newer
 
 
-@dataclass(frozen=True, slots=True)
-class Commit:
-    """Tokens the target has verified: final output, appended in order."""
-
-    tokens: tuple[int, ...]
+# The per-stage counters every report sums over generations (``StageStats`` fields; ``to_dict`` carries each).
+STAGE_COUNTERS = ("forwards", "proposed", "accepted", "verifications", "drafted", "rollbacks", "rollbacks_sent",
+                  "bypasses", "busy_seconds")
 
 
 @dataclass(slots=True)

@@ -31,8 +31,8 @@ import random
 import statistics
 import time
 
-from pipespec.policy import ChainMonitor
-from pipespec.simworker import simulated_pipeline
+from pipespec.scheduler.policy import ChainMonitor
+from pipespec.apps.simulate import simulated_pipeline
 
 CONFIGS = [
     # (latencies ms, acceptance, verify cost per token ms)

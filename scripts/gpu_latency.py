@@ -73,7 +73,7 @@ def median_ms(fn, reps: int) -> float:
 def measure(shape: str, device: torch.device, bandwidth: float, reps: int) -> dict:
     from transformers import DynamicCache
 
-    from pipespec.fastworker import StaticWorker
+    from pipespec.workers.static import StaticWorker
 
     model = build(shape, device)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

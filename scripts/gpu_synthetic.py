@@ -16,11 +16,11 @@ import time
 
 import torch
 
-from pipespec.analysis import predict_throughput
-from pipespec.runtime import Runner
+from pipespec.analysis.model import predict_throughput
+from pipespec.runners.thread import ThreadRunner
 from pipespec.scheduler import Member, Pipeline
-from pipespec.simworker import Oracle
-from pipespec.synthetic import SyntheticWorker, random_llama
+from pipespec.analysis.oracle import Oracle
+from pipespec.workers.synthetic import SyntheticWorker, random_llama
 
 
 def parse_chain(text: str) -> list[tuple[str, list[str]]]:
@@ -36,11 +36,11 @@ async def main(args: argparse.Namespace) -> dict:
     oracle = Oracle([0.8] * (len(chain) - 1), seed=args.seed)
     members = []
     for i, (shape, devices) in enumerate(chain):
-        runner = Runner(f"{i}-{shape}", torch.device(devices[0]))
-        model = await runner.call(random_llama, shape, devices)
-        worker = await runner.call(lambda m=model, s=shape, d=devices[0], i=i: SyntheticWorker(
+        runner = ThreadRunner(f"{i}-{shape}", torch.device(devices[0]))
+        model = await runner.run(random_llama, shape, devices)
+        info = await runner.start(lambda m=model, s=shape, d=devices[0], i=i: SyntheticWorker(
             m, s, torch.device(d), oracle, i, capacity=2048))
-        members.append(Member(shape, runner, worker))
+        members.append(Member(shape, runner, info))
         print(f"loaded {shape} on {devices}", flush=True)
     pipe = Pipeline(members, tokenizer=None)
     prompt = torch.randint(0, 32000, (args.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
@@ -66,7 +66,7 @@ async def main(args: argparse.Namespace) -> dict:
                 out.append(statistics.median(times[3:]))
             worker.release()
             return out[0], out[1]
-        latencies.append(await m.runner.call(bench))
+        latencies.append(await m.runner.run(bench))
         print(f"{m.name}: {latencies[-1][0] * 1e3:.2f} ms (1 token), {latencies[-1][1] * 1e3:.2f} ms (8)", flush=True)
 
     rows = []

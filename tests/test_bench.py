@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from conftest import noisy_copy, tiny_llama
 from helpers import byte_tokenizer, save_folder
-from pipespec.bench_report import METHODS, cut_at_eos
-from pipespec.bench_report import markdown, rows
+from pipespec.apps.bench.report import METHODS, cut_at_eos
+from pipespec.apps.bench.report import markdown, rows
 from pipespec.cli import main
 
 torch.set_num_threads(1)

@@ -16,8 +16,8 @@ import torch
 import pipespec
 from conftest import noisy_copy
 from helpers import hf_greedy, limit, slow, target_alone
-from pipespec.policy import ChainMonitor
-from pipespec.simworker import simulated_pipeline
+from pipespec.scheduler.policy import ChainMonitor
+from pipespec.apps.simulate import simulated_pipeline
 
 PROMPT = [5, 17, 33, 2, 9]
 

@@ -10,10 +10,10 @@ import pytest
 from click.testing import CliRunner
 
 from helpers import byte_tokenizer, hf_greedy, save_folder
-from pipespec.chat import Conversation, encode, fit
+from pipespec.apps.chat import Conversation, encode, fit
 from pipespec.cli import main
 from pipespec.errors import ConfigError
-from pipespec.tui import printable
+from pipespec.apps.tui import printable
 from terminal import Terminal, needs_pty
 
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"

@@ -8,7 +8,8 @@ import torch
 
 from conftest import tiny_llama
 from helpers import grow_or_diverge
-from pipespec.models import ModelWorker, common_prefix
+from pipespec.workers.base import common_prefix
+from pipespec.workers.hf import HFWorker
 from pipespec.verify import SamplingParams
 
 
@@ -26,7 +27,7 @@ def test_common_prefix() -> None:
 @torch.inference_mode()
 def test_cache_rollback_matches_fresh_forward() -> None:
     model = tiny_llama(3)
-    worker = ModelWorker(model, "m", torch.device("cpu"))
+    worker = HFWorker(model, "m", torch.device("cpu"))
     worker.reset()
     rng = random.Random(0)
     seq = [rng.randrange(96) for _ in range(6)]
@@ -45,7 +46,7 @@ def test_cache_rollback_matches_fresh_forward() -> None:
 @torch.inference_mode()
 def test_step_accepts_own_choices_and_corrects_the_rest() -> None:
     model = tiny_llama(4)
-    worker = ModelWorker(model, "m", torch.device("cpu"))
+    worker = HFWorker(model, "m", torch.device("cpu"))
     worker.reset()
     params = SamplingParams()
     prompt = [1, 2, 3]

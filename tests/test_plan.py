@@ -12,9 +12,9 @@ from click.testing import CliRunner
 import pipespec
 from conftest import noisy_copy
 from helpers import limit, slow
-from pipespec.analysis import predict_throughput
+from pipespec.analysis.model import predict_throughput
 from pipespec.cli import main
-from pipespec.plan import CAPS, SIZES, Prediction, plan, predict_chains, recommend
+from pipespec.apps.plan import CAPS, SIZES, Prediction, plan, predict_chains, recommend
 
 torch.set_num_threads(1)
 

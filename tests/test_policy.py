@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 
-from pipespec.policy import ChainMonitor, LinkEstimator, best_verify_cap, useful_run_ahead, window_yield
+from pipespec.analysis.model import window_tokens
+from pipespec.scheduler.policy import ChainMonitor, LinkEstimator, best_verify_cap, useful_run_ahead
 
 
-def test_window_yield() -> None:
-    assert window_yield(0.0, 8) == 1.0
-    assert window_yield(1.0, 8) == 9.0
-    assert math.isclose(window_yield(0.5, 2), 1 + 0.5 + 0.25)
+def test_window_tokens() -> None:
+    assert window_tokens(0.0, 8) == 1.0
+    assert window_tokens(1.0, 8) == 9.0
+    assert math.isclose(window_tokens(0.5, 2), 1 + 0.5 + 0.25)
 
 
 def test_best_cap_is_long_when_tokens_are_free_and_short_when_they_cost() -> None:

@@ -17,7 +17,7 @@ import torch
 import pipespec
 from conftest import noisy_copy, tiny_llama
 from helpers import limit, slow
-from pipespec.policy import ChainMonitor
+from pipespec.scheduler.policy import ChainMonitor
 from pipespec.verify import SamplingParams, warp_logits
 
 PROMPT = [5, 17, 33, 2, 9]
@@ -123,7 +123,7 @@ async def test_two_token_distribution_is_the_targets(acceptance: str, mode: str,
 @limit(300)
 async def test_two_token_distribution_is_the_targets_with_the_middle_bypassed() -> None:
     """The adaptive runtime took the middle model out: it relays the draft's tokens with the draft's own probability
-    rows, and the target checks them as the draft's (stage bypass, ``pipespec.policy``). Rejection rule only: the
+    rows, and the target checks them as the draft's (stage bypass, ``pipespec.scheduler.policy``). Rejection rule only: the
     coupled rule needs no rows and is checked seed for seed while the chain changes (test_bypass.py)."""
     models = vocab3_chain(0.6)
     params = SamplingParams(temperature=1.0, acceptance="rejection")

@@ -11,11 +11,13 @@ import torch
 from click.testing import CliRunner
 
 from helpers import limit, target_alone
-from pipespec.analysis import predict_throughput
+from pipespec.analysis.model import predict_throughput
 from pipespec.cli import main
 from pipespec.errors import ConfigError, PipelineError
-from pipespec.simulation import simulate
-from pipespec.simworker import Oracle, SimulatedWorker, run_on_clock, simulate_report, simulated_pipeline
+from pipespec.analysis.simulation import simulate
+from pipespec.analysis.oracle import Oracle
+from pipespec.apps.simulate import run_on_clock, simulate_report, simulated_pipeline
+from pipespec.workers.simulated import SimulatedWorker
 from pipespec.verify import SamplingParams
 
 torch.set_num_threads(1)

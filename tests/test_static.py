@@ -14,8 +14,8 @@ import torch
 import pipespec
 from conftest import noisy_copy, tiny_llama
 from helpers import grow_or_diverge, hf_greedy, limit, slow
-from pipespec.fastworker import StaticWorker
-from pipespec.static_llama import supports_static
+from pipespec.workers.static import StaticWorker
+from pipespec.workers.static_llama import supports_static
 
 
 def test_supports_static_names_the_reason() -> None:

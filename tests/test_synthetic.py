@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 
 from helpers import limit
-from pipespec.runtime import Runner
+from pipespec.runners.thread import ThreadRunner
 from pipespec.scheduler import Member, Pipeline
-from pipespec.simworker import Oracle
-from pipespec.synthetic import SyntheticWorker, random_llama
+from pipespec.analysis.oracle import Oracle
+from pipespec.workers.synthetic import SyntheticWorker, random_llama
 
 
 @limit(120)
@@ -17,10 +17,9 @@ async def test_synthetic_chain_is_lossless_and_accepts_at_the_rate() -> None:
     oracle = Oracle([0.8], seed=3)
     members = []
     for i in range(2):
-        runner = Runner(f"s{i}", torch.device("cpu"))
         model = random_llama("68m", ["cpu", "cpu"] if i else ["cpu"], dtype=torch.float32)
-        members.append(Member(f"m{i}", runner, SyntheticWorker(model, f"m{i}", torch.device("cpu"), oracle, i,
-                                                                capacity=256)))
+        worker = SyntheticWorker(model, f"m{i}", torch.device("cpu"), oracle, i, capacity=256)
+        members.append(Member(f"m{i}", ThreadRunner(f"s{i}", torch.device("cpu"), worker), worker.describe()))
     pipe = Pipeline(members, tokenizer=None)
     prompt = list(range(10, 30))
     outs = {}

@@ -13,7 +13,7 @@ from rich.console import Console
 from helpers import limit
 from terminal import Terminal, needs_pty
 from pipespec import Pipeline
-from pipespec.tui import initial_snapshot, loading_progress, printable, render, run_with_live_view
+from pipespec.apps.tui import initial_snapshot, loading_progress, printable, render, run_with_live_view
 from pipespec.types import Snapshot, StageSnapshot
 
 

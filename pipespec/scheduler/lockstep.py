@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from ..errors import PipelineError
-from ..models import StepResult
+from ..workers.base import StepResult
 from ..stages import Stage
 from .run import LiveRun, stage_failed
 
@@ -37,7 +37,7 @@ async def _verify(stage: Stage, previous: Stage, seq: list[int], base: int, rows
     """One verification of ``seq[base:]`` by ``stage``; a rejection counts as a rollback of ``previous``."""
     stage.set_state("verifying")
     proposed = len(seq) - base
-    result = await stage.runner.call(stage.worker.step, seq, base, params, rows if proposed and rows else None)
+    result = await stage.runner.call("step", seq, base, params, rows if proposed and rows else None)
     stage.stats.forwards += 1
     stage.stats.drafted += 1
     stage.stats.record_verification(proposed, result.accepted)
@@ -59,7 +59,7 @@ async def _lockstep(stages: list[Stage], live: LiveRun, lookahead: int) -> None:
         seq, rows = list(verified), []
         if window > 0:
             draft.set_state("drafting")
-            result = await draft.runner.call(draft.worker.draft, verified, window, params)
+            result = await draft.runner.call("draft", verified, window, params)
             draft.set_state("idle")
             draft.stats.forwards += len(result.tokens)
             draft.stats.drafted += len(result.tokens)
@@ -73,7 +73,7 @@ async def _lockstep(stages: list[Stage], live: LiveRun, lookahead: int) -> None:
             extra = window - (len(seq) - base)
             if extra > 0:
                 stage.set_state("drafting")
-                more = await stage.runner.call(stage.worker.draft, seq, extra, params)
+                more = await stage.runner.call("draft", seq, extra, params)
                 stage.stats.forwards += len(more.tokens)
                 stage.stats.drafted += len(more.tokens)
                 seq += more.tokens

@@ -20,15 +20,13 @@ import anyio
 import structlog
 import torch
 
-from ..errors import ConfigError, ModelLoadError, PipelineClosed, PipelineError, PipespecError
-from ..loading import load_model, load_tokenizer, preload_transformers, resolve_dtype, resolve_source
-from ..models import ModelWorker, make_worker
-from ..policy import ChainMonitor
-from ..runtime import Runner, resolve_device
-from ..types import Generation, GenerationStats, Mode, Snapshot
+from ..errors import ConfigError, PipelineClosed, PipelineError
+from ..types import MODES, Generation, GenerationStats, Mode, Snapshot, StageStats
 from ..verify import SamplingParams
+from .loader import first_error, load_chain
 from .lockstep import run_lockstep
 from .output import Output
+from .policy import ChainMonitor
 from .request import Member, Request
 from .run import LiveRun, build_stages, run_pipe, stage_failed
 
@@ -41,7 +39,6 @@ def log(level: str, event: str, **fields: object) -> None:
     if structlog.is_configured():
         getattr(_log, level)(event, **fields)
 
-MODES: tuple[Mode, ...] = ("pipe", "sd", "ar")
 DRAIN_TIMEOUT = 10.0  # seconds a finished or cancelled generation waits for in-flight forward passes
 
 
@@ -73,68 +70,12 @@ class Pipeline:
         HF's own forward with a dynamic cache.
         Await the result, or use it with ``async with``. ``on_loaded(i, name)`` is called as each model loads.
         """
-        return _Loading(cls._load(models, device=device, dtype=dtype, tokenizer=tokenizer,
-                                  trust_remote_code=trust_remote_code, fast=fast, on_loaded=on_loaded))
+        async def load() -> Pipeline:
+            members, tok = await load_chain(models, device=device, dtype=dtype, tokenizer=tokenizer,
+                                            trust_remote_code=trust_remote_code, fast=fast, on_loaded=on_loaded)
+            return cls(members, tok)
 
-    @classmethod
-    async def _load(cls, models: Sequence[Any], *, device: Any, dtype: Any, tokenizer: Any,
-                    trust_remote_code: bool, fast: bool | str,
-                    on_loaded: Callable[[int, str], None] | None) -> Pipeline:
-        if isinstance(models, str):
-            models = [m for m in models.split(",")]
-        if not models:
-            raise ConfigError("no models given")
-        devices = list(device) if isinstance(device, (list, tuple)) else [device] * len(models)
-        if len(devices) != len(models):
-            raise ConfigError(f"{len(devices)} devices given for {len(models)} models")
-        resolved = [resolve_device(d) for d in devices]
-        preload_transformers()
-        sources = [None if not isinstance(m, str) else resolve_source(m) for m in models]
-        _check_memory(sources, resolved, dtype)
-        runners: list[Runner] = []
-        workers: list[ModelWorker | None] = [None] * len(models)
-        names = [s.name if s is not None else _model_name(m, i) for i, (s, m) in enumerate(zip(sources, models))]
-        for i, name in enumerate(names):
-            runners.append(Runner(f"{i}-{name}", resolved[i]))
-
-        async def load_one(i: int) -> None:
-            source, dev = sources[i], resolved[i]
-            if source is None:
-                model = models[i]
-                await runners[i].call(lambda: model.to(dev).eval())
-            else:
-                model = await runners[i].call(load_model, source, dev, resolve_dtype(dtype, dev),
-                                              trust_remote_code=trust_remote_code)
-            workers[i] = await runners[i].call(make_worker, model, names[i], dev, fast)
-            log("info", "model loaded", stage=i, model=names[i], device=str(dev))
-            if on_loaded is not None:
-                on_loaded(i, names[i])
-
-        tokenizer_error: Exception | None = None
-        try:
-            async with anyio.create_task_group() as tg:
-                for i in range(len(models)):
-                    tg.start_soon(load_one, i)
-                if tokenizer is None and sources[-1] is not None:
-                    try:
-                        tokenizer = await anyio.to_thread.run_sync(
-                            lambda: load_tokenizer(sources[-1], trust_remote_code=trust_remote_code))
-                    except Exception as exc:  # noqa: BLE001 - raised below, unless a model's own error comes first
-                        tokenizer_error = exc
-            if tokenizer_error is not None:
-                raise tokenizer_error
-            if len(models) > 1 and tokenizer is not None:
-                await anyio.to_thread.run_sync(_check_tokenizers, sources, tokenizer)
-        except BaseException as exc:
-            for runner in runners:
-                runner.close(wait=False)
-            err = _first_error(exc)
-            if isinstance(err, Exception) and not isinstance(err, PipespecError):
-                raise ModelLoadError(f"loading the chain failed: {type(err).__name__}: "
-                                     f"{str(err).splitlines()[0] if str(err) else ''}"[:300]) from err
-            raise err from None
-        members = [Member(names[i], runners[i], w) for i, w in enumerate(workers) if w is not None]
-        return cls(members, tokenizer)
+        return _Loading(load())
 
     # -- generation ---------------------------------------------------------------------------------------------
 
@@ -161,7 +102,7 @@ class Pipeline:
             ids = tuple(int(t) for t in prompt)
         if not ids:
             raise ConfigError("the prompt is empty")
-        vocab = self.target.worker.vocab_size
+        vocab = self.target.info.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise ConfigError(f"the prompt has token ids outside the vocabulary (0..{vocab - 1})")
         return ids
@@ -170,10 +111,7 @@ class Pipeline:
         ids: set[int] = set()
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(int(self.tokenizer.eos_token_id))
-        gen = getattr(self.target.worker.model, "generation_config", None)
-        eos = getattr(gen, "eos_token_id", None)
-        if eos is not None:
-            ids.update([eos] if isinstance(eos, int) else eos)
+        ids.update(self.target.info.eos_ids)
         return ids
 
     def make_request(self, prompt: str | Sequence[int], *, max_new_tokens: int = 128, mode: Mode = "pipe",
@@ -183,7 +121,7 @@ class Pipeline:
                      adaptive: bool = True) -> Request:
         """Validate a generation's options; every bad value raises a ConfigError with a one-line message."""
         if mode not in MODES:
-            raise ConfigError(f"unknown mode {mode!r}: use pipe, sd or ar")
+            raise ConfigError(f"unknown mode {mode!r}: use {', '.join(MODES)}")
         if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise ConfigError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
         for name, value, low in (("verify_cap", verify_cap, 1), ("lookahead", lookahead, 1),
@@ -198,7 +136,7 @@ class Pipeline:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         ids = self.encode(prompt)
-        limits = [m.worker.max_positions for m in self.members if m.worker.max_positions]
+        limits = [m.info.max_positions for m in self.members if m.info.max_positions]
         context = min(limits) if limits else None
         if context is not None and len(ids) >= context:
             raise ConfigError(f"the prompt has {len(ids)} tokens; the context of this chain is {context}")
@@ -259,7 +197,7 @@ class Pipeline:
                 for i, m in enumerate(members):
                     seed = request.params.seed * 1000003 + i if request.params.rule == "rejection" else None
                     try:  # a static KV cache grows here: running out of memory is reported like a stage failure
-                        await m.runner.call(m.worker.reset, seed, request.max_len)
+                        await m.runner.call("reset", seed, request.max_len)
                     except Exception as exc:  # noqa: BLE001
                         raise stage_failed(stages[i], exc) from exc
                 live.started = time.perf_counter()
@@ -269,7 +207,7 @@ class Pipeline:
                     await run_pipe(stages, live)
             except BaseException as exc:
                 live.finished = live.finished or time.perf_counter()
-                err = _first_error(exc)
+                err = first_error(exc)
                 if isinstance(err, PipelineError):
                     log("error", "generation failed", error=str(err))
                     raise err from err.__cause__  # the stage's own error, not the task group wrapping this one
@@ -279,7 +217,7 @@ class Pipeline:
                     for m in members:
                         if not await m.runner.drain(DRAIN_TIMEOUT):
                             log("warning", "forward pass still running after cancel", model=m.name)
-                        m.runner.submit(m.worker.release)
+                        m.runner.submit("release")
         tokens = tuple(output.tokens)
         text = self.tokenizer.decode(list(tokens), skip_special_tokens=True) if self.tokenizer is not None else ""
         stats = GenerationStats(tokens=len(tokens), seconds=live.elapsed, mode=request.mode,
@@ -329,7 +267,7 @@ class _Loading:
 
 def _contended(members: Sequence[Member]) -> tuple[bool, ...]:
     """Per stage: whether it shares its device with another stage that does real work there."""
-    busy = [m.device if getattr(m.worker, "contends", True) else None for m in members]
+    busy = [m.device if m.info.contends else None for m in members]
     return tuple(d is not None and busy.count(d) > 1 for d in busy)
 
 
@@ -339,72 +277,22 @@ def _replace_mode(request: Request, mode: Mode) -> Request:
     return replace(request, mode=mode)
 
 
-def _model_name(model: Any, index: int) -> str:
-    path = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-    return path.rstrip("/").split("/")[-1] or f"model{index}"
-
-
-def _stage_dict(stats: Any, busy: float) -> dict[str, Any]:
-    d = stats.to_dict()
-    d["busy_seconds"] = round(busy, 4)
-    return d
+def _stage_dict(stats: StageStats, busy: float) -> dict[str, Any]:
+    stats.busy_seconds = busy
+    return stats.to_dict()
 
 
 def _ar_stats_for_chain(stats: GenerationStats, members: Sequence[Member]) -> GenerationStats:
     """In ``ar`` mode only the target runs; still report one entry per model, in chain order."""
-    idle = tuple({"model": m.name, "device": m.device, "forwards": 0, "proposed": 0, "accepted": 0, "verifications": 0,
-                  "acceptance": None, "accepted_per_verification": None, "drafted": 0, "rollbacks": 0,
-                  "rollbacks_sent": 0, "bypasses": 0, "busy_seconds": 0.0} for m in members[:-1])
+    idle = tuple(StageStats(model=m.name, device=m.device).to_dict() for m in members[:-1])
     return GenerationStats(tokens=stats.tokens, seconds=stats.seconds, mode=stats.mode,
                            stages=idle + stats.stages, prompt_tokens=stats.prompt_tokens,
                            stop_reason=stats.stop_reason)
 
 
-def _first_error(exc: BaseException) -> BaseException:
-    """The error to show for a failed task group: the first non-cancellation exception inside it."""
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _first_error(inner)
-            if not isinstance(found, (asyncio.CancelledError, anyio.get_cancelled_exc_class())):
-                return found
-        return exc.exceptions[0]
-    return exc
-
-
 def _check_vocabularies(members: Sequence[Member]) -> None:
-    sizes = [m.worker.vocab_size for m in members]
+    sizes = [m.info.vocab_size for m in members]
     if len(set(sizes)) > 1:
         listing = ", ".join(f"{m.name}={s}" for m, s in zip(members, sizes))
         raise ConfigError(f"the models do not share a vocabulary (output sizes {listing}); "
                           "every model of a chain must use the target's tokenizer")
-
-
-def _check_tokenizers(sources: Sequence[Any], target_tokenizer: Any) -> None:
-    """Compare the token->id maps of every model that ships a tokenizer with the target's."""
-    target_vocab = target_tokenizer.get_vocab()
-    for source in sources[:-1]:
-        if source is None:
-            continue
-        try:
-            other = load_tokenizer(source)
-        except Exception:  # noqa: BLE001 - a model without a tokenizer of its own uses the target's
-            continue
-        if other.get_vocab() != target_vocab:
-            raise ConfigError(f"model {source.spec!r} uses a different tokenizer from the target "
-                              f"({sources[-1].spec!r}); every model of a chain must share the target's tokenizer")
-
-
-def _check_memory(sources: Sequence[Any], devices: Sequence[torch.device], dtype: Any) -> None:
-    """Refuse, before loading anything, a placement whose weights cannot fit in the GPUs' free memory."""
-    from ..placement import check_fits, estimate_bytes
-
-    if not any(d.type == "cuda" for d in devices):
-        return
-    needs = []
-    for source, dev in zip(sources, devices):
-        size = None
-        if source is not None and source.kind in ("builtin", "folder"):
-            size = estimate_bytes(source.location, torch.finfo(resolve_dtype(dtype, dev)).bits // 8)
-        needs.append((source.name if source is not None else "model", str(dev), size))
-    free = {f"cuda:{i}": torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())}
-    check_fits(needs, free)

@@ -4,23 +4,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..models import ModelWorker
-from ..runtime import Runner
+from typing import Any
+
+from ..runners.base import Runner
 from ..types import Mode
 from ..verify import SamplingParams
+from ..workers.base import WorkerInfo
 
 
 @dataclass(frozen=True, slots=True)
 class Member:
-    """One model of the chain: its runner (thread) and its worker (weights and KV cache)."""
+    """One model of the chain: its runner (which serves its worker's calls) and what the worker said of itself."""
 
     name: str
     runner: Runner
-    worker: ModelWorker
+    info: WorkerInfo
 
     @property
     def device(self) -> str:
         return str(self.runner.device)
+
+    @property
+    def worker(self) -> Any:
+        """The worker object itself, where it lives in this process (the thread backend); for measuring and tests."""
+        return getattr(self.runner, "worker", None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,8 +13,8 @@ import structlog
 import torch
 
 from ..channels import Channel, Doorbell, Mailbox
-from ..errors import PipelineError
-from ..policy import ChainMonitor
+from ..errors import PipelineError, first_line
+from .policy import ChainMonitor
 from ..stages import Stage, StageConfig, StageIO, run_draft, run_verifier
 from ..types import Proposal, Snapshot, StageSnapshot, StageStats, Verdict
 from .output import Output
@@ -61,7 +61,7 @@ def build_stages(members: Sequence[Member], request: Request, output: Output,
     ``monitor``: the adaptive runtime of this chain (None: static caps, every stage always in the chain)."""
     config = StageConfig(prompt=request.prompt, max_len=request.max_len, params=request.params,
                          verify_cap=request.verify_cap, max_ahead=request.max_ahead,
-                         draft_batch=request.draft_batch, adaptive=request.adaptive)
+                         draft_batch=request.draft_batch)
     bells = [Doorbell() for _ in members]
     ios = [StageIO(doorbell=bell) for bell in bells]
     for i in range(len(members) - 1):
@@ -70,7 +70,7 @@ def build_stages(members: Sequence[Member], request: Request, output: Output,
         ios[i].outbox, ios[i + 1].inbox = down, down
         ios[i].verdicts_in, ios[i + 1].verdicts_out = up, up
     ios[-1].commit = output.commit
-    return [Stage(index=i, runner=m.runner, worker=m.worker, io=io, config=config,
+    return [Stage(index=i, runner=m.runner, io=io, config=config,
                   stats=StageStats(model=m.name, device=m.device), monitor=monitor)
             for i, (m, io) in enumerate(zip(members, ios))]
 
@@ -93,8 +93,7 @@ def stage_failed(stage: Stage, exc: Exception) -> PipelineError:
         return PipelineError(f"{name} ran out of GPU memory on {stage.stats.device} mid-generation; try another "
                              "placement (--placement: this model on a GPU of its own, or 'cpu'), a smaller dtype "
                              "or fewer new tokens", stage=stage.index)
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return PipelineError(f"{name} failed: {type(exc).__name__}: {first}"[:400], stage=stage.index)
+    return PipelineError(f"{name} failed: {type(exc).__name__}: {first_line(exc, 400)}"[:400], stage=stage.index)
 
 
 def use_chain(stages: Sequence[Stage], chain: tuple[int, ...]) -> None:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 from dataclasses import dataclass
 
 import structlog
 
 from ..channels import Channel, Doorbell, Mailbox
-from ..models import ModelWorker
-from ..policy import ChainMonitor
-from ..runtime import Runner
+from ..runners.base import Runner
 from ..types import Proposal, StageState, StageStats, Verdict
 from ..verify import SamplingParams
 
@@ -18,6 +17,20 @@ log = structlog.get_logger("pipespec.stages")  # unconfigured structlog prints e
 
 # The target's output: called with the tokens it has just verified; returns True when the generation is over.
 CommitFn = Callable[[tuple[int, ...]], Awaitable[bool]]
+
+
+class Monitor(Protocol):
+    """What a stage reports to, and asks of, the adaptive runtime (``scheduler.policy.ChainMonitor``)."""
+
+    def observe_forward(self, stage: int, tokens: int, seconds: float) -> None: ...
+
+    def observe_verification(self, proposer: int, verifier: int, proposed: int, accepted: int) -> None: ...
+
+    def observe_commit(self, tokens: int) -> None: ...
+
+    def verify_cap(self, proposer: int, verifier: int, ceiling: int) -> int: ...
+
+    def run_ahead(self, proposer: int, verifier: int, ceiling: int) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +41,6 @@ class StageConfig:
     verify_cap: int = 64  # most proposed tokens checked in one forward pass
     max_ahead: int = 64  # most tokens a non-target stage may run past its successor's verified length
     draft_batch: int = 1  # tokens the draft stage drafts per call into its worker
-    adaptive: bool = True  # adapt verify caps and run-ahead limits online (pipespec.policy); caps above stay maxima
 
 
 @dataclass(slots=True)
@@ -68,13 +80,12 @@ class SuccessorView:
 @dataclass(slots=True)
 class Stage:
     index: int
-    runner: Runner
-    worker: ModelWorker
+    runner: Runner  # serves the stage's model worker, by named calls
     io: StageIO
     config: StageConfig
     stats: StageStats
     in_flight: int = 0  # proposed tokens past this stage's verified prefix, for the live view
-    monitor: ChainMonitor | None = None  # the adaptive runtime (pipe mode with adaptive on), indexed like the chain
+    monitor: Monitor | None = None  # the adaptive runtime (pipe mode with adaptive on), indexed like the chain
     bypassed: bool = False  # set by the controller: a draft pauses, a middle stage relays its predecessor's tokens
 
     def bypass(self, on: bool) -> None:

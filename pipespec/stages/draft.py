@@ -15,12 +15,12 @@ from .base import Stage, SuccessorView
 
 
 async def run_draft(stage: Stage) -> None:
-    cfg, io, stats, worker = stage.config, stage.io, stage.stats, stage.worker
+    cfg, io, stats = stage.config, stage.io, stage.stats
     assert io.outbox is not None and io.verdicts_in is not None, "the draft stage needs a successor"
     seq = list(cfg.prompt)
     successor = SuccessorView(len(cfg.prompt), cfg.max_ahead)
     # every stage prefills at once, in its own thread, while the others prefill and draft
-    stats.forwards += await stage.runner.call(worker.prefill, cfg.prompt)
+    stats.forwards += await stage.runner.call("prefill", cfg.prompt)
     while True:
         rollback = successor.take(io.verdicts_in)
         if rollback is not None:
@@ -33,7 +33,7 @@ async def run_draft(stage: Stage) -> None:
             continue
         stage.set_state("drafting")
         started = time.perf_counter()
-        result = await stage.runner.call(worker.draft, seq, min(cfg.draft_batch, room), cfg.params)
+        result = await stage.runner.call("draft", seq, min(cfg.draft_batch, room), cfg.params)
         if stage.monitor is not None and result.tokens:
             stage.monitor.observe_forward(stage.index, 1, (time.perf_counter() - started) / len(result.tokens))
         stats.forwards += len(result.tokens)

@@ -23,7 +23,7 @@ from typing import Any
 
 import structlog
 
-from ..models import common_prefix
+from ..workers.base import common_prefix
 from ..types import Proposal, RowRefs, Verdict
 from .base import Stage, SuccessorView, log
 
@@ -87,87 +87,115 @@ class _Upstream:
 
 
 async def run_verifier(stage: Stage) -> None:
-    cfg, io, stats, worker, monitor = stage.config, stage.io, stage.stats, stage.worker, stage.monitor
-    is_target = io.outbox is None
-    seq = list(cfg.prompt)  # this stage's verified sequence (a bypassed stage: what it has relayed)
-    up = _Upstream(cfg.prompt, stage.index - 1)
-    successor = SuccessorView(len(cfg.prompt), cfg.max_ahead)
-    verify_cap = cfg.verify_cap  # adapted online when the adaptive runtime is on
-    needs_rows = cfg.params.needs_probs
-    relayed_up = (-1, -1)  # (verified, ahead) last relayed to the predecessor while bypassed
+    await _Verifier(stage).run()
 
-    def roll_back_predecessor() -> None:
+
+class _Verifier:
+    """One verifying stage's state and the steps of its loop (``run``)."""
+
+    def __init__(self, stage: Stage) -> None:
+        cfg = stage.config
+        self.stage = stage
+        self.is_target = stage.io.outbox is None
+        self.seq = list(cfg.prompt)  # this stage's verified sequence (a bypassed stage: what it has relayed)
+        self.up = _Upstream(cfg.prompt, stage.index - 1)
+        self.successor = SuccessorView(len(cfg.prompt), cfg.max_ahead)
+        self.verify_cap = cfg.verify_cap  # adapted online when the adaptive runtime is on
+        self.needs_rows = cfg.params.needs_probs
+        self.relayed_up = (-1, -1)  # (verified, ahead) last relayed to the predecessor while bypassed
+
+    async def run(self) -> None:
+        stage, cfg, io = self.stage, self.stage.config, self.stage.io
+        stage.set_state("drafting")
+        # every stage prefills at once, in its own thread, while the others prefill and draft
+        stage.stats.forwards += await stage.runner.call("prefill", cfg.prompt)
+        while True:
+            self.take_verdict()
+            self.take_proposals()
+            # what to do now
+            room = cfg.max_len - len(self.seq)
+            if room <= 0:
+                if self.is_target:
+                    return
+                stage.set_state("waiting")
+                await io.doorbell.wait()
+                continue
+            if stage.bypassed and not self.is_target:
+                await self.relay(room)
+                continue
+            n = max(0, min(len(self.up.tokens) - len(self.seq), self.verify_cap, room - 1))
+            stage.in_flight = max(0, len(self.up.tokens) - len(self.seq))
+            if (n == 0 and not self.is_target
+                    and len(self.seq) - self.successor.verified >= self.successor.max_ahead):
+                stage.set_state("waiting")
+                await io.doorbell.wait()
+                continue
+            if await self.verify(n):
+                return
+
+    def take_verdict(self) -> None:
+        """Verdicts from the successor: how far it got, and maybe a rollback to adopt."""
+        rollback = self.successor.take(self.stage.io.verdicts_in)
+        if rollback is not None:
+            self.up.agreed = min(self.up.agreed, common_prefix(self.seq, rollback))
+            self.seq = self.stage.adopt(rollback, self.successor.epoch)
+
+    def take_proposals(self) -> None:
+        """Proposals from the predecessor; roll it back if it disagrees with what this stage has verified."""
+        inbox = self.stage.io.inbox
+        if inbox is not None:
+            for proposal in inbox.drain():
+                self.up.apply(proposal)
+            if self.up.conflicts_with(self.seq):
+                self.roll_back_predecessor()
+
+    def roll_back_predecessor(self) -> None:
+        stage, up, seq = self.stage, self.up, self.seq
         up.reset_to(seq)
-        assert io.verdicts_out is not None
-        io.verdicts_out.put(Verdict(up.epoch, len(seq), tuple(seq)))
-        stats.rollbacks_sent += 1
+        assert stage.io.verdicts_out is not None
+        stage.io.verdicts_out.put(Verdict(up.epoch, len(seq), tuple(seq)))
+        stage.stats.rollbacks_sent += 1
         if structlog.is_configured():
             log.debug("rollback sent", stage=stage.index, epoch=up.epoch, position=len(seq))
 
-    async def relay(room: int) -> None:
+    async def relay(self, room: int) -> None:
         """Bypassed: pass the predecessor's new tokens down as they are, and the successor's progress up."""
-        nonlocal relayed_up
+        stage, io, up, successor = self.stage, self.stage.io, self.up, self.successor
         assert io.outbox is not None and io.verdicts_out is not None
         progress = (successor.verified, successor.max_ahead)
-        if progress != relayed_up:  # the predecessor drafts against the successor's progress, not the relay's
-            relayed_up = progress
+        if progress != self.relayed_up:  # the predecessor drafts against the successor's progress, not the relay's
+            self.relayed_up = progress
             io.verdicts_out.put(Verdict(up.epoch, successor.verified, ahead=successor.max_ahead))
-        start = len(seq)
-        n = up.checkable(start, min(len(up.tokens) - start, room), needs_rows)
+        start = len(self.seq)
+        n = up.checkable(start, min(len(up.tokens) - start, room), self.needs_rows)
         stage.in_flight = 0
         if n <= 0:
             stage.set_state("bypassed")
             await io.doorbell.wait()
             return
         tokens = tuple(up.tokens[start:start + n])
-        rows = RowRefs(tuple(up.rows[start:start + n])) if needs_rows else None  # type: ignore[arg-type]
-        seq.extend(tokens)
+        rows = RowRefs(tuple(up.rows[start:start + n])) if self.needs_rows else None  # type: ignore[arg-type]
+        self.seq.extend(tokens)
         await io.outbox.send(Proposal(successor.epoch, start, tokens, rows, up.origins[start]))
 
-    stage.set_state("drafting")
-    # every stage prefills at once, in its own thread, while the others prefill and draft
-    stats.forwards += await stage.runner.call(worker.prefill, cfg.prompt)
-    while True:
-        # 1. verdicts from the successor: how far it got, and maybe a rollback to adopt
-        rollback = successor.take(io.verdicts_in)
-        if rollback is not None:
-            up.agreed = min(up.agreed, common_prefix(seq, rollback))
-            seq = stage.adopt(rollback, successor.epoch)
-        # 2. proposals from the predecessor; roll it back if it disagrees with what this stage has verified
-        if io.inbox is not None:
-            for proposal in io.inbox.drain():
-                up.apply(proposal)
-            if up.conflicts_with(seq):
-                roll_back_predecessor()
-        # 3. what to do now
-        room = cfg.max_len - len(seq)
-        if room <= 0:
-            if is_target:
-                return
-            stage.set_state("waiting")
-            await io.doorbell.wait()
-            continue
-        if stage.bypassed and not is_target:
-            await relay(room)
-            continue
-        n = max(0, min(len(up.tokens) - len(seq), verify_cap, room - 1))
-        stage.in_flight = max(0, len(up.tokens) - len(seq))
-        if n == 0 and not is_target and len(seq) - successor.verified >= successor.max_ahead:
-            stage.set_state("waiting")
-            await io.doorbell.wait()
-            continue
-        n = up.checkable(len(seq), n, needs_rows)
-        rows = up.rows[len(seq):len(seq) + n] if needs_rows and n else None
+    async def verify(self, n: int) -> bool:
+        """Check up to ``n`` of the predecessor's tokens in one forward pass (none: decode one token) and publish
+        the result; True when the target has committed the generation's last token."""
+        stage = self.stage
+        cfg, io, stats, monitor = stage.config, stage.io, stage.stats, stage.monitor
+        up, seq = self.up, self.seq
+        n = up.checkable(len(seq), n, self.needs_rows)
+        rows = up.rows[len(seq):len(seq) + n] if self.needs_rows and n else None
         proposed = up.tokens[len(seq):len(seq) + n]
         origin = up.origins[len(seq)] if n else up.predecessor
         stage.set_state("verifying" if n else "drafting")
         started = time.perf_counter()
-        result = await stage.runner.call(worker.step, seq + proposed, len(seq), cfg.params, rows)
+        result = await stage.runner.call("step", seq + proposed, len(seq), cfg.params, rows)
         if monitor is not None:
             monitor.observe_forward(stage.index, n + 1, time.perf_counter() - started)
         stats.forwards += 1
-        if stage.pending_rollback(successor.epoch):
-            continue  # the successor has moved on to another sequence; this result extends a dead one
+        if stage.pending_rollback(self.successor.epoch):
+            return False  # the successor has moved on to another sequence; this result extends a dead one
         stats.record_verification(n, result.accepted)
         if structlog.is_configured():
             log.debug("verified", stage=stage.index, epoch=up.epoch, position=len(seq), proposed=n,
@@ -179,19 +207,20 @@ async def run_verifier(stage: Stage) -> None:
             ahead = None
             if monitor is not None and n:
                 monitor.observe_verification(origin, stage.index, n, result.accepted)
-                verify_cap = monitor.verify_cap(origin, stage.index, cfg.verify_cap)
+                self.verify_cap = monitor.verify_cap(origin, stage.index, cfg.verify_cap)
                 ahead = monitor.run_ahead(origin, stage.index, cfg.max_ahead)
             io.verdicts_out.put(Verdict(up.epoch, len(seq), ahead=ahead))
-            relayed_up = (-1, -1)
+            self.relayed_up = (-1, -1)
             if up.conflicts_with(seq):  # a rejected proposal (the correction differs from the predecessor's token)
-                roll_back_predecessor()
-        if is_target:
+                self.roll_back_predecessor()
+        if self.is_target:
             assert io.commit is not None
             if monitor is not None:
                 monitor.observe_commit(len(result.tokens))
             if await io.commit(result.tokens):
                 stage.set_state("done")
-                return
-        else:
-            assert io.outbox is not None
-            await io.outbox.send(Proposal(successor.epoch, start, result.tokens, result.probs))
+                return True
+            return False
+        assert io.outbox is not None
+        await io.outbox.send(Proposal(self.successor.epoch, start, result.tokens, result.probs))
+        return False

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .models import ModelWorker
+from .base import LogitsWorker
 from .static_llama import StaticLlama
 
 __all__ = ["StaticWorker", "TOKEN_BUCKETS"]
@@ -38,8 +38,8 @@ def _bucket(n: int) -> int:
     return n  # longer than every bucket (a long prompt's prefill): eager, unpadded
 
 
-class StaticWorker(ModelWorker):
-    """A ``ModelWorker`` whose cache primitives run over ``StaticLlama`` (and CUDA graphs on CUDA)."""
+class StaticWorker(LogitsWorker):
+    """A ``LogitsWorker`` whose cache primitives run over ``StaticLlama`` (and CUDA graphs on CUDA)."""
 
     def __init__(self, model: Any, name: str, device: torch.device, *, graphs: bool | None = None,
                  capacity: int = 2048, compile: bool = False) -> None:
@@ -73,9 +73,7 @@ class StaticWorker(ModelWorker):
             self._graphs.clear()  # captured graphs point at the old cache tensors
         if self.use_graphs and self._wanted:
             self.capture_pending()
-        if seed is not None:
-            self.generator = torch.Generator(device=self.device)
-            self.generator.manual_seed(seed)
+        self._seed(seed)
 
     def release(self) -> None:
         self.cached = []  # the static cache stays allocated: the next generation reuses it

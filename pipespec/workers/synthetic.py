@@ -12,10 +12,11 @@ from typing import Any
 
 import torch
 
-from .fastworker import StaticWorker
-from .models import ProbRows, StepResult
-from .simworker import Oracle, OracleChoices
-from .verify import SamplingParams
+from .static import StaticWorker
+from .base import ProbRows, StepResult
+from ..analysis.oracle import Oracle
+from .simulated import OracleChoices
+from ..verify import SamplingParams
 
 __all__ = ["SyntheticWorker", "SHAPES", "random_llama"]
 

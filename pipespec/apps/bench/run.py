@@ -28,11 +28,12 @@ from typing import Any
 
 import torch
 
-from .bench_report import METHODS, build_report
-from .errors import ConfigError
-from .prompts import load_prompts
-from .runtime import Runner
-from .scheduler import Pipeline
+from .report import METHODS, build_report
+from ...errors import ConfigError, first_line
+from ...prompts import load_prompts
+from ...runners.thread import ThreadRunner
+from ...scheduler import Pipeline
+from ...types import STAGE_COUNTERS
 
 __all__ = ["METHODS", "BenchSettings", "GpuMonitor", "run_bench"]
 
@@ -193,7 +194,7 @@ class HFBaselines:
         from transformers import GenerationConfig
 
         self.pipe = pipe
-        self.runner = Runner("hf", pipe.target.worker.device)
+        self.runner = ThreadRunner("hf", pipe.target.worker.device)
         eos = sorted(pipe.eos_ids())
         tok = pipe.tokenizer
         pad = getattr(tok, "pad_token_id", None) if tok is not None else None
@@ -220,7 +221,7 @@ class HFBaselines:
             kwargs.update(self.static_kwargs)
         if assistant is not None:
             kwargs["assistant_model"] = self.pipe.members[assistant].worker.model
-        return await self.runner.call(_hf_generate, target.worker.model, target.worker.device, prompt, kwargs)
+        return await self.runner.run(_hf_generate, target.worker.model, target.worker.device, prompt, kwargs)
 
     def close(self) -> None:
         self.runner.close(wait=False)
@@ -238,23 +239,16 @@ def _hf_generate(model: Any, device: torch.device, prompt: Ids, kwargs: dict[str
 class _StageTotals:
     """Per-stage counters of pipespec generations, summed over prompts."""
 
-    KEYS = ("forwards", "proposed", "accepted", "verifications", "drafted", "rollbacks", "bypasses", "busy_seconds")
-
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
 
-    def add(self, pipe: Pipeline, stats: dict[str, Any]) -> None:
-        snap = pipe.snapshot()  # the finished generation; its snapshot alone counts verifications
-        views = snap.stages if snap is not None and len(snap.stages) == len(stats["stages"]) else ()
+    def add(self, stats: dict[str, Any]) -> None:
         for i, st in enumerate(stats["stages"]):
             if len(self.rows) <= i:
-                self.rows.append({"model": st["model"], **{k: 0 for k in self.KEYS}})
+                self.rows.append({"model": st["model"], **{k: 0 for k in STAGE_COUNTERS}})
             row = self.rows[i]
-            for k in self.KEYS:
-                if k == "verifications":
-                    row[k] += views[i].verifications if views else 0
-                else:
-                    row[k] += st.get(k) or 0
+            for k in STAGE_COUNTERS:
+                row[k] += st.get(k) or 0
 
     def result(self) -> list[dict[str, Any]]:
         out = []
@@ -304,7 +298,7 @@ def _pipespec(pipe: Pipeline, mode: str, s: BenchSettings) -> Contender:
     async def generate(prompt: Ids) -> Ids:
         g = await pipe.generate(prompt, **options)
         if contender.stages is not None:
-            contender.stages.add(pipe, g.stats.to_dict())
+            contender.stages.add(g.stats.to_dict())
         return g.token_ids
 
     contender = Contender(mode, generate, stages=_StageTotals() if mode != "ar" else None)
@@ -357,8 +351,7 @@ class _Skip(Exception):
 
 
 def _failure(exc: Exception) -> str:
-    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-    return f"failed: {type(exc).__name__}: {first}"
+    return f"failed: {type(exc).__name__}: {first_line(exc)}"
 
 
 async def run_bench(s: BenchSettings, progress: Progress | None = None) -> dict[str, Any]:
@@ -382,7 +375,7 @@ async def run_bench(s: BenchSettings, progress: Progress | None = None) -> dict[
         prompts = [pipe.encode(t) for t in texts]
         for p in prompts:  # every option and prompt length is checked before anything is timed
             pipe.make_request(p, max_new_tokens=s.max_new_tokens, verify_cap=s.verify_cap, lookahead=s.lookahead)
-        monitor = GpuMonitor([m.worker.device for m in pipe.members])
+        monitor = GpuMonitor([torch.device(m.device) for m in pipe.members])
         hf = HFBaselines(pipe, s.max_new_tokens, max(len(p) for p in prompts))
         try:
             outcome, extra = await _run_all(pipe, hf, prompts, s, monitor, say)

@@ -1,12 +1,12 @@
-"""A discrete-event simulation of a chain, for what the closed forms of ``pipespec.analysis`` do not cover.
+"""A discrete-event simulation of a chain, for what the closed forms of ``pipespec.analysis.model`` do not cover.
 
 Pure arithmetic: no threads, no torch, no logging. Deterministic given the seed: its only randomness is a seeded
 hash of the prefix (greedy fake models, ``_Models``), so every mode commits the same tokens, as real greedy decoding
 does. Time is simulated: a forward pass of M(i) takes ``latencies[i]`` seconds (or a function of the tokens it
 feeds) and coordination is free. For the same chain run by the real orchestrator on fake models that sleep, see
-``pipespec.simworker``.
+``pipespec.workers.simulated``.
 
-Terms as in ``pipespec.analysis``.
+Terms: the glossary in docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from pipespec.analysis import Latency, _check_chain
-from pipespec.types import Mode
+from ..types import Mode
+from .model import Latency, check_chain
+from .oracle import MASK, SALT_OTHER, SALT_STAGE, mix
 
 
 
@@ -48,19 +49,8 @@ class SimResult:
     output: tuple[int, ...]  # the committed token ids; the same for every mode given the seed (lossless)
 
 
-_MASK = (1 << 64) - 1
-
-
-def _mix(x: int) -> int:
-    """splitmix64's finaliser: a cheap, well-spread 64-bit hash (the simulation's only source of randomness)."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
-    return x ^ (x >> 31)
-
-
 class FakeModels(Protocol):
-    """What the simulation asks of its greedy fake models (``_Models`` here; ``simworker.Oracle`` fits too).
+    """What the simulation asks of its greedy fake models (``analysis.oracle.Oracle``).
 
     Prefixes are named by a rolling hash: ``root`` names the start (the prompt), ``extend`` appends one token.
     ``choice(stage, prefix_hash, position)`` is M(stage)'s greedy token after that prefix; ``position`` counts the
@@ -87,18 +77,18 @@ class _Models:
 
     def __init__(self, acceptance: Sequence[float], seed: int) -> None:
         self._thresholds = [a * 2.0**64 for a in acceptance]
-        self._salt = _mix(seed & _MASK)
-        self.root = _mix(self._salt ^ 0x5EED)  # hash of the prompt
+        self._salt = mix(seed & MASK)
+        self.root = mix(self._salt ^ 0x5EED)  # hash of the prompt
 
     def extend(self, prefix_hash: int, token: int) -> int:
-        return _mix(prefix_hash ^ _mix(token ^ self._salt))
+        return mix(prefix_hash ^ mix(token ^ self._salt))
 
     def choice(self, stage: int, prefix_hash: int, position: int = 0) -> int:
-        token = _mix(prefix_hash ^ self._salt)
+        token = mix(prefix_hash ^ self._salt)
         for j in range(len(self._thresholds) - 1, stage - 1, -1):
-            tag = _mix(prefix_hash ^ self._salt ^ (((j + 1) * 0xA24BAED4963EE407) & _MASK))
+            tag = mix(prefix_hash ^ self._salt ^ (((j + 1) * SALT_STAGE) & MASK))
             if tag >= self._thresholds[j]:
-                token = _mix(tag ^ 0x632BE59BD9B4E019)  # M(j) disagrees with M(j+1) here
+                token = mix(tag ^ SALT_OTHER)  # M(j) disagrees with M(j+1) here
         return token
 
 
@@ -308,7 +298,7 @@ def simulate(
     ``latencies[i]``: seconds per forward of M(i), or a function of the number of tokens the forward feeds (1 for a
     plain decode; 1 + n to verify n proposals; more after adopting tokens from a rollback, whose KV is missing).
     ``acceptance[i]``: alpha between M(i) and M(i+1), realised by hash-based fake models (see ``_Models``), or by
-    ``models`` when given (e.g. the ``simworker.Oracle`` a real run used, to replay the same draw of acceptances;
+    ``models`` when given (e.g. the ``analysis.oracle.Oracle`` a real run used, to replay the same draw of acceptances;
     ``acceptance`` is then only checked, and ``seed`` unused).
 
     ``pipe`` follows PipeSpec's algorithm, every stage on its own device, coordination free:
@@ -335,7 +325,7 @@ def simulate(
     overestimates by up to ~6% when a middle stage's step is close to its successor's), the start of the
     generation (nothing to verify yet), max_ahead stalls, and forwards that cost more with more tokens.
     """
-    _check_chain(latencies, acceptance, mode, verify_cap)
+    check_chain(latencies, acceptance, mode, verify_cap)
     if tokens < 1:
         raise ValueError(f"tokens must be >= 1, got {tokens!r}")
     if lookahead < 1:

@@ -24,9 +24,10 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.text import Text
 
-from .errors import ConfigError, PipespecError
-from .scheduler import Pipeline
-from .tui import loading_progress, printable, render
+from ..errors import EXIT_INTERRUPTED, EXIT_OK, ConfigError, PipespecError
+from ..scheduler import Pipeline
+from .common import error, load_pipeline, report
+from .tui import printable, render
 
 __all__ = ["Conversation", "chat_command"]
 
@@ -104,7 +105,7 @@ def fit(conv: Conversation, tokenizer: Any, context: int | None, max_new_tokens:
 
 
 def context_of(pipe: Pipeline) -> int | None:
-    limits = [m.worker.max_positions for m in pipe.members if m.worker.max_positions]
+    limits = [m.info.max_positions for m in pipe.members if m.info.max_positions]
     return min(limits) if limits else None
 
 
@@ -273,40 +274,24 @@ def line_history() -> Iterator[None]:
 def chat_command(names: list[str], options: dict[str, Any], *, device: str | list[str], dtype: str,
                  trust_remote_code: bool, system: str | None = None) -> int:
     """Load the chain, then talk until /quit or Ctrl-D. Returns the process exit code."""
-    import click
-
-    def error(message: str, code: int) -> int:
-        click.echo(f"pipespec: error: {message}", err=True)
-        return code
-
     with asyncio.Runner() as runner:
         try:
-            pipe = runner.run(_load(names, device, dtype, trust_remote_code, sys.stderr.isatty()))
+            pipe = runner.run(load_pipeline(names, device, dtype, trust_remote_code, sys.stderr.isatty()))
         except KeyboardInterrupt:
-            return error("interrupted while loading", 130)
-        except ConfigError as exc:
-            return error(str(exc), 2)
+            error("interrupted while loading")
+            return EXIT_INTERRUPTED
         except PipespecError as exc:
-            return error(str(exc), 1)
+            return report(exc)
         try:
             if pipe.tokenizer is None:
-                return error("chat needs a tokenizer, and the target has none", 2)
+                return report(ConfigError("chat needs a tokenizer, and the target has none"))
             try:
                 pipe.make_request([0], **options)  # every bad option fails here, before the first prompt
             except ConfigError as exc:
-                return error(str(exc), 2)
+                return report(exc)
             with line_history():
                 ChatSession(pipe, options, system).run(runner)
-            return 0
+            return EXIT_OK
         finally:
             with contextlib.suppress(KeyboardInterrupt):
                 runner.run(pipe.aclose())
-
-
-async def _load(names: list[str], device: str | list[str], dtype: str, trust_remote_code: bool,
-                progress: bool) -> Pipeline:
-    if not progress:
-        return await Pipeline.load(names, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    with loading_progress(names) as on_loaded:
-        return await Pipeline.load(names, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                                   on_loaded=on_loaded)

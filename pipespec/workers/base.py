@@ -1,29 +1,35 @@
-"""A model of the chain as its worker thread sees it: weights, KV cache, forward passes and the stage's token choices.
+"""What every model worker is: the ``Worker`` protocol the runners serve, the ``StepResult`` of a decision, and
+``LogitsWorker``, the decisions (verify, draft, prefill) that every real model shares on top of its KV cache.
 
-Synchronous code, always run through the model's ``Runner`` (one fixed thread per model). The event loop never
-calls into this module directly and never reads a tensor.
+A worker is synchronous code, always run by its model's runner (one fixed thread, or a process of its own). The
+event loop never calls into a worker directly and never reads a tensor.
 
 The KV cache always holds exactly the keys and values of ``self.cached`` (a token list). A call names the whole
 sequence it wants logits for; the worker keeps the longest cached prefix that agrees with it, crops the rest (that
 is the rollback: the entries past the divergence point are dropped), and forwards only the new tokens. So a
 rollback costs nothing until the next forward, and a stale cache cannot survive a change of sequence.
+
+Terms (proposal, verify, accepted, correction, bonus) as in the glossary of docs/architecture.md.
 """
 
 from __future__ import annotations
 
-import inspect
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .verify import SamplingParams, choose, count_accepted, rejection_verify
+from ..verify import SamplingParams, choose, count_accepted, rejection_verify
 
-__all__ = ["ModelWorker", "StepResult", "ProbRows", "common_prefix", "make_worker"]
+__all__ = ["Worker", "WorkerInfo", "StepResult", "ProbRows", "LogitsWorker", "common_prefix", "gather_rows"]
 
 # Rows of a proposer's probabilities: (tensor [m, vocab], row index) per proposed position.
 ProbRows = Sequence[tuple[torch.Tensor, int]]
+
+# The calls a runner serves by name (``await runner.call("step", ...)``): a worker's whole remote surface.
+CALLS = ("prefill", "step", "draft", "reset", "release", "rollback", "describe")
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -55,10 +61,45 @@ class StepResult:
     probs: torch.Tensor | None = None
 
 
-class ModelWorker:
-    """One causal LM with its KV cache. Every method runs on the model's runner thread."""
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """What the orchestrator may know of a worker without touching it (small, plain data: it crosses processes)."""
 
-    # Whether its forward passes compete for its device with other stages placed there (a simulated worker sleeps).
+    name: str
+    device: str
+    vocab_size: int
+    max_positions: int | None  # the model's context limit, if it has one
+    contends: bool  # whether its forward passes compete for its device with other stages placed there
+    eos_ids: tuple[int, ...] = ()  # end-of-sequence ids from the model's generation config
+    dtype: str | None = None
+
+
+@runtime_checkable
+class Worker(Protocol):
+    """One model of the chain with its KV cache, as its runner serves it (every method by name, see ``CALLS``)."""
+
+    name: str
+    forwards: int
+
+    def describe(self) -> WorkerInfo: ...
+
+    def reset(self, seed: int | None = None, capacity: int | None = None) -> None: ...
+
+    def release(self) -> None: ...
+
+    def rollback(self, length: int) -> None: ...
+
+    def prefill(self, prompt: Sequence[int]) -> bool: ...
+
+    def step(self, seq: Sequence[int], start: int, params: SamplingParams,
+             proposal_probs: ProbRows | None = None) -> StepResult: ...
+
+    def draft(self, seq: Sequence[int], n: int, params: SamplingParams) -> StepResult: ...
+
+
+class LogitsWorker(ABC):
+    """A real model: the stage decisions over ``forward``; subclasses own the KV cache (dynamic or static)."""
+
     contends = True
 
     def __init__(self, model: Any, name: str, device: torch.device) -> None:
@@ -68,54 +109,44 @@ class ModelWorker:
         self.config = model.config
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.max_positions = int(getattr(self.config, "max_position_embeddings", 0) or 0) or None
-        params = inspect.signature(model.forward).parameters
-        # transformers renamed past_key_values -> cache (5.2x); accept both
-        self._cache_kw = "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
-        self._logits_to_keep = "logits_to_keep" in params
-        self.cache: Any = None
         self.cached: list[int] = []
         self.forwards = 0
         self.generator: torch.Generator | None = None
 
-    # -- KV cache primitives -------------------------------------------------------------------------------------
+    def describe(self) -> WorkerInfo:
+        gen = getattr(self.model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None)
+        eos_ids = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+        dtype = getattr(self.model, "dtype", None)
+        return WorkerInfo(self.name, str(self.device), self.vocab_size, self.max_positions, self.contends,
+                          tuple(int(e) for e in eos_ids), str(dtype).removeprefix("torch.") if dtype else None)
 
+    # -- KV cache primitives (the subclass's) ---------------------------------------------------------------------
+
+    @abstractmethod
     def reset(self, seed: int | None = None, capacity: int | None = None) -> None:
         """Forget the cache (start of a generation); seed this stage's generator for the rejection rule.
         ``capacity`` (the longest sequence of the generation) matters only to static caches."""
-        from transformers import DynamicCache
 
-        self.cache = DynamicCache(config=self.config)
-        self.cached = []
+    @abstractmethod
+    def release(self) -> None:
+        """Free what a generation holds (memory stays flat across many generations)."""
+
+    @abstractmethod
+    def rollback(self, length: int) -> None:
+        """Drop cache entries past ``length`` tokens."""
+
+    @abstractmethod
+    def forward(self, tokens: Sequence[int], position: int, keep: int) -> torch.Tensor:
+        """Forward ``tokens`` at ``position`` (== cache length); returns [keep, vocab] float logits of the last
+        ``keep`` of them."""
+
+    def _seed(self, seed: int | None) -> None:
         if seed is not None:
             self.generator = torch.Generator(device=self.device)
             self.generator.manual_seed(seed)
 
-    def release(self) -> None:
-        """Free the KV cache between generations (memory stays flat across many generations)."""
-        self.cache = None
-        self.cached = []
-
-    def rollback(self, length: int) -> None:
-        """Drop cache entries past ``length`` tokens."""
-        if length < len(self.cached):
-            self.cache.crop(length - len(self.cached))  # negative: the number of entries to drop
-            del self.cached[length:]
-
-    def forward(self, tokens: Sequence[int], position: int, keep: int) -> torch.Tensor:
-        """Forward ``tokens`` at ``position`` (== cache length) and return logits of the last ``keep`` of them.
-
-        Returns [keep, vocab] float logits.
-        """
-        assert position == len(self.cached), "forward must continue the cached sequence"
-        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)  # [1, n]
-        pos = torch.arange(position, position + len(tokens), device=self.device).unsqueeze(0)  # [1, n]
-        kwargs: dict[str, Any] = {self._cache_kw: self.cache, "use_cache": True, "position_ids": pos}
-        if self._logits_to_keep:
-            kwargs["logits_to_keep"] = keep
-        out = self.model(input_ids=ids, **kwargs)
-        self.forwards += 1
-        self.cached.extend(tokens)
-        return out.logits[0, -keep:]
+    # -- built on them ---------------------------------------------------------------------------------------------
 
     def prefill(self, prompt: Sequence[int]) -> bool:
         """Fill the cache with all but the last prompt token, so the first decision forwards a short window.
@@ -137,8 +168,6 @@ class ModelWorker:
         keep_cache = min(common_prefix(self.cached, seq), first - 1)
         self.rollback(keep_cache)
         return self.forward(seq[keep_cache:], keep_cache, len(seq) - first + 1)
-
-    # -- stage decisions ----------------------------------------------------------------------------------------
 
     def step(self, seq: Sequence[int], start: int, params: SamplingParams,
              proposal_probs: ProbRows | None = None) -> StepResult:
@@ -196,21 +225,3 @@ def gather_rows(rows: ProbRows, device: torch.device) -> torch.Tensor:
         i = j
     out = torch.cat([piece.to(device, non_blocking=False) for piece in pieces])
     return out.float()
-
-
-def make_worker(model: Any, name: str, device: torch.device, fast: bool | str = "auto") -> ModelWorker:
-    """The fast static-cache worker where it applies (``fast="auto"``: LLaMA models), else HF's eager forward.
-
-    ``fast=True`` asks for the static path on any device (CUDA graphs only on CUDA) and fails if the model does
-    not support it; ``fast="compile"`` adds torch.compile; ``fast=False`` always uses HF's own forward.
-    """
-    from .static_llama import supports_static
-
-    if fast == "auto":  # LLaMA-architecture models take the static path anywhere (on the CPU too: ~25% faster)
-        fast = supports_static(model) is None
-    if not fast:
-        return ModelWorker(model, name, device)
-    from .fastworker import StaticWorker
-
-    # "compile": also fuse each layer's element-wise work with torch.compile (slower start, faster steps)
-    return StaticWorker(model, name, device, compile=fast == "compile")

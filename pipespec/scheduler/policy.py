@@ -26,18 +26,11 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-from .analysis import predict_throughput
+from ..analysis.model import predict_throughput, window_tokens
 
-__all__ = ["window_yield", "best_verify_cap", "useful_run_ahead", "LinkEstimator", "ChainMonitor"]
+__all__ = ["best_verify_cap", "useful_run_ahead", "LinkEstimator", "ChainMonitor"]
 
 CAPS = (1, 2, 4, 8, 16, 32, 64)
-
-
-def window_yield(alpha: float, window: int) -> float:
-    """Expected tokens from verifying ``window`` proposals (accepted prefix + the verifier's own token)."""
-    if alpha >= 1.0:
-        return float(window + 1)
-    return (1 - alpha ** (window + 1)) / (1 - alpha)
 
 
 def best_verify_cap(alpha: float, t0: float, t1: float, ceiling: int = 64) -> int:
@@ -46,7 +39,7 @@ def best_verify_cap(alpha: float, t0: float, t1: float, ceiling: int = 64) -> in
     for cap in CAPS:
         if cap > ceiling:
             break
-        rate = window_yield(alpha, cap) / max(t0 + t1 * cap, 1e-9)
+        rate = window_tokens(alpha, cap) / max(t0 + t1 * cap, 1e-9)
         if rate > best_rate * 1.01:  # a longer window must be clearly better: it also delays the next verdict
             best, best_rate = cap, rate
     return best

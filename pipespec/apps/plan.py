@@ -25,32 +25,20 @@ import itertools
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
-from .analysis import predict_throughput, verification_probability
-from .models import ModelWorker
-from .scheduler.pipeline import Pipeline
-from .simulation import simulate
-from .verify import SamplingParams
+from ..analysis.plan import CAPS, Prediction, prediction_dict, predict_chains, recommend
+from ..scheduler.pipeline import Pipeline
+from ..verify import SamplingParams
+from ..workers.base import LogitsWorker
 
-__all__ = ["Prediction", "PlanResult", "plan", "predict_chains", "recommend", "measure_latencies", "measure_agreement"]
+__all__ = ["CAPS", "SIZES", "Prediction", "PlanResult", "plan", "print_tables", "predict_chains", "recommend", "measure_latencies",
+           "measure_agreement"]
 
 SIZES = (1, 2, 4, 8, 16, 32, 64)
-CAPS = (4, 8, 16, 32, 64)
 CONTEXT = 128  # tokens of context before the timed forwards
 _GREEDY = SamplingParams()
-
-
-@dataclass(frozen=True, slots=True)
-class Prediction:
-    chain: tuple[str, ...]  # smallest first; the last one is the target
-    verify_cap: int | None  # None for the target alone (ar)
-    latencies_ms: tuple[float, ...]  # each stage's mean forward time at its expected window
-    acceptance: tuple[float, ...]  # alpha between neighbours of this chain
-    predicted_tokens_per_s: float
-    simulated_tokens_per_s: float
-    speedup: float  # predicted over the target alone
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,21 +58,11 @@ class PlanResult:
             "models": list(self.models),
             "latency_ms": {m: {str(n): round(v, 4) for n, v in t.items()} for m, t in self.latency_ms.items()},
             "acceptance": {k: round(v, 4) for k, v in self.agreement.items()},
-            "predictions": [_prediction_dict(p) for p in self.predictions],
-            "recommended": _prediction_dict(self.recommended),
+            "predictions": [prediction_dict(p) for p in self.predictions],
+            "recommended": prediction_dict(self.recommended),
             "measured": self.measured,
             "shared_device": self.shared_device,
         }
-
-
-def _prediction_dict(p: Prediction) -> dict[str, Any]:
-    d = asdict(p)
-    d["chain"] = list(p.chain)
-    d["latencies_ms"] = [round(x, 4) for x in p.latencies_ms]
-    d["acceptance"] = [round(x, 4) for x in p.acceptance]
-    for key in ("predicted_tokens_per_s", "simulated_tokens_per_s", "speedup"):
-        d[key] = round(d[key], 3)
-    return d
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,7 +75,7 @@ def _context(prompt: Sequence[int], length: int) -> list[int]:
     return [prompt[i % len(prompt)] for i in range(length)]
 
 
-def _time_forwards(worker: ModelWorker, context: list[int], sizes: Sequence[int], reps: int) -> dict[int, float]:
+def _time_forwards(worker: LogitsWorker, context: list[int], sizes: Sequence[int], reps: int) -> dict[int, float]:
     """Median seconds of ``worker.step`` feeding n tokens after ``context`` (cached), for each n in ``sizes``.
 
     Sizes are interleaved (``reps`` rounds over all of them, after one warm-up round), so a burst of load on a
@@ -126,7 +104,7 @@ def _time_forwards(worker: ModelWorker, context: list[int], sizes: Sequence[int]
         worker.release()
 
 
-def _greedy_choices(worker: ModelWorker, seq: list[int], first: int) -> list[int]:
+def _greedy_choices(worker: LogitsWorker, seq: list[int], first: int) -> list[int]:
     """The worker's greedy token at positions first..len(seq) given seq's prefixes, in one forward pass."""
     worker.reset(None, len(seq) + 1)
     try:
@@ -147,11 +125,11 @@ async def measure_latencies(pipe: Pipeline, prompt: Sequence[int], sizes: Sequen
     context = _context(prompt, CONTEXT)
     out: dict[str, dict[int, float]] = {}
     for m, name in zip(pipe.members, _unique(pipe.names)):  # one at a time: concurrent timings disturb each other
-        out[name] = await m.runner.call(_time_forwards, m.worker, context, sizes, reps)
+        out[name] = await m.runner.run(_time_forwards, m.worker, context, sizes, reps)
     return out
 
 
-def _greedy_continuation(worker: ModelWorker, prompt: list[int], n: int) -> list[int]:
+def _greedy_continuation(worker: LogitsWorker, prompt: list[int], n: int) -> list[int]:
     """``n`` greedy tokens after ``prompt``, one decoding step each, past any EOS: every position is one more
     sample of agreement (a prompt the target would end at once must not leave the measurement empty)."""
     worker.reset(None, len(prompt) + n + 1)
@@ -173,84 +151,14 @@ async def measure_agreement(pipe: Pipeline, prompts: Sequence[Sequence[int]], to
     agree = {(i, j): 0 for i, j in itertools.combinations(range(len(names)), 2)}
     positions = 0
     for prompt in prompts:
-        continuation = await target.runner.call(_greedy_continuation, target.worker, list(prompt), tokens)
+        continuation = await target.runner.run(_greedy_continuation, target.worker, list(prompt), tokens)
         seq = list(prompt) + continuation
         # position p predicts seq[p] from seq[:p]; the last row (after the whole continuation) is not compared
-        choices = [(await m.runner.call(_greedy_choices, m.worker, seq, len(prompt)))[:-1] for m in pipe.members]
+        choices = [(await m.runner.run(_greedy_choices, m.worker, seq, len(prompt)))[:-1] for m in pipe.members]
         positions += len(continuation)
         for i, j in agree:
             agree[i, j] += sum(a == b for a, b in zip(choices[i], choices[j]))
     return {f"{names[i]}->{names[j]}": (n / positions if positions else 0.0) for (i, j), n in agree.items()}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Predicting (pure)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _curve(table: dict[int, float]) -> Callable[[int], float]:
-    """Seconds per forward for any number of tokens: piecewise linear through the measured points, extended
-    linearly past the last one, flat below the first."""
-    points = sorted(table.items())
-
-    def latency(n: float) -> float:
-        if n <= points[0][0] or len(points) == 1:
-            return points[0][1]
-        for (n0, t0), (n1, t1) in zip(points, points[1:]):
-            if n <= n1:
-                return t0 + (t1 - t0) * (n - n0) / (n1 - n0)
-        (n0, t0), (n1, t1) = points[-2], points[-1]
-        return max(t1 + (t1 - t0) * (n - n1) / (n1 - n0), t1)
-
-    return latency  # type: ignore[return-value]
-
-
-def _effective_latencies(curves: Sequence[Callable[[int], float]], acc: Sequence[float], cap: int) -> list[float]:
-    """Each stage's mean seconds per step: decodes feed one token, verifications 1 + gamma, where gamma is what
-    its predecessor publishes during one step (capped). Iterated, since gamma depends on the latencies."""
-    lat = [c(1) for c in curves]
-    for _ in range(4):
-        for i in range(1, len(lat)):
-            rate = predict_throughput(lat[:i], acc[:i - 1], "pipe", verify_cap=cap)  # what M(i-1) publishes
-            gamma = min(max(rate * lat[i] - 1.0, 0.0), float(cap))
-            rho = verification_probability(acc[i - 1], gamma)
-            lat[i] = (1.0 - rho) * curves[i](1) + rho * curves[i](1 + round(gamma))
-    return lat
-
-
-def predict_chains(latency_s: dict[str, dict[int, float]], agreement: dict[str, float], models: Sequence[str],
-                   caps: Sequence[int] = CAPS, sim_tokens: int = 300) -> list[Prediction]:
-    """Every sub-chain of ``models`` that keeps the target (the last), with every verify cap; best first."""
-    target = models[-1]
-    ar = 1.0 / latency_s[target][1]
-    out: list[Prediction] = []
-    for r in range(len(models)):
-        for drafts in itertools.combinations(models[:-1], r):
-            chain = (*drafts, target)
-            curves = [_curve(latency_s[m]) for m in chain]
-            acc = tuple(agreement[f"{a}->{b}"] for a, b in zip(chain, chain[1:]))
-            for cap in (caps if len(chain) > 1 else (None,)):
-                if cap is None:
-                    lat, pred, sim = [curves[0](1)], ar, ar
-                else:
-                    lat = _effective_latencies(curves, acc, cap)
-                    pred = predict_throughput(lat, acc, "pipe", verify_cap=cap)
-                    # max_ahead as the Pipeline's default (max(verify_cap, lookahead))
-                    sim = simulate(curves, acc, sim_tokens, "pipe", verify_cap=cap, max_ahead=max(cap, 8)).tokens_per_s
-                out.append(Prediction(chain, cap, tuple(1000 * x for x in lat), acc, pred, sim, pred / ar))
-    out.sort(key=lambda p: -p.predicted_tokens_per_s)
-    return out
-
-
-TIE = 0.01  # predictions this close to the best count as ties: the one with fewer models wins
-
-
-def recommend(predictions: Sequence[Prediction]) -> Prediction:
-    """The best prediction, except that a chain with fewer models within ``TIE`` of it wins: every model added
-    costs memory and coordination that the analytical model counts as free."""
-    top = max(p.predicted_tokens_per_s for p in predictions)
-    close = [p for p in predictions if p.predicted_tokens_per_s >= (1.0 - TIE) * top]
-    return min(close, key=lambda p: (len(p.chain), -p.predicted_tokens_per_s))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -310,3 +218,43 @@ async def plan(pipe: Pipeline, prompts: Sequence[str | Sequence[int]], *, tokens
     return PlanResult(device=pipe.target.device, models=names, latency_ms=latency_ms, agreement=agreement,
                       predictions=tuple(predictions), recommended=best, measured=measured,
                       shared_device=len(set(devices)) < len(devices))
+
+
+def print_tables(result: dict[str, Any]) -> None:
+    """A plan's result (``PlanResult.to_dict()``) as Rich tables on stdout."""
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    lat = Table(title=f"forward pass, ms (device {result['device']})")
+    lat.add_column("model")
+    sizes = list(next(iter(result["latency_ms"].values())))
+    for n in sizes:
+        lat.add_column(f"{n} tok", justify="right")
+    for model, row in result["latency_ms"].items():
+        lat.add_row(model, *(f"{row[n]:.2f}" for n in sizes))
+    console.print(lat)
+    if result["acceptance"]:
+        console.print("greedy agreement: " + ", ".join(f"{k} {v:.3f}" for k, v in result["acceptance"].items()))
+    preds = Table(title="predicted throughput, best first")
+    for col in ("chain", "verify cap", "predicted tok/s", "simulated tok/s", "speedup"):
+        preds.add_column(col, justify="right" if col != "chain" else "left")
+    for p in result["predictions"]:
+        preds.add_row(",".join(p["chain"]), "-" if p["verify_cap"] is None else str(p["verify_cap"]),
+                      f"{p['predicted_tokens_per_s']:.1f}", f"{p['simulated_tokens_per_s']:.1f}",
+                      f"{p['speedup']:.2f}x")
+    console.print(preds)
+    best = result["recommended"]
+    cap = "" if best["verify_cap"] is None else f" --verify-cap {best['verify_cap']}"
+    mode = " --mode ar" if best["verify_cap"] is None else ""
+    console.print(f"recommended: pipespec run --models {','.join(best['chain'])}{cap}{mode}")
+    if result.get("shared_device"):
+        console.print("note: these models share one device; the predictions assume one device per model, so "
+                      "chains of several models will measure slower than predicted")
+    run = result.get("measured")
+    if run:
+        console.print(f"measured: {run['measured_tokens_per_s']:.1f} tok/s (predicted "
+                      f"{run['predicted_tokens_per_s']:.1f}); target alone {run['ar_measured_tokens_per_s']:.1f} "
+                      f"(predicted {run['ar_predicted_tokens_per_s']:.1f})")

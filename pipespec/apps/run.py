@@ -10,9 +10,10 @@ from typing import Any
 
 import click
 
-from .errors import ConfigError, PipespecError
-from .scheduler import Pipeline
-from .types import Generation
+from ..errors import EXIT_INTERRUPTED, EXIT_OK, PipespecError
+from ..scheduler import Pipeline
+from ..types import Generation
+from .common import load_pipeline, report
 
 
 def _result_json(g: Generation) -> str:
@@ -25,26 +26,26 @@ def run_command(names: list[str], prompt: str, options: dict[str, Any], *, devic
     holder: dict[str, Any] = {}
 
     async def main() -> int:
-        pipe = await _load(names, device, dtype, trust_remote_code, use_tui)
+        pipe = await load_pipeline(names, device, dtype, trust_remote_code, use_tui)
         holder["pipe"] = pipe
         async with pipe:
             pipe.make_request(prompt, **options)  # validate before anything is printed
             if as_json:
                 g = await pipe.generate(prompt, **options)
                 click.echo(_result_json(g))
-                return 0
+                return EXIT_OK
             if use_tui:
                 from .tui import run_with_live_view
 
                 g = await run_with_live_view(pipe, prompt, options)
                 holder["done"] = True
-                return 0
+                return EXIT_OK
             async for piece in pipe.stream(prompt, **options):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
             holder["done"] = True
-            return 0
+            return EXIT_OK
 
     try:
         return asyncio.run(main())
@@ -52,13 +53,9 @@ def run_command(names: list[str], prompt: str, options: dict[str, Any], *, devic
         _report_interrupted(holder, as_json, use_tui)
         # skip the interpreter's final garbage collections over torch's objects (1-2 s): Ctrl-C must exit promptly
         gc.freeze()
-        return 130
-    except ConfigError as exc:
-        click.echo(f"pipespec: error: {exc}", err=True)
-        return 2
+        return EXIT_INTERRUPTED
     except PipespecError as exc:
-        click.echo(f"pipespec: error: {exc}", err=True)
-        return 1
+        return report(exc)
 
 
 def _report_interrupted(holder: dict[str, Any], as_json: bool, use_tui: bool) -> None:
@@ -79,13 +76,3 @@ def _report_interrupted(holder: dict[str, Any], as_json: bool, use_tui: bool) ->
         sys.stdout.write("\n")
     sys.stdout.flush()
     click.echo("pipespec: interrupted", err=True)
-
-
-async def _load(names: list[str], device: str | list[str], dtype: str, trust_remote_code: bool, progress: bool) -> Pipeline:
-    if not progress:
-        return await Pipeline.load(names, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    from .tui import loading_progress
-
-    with loading_progress(names) as on_loaded:
-        return await Pipeline.load(names, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                                   on_loaded=on_loaded)

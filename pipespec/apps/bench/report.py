@@ -15,8 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from .bench import BenchSettings, Contender
-    from .scheduler import Pipeline
+    from ...scheduler import Pipeline
 
 __all__ = ["METHODS", "BASELINES", "build_report", "cut_at_eos", "rows", "notes", "rich_table", "markdown",
            "write_chart", "write_outputs"]
@@ -38,9 +37,11 @@ def cut_at_eos(ids: Sequence[int], eos: set[int]) -> Ids:
 # -- the report as data ------------------------------------------------------------------------------------------
 
 
-def build_report(s: BenchSettings, pipe: Pipeline, prompts: Sequence[Ids],
-                 outcome: dict[str, list[Contender] | str], extra: dict[str, Any]) -> dict[str, Any]:
-    """The report as one JSON-ready dict. ``outcome`` maps each method to its contenders (``hf`` on CUDA has two:
+def build_report(s: Any, pipe: Pipeline, prompts: Sequence[Ids],
+                 outcome: dict[str, list[Any] | str], extra: dict[str, Any]) -> dict[str, Any]:
+    """The report as one JSON-ready dict, from the run's ``BenchSettings`` (``s``) and its ``Contender``s (this
+    module reads their fields and never imports ``run``, so the two modules depend one way).
+    ``outcome`` maps each method to its contenders (``hf`` on CUDA has two:
     ``hf`` and ``hf_eager``), or to why it did not run; ``extra`` holds what the run learnt on the way."""
     import transformers
 
@@ -49,7 +50,7 @@ def build_report(s: BenchSettings, pipe: Pipeline, prompts: Sequence[Ids],
     reference_name = next((m for m in ("ar", "hf", *ran) if m in ran), None)
     reference = [cut_at_eos(o, eos) for o in ran[reference_name].timing.outputs] if reference_name else []
 
-    def entry(c: Contender) -> dict[str, Any]:
+    def entry(c: Any) -> dict[str, Any]:
         t = c.timing
         if c.error is not None:
             return {"error": c.error, "identical": None}
@@ -80,13 +81,13 @@ def build_report(s: BenchSettings, pipe: Pipeline, prompts: Sequence[Ids],
         methods["hf_assisted"].update(extra["hf_assisted"])
     checked = [e for e in (*methods.values(), *extras.values()) if "skipped" not in e]
     return {
-        "device": describe_devices([m.worker.device for m in pipe.members]),
+        "device": describe_devices([torch.device(m.device) for m in pipe.members]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "models": list(s.models),
-        "placement": [str(m.worker.device) for m in pipe.members],
+        "placement": [m.device for m in pipe.members],
         "prompts": {"source": s.prompts, "count": len(prompts), "tokens": [len(p) for p in prompts]},
         "max_new_tokens": s.max_new_tokens,
-        "dtype": str(pipe.target.worker.model.dtype).removeprefix("torch."),
+        "dtype": pipe.target.info.dtype,
         "settings": {"warmup": s.warmup, "lookahead": s.lookahead, "verify_cap": s.verify_cap,
                      "adaptive": s.adaptive},
         "reference": reference_name,

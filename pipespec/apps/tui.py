@@ -23,7 +23,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.segment import Segment
 from rich.text import Text
 
-from .types import Generation, Mode, Snapshot, StageSnapshot
+from ..types import Generation, Mode, Snapshot, StageSnapshot
 
 __all__ = ["REFRESH_PER_SECOND", "printable", "render", "initial_snapshot", "run_with_live_view",
            "loading_progress"]

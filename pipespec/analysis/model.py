@@ -1,22 +1,11 @@
 """The analytical model of PipeSpec: the paper's closed forms and ``predict_throughput`` for a whole chain.
 
 Pure arithmetic: no threads, no torch, no logging. The discrete-event simulation, for what the closed forms do not
-cover, lives in ``pipespec.simulation`` (``simulate``, ``SimResult`` and ``StageCounts`` are re-exported here).
+cover, lives in ``analysis.simulation``.
 
-Terms (as in PipeSpec, McDanel et al. 2025, and ``pipespec.types``):
-
-- *chain*: models M0 (smallest, the draft) -> ... -> M(k-1) (the target). ``latencies_s[i]`` is the time of one
-  forward pass of M(i) in seconds, smallest model first; the simulation also takes a function of the number of
-  tokens the forward processes.
-- *alpha* (``acceptance[i]``): the probability that a token M(i) chose equals M(i+1)'s own choice at that position,
-  the same for every token and independent of the others (i.i.d.). Only neighbours have an alpha.
-- *gamma*: the verify window, the number of drafted tokens one verification pass checks. The pass also yields one
-  token of the verifier's own: the *correction* at the first mismatch, or the *bonus* when all gamma matched.
-- *c*: draft forward time / target forward time (the cost of one drafted token, in target steps).
-- *step*: one forward pass of a stage: a *verification* when it checks proposals, a *decode* when it has none
-  and picks one token itself.
-- *lookahead* (lock-step SD only): every stage runs ahead of its successor by ``lookahead - 1`` tokens before the
-  successor verifies, so a two-model SD round with lookahead g has gamma = g - 1.
+Terms (chain, alpha, gamma, c, step, verification, decode, lookahead; as in PipeSpec, McDanel et al. 2025): the
+glossary in docs/architecture.md. ``latencies_s[i]`` is the time of one forward pass of M(i) in seconds, smallest
+model first; the simulation also takes a function of the number of tokens the forward processes.
 
 Units: throughputs are committed target tokens per second; speedups are relative to the target decoding alone.
 """
@@ -24,28 +13,23 @@ Units: throughputs are committed target tokens per second; speedups are relative
 from __future__ import annotations
 
 __all__ = [
-    "SimResult",
-    "StageCounts",
     "expected_tokens_per_step",
     "lockstep_speedup",
     "pipespec_speedup",
     "predict_throughput",
-    "simulate",
+    "window_tokens",
     "verification_probability",
 ]
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pipespec.types import Mode
+from ..types import MODES, Mode
 
-if TYPE_CHECKING:
-    from pipespec.simulation import SimResult, StageCounts, simulate
 
 Latency = float | Callable[[int], float]
 
-_MODES = ("pipe", "sd", "ar")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -69,7 +53,7 @@ def _check_c(c: float) -> None:
         raise ValueError(f"c (draft/target step time ratio) must be >= 0, got {c!r}")
 
 
-def _window_tokens(alpha: float, gamma: float) -> float:
+def window_tokens(alpha: float, gamma: float) -> float:
     """Expected tokens one verification of ``gamma`` drafts yields: sum_{j=0..gamma} alpha^j.
 
     Accepted drafts are min(Geometric, gamma), plus the correction or bonus token. gamma may be fractional (the
@@ -104,7 +88,7 @@ def expected_tokens_per_step(alpha: float, gamma: float) -> float:
     at alpha = 1; greater than 1 for every 0 < alpha and gamma > 0 (the paper's never-slower-than-AR guarantee).
     """
     rho = verification_probability(alpha, gamma)
-    return (1.0 - rho) + rho * _window_tokens(alpha, gamma)
+    return (1.0 - rho) + rho * window_tokens(alpha, gamma)
 
 
 def lockstep_speedup(alpha: float, gamma: float, c: float) -> float:
@@ -116,7 +100,7 @@ def lockstep_speedup(alpha: float, gamma: float, c: float) -> float:
     _check_alpha(alpha)
     _check_gamma(gamma)
     _check_c(c)
-    return _window_tokens(alpha, gamma) / (gamma * c + 1.0)
+    return window_tokens(alpha, gamma) / (gamma * c + 1.0)
 
 
 def pipespec_speedup(alpha: float, gamma: float) -> float:
@@ -138,9 +122,9 @@ def pipespec_speedup(alpha: float, gamma: float) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_chain(latencies: Sequence[object], acceptance: Sequence[float], mode: str, verify_cap: int) -> None:
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+def check_chain(latencies: Sequence[object], acceptance: Sequence[float], mode: str, verify_cap: int) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not latencies:
         raise ValueError("the chain needs at least one model (the target)")
     if len(acceptance) != len(latencies) - 1:
@@ -175,7 +159,7 @@ def _sd_throughput(lat: Sequence[float], acc: Sequence[float], lookahead: int, v
                 seconds += p * q * (1 + own) * lat[i]
                 nxt[max(a + 1, ahead)] = nxt.get(max(a + 1, ahead), 0.0) + p * q
         offered = nxt
-    tokens = sum(p * _window_tokens(acc[-1], min(n, verify_cap)) for n, p in offered.items())
+    tokens = sum(p * window_tokens(acc[-1], min(n, verify_cap)) for n, p in offered.items())
     return tokens / (seconds + lat[-1])
 
 
@@ -198,7 +182,7 @@ def _pipe_stage(
     first = min(published(catch_up * latency) - catch_up, float(cap))
     # Per-step transition probabilities out of the catch-up phase (G), the first verification (V1) and the others (V).
     x, p1, p = alpha**catch_up, math.pow(alpha, first + 1.0), math.pow(alpha, window + 1.0)
-    w1, w = _window_tokens(alpha, first), _window_tokens(alpha, window)
+    w1, w = window_tokens(alpha, first), window_tokens(alpha, window)
     if p >= 1.0:  # alpha == 1: V is absorbing
         per_step = w
     else:  # semi-Markov: visits per G phase are 1 (lasting catch_up steps), x to V1, x * p1 / (1 - p) to V
@@ -297,7 +281,7 @@ def predict_throughput(
     the window. Every state yields at least one token per target step, so pipe >= ar (the paper's guarantee).
     Against ``simulate``: within 2% for two models, within 3% for 0.5/5/20 ms chains (see the tests).
     """
-    _check_chain(latencies_s, acceptance, mode, verify_cap)
+    check_chain(latencies_s, acceptance, mode, verify_cap)
     if any(not x > 0 for x in latencies_s):
         raise ValueError(f"latencies must be > 0 seconds, got {list(latencies_s)!r}")
     if lookahead < 1:
@@ -310,13 +294,3 @@ def predict_throughput(
 
 
 _SIMULATION_NAMES = ("SimResult", "StageCounts", "simulate")
-
-
-def __getattr__(name: str) -> Any:
-    # The simulation moved to pipespec.simulation, which imports this module's checks; resolving the old names
-    # lazily keeps ``from pipespec.analysis import simulate`` working without a circular import.
-    if name in _SIMULATION_NAMES:
-        from pipespec import simulation
-
-        return getattr(simulation, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,99 @@
+"""The thread backend: the worker lives in this process, on one fixed OS thread of its own.
+
+One fixed thread per model, so per-thread torch state (the current device, the current CUDA stream, inference mode)
+stays put and CUDA graphs are replayed from the thread that captured them; on CUDA the thread also has a stream of
+its own. ``call`` dispatches a worker method by name (the ``Runner`` protocol); ``run`` runs any function on the
+thread, for what only an in-process caller may do (loading a model object it was handed, measuring, HF baselines).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, ParamSpec, TypeVar
+
+import torch
+
+from ..workers.base import Worker, WorkerInfo
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+__all__ = ["ThreadRunner"]
+
+
+class ThreadRunner:
+    """One fixed worker thread (and CUDA stream) for one model; implements ``runners.base.Runner``."""
+
+    def __init__(self, name: str, device: torch.device, worker: Worker | None = None) -> None:
+        self.name = name
+        self.device = device
+        self.worker = worker  # built on the thread by ``start``, or handed in (simulated workers, tests)
+        self.stream: torch.cuda.Stream | None = None
+        self._thread_id: int | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"pipespec-{name}",
+                                            initializer=self._init_thread)
+        self.busy_seconds = 0.0
+
+    def _init_thread(self) -> None:
+        self._thread_id = threading.get_ident()
+        torch.set_grad_enabled(False)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            self.stream = torch.cuda.Stream(self.device)
+
+    def _run(self, fn: Callable[..., R], args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
+        stream_ctx = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode(), stream_ctx:
+                return fn(*args, **kwargs)
+        finally:
+            self.busy_seconds += time.perf_counter() - start
+
+    def _method(self, method: str) -> Callable[..., Any]:
+        if self.worker is None:
+            raise RuntimeError(f"runner {self.name} has no worker: call start() first")
+        return getattr(self.worker, method)
+
+    # -- the Runner protocol --------------------------------------------------------------------------------------
+
+    async def start(self, factory: Callable[..., Worker], *args: Any, **kwargs: Any) -> WorkerInfo:
+        self.worker = await self.run(factory, *args, **kwargs)
+        return self.worker.describe()
+
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.wrap_future(self.submit(method, *args, **kwargs))
+
+    def submit(self, method: str, *args: Any, **kwargs: Any) -> Future[Any]:
+        return self._executor.submit(self._run, self._method(method), args, kwargs)
+
+    async def drain(self, timeout: float = 10.0) -> bool:
+        """Callers that drain during cancellation run this inside a shielded cancel scope."""
+        fut = self._executor.submit(lambda: None)
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def close(self, wait: bool = True) -> None:
+        self._executor.shutdown(wait=wait, cancel_futures=True)
+
+    # -- in-process extras ----------------------------------------------------------------------------------------
+
+    def submit_fn(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> Future[R]:
+        """Run any ``fn`` on the worker thread; for synchronous callers (tests, scripts)."""
+        return self._executor.submit(self._run, fn, args, kwargs)
+
+    async def run(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run any ``fn`` on the worker thread and await its result."""
+        return await asyncio.wrap_future(self.submit_fn(fn, *args, **kwargs))
+
+    @property
+    def on_worker_thread(self) -> bool:
+        return threading.get_ident() == self._thread_id

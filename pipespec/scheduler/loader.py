@@ -1,0 +1,133 @@
+"""Loading a chain: resolve every model, check the placement fits, start one runner per model and build its worker
+there (all models load at once), load the target's tokenizer, and refuse chains whose models do not share it.
+
+Returns the chain's ``Member``s; ``Pipeline.load`` wraps them in a pipeline. Every failure is one ``ConfigError`` or
+``ModelLoadError`` line; a model's own error wins over the tokenizer's (they load concurrently).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+import structlog
+import torch
+
+from ..errors import ConfigError, ModelLoadError, PipespecError, first_line
+from ..loading import load_tokenizer, preload_transformers, resolve_dtype, resolve_source
+from ..placement import resolve_device
+from ..runners.thread import ThreadRunner
+from ..workers import adopt_worker, load_worker
+from ..workers.base import WorkerInfo
+from .request import Member
+
+__all__ = ["load_chain", "first_error"]
+
+_log = structlog.get_logger("pipespec.pipeline")
+
+
+async def load_chain(models: Sequence[Any] | str, *, device: Any, dtype: Any, tokenizer: Any,
+                     trust_remote_code: bool, fast: bool | str,
+                     on_loaded: Callable[[int, str], None] | None) -> tuple[list[Member], Any]:
+    """The members of a chain (smallest first) and the target's tokenizer (``tokenizer`` when given)."""
+    if isinstance(models, str):
+        models = models.split(",")
+    if not models:
+        raise ConfigError("no models given")
+    devices = list(device) if isinstance(device, (list, tuple)) else [device] * len(models)
+    if len(devices) != len(models):
+        raise ConfigError(f"{len(devices)} devices given for {len(models)} models")
+    resolved = [resolve_device(d) for d in devices]
+    preload_transformers()
+    sources = [None if not isinstance(m, str) else resolve_source(m) for m in models]
+    _check_memory(sources, resolved, dtype)
+    names = [s.name if s is not None else _model_name(m, i) for i, (s, m) in enumerate(zip(sources, models))]
+    runners = [ThreadRunner(f"{i}-{name}", resolved[i]) for i, name in enumerate(names)]
+    infos: list[WorkerInfo | None] = [None] * len(models)
+
+    async def load_one(i: int) -> None:
+        source, dev = sources[i], resolved[i]
+        if source is None:
+            infos[i] = await runners[i].start(adopt_worker, models[i], names[i], dev, fast)
+        else:
+            infos[i] = await runners[i].start(load_worker, source, names[i], dev, dtype, trust_remote_code, fast)
+        if structlog.is_configured():
+            _log.info("model loaded", stage=i, model=names[i], device=str(dev))
+        if on_loaded is not None:
+            on_loaded(i, names[i])
+
+    tokenizer_error: Exception | None = None
+    try:
+        async with anyio.create_task_group() as tg:
+            for i in range(len(models)):
+                tg.start_soon(load_one, i)
+            if tokenizer is None and sources[-1] is not None:
+                try:
+                    tokenizer = await anyio.to_thread.run_sync(
+                        lambda: load_tokenizer(sources[-1], trust_remote_code=trust_remote_code))
+                except Exception as exc:  # noqa: BLE001 - raised below, unless a model's own error comes first
+                    tokenizer_error = exc
+        if tokenizer_error is not None:
+            raise tokenizer_error
+        if len(models) > 1 and tokenizer is not None:
+            await anyio.to_thread.run_sync(_check_tokenizers, sources, tokenizer)
+    except BaseException as exc:
+        for runner in runners:
+            runner.close(wait=False)
+        err = first_error(exc)
+        if isinstance(err, Exception) and not isinstance(err, PipespecError):
+            raise ModelLoadError(f"loading the chain failed: {type(err).__name__}: {first_line(err, 300)}"[:300]
+                                 ) from err
+        raise err from None
+    members = [Member(names[i], runners[i], info) for i, info in enumerate(infos) if info is not None]
+    return members, tokenizer
+
+
+def first_error(exc: BaseException) -> BaseException:
+    """The error to show for a failed task group: the first non-cancellation exception inside it."""
+    import asyncio
+
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = first_error(inner)
+            if not isinstance(found, (asyncio.CancelledError, anyio.get_cancelled_exc_class())):
+                return found
+        return exc.exceptions[0]
+    return exc
+
+
+def _model_name(model: Any, index: int) -> str:
+    path = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    return path.rstrip("/").split("/")[-1] or f"model{index}"
+
+
+def _check_tokenizers(sources: Sequence[Any], target_tokenizer: Any) -> None:
+    """Compare the token->id maps of every model that ships a tokenizer with the target's."""
+    target_vocab = target_tokenizer.get_vocab()
+    for source in sources[:-1]:
+        if source is None:
+            continue
+        try:
+            other = load_tokenizer(source)
+        except Exception:  # noqa: BLE001 - a model without a tokenizer of its own uses the target's
+            continue
+        if other.get_vocab() != target_vocab:
+            raise ConfigError(f"model {source.spec!r} uses a different tokenizer from the target "
+                              f"({sources[-1].spec!r}); every model of a chain must share the target's tokenizer")
+
+
+def _check_memory(sources: Sequence[Any], devices: Sequence[torch.device], dtype: Any) -> None:
+    """Refuse, before loading anything, a placement whose weights cannot fit in the GPUs' free memory."""
+    from ..placement import check_fits, estimate_bytes
+
+    if not any(d.type == "cuda" for d in devices):
+        return
+    needs = []
+    for source, dev in zip(sources, devices):
+        size = None
+        if source is not None and source.kind in ("builtin", "folder"):
+            size = estimate_bytes(source.location, torch.finfo(resolve_dtype(dtype, dev)).bits // 8)
+        needs.append((source.name if source is not None else "model", str(dev), size))
+    free = {f"cuda:{i}": torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())}
+    check_fits(needs, free)

@@ -1,0 +1,52 @@
+"""Model workers: one model of the chain with its KV cache, served by a runner (``pipespec.runners``).
+
+``base`` (the ``Worker`` protocol, ``StepResult``, ``LogitsWorker``), ``hf`` (HF's forward, any model), ``static`` and
+``static_llama`` (LLaMA over a static cache and CUDA graphs), ``simulated`` (sleeps, for measuring the orchestrator),
+``synthetic`` (real-shape forwards, oracle choices). ``make_worker`` picks between the real ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import LogitsWorker, ProbRows, StepResult, Worker, WorkerInfo, common_prefix
+
+__all__ = ["LogitsWorker", "ProbRows", "StepResult", "Worker", "WorkerInfo", "adopt_worker", "common_prefix",
+           "load_worker", "make_worker"]
+
+
+def make_worker(model: Any, name: str, device: torch.device, fast: bool | str = "auto") -> LogitsWorker:
+    """The fast static-cache worker where it applies (``fast="auto"``: LLaMA models), else HF's eager forward.
+
+    ``fast=True`` asks for the static path on any device (CUDA graphs only on CUDA) and fails if the model does
+    not support it; ``fast="compile"`` adds torch.compile; ``fast=False`` always uses HF's own forward.
+    """
+    from .static_llama import supports_static
+
+    if fast == "auto":  # LLaMA-architecture models take the static path anywhere (on the CPU too: ~25% faster)
+        fast = supports_static(model) is None
+    if not fast:
+        from .hf import HFWorker
+
+        return HFWorker(model, name, device)
+    from .static import StaticWorker
+
+    # "compile": also fuse each layer's element-wise work with torch.compile (slower start, faster steps)
+    return StaticWorker(model, name, device, compile=fast == "compile")
+
+
+def load_worker(source: Any, name: str, device: torch.device, dtype: Any, trust_remote_code: bool,
+                fast: bool | str) -> LogitsWorker:
+    """Load a model from a resolved ``loading.Source`` and wrap it in its worker; runs where the worker will live
+    (the runner's thread or process), so it is a plain top-level function of plain arguments."""
+    from ..loading import load_model, resolve_dtype
+
+    model = load_model(source, device, resolve_dtype(dtype, device), trust_remote_code=trust_remote_code)
+    return make_worker(model, name, device, fast)
+
+
+def adopt_worker(model: Any, name: str, device: torch.device, fast: bool | str) -> LogitsWorker:
+    """Wrap an already-loaded HF model (moved to ``device``, in eval mode) in its worker."""
+    return make_worker(model.to(device).eval(), name, device, fast)
