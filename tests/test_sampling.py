@@ -27,11 +27,13 @@ from pipespec.verify import SamplingParams, warp_logits
 PROMPT = [5, 17, 33, 2, 9]
 
 
-@pytest.mark.parametrize("length", [2, 3, 4])
+@pytest.mark.parametrize(("length", "fast"), [(2, False), (3, False), (4, False), (3, "auto")],
+                         ids=["2-hf-forward", "3-hf-forward", "4-hf-forward", "3-default-worker"])
 @limit(180)
-async def test_coupled_is_seed_for_seed_the_target(length: int, target: torch.nn.Module) -> None:
+async def test_coupled_is_seed_for_seed_the_target(length: int, fast: bool | str, target: torch.nn.Module) -> None:
     drafts = [noisy_copy(target, 0.6 - 0.15 * i, 20 + i) for i in range(length - 1)]
-    async with pipespec.Pipeline.load([*drafts, slow(target, 0.002)], device="cpu", fast=False) as pipe:
+    async with pipespec.Pipeline.load([*drafts, slow(target, 0.002)], device="cpu", fast=fast) as pipe:
+        assert all(isinstance(m.worker, StaticWorker) for m in pipe.members) == (fast == "auto")
         for temperature, top_k, top_p in [(0.5, 0, 1.0), (1.0, 0, 1.0), (1.5, 0, 1.0), (1.0, 10, 1.0),
                                           (0.8, 0, 0.9), (1.2, 20, 0.8)]:
             for seed in range(6):
