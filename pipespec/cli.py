@@ -1,23 +1,45 @@
-"""The ``pipespec`` command line. Logging and the Console are configured here and nowhere else.
+"""The ``pipespec`` command line (the console script is ``pipespec.cli:main``). Logging and the Console are
+configured here and nowhere else.
 
 Every bad input ends with one line on stderr and exit code 2; a failed generation with exit code 1; Ctrl-C prints
-what was generated so far and exits with code 130.
+what was generated so far and exits with code 130, at any moment: while this module's own imports run (click,
+asyncio: the first few hundred milliseconds of the command) the handler installed first thing below answers it;
+from ``main`` on, ``_Group`` does. Only a SIGINT during the interpreter's own start-up, before this module runs,
+ends the process by the signal.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-import os
+import signal
 import sys
-from collections.abc import Callable, Coroutine
-from pathlib import Path
-from typing import Any, NoReturn, TypeVar
 
-import click
 
-from .types import MODES
-from .errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, ConfigError, PipespecError, exit_code
+def _interrupted_while_starting(_signum: int, _frame: object) -> None:
+    sys.stderr.write("pipespec: interrupted\n")
+    raise SystemExit(130)
+
+
+signal.signal(signal.SIGINT, _interrupted_while_starting)  # until main() restores Python's own handler
+
+import asyncio  # noqa: E402 - after the start-up handler, on purpose
+import json  # noqa: E402
+import os  # noqa: E402
+from collections.abc import Callable, Coroutine  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, NoReturn, TypeVar  # noqa: E402
+
+import click  # noqa: E402
+
+from .errors import (  # noqa: E402
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    ConfigError,
+    PipespecError,
+    exit_code,
+)
+from .types import MODES  # noqa: E402
 
 T = TypeVar("T")
 
@@ -178,6 +200,7 @@ class _Group(click.Group):
     and Ctrl-C at any point, even while torch is still importing, ends with exit code 130 and no traceback."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is a KeyboardInterrupt again, handled below
         kwargs["standalone_mode"] = False
         try:
             return super().main(*args, **kwargs)

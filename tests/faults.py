@@ -47,6 +47,31 @@ class FaultyLlama(LlamaForCausalLM):
 FaultyLlama.forward.__signature__ = inspect.signature(LlamaForCausalLM.forward)  # type: ignore[attr-defined]
 
 
+class WorkerFault:
+    """A fault injected at the worker: wraps one worker's ``forward`` (every cache primitive of both the eager and
+    the static-cache worker runs through it), so it reaches the static path, which never calls ``model.forward``.
+    Same counters and semantics as ``FaultyLlama``: forward number ``fail_at`` (1-based, counted from ``arm``)
+    raises ``error``."""
+
+    def __init__(self, worker: Any, error: BaseException | None = None) -> None:
+        self.worker, self.inner = worker, worker.forward
+        self.error = error or RuntimeError("injected fault")
+        self.calls, self.fail_at, self.raised_at = 0, None, None
+        worker.forward = self.forward  # an instance attribute: the worker's own self.forward(...) calls find it
+
+    def arm(self, fail_at: int | None, error: BaseException | None = None) -> None:
+        self.calls, self.fail_at, self.raised_at = 0, fail_at, None
+        if error is not None:
+            self.error = error
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.fail_at is not None and self.calls == self.fail_at:
+            self.raised_at = time.perf_counter()
+            raise self.error
+        return self.inner(*args, **kwargs)
+
+
 def faulty(model: LlamaForCausalLM, fail_at: int | None = None,
            error: BaseException | None = None) -> FaultyLlama:
     """The same weights as ``model`` in a ``FaultyLlama``."""

@@ -114,6 +114,8 @@ async def _next_generation_is_exact(pipe: pipespec.Pipeline, target: torch.nn.Mo
     got = list(g.token_ids)  # 16 tokens, or fewer ending at the tokenizer's EOS
     assert got and got == hf_greedy(target, PROMPT, 16)[:len(got)]
     assert len(got) == 16 or g.stats.stop_reason == "eos"
+    if g.stats.stop_reason == "eos":  # it stopped because the target chose EOS, not for another reason
+        assert got[-1] == pipe.tokenizer.eos_token_id, (got, pipe.tokenizer.eos_token_id)
 
 
 @pytest.mark.parametrize("fast", ["auto", False], ids=["default-worker", "hf-forward"])
@@ -225,5 +227,10 @@ async def test_1000_random_cancellations(tok: Any, record_property: Callable[...
     record_property("rss_mib", (round(rss_before, 1), round(rss_after, 1)))
     print(f"\n1000 cancellations in {took:.1f} s; stop latency p50 {p50 * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms, "
           f"max {worst * 1e3:.1f} ms; RSS {rss_before:.1f} -> {rss_after:.1f} MiB; threads {threads}")
-    assert worst < 1.0, worst
+    # No hang: every cancellation returned (the time limit) and within 5 s. Promptness, robust to a loaded host: the
+    # 99th percentile under 0.25 s, and at most 2 of the 1,000 over 1 s (a chance stall of a shared 2-core CI host
+    # can delay one; a stage that keeps running after the cancel delays them all and moves the p99).
+    assert worst < 5.0, worst
+    assert p99 < 0.25, p99
+    assert sum(lat > 1.0 for lat in latencies) <= 2, latencies[-5:]
     assert rss_after - rss_before < 8.0, (rss_before, rss_after)

@@ -27,10 +27,11 @@ from click.testing import CliRunner
 
 import pipespec
 from conftest import noisy_copy, tiny_llama
-from faults import FaultyLlama, faulty, oom, own_threads, rss_mib
+from faults import FaultyLlama, WorkerFault, faulty, oom, own_threads, rss_mib
 from helpers import byte_tokenizer, hf_greedy, limit, save_folder
 from pipespec.cli import main
 from pipespec.errors import ConfigError, PipelineClosed, PipelineError
+from pipespec.workers.static import StaticWorker
 
 torch.set_num_threads(1)
 
@@ -193,6 +194,35 @@ async def test_stage_fault_stops_everything_and_names_the_stage(mode: str, faili
             assert list(g.token_ids) == want
     with pytest.raises(PipelineClosed, match="closed"):
         await pipe.generate(PROMPT, max_new_tokens=4)
+
+
+@pytest.mark.parametrize(("mode", "failing"), [("pipe", 0), ("pipe", 2), ("sd", 1), ("ar", 2)])
+@limit(90)
+async def test_stage_fault_on_the_default_worker(mode: str, failing: int, base: torch.nn.Module) -> None:
+    """The same, on the static-cache worker LLaMA models get by default, with the fault injected at the worker
+    (its forward), since the static path never calls ``model.forward``: a runtime error and an out-of-memory error."""
+    models = [noisy_copy(base, 0.5, 1), noisy_copy(base, 0.2, 2), tiny_llama(0, hidden=48, layers=2)]
+    want = hf_greedy(base, PROMPT, 40)
+    async with pipespec.Pipeline.load(models, device="cpu") as pipe:
+        assert all(isinstance(m.worker, StaticWorker) for m in pipe.members)
+        await pipe.generate(PROMPT, max_new_tokens=4, mode=mode)
+        threads = threading.active_count()
+        bad = WorkerFault(pipe.members[failing if mode != "ar" else -1].worker)
+        stage = failing if mode != "ar" else 0
+        for fail_at, error in ((1, RuntimeError("injected fault")), (7, oom())):
+            bad.arm(fail_at, error)
+            with pytest.raises(PipelineError) as info:
+                await pipe.generate(PROMPT, max_new_tokens=200, mode=mode)
+            caught = time.perf_counter()
+            assert bad.raised_at is not None and caught - bad.raised_at < STOP_BUDGET
+            assert info.value.stage == stage and info.value.__cause__ is error
+            if fail_at == 1:
+                assert str(info.value) == f"stage {stage} (model{failing}) failed: RuntimeError: injected fault"
+            else:
+                assert str(info.value).startswith(f"stage {stage} (model{failing}) ran out of GPU memory on cpu")
+            await _assert_clean(pipe, threads)
+            g = await pipe.generate(PROMPT, max_new_tokens=40, mode=mode)
+            assert list(g.token_ids) == want
 
 
 @pytest.mark.parametrize("mode", ["pipe", "sd"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -17,17 +18,22 @@ import torch
 import pipespec
 from conftest import noisy_copy, tiny_llama
 from helpers import limit, slow
+from pipespec import verify
 from pipespec.scheduler.policy import ChainMonitor
+from pipespec.workers import base as models_module
+from pipespec.workers.static import StaticWorker
 from pipespec.verify import SamplingParams, warp_logits
 
 PROMPT = [5, 17, 33, 2, 9]
 
 
-@pytest.mark.parametrize("length", [2, 3, 4])
+@pytest.mark.parametrize(("length", "fast"), [(2, False), (3, False), (4, False), (3, "auto")],
+                         ids=["2-hf-forward", "3-hf-forward", "4-hf-forward", "3-default-worker"])
 @limit(180)
-async def test_coupled_is_seed_for_seed_the_target(length: int, target: torch.nn.Module) -> None:
+async def test_coupled_is_seed_for_seed_the_target(length: int, fast: bool | str, target: torch.nn.Module) -> None:
     drafts = [noisy_copy(target, 0.6 - 0.15 * i, 20 + i) for i in range(length - 1)]
-    async with pipespec.Pipeline.load([*drafts, slow(target, 0.002)], device="cpu", fast=False) as pipe:
+    async with pipespec.Pipeline.load([*drafts, slow(target, 0.002)], device="cpu", fast=fast) as pipe:
+        assert all(isinstance(m.worker, StaticWorker) for m in pipe.members) == (fast == "auto")
         for temperature, top_k, top_p in [(0.5, 0, 1.0), (1.0, 0, 1.0), (1.5, 0, 1.0), (1.0, 10, 1.0),
                                           (0.8, 0, 0.9), (1.2, 20, 0.8)]:
             for seed in range(6):
@@ -153,4 +159,91 @@ def test_chi_square_test_has_power_against_a_3_percent_error() -> None:
     # the expected statistic under that error, minus 3 standard deviations, is still past the critical value
     mean, sd = df + noncentrality, math.sqrt(2 * (df + 2 * noncentrality))
     assert mean - 3 * sd > chi_square_critical_001(df)
-    assert list(itertools.product(range(V), repeat=2))  # 9 outcomes enumerated
+
+
+# -- longer windows on the default (static-cache) worker: five tokens, enumerated exactly ---------------------------
+
+V2, LENGTH = 2, 5  # 32 outcomes; sd mode with lookahead 6 verifies windows of up to 5 proposals
+PROMPT2 = [0, 1, 1, 0]
+LONG_N = 1200  # generations per run (one seed each): ~30 s on the static worker
+BIAS = 1.2  # the planted error: accept a proposal with min(1, 1.2 q/p) instead of min(1, q/p)
+
+
+def exact_sequence_distribution(model: torch.nn.Module, params: SamplingParams) -> torch.Tensor:
+    """P(x1..x5 | prompt) under the target's warped distribution, by enumeration: [V2 ** LENGTH] float64, outcome
+    index = the tokens read as a base-V2 number (x1 most significant)."""
+    table = torch.zeros(V2**LENGTH, dtype=torch.float64)
+    with torch.inference_mode():
+        for i, xs in enumerate(itertools.product(range(V2), repeat=LENGTH)):
+            logits = model(torch.tensor([PROMPT2 + list(xs[:-1])])).logits[0, len(PROMPT2) - 1:]  # [LENGTH, V2]
+            rows = torch.softmax(warp_logits(logits, params).double(), -1)
+            table[i] = rows[torch.arange(LENGTH), torch.tensor(xs)].prod()
+    return table
+
+
+def chi_square_pooled(counts: torch.Tensor, exact: torch.Tensor) -> tuple[float, int]:
+    """Pearson's statistic with every outcome expected fewer than 5 times pooled into one cell (the usual validity
+    rule); returns (statistic, degrees of freedom)."""
+    n = counts.sum()
+    expected = exact * n
+    small = expected < 5
+    obs = torch.cat([counts[~small], counts[small].sum().reshape(1)])
+    exp = torch.cat([expected[~small], expected[small].sum().reshape(1)])
+    if float(exp[-1]) == 0:
+        assert float(obs[-1]) == 0, "sampled an outcome the target gives probability 0"
+        obs, exp = obs[:-1], exp[:-1]
+    return float(((obs - exp) ** 2 / exp).sum()), len(obs) - 1
+
+
+async def long_window_statistic(models: list[torch.nn.Module], exact: torch.Tensor,
+                                params: SamplingParams) -> tuple[float, int, int, int, float]:
+    """Sample LONG_N five-token generations in sd mode on the default worker; (chi2, df, proposals the target
+    checked, proposals it rejected, empirical TV distance from the exact distribution)."""
+    counts = torch.zeros(V2**LENGTH, dtype=torch.float64)
+    checked = rejected = 0
+    async with pipespec.Pipeline.load(models, device="cpu", fast="auto") as pipe:
+        assert all(isinstance(m.worker, StaticWorker) for m in pipe.members)
+        for seed in range(LONG_N):
+            g = await pipe.generate(PROMPT2, max_new_tokens=LENGTH, mode="sd", lookahead=6, seed=seed,
+                                    temperature=params.temperature, acceptance=params.acceptance)
+            counts[int("".join(map(str, g.token_ids)), V2)] += 1
+            checked += g.stats.stages[-1]["proposed"]
+            rejected += g.stats.stages[-1]["proposed"] - g.stats.stages[-1]["accepted"]
+    stat, df = chi_square_pooled(counts, exact)
+    return stat, df, checked, rejected, float((counts / LONG_N - exact).abs().sum() / 2)
+
+
+def long_window_chain() -> list[torch.nn.Module]:
+    target = tiny_llama(7, hidden=16, layers=1, vocab=V2)
+    return [noisy_copy(target, 1.0, 9), noisy_copy(target, 0.5, 8), target]
+
+
+@pytest.mark.slow
+@limit(300)
+async def test_five_token_distribution_on_the_default_worker_and_the_test_catches_a_planted_bias(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rejection rule, windows of up to five proposals (rejections deep in a window, rollbacks through the middle
+    model), on the static-cache worker LLaMA models get by default: the joint distribution of five tokens is the
+    target's. Then the same test, same seeds and sample size, with the acceptance rule biased (min(1, 1.2 q/p)):
+    the statistic must land past the critical value, which shows the power of the test as run (sampled, not
+    computed)."""
+    models = long_window_chain()
+    params = SamplingParams(temperature=1.0, acceptance="rejection")
+    exact = exact_sequence_distribution(models[-1], params)
+    stat, df, checked, rejected, tv = await long_window_statistic(models, exact, params)
+    critical = chi_square_critical_001(df)
+    print(f"\nfive tokens, {LONG_N} generations: chi2 {stat:.1f} (df {df}, critical {critical:.1f}); "
+          f"empirical TV {tv:.3f}; the target checked {checked} proposals, rejected {rejected}")
+    assert stat < critical, (stat, df)
+    assert checked > 2 * LONG_N and rejected > LONG_N // 2, (checked, rejected)  # long windows, deep rejections
+
+    original = verify.rejection_verify
+
+    def biased(proposed: torch.Tensor, p: torch.Tensor, q: torch.Tensor, generator: torch.Generator | None) -> Any:
+        return original(proposed, p / BIAS, q, generator)  # accepts when u p / 1.2 <= q
+
+    monkeypatch.setattr(models_module, "rejection_verify", biased)
+    planted, df2, _, _, planted_tv = await long_window_statistic(long_window_chain(), exact, params)
+    print(f"with the planted bias: chi2 {planted:.1f} (df {df2}, critical {chi_square_critical_001(df2):.1f}), "
+          f"empirical TV {planted_tv:.3f}")
+    assert planted > chi_square_critical_001(df2), planted

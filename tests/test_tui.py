@@ -68,8 +68,11 @@ def test_render_shows_every_stage_and_the_totals() -> None:
 
 def test_render_is_pure_and_marks_the_end() -> None:
     snap = snapshot(done=True)
-    assert frame(snap) == frame(snap)
-    assert "elapsed 2.0s  done" in frame(snap)
+    first = frame(snap)
+    other = frame(snapshot(done=False, text="something else"))  # no state carried from one frame to the next
+    assert other != first and "something else" in other and "done" not in other
+    assert frame(snap) == first and snap == snapshot(done=True)  # the same frame again; the snapshot untouched
+    assert "elapsed 2.0s  done" in first
 
 
 def test_render_without_text_and_before_the_first_snapshot() -> None:

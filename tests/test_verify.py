@@ -77,11 +77,21 @@ def test_coupled_choice_samples_the_warped_distribution() -> None:
 
 
 def test_coupled_choice_agrees_when_distributions_agree() -> None:
-    logits = torch.randn(64, 30)
+    """Two stages with different logits but the same warped distribution (a per-row shift, and logits doubled at
+    twice the temperature) choose the same tokens; the choice is the Gumbel-max of the warped log-probabilities,
+    computed here from the noise; another seed chooses differently."""
+    torch.manual_seed(0)
+    logits = torch.randn(64, 30, dtype=torch.float64)
+    positions = torch.arange(100, 164)
     params = SamplingParams(temperature=0.8, seed=11)
-    a, _ = choose(logits, params, torch.arange(100, 164))
-    b, _ = choose(logits.clone(), params, torch.arange(100, 164))
+    a, _ = choose(logits, params, positions)
+    b, _ = choose(2 * logits + torch.randn(64, 1, dtype=torch.float64), SamplingParams(temperature=1.6, seed=11),
+                  positions)
     assert torch.equal(a, b)
+    by_hand = torch.argmax(torch.log_softmax(logits.float() / 0.8, -1) + gumbel_noise(11, positions, 30), -1)
+    assert torch.equal(a, by_hand)
+    c, _ = choose(logits, SamplingParams(temperature=0.8, seed=12), positions)
+    assert (a != c).sum() > 20  # independent noise: 30 tokens, so ~62 of 64 rows differ
 
 
 def test_rejection_all_accepted_when_q_equals_p() -> None:
