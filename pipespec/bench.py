@@ -32,6 +32,7 @@ same token ids (compared up to and including the first EOS): greedy speculation 
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import sys
 import threading
@@ -494,8 +495,11 @@ async def run_bench(s: BenchSettings, progress: Progress | None = None) -> dict[
     texts = texts[:s.n]
     say(f"loading {', '.join(s.models)}")
     extra: dict[str, Any] = {}
+    # PIPESPEC_FAST=0: the pipeline on HF's own forward (no static path, no fused weights, no CUDA graphs of ours);
+    # a diagnostic (scripts/gpu_suite.sh's crash matrix), not an option: timings are then not pipespec's
+    fast: bool | str = False if os.environ.get("PIPESPEC_FAST") == "0" else "auto"
     async with Pipeline.load(list(s.models), device=list(s.devices) if s.devices else s.device, dtype=s.dtype,
-                             trust_remote_code=s.trust_remote_code) as pipe:
+                             trust_remote_code=s.trust_remote_code, fast=fast) as pipe:
         prompts = [pipe.encode(t) for t in texts]
         for p in prompts:  # every option and prompt length is checked before anything is timed
             pipe.make_request(p, max_new_tokens=s.max_new_tokens, verify_cap=s.verify_cap, lookahead=s.lookahead)
