@@ -21,6 +21,6 @@ if [ "${PIPESPEC_SUITE_DEVICE:-}" = "cpu" ]; then  # the suite's CPU smoke run: 
     args=(--tiny --threads 1 --max-files 40 --vocab-size 512 --seq-len 64 --batch-size 4 --eval-tokens 2048
           --tokenizer-mb 1 --minutes 0 --target-steps 4 --student-steps 4)
 fi
-python3 scripts/train_family.py --out "$out" --device "$device" "${args[@]}" \
+"${PY:-python3}" scripts/train_family.py --out "$out" --device "$device" "${args[@]}" \
     --target-lr 1e-3 --middle-lr 2e-3 --draft-lr 3e-3 --warmup-steps 100 --eval-reserve-s 45 \
     --spec-prompts 30 --spec-rounds 3
