@@ -16,7 +16,7 @@ deadline=${3:-5.6}
 out=${PIPESPEC_FAMILY_OUT:-.bench-family}
 args=(--draft-size 256,2,4,768 --middle-size 384,6,6,1024 --target-size 512,16,8,1408
       --include-site-packages --site-packages-mb 80 --tokenizer-mb 20 --batch-size 32 --seq-len 1024
-      --minutes "$minutes" --deadline-minutes "$deadline" --eval-tokens 131072)
+      --minutes "$minutes" --deadline-minutes "$deadline" --eval-tokens 131072 --target-share 0.62)
 if [ "${PIPESPEC_SUITE_DEVICE:-}" = "cpu" ]; then  # the suite's CPU smoke run: tiny everything, a few steps
     args=(--tiny --threads 1 --max-files 40 --vocab-size 512 --seq-len 64 --batch-size 4 --eval-tokens 2048
           --tokenizer-mb 1 --minutes 0 --target-steps 4 --student-steps 4)
