@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import select
 import struct
 import subprocess
 import sys
@@ -75,6 +76,12 @@ class HFProcess:
             assert proc.stdin is not None and proc.stdout is not None
             try:
                 _send(proc.stdin, message)
+                # a hung child must not hang the bench: wait for its answer at most `timeout` seconds
+                ready, _, _ = select.select([proc.stdout], [], [], self.timeout)
+                if not ready:
+                    proc.kill()
+                    raise RuntimeError(f"HF worker process {self.name} gave no answer in {self.timeout:.0f} s "
+                                       f"(killed); its stderr ends: {self.stderr_tail()}")
                 answer = _receive(proc.stdout)
             except (BrokenPipeError, OSError):
                 answer = None
