@@ -178,10 +178,10 @@ if [ "$PART" = part1 ]; then
     ALL=hf,hf_assisted,ar,sd,pipe
     base=("${DIAG_ARGS[@]}")
     # d1..d5: the matrix's core; each bench in a fresh process
-    DIAG_ARGS=("${base[@]}" --hf-isolation thread --methods $ALL --repeats 2); diag thread_hf_first 75 --
+    DIAG_ARGS=("${base[@]}" --hf-isolation thread --methods $ALL --repeats 2); diag thread_hf_first 120 --
     DIAG_ARGS=("${base[@]}" --methods $ALL --repeats 2); diag process_default 90 --
     DIAG_ARGS=("${base[@]}" --hf-isolation thread --methods ar,sd,pipe,hf,hf_assisted --repeats 2)
-    diag thread_ours_first 75 --
+    diag thread_ours_first 90 --
 
     step gpu_tests 240 $PY -m pytest -m gpu tests/ -q -p no:cacheprovider -o addopts="" \
         --junitxml="$RUN/gpu-tests.xml" -rfEsxX
@@ -206,13 +206,13 @@ if [ "$PART" = part1 ]; then
         DIAG_ARGS=("${base[@]}" --hf-isolation thread --methods hf,ar --repeats 2); diag thread_hf_ar 60 --
         DIAG_ARGS=("${base[@]}" --hf-isolation thread --methods hf,hf_assisted); diag thread_hf_only 60 --
         crashed=($(failed_diags thread_hf_first thread_ours_first thread_hf_ar thread_hf_only))
-        DIAG_ARGS=("${base[@]}" --hf-isolation thread --methods $ALL --repeats 2)
-        diag thread_no_our_graphs 75 PIPESPEC_CUDA_GRAPHS=0 --
-        DIAG_ARGS=("${base[@]}" --hf-isolation thread --methods $ALL --repeats 2 --hf-compile-mode default)
-        diag thread_hf_no_cudagraphs 75 --
-        DIAG_ARGS=("${base[@]}" --hf-isolation thread --methods $ALL --repeats 2)
-        diag thread_no_static_path 75 PIPESPEC_FAST=0 --
-        DIAG_ARGS=("${base[@]}" --hf-isolation thread --methods hf_assisted,ar,sd,pipe --repeats 2)
+        DIAG_ARGS=("${base[@]}" --hf-isolation thread --methods $ALL)
+        diag thread_no_our_graphs 60 PIPESPEC_CUDA_GRAPHS=0 --
+        DIAG_ARGS=("${base[@]}" --hf-isolation thread --methods $ALL --hf-compile-mode default)
+        diag thread_hf_no_cudagraphs 60 --
+        DIAG_ARGS=("${base[@]}" --hf-isolation thread --methods $ALL)
+        diag thread_no_static_path 60 PIPESPEC_FAST=0 --
+        DIAG_ARGS=("${base[@]}" --hf-isolation thread --methods hf_assisted,ar,sd,pipe)
         diag thread_assisted_ours 60 --
         # the smallest failing combination, once, under compute-sanitizer (slow: one prompt, few tokens)
         smallest=""
@@ -225,7 +225,7 @@ if [ "$PART" = part1 ]; then
                 thread_hf_ar) m=hf,ar ;; thread_hf_only) m=hf,hf_assisted ;;
                 thread_ours_first) m=ar,sd,pipe,hf,hf_assisted ;; *) m=$ALL ;;
             esac
-            step sanitizer 150 "$SAN" --tool memcheck --print-limit 20 --target-processes all \
+            step sanitizer 130 "$SAN" --tool memcheck --print-limit 20 --target-processes all \
                 --log-file "$RUN/logs/sanitizer-report.txt" \
                 $PY -m pipespec bench --models "$FAM/draft,$FAM/middle,$FAM/target" "${BENCH_DEV[@]}" \
                 --placement 0,0,0 --prompts code --n 1 --max-new-tokens 16 --hf-isolation thread --methods "$m" --json

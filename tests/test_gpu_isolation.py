@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def _bench(*args: str, timeout: float = 300.0, env: dict[str, str] | None = None) -> tuple[int, dict | None, str]:
+def _bench(*args: str, timeout: float = 150.0, env: dict[str, str] | None = None) -> tuple[int, dict | None, str]:
     """``python -m pipespec bench ... --json`` in a child process: (exit status, report or None, stderr tail)."""
     cmd = [sys.executable, "-m", "pipespec", "bench", "--device", "cuda", "--dtype", "bfloat16", "--n", "2",
            "--max-new-tokens", "32", "--prompts", "code", "--json", *args]
