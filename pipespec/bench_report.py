@@ -140,14 +140,16 @@ def _cpu_name() -> str:
 
 
 def git_commit() -> str | None:
-    """The checkout's HEAD when pipespec runs from a git checkout; None otherwise."""
+    """The checkout's HEAD when pipespec runs from a git checkout; else ``PIPESPEC_COMMIT`` (a copy without .git,
+    e.g. on a GPU machine, named by whoever copied it); None otherwise."""
+    named = os.environ.get("PIPESPEC_COMMIT") or None
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
                              capture_output=True, timeout=5, check=False, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.SubprocessError):
-        return None
+        return named
     sha = out.stdout.strip()
-    return sha if out.returncode == 0 and len(sha) == 40 else None
+    return sha if out.returncode == 0 and len(sha) == 40 else named
 
 
 # -- presentations -----------------------------------------------------------------------------------------------
