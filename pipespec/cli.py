@@ -324,6 +324,14 @@ def chat(models: str | None, device: str, dtype: str, trust_remote_code: bool, p
 @click.option("--adaptive/--no-adaptive", default=True, show_default=True,
               help="pipe: adapt verify caps and run-ahead, and bypass stages that slow the chain; "
                    "--no-adaptive runs the whole chain with --verify-cap fixed.")
+@click.option("--repeats", type=int, default=1, show_default=True,
+              help="Timed passes over the prompts; ms/token is the median pass (min and max reported).")
+@click.option("--hf-isolation", type=click.Choice(["auto", "process", "thread"]), default="auto", show_default=True,
+              help="Where the HF baselines run: each in a child process of its own (auto: on CUDA), or on a thread "
+                   "of this process with the pipeline's model objects (auto: on the CPU).")
+@click.option("--hf-compile-mode", type=click.Choice(["reduce-overhead", "default", "max-autotune-no-cudagraphs"]),
+              default="reduce-overhead", show_default=True,
+              help="torch.compile mode of HF's static-cache generate on CUDA (reduce-overhead uses CUDA graphs).")
 @click.option("--out", default="bench-out", show_default=True, metavar="DIR",
               help="Where bench.json, bench.md and bench.png go (not with --json).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table; write no files.")
@@ -331,7 +339,8 @@ def chat(models: str | None, device: str, dtype: str, trust_remote_code: bool, p
 @click.option("-v", "--verbose", count=True, help="Readable logs on stderr.")
 def bench(models: str | None, device: str, dtype: str, trust_remote_code: bool, prompts: str, n: int,
           max_new_tokens: int, methods: str, warmup: int, lookahead: int, verify_cap: int, placement: str | None,
-          adaptive: bool, out: str, as_json: bool, log_file: str | None, verbose: int) -> None:
+          adaptive: bool, repeats: int, hf_isolation: str, hf_compile_mode: str, out: str, as_json: bool,
+          log_file: str | None, verbose: int) -> None:
     """Time HF generate, HF assisted generation and pipespec's ar / sd / pipe on the same prompts."""
     from .apps.bench.run import BenchSettings, eprint, run_bench
 
@@ -342,7 +351,8 @@ def bench(models: str | None, device: str, dtype: str, trust_remote_code: bool, 
     settings = BenchSettings(models=names, prompts=prompts, n=n, max_new_tokens=max_new_tokens,
                              device=device, devices=devices, dtype=dtype, methods=chosen,
                              warmup=warmup, lookahead=lookahead, verify_cap=verify_cap, adaptive=adaptive,
-                             trust_remote_code=trust_remote_code)
+                             trust_remote_code=trust_remote_code, repeats=repeats, hf_isolation=hf_isolation,
+                             hf_compile_mode=hf_compile_mode)
     try:
         settings.validate()
     except ConfigError as exc:

@@ -772,6 +772,11 @@ def main(argv: list[str] | None = None) -> int:
         log(f"spec {a}->{b}: {res} ({time.perf_counter() - t1:.1f}s)")
     metrics["samples"] = {n: greedy_sample(models[n], tok, SAMPLE_PROMPT, args.sample_tokens, device)
                           for n in ("draft", "middle", "target")}
+    if prompts:  # and one held-out file: the prompt is the file's own text, never seen in training
+        held_prompt = tok.decode(prompts[0], skip_special_tokens=True)
+        metrics["held_out_sample"] = {"prompt": held_prompt,
+                                      **{n: greedy_sample(models[n], tok, held_prompt, args.sample_tokens, device)
+                                         for n in ("draft", "middle", "target")}}
     metrics["family_mb"] = round(sum(folder_mb(out / n) for n in ("draft", "middle", "target")), 2)
     metrics["total_seconds"] = round(time.time() - t_start, 1)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -785,6 +790,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k:16s} greedy agreement {v:.4f}   mean accepted of {args.spec_gamma}: {s['mean_accepted']:.3f}")
     print(f"family size {metrics['family_mb']} MB; training {train_seconds:.0f}s; total {metrics['total_seconds']}s")
     print(f"target sample:\n{SAMPLE_PROMPT}{metrics['samples']['target']}")
+    if "held_out_sample" in metrics:
+        h = metrics["held_out_sample"]
+        print(f"target on a held-out file:\n{h['prompt'][-200:]}<<<{h['target']}>>>")
     return 0
 
 

@@ -67,3 +67,20 @@ def folder_chain(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     return [save_folder(noisy_copy(target, 0.6, 2), tok, root / "draft"),
             save_folder(noisy_copy(target, 0.3, 1), tok, root / "middle"),
             save_folder(target, tok, root / "target")]
+
+
+@pytest.fixture(autouse=True)
+def _gpu_state_reset(request: pytest.FixtureRequest):
+    """After a gpu-marked test: wait for the GPU, drop torch.compile / CUDA-graph-tree state and free cached memory,
+    so that one GPU test's compiled functions, graph pools and streams cannot reach the next (they all run in one
+    pytest process: ``pytest -m gpu tests/``)."""
+    yield
+    if request.node.get_closest_marker("gpu") is None or not torch.cuda.is_available():
+        return
+    import gc
+
+    torch.cuda.synchronize()
+    torch._dynamo.reset()  # also resets inductor's CUDA-graph trees
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()

@@ -122,6 +122,43 @@ def test_cuda_compiled_hf_baseline() -> None:
     assert data["outputs_identical"] is True, {k: m.get("identical") for k, m in data["methods"].items()}
 
 
+def test_repeats_and_hf_in_child_processes() -> None:
+    """--repeats R: R timed passes, the median reported with min and max; --hf-isolation process: hf and hf_assisted
+    each run in a child process that loads the models itself, and still agree token for token with ar."""
+    code, out, err = invoke("bench", "--n", "2", "--max-new-tokens", "8", "--device", "cpu", "--methods",
+                            "hf,hf_assisted,ar", "--repeats", "3", "--hf-isolation", "process", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["settings"]["repeats"] == 3 and data["settings"]["hf_isolation"] == "process"
+    assert data["outputs_identical"] is True, data["methods"]
+    for name, m in data["methods"].items():
+        passes = m["passes_ms_per_token"]
+        assert len(passes) == 3, name
+        assert m["ms_per_token_min"] <= m["ms_per_token"] <= m["ms_per_token_max"], name
+        assert m["ms_per_token"] == pytest.approx(sorted(passes)[1], abs=1e-3), name  # the median of three
+        assert m["unstable"] == [] and len(m["per_prompt"]) == 2, name
+    assert data["methods"]["hf_assisted"]["assistant"] in ("tiny-draft", "tiny-middle")
+
+
+def test_hf_child_process_failure_is_one_methods_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child that dies is that method's failure, reported with its exit status; the other methods still run."""
+    monkeypatch.setenv("PIPESPEC_TEST_HF_CHILD_CRASH", "1")
+    code, out, err = invoke("bench", "--n", "1", "--max-new-tokens", "4", "--device", "cpu", "--methods", "hf,ar",
+                            "--hf-isolation", "process", "--json")
+    data = json.loads(out)
+    assert code != 0
+    assert "died (exit status" in data["methods"]["hf"]["error"]
+    assert data["methods"]["ar"]["tokens"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--repeats", "0"], "--repeats must be >= 1"),
+])
+def test_bad_repeats(args: list[str], message: str) -> None:
+    code, _, err = invoke("bench", "--device", "cpu", *args)
+    assert code == 2 and message in err
+
+
 def test_cut_at_eos_keeps_the_eos() -> None:
     assert cut_at_eos([5, 6, 1, 7], {1}) == (5, 6, 1)
     assert cut_at_eos([5, 6], {1}) == (5, 6)

@@ -71,6 +71,9 @@ class StaticWorker(LogitsWorker):
         if capacity is not None and self.static.ensure_capacity(capacity + PAD):
             self._wanted.update(self._graphs)
             self._graphs.clear()  # captured graphs point at the old cache tensors
+            # and a fresh pool for the new ones: once its last graph is gone the old pool is released (freeable),
+            # and capturing into a released pool id is not something the caching allocator supports
+            self._pool = None
         if self.use_graphs and self._wanted:
             self.capture_pending()
         self._seed(seed)

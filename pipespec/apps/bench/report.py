@@ -56,6 +56,11 @@ def build_report(s: Any, pipe: Pipeline, prompts: Sequence[Ids],
             return {"error": c.error, "identical": None}
         return {
             "ms_per_token": round(t.ms_per_token, 3), "tokens_per_second": round(t.tokens_per_second, 2),
+            # one value per timed pass over the prompts; ms_per_token is their median
+            "passes_ms_per_token": [round(v, 3) for v in t.pass_ms_per_token],
+            "ms_per_token_min": round(min(t.pass_ms_per_token, default=float("nan")), 3),
+            "ms_per_token_max": round(max(t.pass_ms_per_token, default=float("nan")), 3),
+            "unstable": t.unstable,  # (pass, prompt) whose ids differed from the first pass: must stay empty
             "tokens": t.tokens, "seconds": round(t.total_seconds, 4),
             "per_prompt": [{"tokens": len(o), "seconds": round(sec, 4)} for o, sec in zip(t.outputs, t.seconds)],
             "identical": [cut_at_eos(o, eos) for o in t.outputs] == reference,
@@ -89,9 +94,11 @@ def build_report(s: Any, pipe: Pipeline, prompts: Sequence[Ids],
         "max_new_tokens": s.max_new_tokens,
         "dtype": pipe.target.info.dtype,
         "settings": {"warmup": s.warmup, "lookahead": s.lookahead, "verify_cap": s.verify_cap,
-                     "adaptive": s.adaptive},
+                     "adaptive": s.adaptive, "repeats": s.repeats,
+                     "hf_isolation": extra.get("hf_isolation", s.hf_isolation),
+                     "hf_compile_mode": s.hf_compile_mode},
         "reference": reference_name,
-        "outputs_identical": bool(ran) and all(e["identical"] is True for e in checked),
+        "outputs_identical": bool(ran) and all(e["identical"] is True and not e.get("unstable") for e in checked),
         "methods": methods,
         "extra": extras,
         "commit": git_commit(),
@@ -134,20 +141,22 @@ def _cpu_name() -> str:
 
 
 def git_commit() -> str | None:
-    """The checkout's HEAD when pipespec runs from a git checkout; None otherwise."""
+    """The checkout's HEAD when pipespec runs from a git checkout; else ``PIPESPEC_COMMIT`` (a copy without .git,
+    e.g. on a GPU machine, named by whoever copied it); None otherwise."""
+    named = os.environ.get("PIPESPEC_COMMIT") or None
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
                              capture_output=True, timeout=5, check=False, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.SubprocessError):
-        return None
+        return named
     sha = out.stdout.strip()
-    return sha if out.returncode == 0 and len(sha) == 40 else None
+    return sha if out.returncode == 0 and len(sha) == 40 else named
 
 
 # -- presentations -----------------------------------------------------------------------------------------------
 
 HEADERS = ("method", "ms/token", "tokens/s", *(f"x {b}" for b in BASELINES), "identical", "acceptance",
-           "accepted/verify", "GPU util %", "GPU W")
+           "accepted/verify", "GPU util %", "GPU W", "ms/token min-max")
 
 
 def _num(value: Any, digits: int = 2) -> str:
@@ -173,7 +182,9 @@ def rows(report: dict[str, Any]) -> list[list[str]]:
                     *(_num(speed.get(f"vs_{b}")) for b in BASELINES),
                     "yes" if m["identical"] else "NO", _per_stage(m.get("stages"), "acceptance", 2),
                     _per_stage(m.get("stages"), "accepted_per_verification", 2),
-                    _num(gpu.get("util_percent"), 0), _num(gpu.get("power_watts"), 0)])
+                    _num(gpu.get("util_percent"), 0), _num(gpu.get("power_watts"), 0),
+                    f"{_num(m.get('ms_per_token_min'))}-{_num(m.get('ms_per_token_max'))}"
+                    if m.get("ms_per_token_min") is not None else "-"])
     return out
 
 
@@ -192,9 +203,19 @@ def notes(report: dict[str, Any]) -> list[str]:
         if m.get("differences"):
             where = ", ".join(f"prompt {d['prompt']} at token {d['position']}" for d in m["differences"])
             out.append(f"{name} differs from {report['reference']}: {where}")
+    for name, m in {**report["methods"], **report.get("extra", {})}.items():
+        if m.get("unstable"):
+            out.append(f"{name}: a repeated pass gave other ids (pass, prompt): "
+                       + ", ".join(f"({u['pass']}, {u['prompt']})" for u in m["unstable"]))
+    settings = report.get("settings", {})
+    if settings.get("repeats", 1) > 1:
+        out.append(f"ms/token: the median of {settings['repeats']} timed passes over the prompts (min-max beside it)")
     hf = report["methods"].get("hf", {})
     if "configuration" in hf:
-        out.append(f"hf: {hf['configuration']}")
+        out.append(f"hf: {hf['configuration']}; HF ran in a separate "
+                   f"{'process' if settings.get('hf_isolation') == 'process' else 'thread'}"
+                   + (f"; torch.compile mode {settings['hf_compile_mode']}"
+                      if settings.get("hf_compile_mode", "reduce-overhead") != "reduce-overhead" else ""))
     eager = report.get("extra", {}).get("hf_eager")
     if eager:
         out.append(f"hf_eager (dynamic cache, not compiled): {eager['ms_per_token']:.2f} ms/token, "

@@ -7,9 +7,22 @@ Methods (all greedy, batch 1):
   reported too, as ``extra.hf_eager``); on the CPU plain ``generate``.
 - ``hf_assisted``: HF assisted generation (``assistant_model=``) with the best single draft of the chain: each
   non-target model is tried on the first prompt and the fastest is kept.
-- ``ar``, ``sd``, ``pipe``: pipespec's own modes, through one ``Pipeline`` loaded once. The HF methods reuse its
-  already-loaded model objects, on a thread of their own (torch.compile and CUDA graph state is per thread, so
-  whatever HF leaves behind cannot reach the pipeline's threads), never while a pipeline generation runs.
+- ``ar``, ``sd``, ``pipe``: pipespec's own modes, through one ``Pipeline`` loaded once.
+
+Where the HF baselines run (``hf_isolation``):
+
+- ``process`` (the default on CUDA): each HF method (``hf`` with its ``hf_eager`` extra; ``hf_assisted``) runs in a
+  child process of its own that loads the models itself, from the same sources, on the same devices, in the same
+  dtype. HF's compiled static-cache ``generate`` uses torch.compile's ``reduce-overhead`` mode (inductor CUDA-graph
+  trees: a private memory pool, per-thread tree managers, static input addresses it assumes stable); pipespec's
+  workers capture CUDA graphs of their own and re-point HF's q/k/v and gate/up weights at views of fused tensors.
+  On two H200s the two in one process ended in "an illegal memory access" (issue 13). In a process of its own HF
+  can neither corrupt nor be corrupted by the pipeline, whatever the cause; a crash there is reported as that
+  method's failure and every other method still runs. The child times its own generations (the same clock
+  boundaries as in-process: from the call to the ids on the host), so the pipe between the processes is not timed.
+- ``thread``: HF runs on the pipeline's already-loaded model objects, on one thread of its own, never while a
+  pipeline generation runs. Less memory (no second copy of the target); the default on the CPU, where neither
+  side uses CUDA graphs.
 
 Terms: a method's *ms/token* is the wall time of its generations (prefill included) summed over the prompts, divided
 by the tokens they generated; *speedup over b* is b's ms/token divided by the method's. Every method must produce the
@@ -18,6 +31,9 @@ same token ids (compared up to and including the first EOS): greedy speculation 
 
 from __future__ import annotations
 
+import asyncio
+import os
+import statistics
 import sys
 import threading
 import time
@@ -28,6 +44,7 @@ from typing import Any
 
 import torch
 
+from .hf import HFProcess, hf_compile_config, hf_generate
 from .report import METHODS, build_report
 from ...errors import ConfigError, first_line
 from ...prompts import load_prompts
@@ -38,6 +55,9 @@ from ...types import STAGE_COUNTERS
 __all__ = ["METHODS", "BenchSettings", "GpuMonitor", "run_bench"]
 
 GPU_SAMPLE_SECONDS = 0.05
+HF_ISOLATION = ("auto", "process", "thread")
+# "default" and "max-autotune-no-cudagraphs" compile without CUDA graphs (a diagnostic: is it HF's graphs?)
+HF_COMPILE_MODES = ("reduce-overhead", "default", "max-autotune-no-cudagraphs")
 
 Ids = tuple[int, ...]
 Progress = Callable[[str], None]
@@ -58,6 +78,14 @@ class BenchSettings:
     verify_cap: int = 64
     adaptive: bool = True  # pipe: the adaptive runtime (caps, run-ahead, stage bypass); off for a static chain
     trust_remote_code: bool = False
+    repeats: int = 1  # timed passes over the prompts; ms/token is the median pass, min and max reported beside it
+    hf_isolation: str = "auto"  # auto | process | thread (see the module docstring); auto: process on CUDA
+    hf_compile_mode: str = "reduce-overhead"  # torch.compile mode of HF's static-cache generate (CUDA)
+
+    def hf_isolation_for(self, target_device: torch.device) -> str:
+        if self.hf_isolation != "auto":
+            return self.hf_isolation
+        return "process" if target_device.type == "cuda" else "thread"
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -65,9 +93,13 @@ class BenchSettings:
             raise ConfigError(f"unknown method(s) {', '.join(unknown) or '(none given)'}: use {', '.join(METHODS)}")
         for name, value, low in (("--n", self.n, 1), ("--max-new-tokens", self.max_new_tokens, 1),
                                  ("--warmup", self.warmup, 0), ("--lookahead", self.lookahead, 1),
-                                 ("--verify-cap", self.verify_cap, 1)):
+                                 ("--verify-cap", self.verify_cap, 1), ("--repeats", self.repeats, 1)):
             if value < low:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
+        if self.hf_isolation not in HF_ISOLATION:
+            raise ConfigError(f"--hf-isolation {self.hf_isolation!r}: use {', '.join(HF_ISOLATION)}")
+        if self.hf_compile_mode not in HF_COMPILE_MODES:
+            raise ConfigError(f"--hf-compile-mode {self.hf_compile_mode!r}: use {', '.join(HF_COMPILE_MODES)}")
 
 
 @dataclass(slots=True)
@@ -87,27 +119,60 @@ class GpuSamples:
 
 @dataclass(slots=True)
 class Timing:
-    """One method's timed generations, one entry per prompt."""
+    """One method's timed generations: ``passes[r][k]`` is the wall time of prompt k in timed pass r.
 
-    seconds: list[float] = field(default_factory=list)
+    The outputs are those of the first pass; a later pass that gives a prompt other ids is recorded in ``unstable``
+    (greedy decoding must repeat itself exactly).
+    """
+
+    passes: list[list[float]] = field(default_factory=list)
     outputs: list[Ids] = field(default_factory=list)
+    unstable: list[dict[str, int]] = field(default_factory=list)
     gpu: GpuSamples = field(default_factory=GpuSamples)
+
+    def record(self, pass_index: int, prompt_index: int, seconds: float, ids: Ids) -> None:
+        while len(self.passes) <= pass_index:
+            self.passes.append([])
+        self.passes[pass_index].append(seconds)
+        if pass_index == 0:
+            self.outputs.append(ids)
+        elif ids != self.outputs[prompt_index]:
+            self.unstable.append({"pass": pass_index, "prompt": prompt_index})
+
+    @property
+    def complete_passes(self) -> list[list[float]]:
+        return [p for p in self.passes if len(p) == len(self.outputs)]
 
     @property
     def tokens(self) -> int:
+        """Tokens generated in one pass over the prompts."""
         return sum(len(o) for o in self.outputs)
+
+    @property
+    def pass_ms_per_token(self) -> list[float]:
+        tokens = self.tokens
+        return [1000.0 * sum(p) / tokens for p in self.complete_passes] if tokens else []
+
+    @property
+    def ms_per_token(self) -> float:
+        """The median pass's ms/token (with an even count, the mean of the middle two)."""
+        values = self.pass_ms_per_token
+        return statistics.median(values) if values else float("inf")
+
+    @property
+    def seconds(self) -> list[float]:
+        """Per prompt: the median over the passes."""
+        full = self.complete_passes
+        return [statistics.median(p[k] for p in full) for k in range(len(self.outputs))] if full else []
 
     @property
     def total_seconds(self) -> float:
         return sum(self.seconds)
 
     @property
-    def ms_per_token(self) -> float:
-        return 1000.0 * self.total_seconds / self.tokens if self.tokens else float("inf")
-
-    @property
     def tokens_per_second(self) -> float:
-        return self.tokens / self.total_seconds if self.total_seconds > 0 else 0.0
+        ms = self.ms_per_token
+        return 1000.0 / ms if 0 < ms < float("inf") else 0.0
 
 
 # -- GPU utilisation and power ------------------------------------------------------------------------------------
@@ -183,23 +248,33 @@ def _nvml_handle(nvml: Any, index: int) -> Any:
 
 
 class HFBaselines:
-    """HF ``generate`` on the pipeline's own model objects, run on one fixed thread of its own (a ``Runner``).
+    """HF ``generate`` of the chain's target, alone or assisted by one of the chain's drafts.
 
     HF is told to stop exactly where pipespec stops: after ``max_new_tokens`` or at the first EOS (kept), with the
     same EOS ids and no length floor. Settings a model's ``generation_config`` may carry that would change greedy
     output (repetition penalty, n-gram blocking) are reset.
+
+    ``isolation="thread"``: on the pipeline's own model objects, on one fixed thread of its own (a ``Runner``).
+    ``isolation="process"``: in child processes that load the models themselves (``apps.bench.hf``): one for ``hf``
+    (static and eager), one for ``hf_assisted``, each started on its first use. ``last_seconds`` is then the
+    child's own timing of the last generation (None in thread mode: the caller's clock is used).
     """
 
-    def __init__(self, pipe: Pipeline, max_new_tokens: int, longest_prompt: int) -> None:
+    def __init__(self, pipe: Pipeline, s: BenchSettings, longest_prompt: int) -> None:
         from transformers import GenerationConfig
 
         self.pipe = pipe
-        self.runner = ThreadRunner("hf", pipe.target.worker.device)
+        self.settings = s
+        self.isolation = s.hf_isolation_for(pipe.target.worker.device)
+        self.runner: ThreadRunner | None = (ThreadRunner("hf", pipe.target.worker.device)
+                                            if self.isolation == "thread" else None)
+        self.processes: dict[str, Any] = {}
+        self.last_seconds: float | None = None
         eos = sorted(pipe.eos_ids())
         tok = pipe.tokenizer
         pad = getattr(tok, "pad_token_id", None) if tok is not None else None
         self.kwargs: dict[str, Any] = {
-            "max_new_tokens": max_new_tokens, "min_new_tokens": 0, "do_sample": False, "num_beams": 1,
+            "max_new_tokens": s.max_new_tokens, "min_new_tokens": 0, "do_sample": False, "num_beams": 1,
             "repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
             "eos_token_id": eos or None, "pad_token_id": pad if pad is not None else (eos[0] if eos else 0),
         }
@@ -207,7 +282,7 @@ class HFBaselines:
         # and recompile while the clock runs (older transformers lack the option; then the warm-up prompt decides).
         self.static_kwargs: dict[str, Any] = {"cache_implementation": "static"}
         if hasattr(GenerationConfig(), "max_cache_len"):
-            self.static_kwargs["max_cache_len"] = longest_prompt + max_new_tokens
+            self.static_kwargs["max_cache_len"] = longest_prompt + s.max_new_tokens
 
     @property
     def compiled(self) -> bool:
@@ -215,22 +290,45 @@ class HFBaselines:
         return self.pipe.target.worker.device.type == "cuda"
 
     async def generate(self, prompt: Ids, *, static: bool = False, assistant: int | None = None) -> Ids:
+        if self.runner is None:
+            return await asyncio.to_thread(self._in_process, prompt, static, assistant)
         target = self.pipe.target
         kwargs = dict(self.kwargs)
         if static:
             kwargs.update(self.static_kwargs)
+            config = hf_compile_config(self.settings.hf_compile_mode)
+            if config is not None:
+                kwargs["compile_config"] = config
         if assistant is not None:
             kwargs["assistant_model"] = self.pipe.members[assistant].worker.model
-        return await self.runner.run(_hf_generate, target.worker.model, target.worker.device, prompt, kwargs)
+        self.last_seconds = None
+        return await self.runner.run(hf_generate, target.worker.model, target.worker.device, prompt, kwargs)
+
+    def _in_process(self, prompt: Ids, static: bool, assistant: int | None) -> Ids:
+        """Blocking (called on a helper thread): one generation in the method's child process."""
+
+        key = "hf" if assistant is None else "hf_assisted"
+        proc = self.processes.get(key)
+        if proc is None:
+            s, members = self.settings, self.pipe.members
+            devices = [str(m.worker.device) for m in members]
+            if not all(isinstance(m, str) for m in s.models):
+                raise ConfigError("--hf-isolation process needs models given by name or folder")
+            load = {"target": (s.models[-1], devices[-1]), "dtype": s.dtype, "trust_remote_code": s.trust_remote_code,
+                    "drafts": [(s.models[i], devices[i]) for i in range(len(members) - 1)] if key == "hf_assisted"
+                    else [], "kwargs": self.kwargs, "static_kwargs": self.static_kwargs,
+                    "compile_mode": s.hf_compile_mode}
+            proc = self.processes[key] = HFProcess(key, load)
+        answer = proc.request({"op": "generate", "prompt": list(prompt), "static": static, "assistant": assistant})
+        self.last_seconds = float(answer["seconds"])
+        return tuple(answer["ids"])
 
     def close(self) -> None:
-        self.runner.close(wait=False)
-
-
-def _hf_generate(model: Any, device: torch.device, prompt: Ids, kwargs: dict[str, Any]) -> Ids:
-    ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)  # [1, prompt]
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)  # [1, prompt + generated]
-    return tuple(out[0, len(prompt):].tolist())  # .tolist() waits for the GPU: the timing covers the whole run
+        if self.runner is not None:
+            self.runner.close(wait=False)
+        for proc in self.processes.values():
+            proc.close()
+        self.processes.clear()
 
 
 # -- running the methods ------------------------------------------------------------------------------------------
@@ -270,18 +368,21 @@ class Contender:
     timing: Timing = field(default_factory=Timing)
     stages: _StageTotals | None = None  # pipespec's sd / pipe: per-stage counters
     error: str | None = None
+    clock: Callable[[], float | None] | None = None  # the generation's own timing, where it has one (HF child)
 
     async def warm_up(self, prompt: Ids, pipe: Pipeline) -> None:
         await _settle(pipe)
         await self.generate(prompt)
 
-    async def time_one(self, prompt: Ids, pipe: Pipeline, monitor: GpuMonitor) -> None:
+    async def time_one(self, prompt: Ids, pipe: Pipeline, monitor: GpuMonitor, prompt_index: int = 0,
+                       pass_index: int = 0) -> None:
         await _settle(pipe)
         with monitor.measure(self.timing.gpu):
             start = time.perf_counter()
             ids = await self.generate(prompt)
-            self.timing.seconds.append(time.perf_counter() - start)
-        self.timing.outputs.append(ids)
+            seconds = time.perf_counter() - start
+        own = self.clock() if self.clock is not None else None
+        self.timing.record(pass_index, prompt_index, own if own is not None else seconds, ids)
 
 
 async def _settle(pipe: Pipeline) -> None:
@@ -308,15 +409,17 @@ def _pipespec(pipe: Pipeline, mode: str, s: BenchSettings) -> Contender:
 async def _prepare(method: str, pipe: Pipeline, hf: HFBaselines, first: Ids, s: BenchSettings,
                    extra: dict[str, Any], say: Progress) -> list[Contender]:
     """The contender(s) of one method, warmed up on the first prompt (hf on CUDA also gives ``hf_eager``)."""
+    clock = lambda: hf.last_seconds  # noqa: E731 - the child's own timing in process isolation, else None
     if method in ("ar", "sd", "pipe"):
         made = [_pipespec(pipe, method, s)]
         warmups = s.warmup
     elif method == "hf" and hf.compiled:
         # compile traces on the first call and CUDA graphs record on the next: two warm-ups at least
-        made = [Contender("hf", lambda p: hf.generate(p, static=True)), Contender("hf_eager", hf.generate)]
+        made = [Contender("hf", lambda p: hf.generate(p, static=True), clock=clock),
+                Contender("hf_eager", hf.generate, clock=clock)]
         warmups = max(s.warmup, 2)
     elif method == "hf":
-        made, warmups = [Contender("hf", hf.generate)], s.warmup
+        made, warmups = [Contender("hf", hf.generate, clock=clock)], s.warmup
     else:
         made, warmups = [await _choose_assistant(pipe, hf, first, s, extra, say)], 0  # warmed by its trial
     for c in made:
@@ -335,7 +438,7 @@ async def _choose_assistant(pipe: Pipeline, hf: HFBaselines, first: Ids, s: Benc
         raise _Skip("assisted generation needs a chain of at least two models")
     trials: dict[str, float] = {}
     for i in drafts:
-        trial = Contender("trial", lambda p, i=i: hf.generate(p, assistant=i))
+        trial = Contender("trial", lambda p, i=i: hf.generate(p, assistant=i), clock=lambda: hf.last_seconds)
         for _ in range(s.warmup):
             await trial.warm_up(first, pipe)
         await trial.time_one(first, pipe, GpuMonitor([]))
@@ -343,7 +446,7 @@ async def _choose_assistant(pipe: Pipeline, hf: HFBaselines, first: Ids, s: Benc
         say(f"hf_assisted: draft {pipe.members[i].name}: {trial.timing.ms_per_token:.2f} ms/token on the first prompt")
     best = min(drafts, key=lambda i: trials[pipe.members[i].name])
     extra["hf_assisted"] = {"assistant": pipe.members[best].name, "trials_ms_per_token": trials}
-    return Contender("hf_assisted", lambda p: hf.generate(p, assistant=best))
+    return Contender("hf_assisted", lambda p: hf.generate(p, assistant=best), clock=lambda: hf.last_seconds)
 
 
 class _Skip(Exception):
@@ -370,23 +473,27 @@ async def run_bench(s: BenchSettings, progress: Progress | None = None) -> dict[
         raise ConfigError(f"--n {s.n} asks for more prompts than {s.prompts!r} has ({len(texts)})")
     texts = texts[:s.n]
     say(f"loading {', '.join(s.models)}")
+    extra: dict[str, Any] = {}
+    # PIPESPEC_FAST=0: the pipeline on HF's own forward (no static path, no fused weights, no CUDA graphs of ours);
+    # a diagnostic (scripts/gpu_suite.sh's crash matrix), not an option: timings are then not pipespec's
+    fast: bool | str = False if os.environ.get("PIPESPEC_FAST") == "0" else "auto"
     async with Pipeline.load(list(s.models), device=list(s.devices) if s.devices else s.device, dtype=s.dtype,
-                             trust_remote_code=s.trust_remote_code) as pipe:
+                             trust_remote_code=s.trust_remote_code, fast=fast) as pipe:
         prompts = [pipe.encode(t) for t in texts]
         for p in prompts:  # every option and prompt length is checked before anything is timed
             pipe.make_request(p, max_new_tokens=s.max_new_tokens, verify_cap=s.verify_cap, lookahead=s.lookahead)
         monitor = GpuMonitor([torch.device(m.device) for m in pipe.members])
-        hf = HFBaselines(pipe, s.max_new_tokens, max(len(p) for p in prompts))
+        hf = HFBaselines(pipe, s, max(len(p) for p in prompts))
+        extra["hf_isolation"] = hf.isolation
         try:
-            outcome, extra = await _run_all(pipe, hf, prompts, s, monitor, say)
+            outcome, extra = await _run_all(pipe, hf, prompts, s, monitor, say, extra)
         finally:
             hf.close()
         return build_report(s, pipe, prompts, outcome, extra)
 
 
 async def _run_all(pipe: Pipeline, hf: HFBaselines, prompts: Sequence[Ids], s: BenchSettings, monitor: GpuMonitor,
-                   say: Progress) -> tuple[dict[str, list[Contender] | str], dict[str, Any]]:
-    extra: dict[str, Any] = {}
+                   say: Progress, extra: dict[str, Any]) -> tuple[dict[str, list[Contender] | str], dict[str, Any]]:
     outcome: dict[str, list[Contender] | str] = {}  # a string: why the method did not run
     for method in s.methods:
         say(f"{method}: warming up")
@@ -400,18 +507,25 @@ async def _run_all(pipe: Pipeline, hf: HFBaselines, prompts: Sequence[Ids], s: B
             outcome[method] = _failure(exc)
             say(f"{method}: {outcome[method]}")
     contenders = [c for made in outcome.values() if not isinstance(made, str) for c in made]
-    for k, prompt in enumerate(prompts, 1):
-        say(f"timing prompt {k}/{len(prompts)}")
-        for c in contenders:
-            if c.error is None:
-                try:
-                    await c.time_one(prompt, pipe, monitor)
-                except ConfigError:
-                    raise
-                except Exception as exc:  # noqa: BLE001
-                    c.error = _failure(exc)
-                    say(f"{c.name}: {c.error}")
+    for r in range(s.repeats):
+        for k, prompt in enumerate(prompts):
+            say(f"timing prompt {k + 1}/{len(prompts)}" + (f", pass {r + 1}/{s.repeats}" if s.repeats > 1 else ""))
+            await _time_prompt(contenders, prompt, pipe, monitor, k, r, say)
     return outcome, extra
+
+
+async def _time_prompt(contenders: Sequence[Contender], prompt: Ids, pipe: Pipeline, monitor: GpuMonitor, k: int,
+                       r: int, say: Progress) -> None:
+    """Prompt k of pass r through every method still running (round-robin: machine load hits all alike)."""
+    for c in contenders:
+        if c.error is None:
+            try:
+                await c.time_one(prompt, pipe, monitor, k, r)
+            except ConfigError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                c.error = _failure(exc)
+                say(f"{c.name}: {c.error}")
 
 
 def eprint(message: str) -> None:
