@@ -36,11 +36,11 @@ def _bench(*args: str, dtype: str = "float32", timeout: float = 150.0,
 
 @pytest.mark.parametrize("order", ["hf,hf_assisted,ar,sd,pipe", "ar,sd,pipe,hf_assisted,hf"])
 def test_all_five_methods_in_one_run_any_order(order: str) -> None:
-    """The default isolation (HF in child processes): nothing crashes, everything agrees, twice over."""
+    """The default isolation (every method in one process): nothing crashes, everything agrees, twice over."""
     code, report, err = _bench("--methods", order, "--repeats", "2")
     assert code == 0 and report is not None, err
     assert list(report["methods"]) == order.split(",")
-    assert report["settings"]["hf_isolation"] == "process"
+    assert report["settings"]["hf_isolation"] == "thread"
     assert report["methods"]["hf"]["configuration"] == "static cache, compiled"
     for name, m in report["methods"].items():
         assert "error" not in m, (name, m)
@@ -48,13 +48,10 @@ def test_all_five_methods_in_one_run_any_order(order: str) -> None:
     assert report["outputs_identical"] is True, {k: m.get("differences") for k, m in report["methods"].items()}
 
 
-@pytest.mark.xfail(reason="issue 13: HF's compiled static-cache generate beside pipespec's CUDA graphs in one "
-                          "process was seen to end in an illegal memory access; bench now isolates HF in child "
-                          "processes by default. XPASS here means the in-process combination survived this run.",
-                   strict=False)
 def test_minimal_reproduction_hf_compiled_beside_our_graphs_in_one_process() -> None:
-    """The smallest combination that crashed: hf (compiled, static cache) and ar (our CUDA graphs) on one thread
-    each, interleaved prompt by prompt, three passes; in a child process, so a crash cannot take pytest down."""
+    """The smallest combination that crashed at 275cc74 (issue 13): hf (compiled, static cache) and ar (our CUDA
+    graphs) on one thread each, interleaved prompt by prompt, three passes; in a child process, so a crash fails
+    this test instead of taking pytest down. It passed on two H200s at bd4eaf2 (then marked xfail; it XPASSed)."""
     code, report, err = _bench("--methods", "hf,ar", "--hf-isolation", "thread", "--repeats", "3", dtype="bfloat16")
     assert code == 0 and report is not None, err
     assert all("error" not in m for m in report["methods"].values()), report["methods"]

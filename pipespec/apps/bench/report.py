@@ -141,9 +141,11 @@ def _cpu_name() -> str:
 
 
 def git_commit() -> str | None:
-    """The checkout's HEAD when pipespec runs from a git checkout; else ``PIPESPEC_COMMIT`` (a copy without .git,
-    e.g. on a GPU machine, named by whoever copied it); None otherwise."""
+    """``PIPESPEC_COMMIT`` when set (whoever copied the tree to another machine names what they copied: a copy's
+    .git, if it has one, may be older than its files); else the checkout's HEAD; None otherwise."""
     named = os.environ.get("PIPESPEC_COMMIT") or None
+    if named:
+        return named
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
                              capture_output=True, timeout=5, check=False, stdin=subprocess.DEVNULL)

@@ -11,18 +11,21 @@ Methods (all greedy, batch 1):
 
 Where the HF baselines run (``hf_isolation``):
 
-- ``process`` (the default on CUDA): each HF method (``hf`` with its ``hf_eager`` extra; ``hf_assisted``) runs in a
+- ``thread`` (the default): HF runs on the pipeline's already-loaded model objects, on one thread of its own, never
+  while a pipeline generation runs; every method in one process. Less memory (no second copy of the target).
+- ``process``: each HF method (``hf`` with its ``hf_eager`` extra; ``hf_assisted``) runs in a
   child process of its own that loads the models itself, from the same sources, on the same devices, in the same
   dtype. HF's compiled static-cache ``generate`` uses torch.compile's ``reduce-overhead`` mode (inductor CUDA-graph
   trees: a private memory pool, per-thread tree managers, static input addresses it assumes stable); pipespec's
   workers capture CUDA graphs of their own and re-point HF's q/k/v and gate/up weights at views of fused tensors.
-  On two H200s the two in one process ended in "an illegal memory access" (issue 13). In a process of its own HF
-  can neither corrupt nor be corrupted by the pipeline, whatever the cause; a crash there is reported as that
-  method's failure and every other method still runs. The child times its own generations (the same clock
-  boundaries as in-process: from the call to the ids on the host), so the pipe between the processes is not timed.
-- ``thread``: HF runs on the pipeline's already-loaded model objects, on one thread of its own, never while a
-  pipeline generation runs. Less memory (no second copy of the target); the default on the CPU, where neither
-  side uses CUDA graphs.
+  At commit 275cc74 the two in one process ended in "an illegal memory access" on two H200s (issue 13); since the
+  static worker captures into a fresh graph pool after its cache grows (captures had gone into a pool whose
+  memory was released with the old graphs), five in-process benches in both orders and the minimal reproduction
+  ran whole on two H200s (docs/benchmarks.md). In a process of its own HF can neither corrupt nor be corrupted by
+  the pipeline, whatever the cause; a crash there is reported as that method's failure and every other method
+  still runs. The child times its own generations (the same clock boundaries as in-process: from the call to the
+  ids on the host), so the pipe between the processes is not timed. Slower to start (each child loads and
+  compiles on its own: a 2-prompt run took over 90 s on an H200).
 
 Terms: a method's *ms/token* is the wall time of its generations (prefill included) summed over the prompts, divided
 by the tokens they generated; *speedup over b* is b's ms/token divided by the method's. Every method must produce the
@@ -55,7 +58,7 @@ from ...types import STAGE_COUNTERS
 __all__ = ["METHODS", "BenchSettings", "GpuMonitor", "run_bench"]
 
 GPU_SAMPLE_SECONDS = 0.05
-HF_ISOLATION = ("auto", "process", "thread")
+HF_ISOLATION = ("thread", "process")
 # "default" and "max-autotune-no-cudagraphs" compile without CUDA graphs (a diagnostic: is it HF's graphs?)
 HF_COMPILE_MODES = ("reduce-overhead", "default", "max-autotune-no-cudagraphs")
 
@@ -79,13 +82,8 @@ class BenchSettings:
     adaptive: bool = True  # pipe: the adaptive runtime (caps, run-ahead, stage bypass); off for a static chain
     trust_remote_code: bool = False
     repeats: int = 1  # timed passes over the prompts; ms/token is the median pass, min and max reported beside it
-    hf_isolation: str = "auto"  # auto | process | thread (see the module docstring); auto: process on CUDA
+    hf_isolation: str = "thread"  # thread | process (see the module docstring)
     hf_compile_mode: str = "reduce-overhead"  # torch.compile mode of HF's static-cache generate (CUDA)
-
-    def hf_isolation_for(self, target_device: torch.device) -> str:
-        if self.hf_isolation != "auto":
-            return self.hf_isolation
-        return "process" if target_device.type == "cuda" else "thread"
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -265,7 +263,7 @@ class HFBaselines:
 
         self.pipe = pipe
         self.settings = s
-        self.isolation = s.hf_isolation_for(pipe.target.worker.device)
+        self.isolation = s.hf_isolation
         self.runner: ThreadRunner | None = (ThreadRunner("hf", pipe.target.worker.device)
                                             if self.isolation == "thread" else None)
         self.processes: dict[str, Any] = {}
