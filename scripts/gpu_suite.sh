@@ -164,7 +164,7 @@ diag() {  # diag NAME TIMEOUT [ENV=VALUE ...] -- BENCH ARGS...
 }
 
 if [ "$PART" = part1 ]; then
-    MAIN_JSON=(diag/process_default.json latency.json synthetic-2gpu.json synthetic-1gpu.json)
+    MAIN_JSON=(diag/thread_hf_first.json latency.json synthetic-2gpu.json synthetic-1gpu.json)
     if [ "$DEVICE" = cpu ]; then
         FAM=$ROOT/pipespec/assets/family
         DIAG_ARGS=(--models "$FAM/draft,$FAM/middle,$FAM/target" "${BENCH_DEV[@]}" --placement "$(place 0,0,0)"
@@ -179,7 +179,6 @@ if [ "$PART" = part1 ]; then
     base=("${DIAG_ARGS[@]}")
     # d1..d5: the matrix's core; each bench in a fresh process
     DIAG_ARGS=("${base[@]}" --hf-isolation thread --methods $ALL --repeats 2); diag thread_hf_first 120 --
-    DIAG_ARGS=("${base[@]}" --methods $ALL --repeats 2); diag process_default 90 --
     DIAG_ARGS=("${base[@]}" --hf-isolation thread --methods ar,sd,pipe,hf,hf_assisted --repeats 2)
     diag thread_ours_first 90 --
 
@@ -234,6 +233,8 @@ if [ "$PART" = part1 ]; then
         fi
     fi
     latency_and_synthetic
+    # last, as time allows: the HF baselines in child processes (--hf-isolation process; slow to start)
+    DIAG_ARGS=("${base[@]}" --hf-isolation process --methods $ALL --repeats 2); diag process_hf 150 --
 fi
 
 # -- part 2 -------------------------------------------------------------------------------------------------------
