@@ -1,16 +1,23 @@
-"""A LLaMA forward pass over a static KV cache, for CUDA-graph capture (the fast path).
+"""The LLaMA-family forward pass over a static KV cache, for CUDA-graph capture (the fast path).
 
-It reuses the weights of a loaded HF ``LlamaForCausalLM`` (q/k/v and gate/up are fused once; the HF modules are
-re-pointed at views of the fused tensors, so no weight is stored twice and the HF model keeps working) and HF's
+One forward serves the decoder-only models built like LLaMA: ``LlamaForCausalLM``, ``MistralForCausalLM``,
+``Qwen2ForCausalLM`` and ``Qwen3ForCausalLM``. What differs between them is small and described by a ``Family``
+(per-head q/k RMSNorm before RoPE, where a sliding window is read); biases are read off the modules themselves
+(Qwen2's q/k/v biases, LLaMA's optional ``attention_bias`` / ``mlp_bias``).
+
+It reuses the weights of the loaded HF model (q/k/v and gate/up, with their biases, are fused once; the HF modules
+are re-pointed at views of the fused tensors, so no weight is stored twice and the HF model keeps working) and HF's
 own rotary-embedding module (so every RoPE variant HF supports gives the same cos/sin tables).
 
 Shapes are static per call signature: ``n`` tokens at positions ``pos`` attend to the first ``kv_len`` cache slots
-through a mask ``slot <= pos``. Slots past the valid length may hold junk from padding or from tokens since rolled
-back; the mask never lets a position see a slot it has not itself written, so a rollback only moves a length.
+through a mask ``slot <= pos`` (and ``slot > pos - window`` on sliding-window layers). Slots past the valid length
+may hold junk from padding or from tokens since rolled back; the mask never lets a position see a slot it has not
+itself written, so a rollback only moves a length. The whole history stays in the cache: a window is only a mask.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,18 +28,43 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 # graphs. (cuDNN's attention was seen failing inside a capture on an H100; flash attention takes no mask.)
 _ATTENTION_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
-__all__ = ["StaticLlama", "supports_static"]
+__all__ = ["FAMILIES", "Family", "StaticLlama", "family_of", "supports_static"]
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """How one HF architecture departs from the plain LLaMA forward."""
+
+    qk_norm: bool = False  # RMSNorm over head_dim of every q and k head, before RoPE (``self_attn.q_norm/k_norm``)
+    # where a layer's sliding window comes from: None (never windowed), "config" (``config.sliding_window`` on every
+    # layer: Mistral), "layer" (the attention module's own ``sliding_window``, set from ``config.layer_types``: Qwen)
+    window: str | None = None
+
+
+FAMILIES: dict[str, Family] = {
+    "LlamaForCausalLM": Family(),
+    "MistralForCausalLM": Family(window="config"),
+    "Qwen2ForCausalLM": Family(window="layer"),
+    "Qwen3ForCausalLM": Family(qk_norm=True, window="layer"),
+}
+
+
+def family_of(model: Any) -> Family | None:
+    """The family of the nearest supported class in the model's MRO (subclasses of a supported model count)."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in FAMILIES:
+            return FAMILIES[cls.__name__]
+    return None
 
 
 def supports_static(model: Any) -> str | None:
     """None when ``model`` can run on the static path, else the reason it cannot."""
-    if not any(cls.__name__ == "LlamaForCausalLM" for cls in type(model).__mro__):
-        return f"{type(model).__name__} is not LlamaForCausalLM"
+    family = family_of(model)
+    if family is None:
+        return f"{type(model).__name__} is not one of {', '.join(FAMILIES)}"
     cfg = model.config
     if getattr(cfg, "hidden_act", "silu") != "silu":
         return f"activation {cfg.hidden_act}"
-    if getattr(cfg, "mlp_bias", False) or getattr(cfg, "attention_bias", False):
-        return "biases in attention or MLP"
     if getattr(cfg, "quantization_config", None) is not None:
         return "quantized weights"
     if any(p.device.type == "meta" for p in model.parameters()):
@@ -40,7 +72,20 @@ def supports_static(model: Any) -> str | None:
     for layer in model.model.layers:  # a model may be split over devices, but each layer must sit on one
         if len({p.device for p in layer.parameters()}) > 1:
             return "a layer split over several devices"
+        if family.qk_norm and not (hasattr(layer.self_attn, "q_norm") and hasattr(layer.self_attn, "k_norm")):
+            return "q/k norms expected but not found on the attention module"
     return None
+
+
+def layer_windows(model: Any, family: Family) -> list[int | None]:
+    """The sliding window of every layer (None: full causal attention), as HF's own forward applies it."""
+    cfg = model.config
+    layers = model.model.layers
+    if family.window == "config":
+        return [getattr(cfg, "sliding_window", None)] * len(layers)
+    if family.window == "layer":
+        return [getattr(layer.self_attn, "sliding_window", None) for layer in layers]
+    return [None] * len(layers)
 
 
 def model_devices(model: Any) -> list[torch.device]:
@@ -53,7 +98,8 @@ def model_devices(model: Any) -> list[torch.device]:
 
 
 class StaticLlama:
-    """Callable as ``forward(ids [n], pos [n], kv_len) -> logits [n, vocab]`` (float32)."""
+    """Callable as ``forward(ids [n], pos [n], kv_len) -> logits [n, vocab]`` (float32), for any model of
+    ``FAMILIES`` (the name is historical: LLaMA came first)."""
 
     def __init__(self, model: Any, capacity: int) -> None:
         reason = supports_static(model)
@@ -61,20 +107,25 @@ class StaticLlama:
             raise ValueError(f"static path unsupported: {reason}")
         cfg = model.config
         self.model = model
+        self.family = family_of(model)
         inner = model.model
         self.device = inner.embed_tokens.weight.device
         self.dtype = inner.embed_tokens.weight.dtype
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        # the attention module's own head_dim: Qwen3 sets it apart from hidden / heads (0.6B: 16 x 128 > 1024)
+        attn0 = inner.layers[0].self_attn
+        self.head_dim = (getattr(attn0, "head_dim", None) or getattr(cfg, "head_dim", None)
+                         or cfg.hidden_size // self.n_heads)
         self.eps = cfg.rms_norm_eps
         self.n_layers = cfg.num_hidden_layers
+        self.windows = layer_windows(model, self.family)[: self.n_layers]  # per layer: None or a window in tokens
         self.layers = [self._fuse(layer) for layer in inner.layers[: self.n_layers]]
         self.layer_devices = [w["qkv"].device for w in self.layers]  # layer-wise split over GPUs is allowed
         self.devices = list(dict.fromkeys([self.device, *self.layer_devices, model.lm_head.weight.device]))
         self.embed = inner.embed_tokens.weight
         self.norm = inner.norm.weight
-        self.lm_head = model.lm_head.weight
+        self.lm_head = model.lm_head.weight  # the embedding itself where the model ties them (small Qwens)
         self._pre = _pre_attention
         self._post = _post_attention
         self.capacity = 0
@@ -85,18 +136,16 @@ class StaticLlama:
 
     def _fuse(self, layer: Any) -> dict[str, Any]:
         attn, mlp = layer.self_attn, layer.mlp
-        qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).contiguous()
-        q_n, k_n = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0]
-        attn.q_proj.weight = torch.nn.Parameter(qkv[:q_n], requires_grad=False)
-        attn.k_proj.weight = torch.nn.Parameter(qkv[q_n:q_n + k_n], requires_grad=False)
-        attn.v_proj.weight = torch.nn.Parameter(qkv[q_n + k_n:], requires_grad=False)
-        gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous()
-        g_n = mlp.gate_proj.weight.shape[0]
-        mlp.gate_proj.weight = torch.nn.Parameter(gate_up[:g_n], requires_grad=False)
-        mlp.up_proj.weight = torch.nn.Parameter(gate_up[g_n:], requires_grad=False)
-        return {"ln1": layer.input_layernorm.weight, "qkv": qkv, "q_n": q_n, "k_n": k_n,
-                "o": attn.o_proj.weight, "ln2": layer.post_attention_layernorm.weight,
-                "gate_up": gate_up, "down": mlp.down_proj.weight, "ffn": g_n}
+        qkv, qkv_b = _fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj)
+        gate_up, gate_up_b = _fuse_linears(mlp.gate_proj, mlp.up_proj)
+        qk_norm = None
+        if self.family.qk_norm:  # one [h + kvh, hd] weight: q heads use q_norm's, k heads k_norm's
+            qk_norm = torch.cat([attn.q_norm.weight.expand(self.n_heads, self.head_dim),
+                                 attn.k_norm.weight.expand(self.n_kv, self.head_dim)])
+        return {"ln1": layer.input_layernorm.weight, "qkv": qkv, "qkv_b": qkv_b, "qk_norm": qk_norm,
+                "o": attn.o_proj.weight, "o_b": attn.o_proj.bias, "ln2": layer.post_attention_layernorm.weight,
+                "gate_up": gate_up, "gate_up_b": gate_up_b, "down": mlp.down_proj.weight, "down_b": mlp.down_proj.bias,
+                "ffn": mlp.gate_proj.weight.shape[0]}
 
     def ensure_capacity(self, capacity: int) -> bool:
         """Allocate cache and RoPE tables for ``capacity`` slots; True when (re)allocated (graphs must go)."""
@@ -118,14 +167,17 @@ class StaticLlama:
         """ids, pos: [n] int64 on the model's device; returns logits [n, vocab] float32."""
         n = ids.shape[0]
         x = F.embedding(ids, self.embed)  # [n, hidden]
-        per_device = {}  # what every layer on a device needs: positions, RoPE rows, the attention mask
+        per_device = {}  # what every layer on a device needs: positions, RoPE rows, the attention masks
         for d in self.devices:
             pos_d = pos.to(d, non_blocking=True)
             cos_t, sin_t = self.rope[d]
-            slots = torch.arange(kv_len, device=d)
+            slots = torch.arange(kv_len, device=d).unsqueeze(0)  # [1, kv_len]
+            causal = slots <= pos_d.unsqueeze(1)  # [n, kv_len]
+            # one mask per distinct window: HF's sliding window lets position p see slots p - window + 1 .. p
+            masks = {w: (causal if w is None else causal & (slots > pos_d.unsqueeze(1) - w)).view(1, 1, n, kv_len)
+                     for w in set(self.windows)}
             per_device[d] = (pos_d, cos_t.index_select(0, pos_d).unsqueeze(1).to(x.dtype),  # [n, 1, hd]
-                             sin_t.index_select(0, pos_d).unsqueeze(1).to(x.dtype),
-                             (slots.unsqueeze(0) <= pos_d.unsqueeze(1)).view(1, 1, n, kv_len))  # [1, 1, n, kv_len]
+                             sin_t.index_select(0, pos_d).unsqueeze(1).to(x.dtype), masks)
         with sdpa_kernel(_ATTENTION_BACKENDS):
             x = self._layers(x, per_device, kv_len)
         x = _rms(x.to(self.norm.device, non_blocking=True), self.norm, self.eps)
@@ -138,14 +190,16 @@ class StaticLlama:
             d = self.layer_devices[i]
             if x.device != d:  # crossing to the next GPU of a layer-wise split: only the hidden state moves
                 x = x.to(d, non_blocking=True)
-            pos_d, cos, sin, mask = per_device[d]
-            q, k, v = pre(x, cos, sin, w["ln1"], w["qkv"], h, kvh, hd, self.eps)  # [h|kvh, n, hd]
+            pos_d, cos, sin, masks = per_device[d]
+            q, k, v = pre(x, cos, sin, w["ln1"], w["qkv"], w["qkv_b"], w["qk_norm"], h, kvh, hd,
+                          self.eps)  # [h|kvh, n, hd]
             ck, cv = self.cache_k[i], self.cache_v[i]  # [1, kvh, capacity, hd]
             ck.index_copy_(2, pos_d, k.unsqueeze(0))
             cv.index_copy_(2, pos_d, v.unsqueeze(0))
             att = F.scaled_dot_product_attention(q.unsqueeze(0), ck[:, :, :kv_len], cv[:, :, :kv_len],
-                                                 attn_mask=mask, enable_gqa=kvh != h)  # [1, h, n, hd]
-            x = post(x, att, w["o"], w["ln2"], w["gate_up"], w["down"], w["ffn"], self.eps)
+                                                 attn_mask=masks[self.windows[i]], enable_gqa=kvh != h)  # [1,h,n,hd]
+            x = post(x, att, w["o"], w["o_b"], w["ln2"], w["gate_up"], w["gate_up_b"], w["down"], w["down_b"],
+                     w["ffn"], self.eps)
         return x
 
     def compile(self) -> None:
@@ -155,29 +209,51 @@ class StaticLlama:
         self._post = torch.compile(_post_attention, dynamic=True, fullgraph=True)
 
 
+def _fuse_linears(*linears: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate the weights (and biases, if any has one) of linears that read the same input; re-point each
+    module at its view of the fused tensors so nothing is stored twice. Returns (weight [sum out, in], bias)."""
+    weight = torch.cat([m.weight for m in linears]).contiguous()
+    bias = None
+    if any(m.bias is not None for m in linears):  # a missing bias is a zero bias
+        bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.weight.shape[0])
+                          for m in linears]).contiguous()
+    start = 0
+    for m in linears:
+        rows = m.weight.shape[0]
+        m.weight = torch.nn.Parameter(weight[start:start + rows], requires_grad=False)
+        if bias is not None and m.bias is not None:
+            m.bias = torch.nn.Parameter(bias[start:start + rows], requires_grad=False)
+        start += rows
+    return weight, bias
+
+
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # the same computation as LlamaRMSNorm: in float32, then back to the weights' dtype
+    # the same computation as LlamaRMSNorm (and Qwen's, Mistral's): in float32, then back to the weights' dtype
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
 
 
 def _pre_attention(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ln: torch.Tensor, qkv_w: torch.Tensor,
-                   h: int, kvh: int, hd: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x: [n, hidden] -> q [h, n, hd], k and v [kvh, n, hd], RoPE applied to q and k together."""
+                   qkv_b: torch.Tensor | None, qk_norm: torch.Tensor | None, h: int, kvh: int, hd: int,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: [n, hidden] -> q [h, n, hd], k and v [kvh, n, hd]; q/k norms (Qwen3) then RoPE on q and k together."""
     n = x.shape[0]
-    qkv = F.linear(_rms(x, ln, eps), qkv_w).view(n, h + 2 * kvh, hd)
+    qkv = F.linear(_rms(x, ln, eps), qkv_w, qkv_b).view(n, h + 2 * kvh, hd)
     qk, v = qkv[:, : h + kvh], qkv[:, h + kvh:]
+    if qk_norm is not None:  # [h + kvh, hd]: per-head RMSNorm over head_dim
+        qk = _rms(qk, qk_norm, eps)
     half = hd // 2
     rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
     qk = qk * cos + rotated * sin  # cos, sin: [n, 1, hd]
     return qk[:, :h].transpose(0, 1), qk[:, h:].transpose(0, 1), v.transpose(0, 1)
 
 
-def _post_attention(x: torch.Tensor, att: torch.Tensor, o_w: torch.Tensor, ln: torch.Tensor, gate_up_w: torch.Tensor,
-                    down_w: torch.Tensor, ffn: int, eps: float) -> torch.Tensor:
+def _post_attention(x: torch.Tensor, att: torch.Tensor, o_w: torch.Tensor, o_b: torch.Tensor | None,
+                    ln: torch.Tensor, gate_up_w: torch.Tensor, gate_up_b: torch.Tensor | None, down_w: torch.Tensor,
+                    down_b: torch.Tensor | None, ffn: int, eps: float) -> torch.Tensor:
     """Residual stream after attention output and the MLP. att: [1, h, n, hd] -> x [n, hidden]."""
     n = x.shape[0]
-    x = x + F.linear(att[0].transpose(0, 1).reshape(n, -1), o_w)
-    gate, up = F.linear(_rms(x, ln, eps), gate_up_w).split(ffn, dim=-1)
-    return x + F.linear(F.silu(gate) * up, down_w)
+    x = x + F.linear(att[0].transpose(0, 1).reshape(n, -1), o_w, o_b)
+    gate, up = F.linear(_rms(x, ln, eps), gate_up_w, gate_up_b).split(ffn, dim=-1)
+    return x + F.linear(F.silu(gate) * up, down_w, down_b)

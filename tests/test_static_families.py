@@ -1,0 +1,147 @@
+"""The static fast path for the LLaMA-like families beyond LLaMA: Qwen2/2.5 (q/k/v biases, tied embeddings), Qwen3
+(per-head q/k norms, head_dim apart from hidden / heads), Mistral (a sliding window), each against HF's own forward.
+
+Tiny random configs on the CPU. HF initialises biases to zero and norm weights to one; both are randomised here so a
+forward that ignored them would fail. Windows of 8 tokens are far smaller than the cache, so the windowed mask is
+exercised on every long sequence.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from typing import Any
+
+import pytest
+import torch
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+import pipespec
+from helpers import grow_or_diverge, hf_greedy, limit
+from pipespec.workers import make_worker
+from pipespec.workers.static import StaticWorker
+from pipespec.workers.static_llama import StaticLlama, supports_static
+
+VOCAB = 160
+COMMON = dict(vocab_size=VOCAB, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+              initializer_range=0.2, eos_token_id=None, bos_token_id=None, pad_token_id=None)
+
+# name -> (model class, config class, config overrides)
+FAMILIES: dict[str, tuple[Any, Any, dict[str, Any]]] = {
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config, dict(tie_word_embeddings=True)),
+    # layer 0 full attention, layer 1 an 8-token window (Qwen2's layer_types from max_window_layers)
+    "qwen2-window": (Qwen2ForCausalLM, Qwen2Config, dict(tie_word_embeddings=True, use_sliding_window=True,
+                                                         sliding_window=8, max_window_layers=1)),
+    # head_dim 16 with hidden 32 and 4 heads: q is 64 wide, wider than the residual stream (as in Qwen3-0.6B)
+    "qwen3": (Qwen3ForCausalLM, Qwen3Config, dict(tie_word_embeddings=True, head_dim=16)),
+    "mistral": (MistralForCausalLM, MistralConfig, dict(tie_word_embeddings=False, sliding_window=None)),
+    "mistral-window": (MistralForCausalLM, MistralConfig, dict(tie_word_embeddings=False, sliding_window=8)),
+    "llama-biases": (LlamaForCausalLM, LlamaConfig, dict(tie_word_embeddings=False, attention_bias=True,
+                                                         mlp_bias=True)),
+}
+
+
+def tiny(family: str, seed: int, *, hidden: int = 32, layers: int = 2, dtype: torch.dtype = torch.float64) -> Any:
+    """A random model of ``family`` with random biases and norm weights."""
+    model_cls, config_cls, overrides = FAMILIES[family]
+    torch.manual_seed(seed)
+    config = config_cls(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                        **COMMON, **overrides)
+    model = model_cls(config).to(dtype).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = None
+    return model
+
+
+def noisy(model: Any, noise: float, seed: int) -> Any:
+    """The same model with Gaussian noise on every weight (a tied embedding stays tied: deepcopy keeps the tie)."""
+    torch.manual_seed(seed)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * noise * p.std())
+    return other
+
+
+def test_families_take_the_static_path() -> None:
+    for family in FAMILIES:
+        model = tiny(family, 0)
+        assert supports_static(model) is None, family
+        assert isinstance(make_worker(model, "m", torch.device("cpu"), fast="auto"), StaticWorker), family
+    reason = supports_static(torch.nn.Linear(2, 2)) or ""
+    assert "Linear is not one of" in reason and "Qwen3ForCausalLM" in reason
+
+
+def test_config_details_are_read_as_hf_reads_them() -> None:
+    qwen3 = StaticLlama(tiny("qwen3", 0), 64)
+    assert qwen3.head_dim == 16 and qwen3.layers[0]["qkv"].shape == (4 * 16 + 2 * 2 * 16, 32)
+    assert qwen3.layers[0]["qk_norm"].shape == (4 + 2, 16)
+    qwen2 = tiny("qwen2", 0)
+    assert qwen2.lm_head.weight is qwen2.model.embed_tokens.weight  # tied, as in Qwen2.5-0.5B
+    static = StaticLlama(qwen2, 64)
+    assert static.lm_head is static.embed and static.layers[0]["qkv_b"].shape == (4 * 8 + 2 * 2 * 8,)
+    assert static.windows == [None, None]
+    assert StaticLlama(tiny("qwen2-window", 0), 64).windows == [None, 8]
+    assert StaticLlama(tiny("mistral-window", 0), 64).windows == [8, 8]
+    assert StaticLlama(tiny("mistral", 0), 64).windows == [None, None]
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_static_cache_matches_hf_forward_through_rollbacks(family: str) -> None:
+    model = tiny(family, 3)
+    reference = copy.deepcopy(model)  # untouched: StaticLlama re-points the weights at fused tensors
+    worker = StaticWorker(model, "m", torch.device("cpu"), capacity=300)
+    worker.reset(None, 300)
+    rng = random.Random(family)
+    seq = [rng.randrange(VOCAB) for _ in range(rng.randrange(1, 20))]
+    worker.prefill(seq)
+    longest = len(seq)
+    for _ in range(40):
+        seq = grow_or_diverge(rng, seq, 8, vocab=VOCAB)
+        first = rng.randrange(max(1, len(seq) - 7), len(seq) + 1)
+        got = worker.logits(seq, first)
+        want = reference(torch.tensor([seq])).logits[0, first - 1:]
+        assert torch.allclose(got.double(), want, atol=1e-8), (family, len(seq), first)
+        longest = max(longest, len(seq))
+    assert longest > 24  # well past the 8-token windows
+    # the HF model still works after its weights and biases were re-pointed at the fused tensors
+    assert torch.allclose(model(torch.tensor([seq])).logits, reference(torch.tensor([seq])).logits, atol=1e-10)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("family", ["qwen2-window", "qwen3", "mistral-window"])
+def test_float32_matches_hf_forward(family: str) -> None:
+    model = tiny(family, 5, hidden=64, dtype=torch.float32)
+    reference = copy.deepcopy(model)
+    worker = StaticWorker(model, "m", torch.device("cpu"), capacity=300)
+    worker.reset(None, 300)
+    rng = random.Random(5)
+    seq = [rng.randrange(VOCAB) for _ in range(30)]
+    worker.prefill(seq[:20])
+    got = worker.logits(seq, 20)  # 10 new tokens over a 20-token cache
+    seq2 = seq[:25] + [1, 2, 3]  # roll back 5, add 3
+    got2 = worker.logits(seq2, 25)
+    for s, g, first in ((seq, got, 20), (seq2, got2, 25)):
+        want = reference(torch.tensor([s])).logits[0, first - 1:]
+        assert torch.allclose(g, want, atol=1e-4, rtol=1e-4), family
+
+
+@limit(120)
+@pytest.mark.parametrize("family", ["qwen2", "qwen2-window", "qwen3", "mistral-window"])
+async def test_chain_of_the_family_equals_hf_generate(family: str) -> None:
+    target = tiny(family, 0, hidden=48)
+    draft = tiny(family, 1, hidden=32, layers=1)  # a smaller model of the family, sharing only the vocabulary
+    models = [draft, noisy(target, 0.3, 2), target] if family != "qwen2" else [noisy(target, 0.4, 2), target]
+    prompt = [5, 17, 33, 2, 9, 120, 77]
+    want = hf_greedy(copy.deepcopy(target), prompt, 30)  # a copy: loading the chain re-points target's weights
+    async with pipespec.Pipeline.load(models, device="cpu", fast=True) as pipe:
+        assert all(isinstance(m.worker, StaticWorker) for m in pipe.members)
+        for mode in ("pipe", "sd", "ar"):
+            g = await pipe.generate(prompt, max_new_tokens=30, mode=mode)
+            assert list(g.token_ids) == want, (family, mode)
