@@ -47,6 +47,20 @@ ALIASES: dict[str, str] = {
     "3b": "meta-llama/Llama-3.2-3B-Instruct",
     "8b": "meta-llama/Llama-3.1-8B-Instruct",
     "70b-3.1": "meta-llama/Llama-3.1-70B-Instruct",
+    # the modern hierarchies: each family shares one tokenizer across its sizes, and all take the static fast path.
+    # Qwen2.5's output layers differ in size (0.5B/1.5B: 151936 rows, 7B/72B: 152064 of padding-extended
+    # vocabulary); a chain needs equal sizes today, so 0.5b,1.5b and 7b,72b chain, 0.5b,7b does not (docs/usage.md)
+    "llama3-1b": "meta-llama/Llama-3.2-1B-Instruct",
+    "llama3-8b": "meta-llama/Llama-3.1-8B-Instruct",
+    "llama3-70b": "meta-llama/Llama-3.1-70B-Instruct",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct",
+    "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B-Instruct",
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B-Instruct",
+    "qwen2.5-72b": "Qwen/Qwen2.5-72B-Instruct",
+    "qwen3-0.6b": "Qwen/Qwen3-0.6B",
+    "qwen3-8b": "Qwen/Qwen3-8B",
+    "qwen3-32b": "Qwen/Qwen3-32B",
+    "mistral-7b": "mistralai/Mistral-7B-Instruct-v0.3",
 }
 
 
