@@ -1,8 +1,8 @@
 """Model workers: one model of the chain with its KV cache, served by a runner (``pipespec.runners``).
 
 ``base`` (the ``Worker`` protocol, ``StepResult``, ``LogitsWorker``), ``hf`` (HF's forward, any model), ``static`` and
-``static_llama`` (LLaMA over a static cache and CUDA graphs), ``simulated`` (sleeps, for measuring the orchestrator),
-``synthetic`` (real-shape forwards, oracle choices). ``make_worker`` picks between the real ones.
+``static_llama`` (LLaMA, Mistral, Qwen2, Qwen3 over a static cache and CUDA graphs), ``simulated`` (sleeps, for
+measuring the orchestrator), ``synthetic`` (real-shape forwards, oracle choices). ``make_worker`` picks between the real ones.
 """
 
 from __future__ import annotations
@@ -18,14 +18,15 @@ __all__ = ["LogitsWorker", "ProbRows", "StepResult", "Worker", "WorkerInfo", "ad
 
 
 def make_worker(model: Any, name: str, device: torch.device, fast: bool | str = "auto") -> LogitsWorker:
-    """The fast static-cache worker where it applies (``fast="auto"``: LLaMA models), else HF's eager forward.
+    """The fast static-cache worker where it applies (``fast="auto"``: the families of
+    ``static_llama.FAMILIES``, i.e. LLaMA, Mistral, Qwen2/2.5, Qwen3), else HF's eager forward.
 
     ``fast=True`` asks for the static path on any device (CUDA graphs only on CUDA) and fails if the model does
     not support it; ``fast="compile"`` adds torch.compile; ``fast=False`` always uses HF's own forward.
     """
     from .static_llama import supports_static
 
-    if fast == "auto":  # LLaMA-architecture models take the static path anywhere (on the CPU too: ~25% faster)
+    if fast == "auto":  # supported families take the static path anywhere (on the CPU too: ~25% faster)
         fast = supports_static(model) is None
     if not fast:
         from .hf import HFWorker

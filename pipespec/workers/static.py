@@ -39,7 +39,8 @@ def _bucket(n: int) -> int:
 
 
 class StaticWorker(LogitsWorker):
-    """A ``LogitsWorker`` whose cache primitives run over ``StaticLlama`` (and CUDA graphs on CUDA)."""
+    """A ``LogitsWorker`` whose cache primitives run over ``StaticLlama`` (any supported family; CUDA graphs on
+    CUDA)."""
 
     def __init__(self, model: Any, name: str, device: torch.device, *, graphs: bool | None = None,
                  capacity: int = 2048, compile: bool = False) -> None:
