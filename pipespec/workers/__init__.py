@@ -2,7 +2,8 @@
 
 ``base`` (the ``Worker`` protocol, ``StepResult``, ``LogitsWorker``), ``hf`` (HF's forward, any model), ``static`` and
 ``static_llama`` (LLaMA, Mistral, Qwen2, Qwen3 over a static cache and CUDA graphs), ``simulated`` (sleeps, for
-measuring the orchestrator), ``synthetic`` (real-shape forwards, oracle choices). ``make_worker`` picks between the real ones.
+measuring the orchestrator), ``synthetic`` (real-shape forwards, oracle choices). ``make_worker`` picks between the
+real ones.
 """
 
 from __future__ import annotations
