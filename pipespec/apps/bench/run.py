@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from .report import METHODS, build_report
+from ...tracing import Tracer
 from ...errors import ConfigError, first_line
 from ...prompts import load_prompts
 from ...runners.thread import ThreadRunner
@@ -52,12 +53,13 @@ class BenchSettings:
     device: str = "auto"
     devices: tuple[str, ...] | None = None  # one per model (--placement); overrides ``device``
     dtype: str = "auto"
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = METHODS[:-1]  # every method but "auto" (it runs one of ar / sd / pipe)
     warmup: int = 1
     lookahead: int = 8
     verify_cap: int = 64
     adaptive: bool = True  # pipe: the adaptive runtime (caps, run-ahead, stage bypass); off for a static chain
     trust_remote_code: bool = False
+    trace: str | None = None  # a trace file: the timeline of every timed pipespec generation (pipespec.tracing)
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -270,6 +272,8 @@ class Contender:
     timing: Timing = field(default_factory=Timing)
     stages: _StageTotals | None = None  # pipespec's sd / pipe: per-stage counters
     error: str | None = None
+    tracer: Tracer | None = None  # pipespec methods with --trace: where timed generations add their timeline
+    trace_after_warmup: Tracer | None = None  # ... set once the warm-ups are done
 
     async def warm_up(self, prompt: Ids, pipe: Pipeline) -> None:
         await _settle(pipe)
@@ -291,26 +295,31 @@ async def _settle(pipe: Pipeline) -> None:
         await m.runner.drain()
 
 
-def _pipespec(pipe: Pipeline, mode: str, s: BenchSettings) -> Contender:
+def _pipespec(pipe: Pipeline, mode: str, s: BenchSettings, tracer: Tracer | None = None,
+              extra: dict[str, Any] | None = None) -> Contender:
     options = {"max_new_tokens": s.max_new_tokens, "mode": mode, "verify_cap": s.verify_cap,
                "lookahead": s.lookahead, "adaptive": s.adaptive}
 
     async def generate(prompt: Ids) -> Ids:
-        g = await pipe.generate(prompt, **options)
+        # warm-ups are not traced: the contender's stage totals are reset after them, the tracer is set then too
+        g = await pipe.generate(prompt, trace=contender.tracer, **options)
         if contender.stages is not None:
             contender.stages.add(g.stats.to_dict())
+        if g.stats.mode_chosen is not None and extra is not None:
+            extra[mode] = {"mode_chosen": g.stats.mode_chosen, "reason": g.stats.reason}
         return g.token_ids
 
     contender = Contender(mode, generate, stages=_StageTotals() if mode != "ar" else None)
+    contender.trace_after_warmup = tracer
     return contender
 
 
 async def _prepare(method: str, pipe: Pipeline, hf: HFBaselines, first: Ids, s: BenchSettings,
                    extra: dict[str, Any], say: Progress) -> list[Contender]:
     """The contender(s) of one method, warmed up on the first prompt (hf on CUDA also gives ``hf_eager``)."""
-    if method in ("ar", "sd", "pipe"):
-        made = [_pipespec(pipe, method, s)]
-        warmups = s.warmup
+    if method in ("ar", "sd", "pipe", "auto"):
+        made = [_pipespec(pipe, method, s, extra.get("_tracer"), extra)]
+        warmups = max(s.warmup, 1) if method == "auto" else s.warmup  # auto probes in its first run
     elif method == "hf" and hf.compiled:
         # compile traces on the first call and CUDA graphs record on the next: two warm-ups at least
         made = [Contender("hf", lambda p: hf.generate(p, static=True)), Contender("hf_eager", hf.generate)]
@@ -324,6 +333,7 @@ async def _prepare(method: str, pipe: Pipeline, hf: HFBaselines, first: Ids, s: 
             await c.warm_up(first, pipe)
         if c.stages is not None:  # warm-up runs do not count
             c.stages = _StageTotals()
+        c.tracer = c.trace_after_warmup
     return made
 
 
@@ -386,7 +396,7 @@ async def run_bench(s: BenchSettings, progress: Progress | None = None) -> dict[
 
 async def _run_all(pipe: Pipeline, hf: HFBaselines, prompts: Sequence[Ids], s: BenchSettings, monitor: GpuMonitor,
                    say: Progress) -> tuple[dict[str, list[Contender] | str], dict[str, Any]]:
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"_tracer": Tracer()} if s.trace else {}
     outcome: dict[str, list[Contender] | str] = {}  # a string: why the method did not run
     for method in s.methods:
         say(f"{method}: warming up")
@@ -411,6 +421,10 @@ async def _run_all(pipe: Pipeline, hf: HFBaselines, prompts: Sequence[Ids], s: B
                 except Exception as exc:  # noqa: BLE001
                     c.error = _failure(exc)
                     say(f"{c.name}: {c.error}")
+    tracer = extra.pop("_tracer", None)
+    if tracer is not None and s.trace:
+        tracer.write(s.trace)
+        say(f"trace of the timed pipespec generations written to {s.trace} (open it in https://ui.perfetto.dev)")
     return outcome, extra
 
 
