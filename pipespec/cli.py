@@ -137,7 +137,7 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
+def sampling_options(f: Callable[..., Any], default_mode: str = "pipe") -> Callable[..., Any]:
     opts = [
         click.option("--temperature", "-t", type=float, default=0.0, show_default=True, help="0 means greedy."),
         click.option("--top-k", type=int, default=0, show_default=True, help="0 means no top-k filter."),
@@ -145,7 +145,7 @@ def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed."),
         click.option("--acceptance", type=click.Choice(["coupled", "rejection"]), default="coupled",
                      show_default=True, help="How sampled drafts are verified (see docs/sampling.md)."),
-        click.option("--mode", type=click.Choice(REQUEST_MODES), default="pipe", show_default=True,
+        click.option("--mode", type=click.Choice(REQUEST_MODES), default=default_mode, show_default=True,
                      help="pipe: asynchronous; sd: lock-step; ar: the target alone; auto: probe the three on this "
                           "placement once, then run the fastest."),
         click.option("--verify-cap", type=int, default=64, show_default=True,
@@ -160,6 +160,13 @@ def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
     for opt in reversed(opts):
         f = opt(f)
     return f
+
+
+def chat_sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """chat's: mode auto by default. A chat runs many generations on one pipeline, so the one-time probes (6 short
+    generations) pay for themselves; on the CPU with the built-in family auto picks ar at 2.4x pipe's rate
+    (docs/benchmarks.md). ``run`` keeps pipe: one generation per process cannot amortise the probes."""
+    return sampling_options(f, default_mode="auto")
 
 
 placement_option = click.option(
@@ -266,7 +273,7 @@ def models_cmd(as_json: bool) -> None:
 
 @main.command()
 @model_options
-@sampling_options
+@chat_sampling_options
 @placement_option
 @click.option("--max-new-tokens", "-n", type=int, default=256, show_default=True, help="Most tokens per reply.")
 @click.option("--system", default=None, metavar="TEXT",
@@ -297,8 +304,9 @@ def chat(models: str | None, device: str, dtype: str, trust_remote_code: bool, p
               help="A prompt set (text, code, humaneval) or a .txt / .jsonl file.")
 @click.option("--n", "n", type=int, default=5, show_default=True, help="How many prompts (the first N).")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
-@click.option("--methods", default="hf,hf_assisted,ar,sd,pipe", show_default=True, metavar="LIST",
-              help="Comma-separated: hf, hf_assisted, ar, sd, pipe, auto (pipespec's mode auto).")
+@click.option("--methods", default="hf,hf_assisted,ar,sd,pipe,auto", show_default=True, metavar="LIST",
+              help="Comma-separated: hf, hf_assisted, ar, sd, pipe, auto (pipespec's mode auto: probes the three "
+                   "modes while warming up, then runs the fastest).")
 @click.option("--warmup", type=int, default=1, show_default=True,
               help="Untimed runs of each method on the first prompt.")
 @click.option("--lookahead", type=int, default=8, show_default=True, help="Tokens per round in sd mode.")

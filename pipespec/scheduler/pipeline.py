@@ -214,7 +214,7 @@ class Pipeline:
         listing = ", ".join(f"{m} {r:.1f}" for m, r in rates.items())
         self.auto_choice = (best, f"fastest in probes on this placement ({PROBE_ROUNDS} x {n} tokens per mode, "
                                   f"best run each; tokens/s: {listing})")
-        log("info", "mode chosen", mode=best, tokens_per_s=listing)
+        log("debug", "mode chosen", mode=best, tokens_per_s=listing)  # debug: at -v it would land in a streamed reply
         return self.auto_choice
 
     async def _run(self, request: Request, on_piece: Callable[[str], Awaitable[None]] | None,

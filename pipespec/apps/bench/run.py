@@ -53,7 +53,7 @@ class BenchSettings:
     device: str = "auto"
     devices: tuple[str, ...] | None = None  # one per model (--placement); overrides ``device``
     dtype: str = "auto"
-    methods: tuple[str, ...] = METHODS[:-1]  # every method but "auto" (it runs one of ar / sd / pipe)
+    methods: tuple[str, ...] = METHODS
     warmup: int = 1
     lookahead: int = 8
     verify_cap: int = 64
