@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LOOP_TID", "LoopProbe", "StageTrace", "Tracer", "gpu_tid", "stage_tid"]
+__all__ = ["LOOP_TID", "LoopProbe", "StageTrace", "Tracer", "gpu_tid", "stage_tid", "summarize"]
 
 LOOP_TID = 1
 
@@ -166,3 +166,23 @@ class LoopProbe:
             selector.select = self._had_own
         else:
             del selector.select
+
+
+def summarize(doc: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """Where the time went, per track: {track name: {span name: {"count", "ms", "mean_ms"}}} over the top-level
+    spans and the nested ones alike (a ``verify`` span's ``step`` is counted under ``step`` too). Instants are
+    counted with ``ms`` 0. ``doc``: a trace file's JSON (``Tracer.to_json()``)."""
+    names = {e["tid"]: e["args"]["name"] for e in doc["traceEvents"] if e["ph"] == "M" and e["name"] == "thread_name"}
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for e in doc["traceEvents"]:
+        if e["ph"] not in ("X", "i"):
+            continue
+        row = out.setdefault(names.get(e["tid"], str(e["tid"])), {}).setdefault(
+            e["name"], {"count": 0, "ms": 0.0, "mean_ms": 0.0})
+        row["count"] += 1
+        row["ms"] += e.get("dur", 0.0) / 1000.0
+    for track in out.values():
+        for row in track.values():
+            row["ms"] = round(row["ms"], 3)
+            row["mean_ms"] = round(row["ms"] / row["count"], 4) if row["count"] else 0.0
+    return out

@@ -42,6 +42,7 @@ from pipespec.analysis.model import predict_throughput
 from pipespec.analysis.oracle import Oracle
 from pipespec.runners.thread import ThreadRunner
 from pipespec.scheduler import Member, Pipeline
+from pipespec.tracing import summarize
 from pipespec.workers import synthetic
 from pipespec.workers.synthetic import SyntheticWorker, random_llama
 
@@ -189,6 +190,7 @@ async def measure_chain(label: str, members: list[Member], prompt: list[int], ar
             members[0].worker.device_draft = True  # type: ignore[attr-defined]
             await pipe.generate(prompt, max_new_tokens=args.tokens, mode="pipe", trace=str(path))
             entry["trace"] = path.name
+            entry["trace_summary"] = summarize(json.loads(path.read_text()))
         result["alphas"].append(entry)
         best = max(rows, key=lambda r: r["median_tokens_per_s"])
         print(f"{label} alpha {alpha}: best {best['method']} {best['median_tokens_per_s']} tok/s; "
@@ -221,7 +223,11 @@ def markdown(report: dict[str, Any]) -> str:
                 lines.append(f"| {r['method']} | {r['median_tokens_per_s']} | {r['min']}-{r['max']} | {ratio:.2f} | "
                              f"{r['identical_to_ar']} | {r['stage_ms_per_forward']} |")
             if entry.get("trace"):
-                lines.append(f"\ntrace of a default pipe run: {entry['trace']} (open in https://ui.perfetto.dev)")
+                lines.append(f"\ntrace of a default pipe run: {entry['trace']} (open in https://ui.perfetto.dev); "
+                             "where the time went (count, total ms):")
+                for track, spans in entry["trace_summary"].items():
+                    lines.append(f"- {track}: " + ", ".join(f"{n} {r['count']}x {r['ms']:.1f} ms"
+                                                            for n, r in spans.items()))
         lines.append("")
     return "\n".join(lines)
 

@@ -95,3 +95,19 @@ async def test_untraced_generation_records_nothing() -> None:
         assert all(not hasattr(m.runner, "trace") for m in pipe.members)
         loop = asyncio.get_running_loop()
         assert "select" not in vars(loop._selector)  # type: ignore[attr-defined]  # no probe left behind
+
+
+def test_run_trace_cli_writes_a_loadable_trace(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from pipespec.cli import main
+
+    path = tmp_path / "run.json"
+    result = CliRunner().invoke(main, ["run", "-p", "def add(a, b):", "-n", "12", "--device", "cpu", "--json",
+                                       "--trace", str(path)])
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.stdout)["stats"]
+    doc = json.loads(path.read_text())
+    tracks = _check_schema_and_nesting(doc["traceEvents"])
+    assert doc["otherData"]["generations"][0]["tokens"] == stats["tokens"] == 12
+    assert len(tracks) >= 2  # the event loop and at least the target's track
