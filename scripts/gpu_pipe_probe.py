@@ -249,10 +249,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             for i, (shape, device) in enumerate(spec):
                 await loaded.get(shape, device, i)
         context = -(-(args.prompt_len + args.tokens + 64 + 128) // 256) * 256
-        for m in loaded.members.values():
+        drafters = {key for _, spec in chains for key in spec[:-1]}  # only these ever draft (pipe's stage 0, sd's)
+        for key, m in loaded.members.items():
             worker = m.worker
             await m.runner.run(worker.warm_up, (1, 2, 4, 8, 16, 32, 64), context,  # type: ignore[attr-defined]
-                               draft_steps=tuple(range(1, 16)))
+                               draft_steps=tuple(range(1, 16)) if key in drafters else ())
         print(f"warm: graphs captured ({sum(m.worker.captures for m in loaded.members.values())}) "  # type: ignore
               f"after {time.monotonic() - started:.0f} s", flush=True)
         results = []
