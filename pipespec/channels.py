@@ -84,8 +84,10 @@ class Mailbox(Generic[T]):
         self._value: T | None = None
         self._doorbell = doorbell
         self._merge = merge
+        self.puts = 0  # values put so far, read ones and merged ones included (the sender's pace, for the reader)
 
     def put(self, value: T) -> None:
+        self.puts += 1
         if self._value is not None and self._merge is not None:
             value = self._merge(self._value, value)
         self._value = value

@@ -39,7 +39,7 @@ from .errors import (  # noqa: E402
     PipespecError,
     exit_code,
 )
-from .types import MODES  # noqa: E402
+from .types import MODES, REQUEST_MODES  # noqa: E402
 
 T = TypeVar("T")
 
@@ -159,7 +159,7 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
+def sampling_options(f: Callable[..., Any], default_mode: str = "pipe") -> Callable[..., Any]:
     opts = [
         click.option("--temperature", "-t", type=float, default=0.0, show_default=True, help="0 means greedy."),
         click.option("--top-k", type=int, default=0, show_default=True, help="0 means no top-k filter."),
@@ -167,8 +167,9 @@ def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed."),
         click.option("--acceptance", type=click.Choice(["coupled", "rejection"]), default="coupled",
                      show_default=True, help="How sampled drafts are verified (see docs/sampling.md)."),
-        click.option("--mode", type=click.Choice(MODES), default="pipe", show_default=True,
-                     help="pipe: asynchronous; sd: lock-step; ar: the target alone."),
+        click.option("--mode", type=click.Choice(REQUEST_MODES), default=default_mode, show_default=True,
+                     help="pipe: asynchronous; sd: lock-step; ar: the target alone; auto: probe the three on this "
+                          "placement once, then run the fastest."),
         click.option("--verify-cap", type=int, default=64, show_default=True,
                      help="Most proposed tokens a stage checks in one forward pass."),
         click.option("--lookahead", type=int, default=8, show_default=True, help="Tokens per round in sd mode."),
@@ -183,10 +184,20 @@ def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def chat_sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """chat's: mode auto by default. A chat runs many generations on one pipeline, so the one-time probes (6 short
+    generations) pay for themselves; on the CPU with the built-in family auto picks ar at 2.4x pipe's rate
+    (docs/benchmarks.md). ``run`` keeps pipe: one generation per process cannot amortise the probes."""
+    return sampling_options(f, default_mode="auto")
+
+
 placement_option = click.option(
     "--placement", default=None, metavar="0,0,1",
     help="GPU index (or 'cpu') per model, smallest first; default: one stage per GPU, the target alone if GPUs are few.")
 log_file_option = click.option("--log-file", default=None, metavar="PATH", help="Write JSON-lines logs here.")
+trace_option = click.option(
+    "--trace", default=None, metavar="FILE",
+    help="Write a timeline of every stage (Chrome/Perfetto trace-event JSON; open in https://ui.perfetto.dev).")
 
 
 def generation_options(kw: dict[str, Any]) -> dict[str, Any]:
@@ -235,12 +246,13 @@ def main() -> None:
 @click.option("--stop", multiple=True, help="Stop after this string (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object when done instead of streaming text.")
 @click.option("--tui/--no-tui", default=None, help="Live view of every stage (default: on when stdout is a terminal).")
+@trace_option
 @log_file_option
 @click.option("-v", "--verbose", count=True, help="Readable logs on stderr (when no live view runs).")
 def run(models: str | None, device: str, dtype: str, trust_remote_code: bool, placement: str | None,
         prompt: str | None,
         prompt_file: str | None, max_new_tokens: int, stop: tuple[str, ...], as_json: bool, tui: bool | None,
-        log_file: str | None, verbose: int, **kw: Any) -> None:
+        trace: str | None, log_file: str | None, verbose: int, **kw: Any) -> None:
     """Generate a continuation of a prompt with a chain of models."""
     from .apps.run import run_command
 
@@ -250,6 +262,8 @@ def run(models: str | None, device: str, dtype: str, trust_remote_code: bool, pl
     names = parse_models(models)
     options = generation_options(kw)
     options.update(max_new_tokens=max_new_tokens, stop=stop)
+    if trace:
+        options["trace"] = trace
     devices = resolve_devices(len(names), device, placement)
     code = run_command(names, text, options, device=devices, dtype=dtype, trust_remote_code=trust_remote_code,
                        as_json=as_json, use_tui=use_tui)
@@ -282,7 +296,7 @@ def models_cmd(as_json: bool) -> None:
 
 @main.command()
 @model_options
-@sampling_options
+@chat_sampling_options
 @placement_option
 @click.option("--max-new-tokens", "-n", type=int, default=256, show_default=True, help="Most tokens per reply.")
 @click.option("--system", default=None, metavar="TEXT",
@@ -313,8 +327,9 @@ def chat(models: str | None, device: str, dtype: str, trust_remote_code: bool, p
               help="A prompt set (text, code, humaneval) or a .txt / .jsonl file.")
 @click.option("--n", "n", type=int, default=5, show_default=True, help="How many prompts (the first N).")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
-@click.option("--methods", default="hf,hf_assisted,ar,sd,pipe", show_default=True, metavar="LIST",
-              help="Comma-separated: hf, hf_assisted, ar, sd, pipe.")
+@click.option("--methods", default="hf,hf_assisted,ar,sd,pipe,auto", show_default=True, metavar="LIST",
+              help="Comma-separated: hf, hf_assisted, ar, sd, pipe, auto (pipespec's mode auto: probes the three "
+                   "modes while warming up, then runs the fastest).")
 @click.option("--warmup", type=int, default=1, show_default=True,
               help="Untimed runs of each method on the first prompt.")
 @click.option("--lookahead", type=int, default=8, show_default=True, help="Tokens per round in sd mode.")
@@ -335,12 +350,13 @@ def chat(models: str | None, device: str, dtype: str, trust_remote_code: bool, p
 @click.option("--out", default="bench-out", show_default=True, metavar="DIR",
               help="Where bench.json, bench.md and bench.png go (not with --json).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table; write no files.")
+@trace_option
 @log_file_option
 @click.option("-v", "--verbose", count=True, help="Readable logs on stderr.")
 def bench(models: str | None, device: str, dtype: str, trust_remote_code: bool, prompts: str, n: int,
           max_new_tokens: int, methods: str, warmup: int, lookahead: int, verify_cap: int, placement: str | None,
           adaptive: bool, repeats: int, hf_isolation: str, hf_compile_mode: str, out: str, as_json: bool,
-          log_file: str | None, verbose: int) -> None:
+          trace: str | None, log_file: str | None, verbose: int) -> None:
     """Time HF generate, HF assisted generation and pipespec's ar / sd / pipe on the same prompts."""
     from .apps.bench.run import BenchSettings, eprint, run_bench
 
@@ -352,7 +368,7 @@ def bench(models: str | None, device: str, dtype: str, trust_remote_code: bool, 
                              device=device, devices=devices, dtype=dtype, methods=chosen,
                              warmup=warmup, lookahead=lookahead, verify_cap=verify_cap, adaptive=adaptive,
                              trust_remote_code=trust_remote_code, repeats=repeats, hf_isolation=hf_isolation,
-                             hf_compile_mode=hf_compile_mode)
+                             hf_compile_mode=hf_compile_mode, trace=trace)
     try:
         settings.validate()
     except ConfigError as exc:
@@ -401,7 +417,8 @@ def _floats(text: str, option: str) -> list[float]:
 @click.option("--repeats", type=int, default=1, show_default=True, help="Generations (one prompt each).")
 @click.option("--verify-cost-ms", type=float, default=0.0, show_default=True,
               help="Extra milliseconds per token a forward feeds past the first.")
-@click.option("--draft-batch", type=int, default=1, show_default=True, help="Drafts per call into the draft model.")
+@click.option("--draft-batch", type=int, default=0, show_default=True,
+              help="Drafts per call into the draft model; 0: adaptive (more per call while its successor is busy).")
 @click.option("--compare", is_flag=True, help="Also run the other modes on the same chain.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def simulate_cmd(latencies_ms: str, acceptance: str, acceptance_trace: str | None, tokens: int, mode: str,
@@ -424,9 +441,11 @@ def simulate_cmd(latencies_ms: str, acceptance: str, acceptance_trace: str | Non
     else:
         acc = _floats(acceptance, "--acceptance")
     for name, value in (("--tokens", tokens), ("--verify-cap", verify_cap), ("--lookahead", lookahead),
-                        ("--repeats", repeats), ("--draft-batch", draft_batch)):
+                        ("--repeats", repeats)):
         if value < 1:
             fail(f"{name} must be >= 1, got {value}")
+    if draft_batch < 0:
+        fail(f"--draft-batch must be >= 0 (0: adaptive), got {draft_batch}")
     if max_ahead is not None and max_ahead < 1:
         fail(f"--max-ahead must be >= 1, got {max_ahead}")
     if verify_cost_ms < 0:

@@ -13,6 +13,9 @@ from typing import Any, Literal
 
 Mode = Literal["pipe", "sd", "ar"]
 MODES: tuple[Mode, ...] = ("pipe", "sd", "ar")  # the generation modes, in the order the CLI lists them
+RequestMode = Literal["auto", "pipe", "sd", "ar"]
+# what a caller may ask for: a mode, or "auto" (the pipeline measures the modes on its placement and runs the fastest)
+REQUEST_MODES: tuple[RequestMode, ...] = ("auto", "pipe", "sd", "ar")
 Acceptance = Literal["coupled", "rejection"]
 StageState = Literal["idle", "drafting", "verifying", "rolling back", "waiting", "bypassed", "done"]
 
@@ -167,13 +170,15 @@ class GenerationStats:
     stages: tuple[dict[str, Any], ...]
     prompt_tokens: int = 0
     stop_reason: str = "length"
+    mode_chosen: Mode | None = None  # set when the caller asked for mode "auto": the mode it ran (== ``mode``)
+    reason: str | None = None  # ... and why (the probes' tokens/s on this placement)
 
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "tokens": self.tokens,
             "seconds": round(self.seconds, 4),
             "tokens_per_second": round(self.tokens_per_second, 3),
@@ -182,6 +187,10 @@ class GenerationStats:
             "stop_reason": self.stop_reason,
             "stages": list(self.stages),
         }
+        if self.mode_chosen is not None:
+            out["mode_chosen"] = self.mode_chosen
+            out["reason"] = self.reason
+        return out
 
 
 @dataclass(frozen=True, slots=True)

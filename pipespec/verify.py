@@ -40,7 +40,10 @@ __all__ = [
     "SamplingParams",
     "warp_logits",
     "gumbel_noise",
+    "hashed_gumbel_noise",
+    "seed_hash",
     "choose",
+    "choose_on_device",
     "count_accepted",
     "rejection_verify",
     "sample",
@@ -114,13 +117,23 @@ def _mix32(h: torch.Tensor) -> torch.Tensor:
     return (h >> 16) ^ h
 
 
+def seed_hash(seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The seed's part of the noise hash, [1] int64 on ``device`` (made once: building it copies from the host)."""
+    return _mix32(torch.tensor([seed & _MASK32], dtype=torch.int64, device=device))
+
+
 def gumbel_noise(seed: int, positions: torch.Tensor, vocab: int) -> torch.Tensor:
     """Standard Gumbel noise that depends only on (seed, position, token id).
 
     positions: [n] int64 (absolute sequence positions) -> [n, vocab] float32 on the same device.
     """
+    return hashed_gumbel_noise(seed_hash(seed, positions.device), positions, vocab)
+
+
+def hashed_gumbel_noise(seed_h: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``gumbel_noise`` from the seed's hash (``seed_hash``) instead of the seed: device tensors only, no host data,
+    so it can run inside a captured CUDA graph. positions: [n] int64 -> [n, vocab] float32."""
     device = positions.device
-    seed_h = _mix32(torch.tensor([seed & _MASK32], dtype=torch.int64, device=device))  # [1]
     row = _mix32((positions.to(torch.int64) * 0x2545F49 + seed_h) & _MASK32)  # [n]
     col = torch.arange(vocab, dtype=torch.int64, device=device) * 0x1B873593 & _MASK32  # [vocab]
     h = _mix32(_mix32(row[:, None] ^ col[None, :]) + 0x3C6EF372 & _MASK32)  # [n, vocab]
@@ -145,6 +158,19 @@ def choose(logits: torch.Tensor, params: SamplingParams, positions: torch.Tensor
         return torch.argmax(warped + noise, dim=-1), None
     probs = torch.softmax(warped, dim=-1)
     return sample(probs, generator), probs
+
+
+def choose_on_device(logits: torch.Tensor, params: SamplingParams, positions: torch.Tensor,
+                     seed_h: torch.Tensor) -> torch.Tensor:
+    """``choose`` for the greedy and coupled rules from device tensors only (the seed as ``seed_hash``): what a
+    multi-token draft inside one captured CUDA graph uses, so no drafted token needs a host sync. Same tokens as
+    ``choose``. logits: [n, vocab]; positions: [n] int64 -> [n] int64."""
+    if params.rule == "greedy":
+        return torch.argmax(logits, dim=-1)
+    if params.rule != "coupled":
+        raise ValueError("the rejection rule samples with a generator on the host's schedule: use choose()")
+    warped = warp_logits(logits, params)
+    return torch.argmax(warped + hashed_gumbel_noise(seed_h, positions, warped.shape[-1]), dim=-1)
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

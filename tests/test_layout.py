@@ -15,7 +15,7 @@ ROOT = Path(pipespec.__file__).parent
 # The layers, lowest first; a module may import its own layer and those below it. ``analysis`` is pure and sits
 # just above the shared vocabulary; ``cli`` is the top.
 LAYERS = [
-    {"errors", "types", "verify", "channels", "loading", "placement", "prompts", "__init__"},
+    {"errors", "types", "verify", "channels", "loading", "placement", "prompts", "tracing", "__init__"},
     {"analysis"},
     {"workers"},
     {"runners"},

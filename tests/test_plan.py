@@ -15,6 +15,7 @@ from helpers import limit, slow
 from pipespec.analysis.model import predict_throughput
 from pipespec.cli import main
 from pipespec.apps.plan import CAPS, SIZES, Prediction, plan, predict_chains, recommend
+from pipespec.analysis.plan import recommend_mode
 
 torch.set_num_threads(1)
 
@@ -55,6 +56,18 @@ def test_costly_verification_favours_a_small_cap() -> None:
     assert table[("a", "c"), 8].predicted_tokens_per_s > table[("a", "c"), 64].predicted_tokens_per_s
     # the cap-64 stage verifies long windows, so its mean forward is far above its 20 ms decode
     assert table[("a", "c"), 64].latencies_ms[1] > 40
+
+
+def test_plan_recommends_a_mode() -> None:
+    latency = {"a": flat(0.0005), "c": flat(0.02)}
+    best = recommend(predict_chains(latency, {"a->c": 0.9}, ["a", "c"], sim_tokens=100))
+    own = recommend_mode(latency, best, shared_device=False)
+    assert own["mode"] == "pipe" and own["predicted_tokens_per_s"]["pipe"] > own["predicted_tokens_per_s"]["ar"]
+    # one device for both: the pipeline's prediction assumes a device each, so lock step (or ar) is recommended
+    shared = recommend_mode(latency, best, shared_device=True)
+    assert shared["mode"] == "sd" and "share a device" in shared["reason"] and "--mode auto" in shared["reason"]
+    alone = recommend(predict_chains({"a": flat(0.02), "c": flat(0.02)}, {"a->c": 0.0}, ["a", "c"], sim_tokens=50))
+    assert recommend_mode({"a": flat(0.02), "c": flat(0.02)}, alone, shared_device=False)["mode"] == "ar"
 
 
 def test_a_useless_draft_is_not_recommended() -> None:
@@ -100,6 +113,7 @@ def test_plan_cli_json() -> None:
     for p in d["predictions"]:
         assert p["chain"][-1] == "tiny-target" and p["predicted_tokens_per_s"] > 0
     assert d["recommended"] in d["predictions"] and d["measured"] is None
+    assert d["mode"]["mode"] in ("ar", "sd") and d["shared_device"]  # every model on the CPU: no pipe on the model's word
     bad = CliRunner().invoke(main, ["plan", "--prompts", "no-such-set", "--json"])
     assert bad.exit_code == 2 and "unknown prompt set" in bad.output
 

@@ -12,7 +12,7 @@ from typing import Any
 from .model import predict_throughput, verification_probability
 from .simulation import simulate
 
-__all__ = ["CAPS", "TIE", "Prediction", "prediction_dict", "predict_chains", "recommend"]
+__all__ = ["CAPS", "TIE", "Prediction", "prediction_dict", "predict_chains", "recommend", "recommend_mode"]
 
 CAPS = (4, 8, 16, 32, 64)
 
@@ -101,3 +101,33 @@ def recommend(predictions: Sequence[Prediction]) -> Prediction:
     top = max(p.predicted_tokens_per_s for p in predictions)
     close = [p for p in predictions if p.predicted_tokens_per_s >= (1.0 - TIE) * top]
     return min(close, key=lambda p: (len(p.chain), -p.predicted_tokens_per_s))
+
+
+def recommend_mode(latency_s: dict[str, dict[int, float]], best: Prediction, *, shared_device: bool,
+                   lookahead: int = 8) -> dict[str, Any]:
+    """Which mode to run ``best``'s chain in, by the analytical model: {"mode", "reason", "predicted_tokens_per_s"
+    (per mode)}.
+
+    ``pipe`` is predicted with every stage on a device of its own; where stages share one (``shared_device``: one
+    GPU, or the CPU) their forward passes take turns, which lock step (``sd``) already does without the pipeline's
+    extra drafting that gets rolled back, so there pipe is not recommended on the model's word: the better of
+    ``sd`` and ``ar`` is, and the reason says to measure with ``--mode auto`` (which probes all three)."""
+    chain = best.chain
+    ar = 1.0 / latency_s[chain[-1]][1]
+    rates = {"ar": ar, "sd": ar, "pipe": ar}
+    if len(chain) > 1:
+        lat = [latency_s[m][1] for m in chain]
+        rates["sd"] = predict_throughput(lat, best.acceptance, "sd", lookahead=lookahead)
+        rates["pipe"] = best.predicted_tokens_per_s
+    listing = ", ".join(f"{m} {r:.1f}" for m, r in rates.items())
+    if len(chain) == 1:
+        mode, why = "ar", "the best chain is the target alone"
+    elif shared_device:
+        mode = "sd" if rates["sd"] > rates["ar"] else "ar"
+        why = (f"the models share a device, so their forward passes take turns and pipe's prediction (one device "
+               f"per stage) does not hold; {mode} predicted fastest of sd and ar; --mode auto measures all three")
+    else:
+        mode = max(rates, key=lambda m: rates[m])
+        why = f"{mode} predicted fastest, one device per stage"
+    return {"mode": mode, "reason": f"{why} (predicted tokens/s: {listing})",
+            "predicted_tokens_per_s": {m: round(r, 3) for m, r in rates.items()}}

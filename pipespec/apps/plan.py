@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..analysis.plan import CAPS, Prediction, prediction_dict, predict_chains, recommend
+from ..analysis.plan import CAPS, Prediction, prediction_dict, predict_chains, recommend, recommend_mode
 from ..scheduler.pipeline import Pipeline
 from ..verify import SamplingParams
 from ..workers.base import LogitsWorker
@@ -51,6 +51,7 @@ class PlanResult:
     recommended: Prediction
     measured: dict[str, Any] | None = None  # with run=True: the recommended chain (and ar) generated for real
     shared_device: bool = False  # several models on one device: the predictions assume one device each
+    mode: dict[str, Any] | None = None  # the recommended mode and why (analysis.plan.recommend_mode)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -62,6 +63,7 @@ class PlanResult:
             "recommended": prediction_dict(self.recommended),
             "measured": self.measured,
             "shared_device": self.shared_device,
+            "mode": self.mode,
         }
 
 
@@ -215,9 +217,10 @@ async def plan(pipe: Pipeline, prompts: Sequence[str | Sequence[int]], *, tokens
                     "ar_measured_tokens_per_s": round(ar, 3)}
     latency_ms = {m: {n: 1000 * t for n, t in table.items()} for m, table in latency_s.items()}
     devices = [m.device for m in pipe.members]
+    shared = len(set(devices)) < len(devices)
     return PlanResult(device=pipe.target.device, models=names, latency_ms=latency_ms, agreement=agreement,
                       predictions=tuple(predictions), recommended=best, measured=measured,
-                      shared_device=len(set(devices)) < len(devices))
+                      shared_device=shared, mode=recommend_mode(latency_s, best, shared_device=shared))
 
 
 def print_tables(result: dict[str, Any]) -> None:
@@ -248,8 +251,11 @@ def print_tables(result: dict[str, Any]) -> None:
     console.print(preds)
     best = result["recommended"]
     cap = "" if best["verify_cap"] is None else f" --verify-cap {best['verify_cap']}"
-    mode = " --mode ar" if best["verify_cap"] is None else ""
+    chosen = (result.get("mode") or {}).get("mode", "ar" if best["verify_cap"] is None else "pipe")
+    mode = "" if chosen == "pipe" else f" --mode {chosen}"
     console.print(f"recommended: pipespec run --models {','.join(best['chain'])}{cap}{mode}")
+    if result.get("mode"):
+        console.print(f"mode {chosen}: {result['mode']['reason']}")
     if result.get("shared_device"):
         console.print("note: these models share one device; the predictions assume one device per model, so "
                       "chains of several models will measure slower than predicted")

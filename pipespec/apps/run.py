@@ -29,7 +29,7 @@ def run_command(names: list[str], prompt: str, options: dict[str, Any], *, devic
         pipe = await load_pipeline(names, device, dtype, trust_remote_code, use_tui)
         holder["pipe"] = pipe
         async with pipe:
-            pipe.make_request(prompt, **options)  # validate before anything is printed
+            pipe.make_request(prompt, **{k: v for k, v in options.items() if k != "trace"})  # validate first
             if as_json:
                 g = await pipe.generate(prompt, **options)
                 click.echo(_result_json(g))

@@ -70,19 +70,28 @@ class EventLoopClock(selectors.DefaultSelector):  # type: ignore[misc,valid-type
 
     Run the loop on it (``asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(clock))``); the loop's own
     work over an interval (every coroutine step, callback, channel operation, and waiting for the GIL) is the wall
-    time minus the idle time.
+    time minus the idle time. Its CPU time over the interval (``cpu()`` before and after, minus ``idle_cpu``) is
+    the same work without the waits for the GIL or for a core: what a loaded machine cannot inflate.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.idle = 0.0
+        self.idle_cpu = 0.0  # CPU time of the loop's thread spent inside select (the syscall itself)
 
     def select(self, timeout: float | None = None) -> Any:
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.thread_time()
         try:
             return super().select(timeout)
         finally:
             self.idle += time.perf_counter() - began
+            self.idle_cpu += time.thread_time() - began_cpu
+
+    @staticmethod
+    def cpu() -> float:
+        """CPU time of the calling thread (call it on the loop's thread). Busy CPU = cpu() - idle_cpu: the loop's
+        own work only, not the time it waited for the GIL or for a core, so a loaded machine does not inflate it."""
+        return time.thread_time()
 
 
 def run_on_clock(main: Callable[[EventLoopClock], Any]) -> Any:
@@ -99,7 +108,7 @@ def _prompt(seed: int, repeat: int, length: int) -> list[int]:
 async def simulate_report(clock: EventLoopClock, latencies_ms: Sequence[LatencyMs],
                           acceptance: Sequence[AcceptanceSpec], *, tokens: int = 400, mode: Mode = "pipe",
                           verify_cap: int = 64, lookahead: int = 8, max_ahead: int | None = None, seed: int = 0,
-                          repeats: int = 1, prompt_tokens: int = 16, draft_batch: int = 1,
+                          repeats: int = 1, prompt_tokens: int = 16, draft_batch: int = 0,
                           verify_cost_per_token_ms: float = 0.0) -> dict[str, Any]:
     """Run the real orchestrator on simulated models (``repeats`` generations of ``tokens`` tokens, one prompt
     each) and compare it with the analytical model and with the discrete-event simulation of the same generations.
@@ -123,11 +132,14 @@ async def simulate_report(clock: EventLoopClock, latencies_ms: Sequence[LatencyM
         oracle = pipe.members[0].worker.oracle  # type: ignore[attr-defined]
         # a short warm-up generation starts the runner threads, so the measurement does not pay for it
         await pipe.generate(_prompt(seed, 1 << 15, prompt_tokens), max_new_tokens=2, **options)
-        runs, loop_busy = [], 0.0
+        runs, loop_busy, loop_cpu = [], 0.0, 0.0
+        calls0 = sum(m.worker.calls for m in pipe.members)  # type: ignore[attr-defined]
         for prompt in prompts:
-            idle0, wall0 = clock.idle, time.perf_counter()
+            idle0, wall0, idle_cpu0, cpu0 = clock.idle, time.perf_counter(), clock.idle_cpu, clock.cpu()
             runs.append(await pipe.generate(prompt, max_new_tokens=tokens, **options))
             loop_busy += (time.perf_counter() - wall0) - (clock.idle - idle0)
+            loop_cpu += (clock.cpu() - cpu0) - (clock.idle_cpu - idle_cpu0)
+        calls = sum(m.worker.calls for m in pipe.members) - calls0  # type: ignore[attr-defined]
     committed = sum(g.stats.tokens for g in runs)
     seconds = sum(g.stats.seconds for g in runs)
     measured = committed / seconds
@@ -172,6 +184,8 @@ async def simulate_report(clock: EventLoopClock, latencies_ms: Sequence[LatencyM
         "measured_over_predicted": round(measured / predicted, 4),
         "measured_over_simulated": round(measured / simulated, 4),
         "orchestrator_overhead_us_per_token": round(1e6 * loop_busy / committed, 2),
+        "orchestrator_cpu_us_per_token": round(1e6 * loop_cpu / committed, 2),
+        "runner_calls_per_token": round(calls / committed, 3),
         "event_loop_busy_fraction": round(loop_busy / seconds, 4),
         "target_idle_us_per_token": round(1e6 * max(seconds - target_busy, 0.0) / committed, 2),
         "lossless": runs[0].token_ids == tuple(sims[0].output[:tokens]),  # the replay commits the target's tokens
@@ -208,7 +222,9 @@ def print_report(report: dict[str, Any]) -> None:
                        "-" if st["measured_ms_per_forward"] is None else f"{st['measured_ms_per_forward']:.3f}")
     console.print(stages)
     console.print(f"orchestrator overhead: {report['orchestrator_overhead_us_per_token']:.0f} us of event-loop time "
-                  f"per committed token ({100 * report['event_loop_busy_fraction']:.1f}% of the wall time); "
+                  f"per committed token ({100 * report['event_loop_busy_fraction']:.1f}% of the wall time; "
+                  f"{report['orchestrator_cpu_us_per_token']:.0f} us of its CPU time; "
+                  f"{report['runner_calls_per_token']:.2f} runner calls per token); "
                   f"target idle {report['target_idle_us_per_token']:.0f} us per token; "
                   f"{report['tokens']} tokens x {report['repeats']} in {report['seconds']:.2f} s")
     for mode, row in report.get("compare", {}).items():

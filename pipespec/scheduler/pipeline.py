@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from dataclasses import replace
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
 from typing import Any
 
@@ -21,7 +22,7 @@ import structlog
 import torch
 
 from ..errors import ConfigError, PipelineClosed, PipelineError
-from ..types import MODES, Generation, GenerationStats, Mode, Snapshot, StageStats
+from ..types import REQUEST_MODES, Generation, GenerationStats, Mode, RequestMode, Snapshot, StageStats
 from ..verify import SamplingParams
 from .loader import first_error, load_chain
 from .lockstep import run_lockstep
@@ -29,6 +30,8 @@ from .output import Output
 from .policy import ChainMonitor
 from .request import Member, Request
 from .run import LiveRun, build_stages, run_pipe, stage_failed
+from .tracing import TraceTo, start_trace, traced_members
+from ..tracing import Tracer
 
 _log = structlog.get_logger("pipespec.pipeline")
 
@@ -40,6 +43,8 @@ def log(level: str, event: str, **fields: object) -> None:
         getattr(_log, level)(event, **fields)
 
 DRAIN_TIMEOUT = 10.0  # seconds a finished or cancelled generation waits for in-flight forward passes
+PROBE_TOKENS = 32  # mode "auto": tokens per probe generation
+PROBE_ROUNDS = 2  # ... and probes per mode (the best counts)
 
 
 class Pipeline:
@@ -56,6 +61,7 @@ class Pipeline:
         _check_vocabularies(self.members)
         # the adaptive runtime's knowledge of this chain; it carries over from one generation to the next
         self.monitor = ChainMonitor(len(self.members), contended=_contended(self.members))
+        self.auto_choice: tuple[Mode, str] | None = None  # mode "auto": what the probes chose, and why
 
     # -- construction -------------------------------------------------------------------------------------------
 
@@ -114,18 +120,18 @@ class Pipeline:
         ids.update(self.target.info.eos_ids)
         return ids
 
-    def make_request(self, prompt: str | Sequence[int], *, max_new_tokens: int = 128, mode: Mode = "pipe",
+    def make_request(self, prompt: str | Sequence[int], *, max_new_tokens: int = 128, mode: RequestMode = "pipe",
                      temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                      acceptance: str = "coupled", stop: Sequence[str] | str = (), verify_cap: int = 64,
-                     max_ahead: int | None = None, lookahead: int = 8, draft_batch: int = 1,
+                     max_ahead: int | None = None, lookahead: int = 8, draft_batch: int = 0,
                      adaptive: bool = True) -> Request:
         """Validate a generation's options; every bad value raises a ConfigError with a one-line message."""
-        if mode not in MODES:
-            raise ConfigError(f"unknown mode {mode!r}: use {', '.join(MODES)}")
+        if mode not in REQUEST_MODES:
+            raise ConfigError(f"unknown mode {mode!r}: use {', '.join(REQUEST_MODES)}")
         if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise ConfigError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
         for name, value, low in (("verify_cap", verify_cap, 1), ("lookahead", lookahead, 1),
-                                 ("draft_batch", draft_batch, 1)):
+                                 ("draft_batch", draft_batch, 0)):
             if value < low:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
         if max_ahead is not None and max_ahead < 1:
@@ -148,13 +154,17 @@ class Pipeline:
                        verify_cap=verify_cap, max_ahead=max_ahead or max(verify_cap, lookahead),
                        lookahead=lookahead, draft_batch=draft_batch, adaptive=bool(adaptive))
 
-    async def generate(self, prompt: str | Sequence[int], **options: Any) -> Generation:
-        """Generate and return the whole result. Options: see ``make_request``."""
-        request = self.make_request(prompt, **options)
-        return await self._run(request, None)
+    async def generate(self, prompt: str | Sequence[int], *, trace: TraceTo = None, **options: Any) -> Generation:
+        """Generate and return the whole result. Options: see ``make_request``.
 
-    async def stream(self, prompt: str | Sequence[int], **options: Any) -> AsyncIterator[str]:
-        """Yield the generated text piece by piece as the target commits it.
+        ``trace``: a file name to write this generation's timeline to (Chrome / Perfetto trace-event JSON, see
+        ``pipespec.tracing`` and docs/usage.md), or a ``Tracer`` to add it to (the caller writes it)."""
+        request = self.make_request(prompt, **options)
+        return await self._run(request, None, trace)
+
+    async def stream(self, prompt: str | Sequence[int], *, trace: TraceTo = None,
+                     **options: Any) -> AsyncIterator[str]:
+        """Yield the generated text piece by piece as the target commits it (``trace``: as for ``generate``).
 
         The generation runs in a task this generator owns; leaving the loop early (break, cancellation, a timeout)
         cancels it and waits for every stage to stop.
@@ -165,7 +175,7 @@ class Pipeline:
 
         async def produce() -> None:
             async with send:
-                result.append(await self._run(request, send.send))
+                result.append(await self._run(request, send.send, trace))
 
         task = asyncio.create_task(produce())
         try:
@@ -180,19 +190,56 @@ class Pipeline:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
 
-    async def _run(self, request: Request, on_piece: Callable[[str], Awaitable[None]] | None) -> Generation:
+    async def choose_mode(self, request: Request) -> tuple[Mode, str]:
+        """Mode "auto": the mode that measures fastest on this chain and placement, and why; probed once per
+        Pipeline (``auto_choice``; set it to None to probe again).
+
+        Every mode runs ``PROBE_ROUNDS`` short generations of the request's own prompt and sampling options
+        (``PROBE_TOKENS`` tokens, interleaved ar, sd, pipe, ar, ...), and the best rate of each mode counts, so a
+        first run that pays for warm-up (graph captures, caches) does not decide. Greedy outputs are identical in
+        every mode (lossless), so which one runs changes only the speed."""
+        if self.auto_choice is not None:
+            return self.auto_choice
+        if len(self.members) == 1:
+            self.auto_choice = ("ar", "one model: the target alone")
+            return self.auto_choice
+        n = min(PROBE_TOKENS, request.max_new_tokens)
+        rates: dict[Mode, float] = {"ar": 0.0, "sd": 0.0, "pipe": 0.0}
+        for _ in range(PROBE_ROUNDS):
+            for mode in rates:
+                probe = _replace_mode(request, mode, max_new_tokens=n, stop=())
+                g = await self._run(probe, None)
+                rates[mode] = max(rates[mode], g.stats.tokens_per_second)
+        best = max(rates, key=lambda m: rates[m])
+        listing = ", ".join(f"{m} {r:.1f}" for m, r in rates.items())
+        self.auto_choice = (best, f"fastest in probes on this placement ({PROBE_ROUNDS} x {n} tokens per mode, "
+                                  f"best run each; tokens/s: {listing})")
+        log("debug", "mode chosen", mode=best, tokens_per_s=listing)  # debug: at -v it would land in a streamed reply
+        return self.auto_choice
+
+    async def _run(self, request: Request, on_piece: Callable[[str], Awaitable[None]] | None,
+                   trace: TraceTo = None) -> Generation:
         if self._closed:
             raise PipelineClosed("this pipeline is closed")
+        if request.mode == "auto":
+            chosen, reason = await self.choose_mode(request)
+            g = await self._run(_replace_mode(request, chosen), on_piece, trace)
+            stats = replace(g.stats, mode_chosen=chosen, reason=reason)
+            return Generation(text=g.text, token_ids=g.token_ids, stats=stats)
+        tracer = trace if isinstance(trace, Tracer) or trace is None else Tracer()
         async with self._lock:
-            members = self.members if request.mode != "ar" else self.members[-1:]
+            members: Sequence[Member] = self.members if request.mode != "ar" else self.members[-1:]
             if request.mode == "sd" and len(members) == 1:
                 request = _replace_mode(request, "ar")
+            if tracer is not None:
+                members = traced_members(members, tracer)
             output = Output(self.tokenizer, request.max_new_tokens, self.eos_ids(), request.stop, on_piece)
             adaptive = request.adaptive and request.mode == "pipe"
             stages = build_stages(members, request, output, self.monitor if adaptive else None)
             live = LiveRun(request, stages, output)
             busy_before = [m.runner.busy_seconds for m in members]
             self._live = live
+            recording = None if tracer is None else await start_trace(tracer, members, stages)
             try:
                 for i, m in enumerate(members):
                     seed = request.params.seed * 1000003 + i if request.params.rule == "rejection" else None
@@ -218,6 +265,8 @@ class Pipeline:
                         if not await m.runner.drain(DRAIN_TIMEOUT):
                             log("warning", "forward pass still running after cancel", model=m.name)
                         m.runner.submit("release")
+                    if recording is not None:
+                        await recording.finish()
         tokens = tuple(output.tokens)
         text = self.tokenizer.decode(list(tokens), skip_special_tokens=True) if self.tokenizer is not None else ""
         stats = GenerationStats(tokens=len(tokens), seconds=live.elapsed, mode=request.mode,
@@ -226,6 +275,10 @@ class Pipeline:
                                 prompt_tokens=len(request.prompt), stop_reason=output.stop_reason or "length")
         if request.mode == "ar" and len(self.members) > 1:
             stats = _ar_stats_for_chain(stats, self.members)
+        if tracer is not None:
+            tracer.meta.setdefault("generations", []).append(stats.to_dict())
+            if not isinstance(trace, Tracer):
+                tracer.write(trace)  # type: ignore[arg-type]
         return Generation(text=text, token_ids=tokens, stats=stats)
 
     # -- lifetime -----------------------------------------------------------------------------------------------
@@ -271,10 +324,8 @@ def _contended(members: Sequence[Member]) -> tuple[bool, ...]:
     return tuple(d is not None and busy.count(d) > 1 for d in busy)
 
 
-def _replace_mode(request: Request, mode: Mode) -> Request:
-    from dataclasses import replace
-
-    return replace(request, mode=mode)
+def _replace_mode(request: Request, mode: Mode, **changes: Any) -> Request:
+    return replace(request, mode=mode, **changes)
 
 
 def _stage_dict(stats: StageStats, busy: float) -> dict[str, Any]:

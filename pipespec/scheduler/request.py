@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..runners.base import Runner
-from ..types import Mode
+from ..types import Mode, RequestMode
 from ..verify import SamplingParams
 from ..workers.base import WorkerInfo
 
@@ -34,13 +34,13 @@ class Member:
 class Request:
     prompt: tuple[int, ...]
     max_new_tokens: int
-    mode: Mode
+    mode: RequestMode  # "auto" is resolved by the Pipeline before the generation runs
     params: SamplingParams
     stop: tuple[str, ...] = ()
     verify_cap: int = 64  # pipe: most proposals checked per forward pass
     max_ahead: int = 64  # pipe: most tokens a stage may run past its successor
     lookahead: int = 8  # sd: tokens per lock-step round (drafts + the target's own token)
-    draft_batch: int = 1
+    draft_batch: int = 0  # pipe: drafts per call into the draft model; 0: adaptive (stages.draft.DraftPace)
     adaptive: bool = True  # pipe: adapt verify caps and run-ahead limits online
 
     @property

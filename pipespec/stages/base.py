@@ -10,6 +10,7 @@ import structlog
 
 from ..channels import Channel, Doorbell, Mailbox
 from ..runners.base import Runner
+from ..tracing import StageTrace
 from ..types import Proposal, StageState, StageStats, Verdict
 from ..verify import SamplingParams
 
@@ -40,7 +41,7 @@ class StageConfig:
     params: SamplingParams
     verify_cap: int = 64  # most proposed tokens checked in one forward pass
     max_ahead: int = 64  # most tokens a non-target stage may run past its successor's verified length
-    draft_batch: int = 1  # tokens the draft stage drafts per call into its worker
+    draft_batch: int = 0  # tokens the draft stage drafts per call into its worker; 0: adaptive (stages.draft.DraftPace)
 
 
 @dataclass(slots=True)
@@ -87,11 +88,14 @@ class Stage:
     in_flight: int = 0  # proposed tokens past this stage's verified prefix, for the live view
     monitor: Monitor | None = None  # the adaptive runtime (pipe mode with adaptive on), indexed like the chain
     bypassed: bool = False  # set by the controller: a draft pauses, a middle stage relays its predecessor's tokens
+    trace: StageTrace | None = None  # this stage's track of a trace (None: no tracing, no cost)
 
     def bypass(self, on: bool) -> None:
         """Take this stage out of the chain or bring it back (the controller's call); wakes it to notice."""
         if on and not self.bypassed:
             self.stats.bypasses += 1
+        if self.trace is not None and on != self.bypassed:
+            self.trace.instant("bypass on" if on else "bypass off")
         self.bypassed = on
         self.io.doorbell.ring()
 
@@ -108,6 +112,8 @@ class Stage:
         """Take the successor's sequence as this stage's own (a rollback); returns it as a new list."""
         self.set_state("rolling back")
         self.stats.rollbacks += 1
+        if self.trace is not None:
+            self.trace.instant("rollback adopted", epoch=epoch, position=len(rollback))
         if structlog.is_configured():
             log.debug("rollback adopted", stage=self.index, epoch=epoch, position=len(rollback))
         return list(rollback)

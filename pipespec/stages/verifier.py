@@ -118,7 +118,7 @@ class _Verifier:
                 if self.is_target:
                     return
                 stage.set_state("waiting")
-                await io.doorbell.wait()
+                await self.wait("length")
                 continue
             if stage.bypassed and not self.is_target:
                 await self.relay(room)
@@ -128,10 +128,19 @@ class _Verifier:
             if (n == 0 and not self.is_target
                     and len(self.seq) - self.successor.verified >= self.successor.max_ahead):
                 stage.set_state("waiting")
-                await io.doorbell.wait()
+                await self.wait("ahead")
                 continue
             if await self.verify(n):
                 return
+
+    async def wait(self, reason: str) -> None:
+        trace = self.stage.trace
+        if trace is None:
+            await self.stage.io.doorbell.wait()
+            return
+        waited = time.perf_counter()
+        await self.stage.io.doorbell.wait()
+        trace.span("wait", waited, reason=reason)
 
     def take_verdict(self) -> None:
         """Verdicts from the successor: how far it got, and maybe a rollback to adopt."""
@@ -155,6 +164,8 @@ class _Verifier:
         assert stage.io.verdicts_out is not None
         stage.io.verdicts_out.put(Verdict(up.epoch, len(seq), tuple(seq)))
         stage.stats.rollbacks_sent += 1
+        if stage.trace is not None:
+            stage.trace.instant("rollback sent", epoch=up.epoch, position=len(seq))
         if structlog.is_configured():
             log.debug("rollback sent", stage=stage.index, epoch=up.epoch, position=len(seq))
 
@@ -171,8 +182,10 @@ class _Verifier:
         stage.in_flight = 0
         if n <= 0:
             stage.set_state("bypassed")
-            await io.doorbell.wait()
+            await self.wait("bypassed")
             return
+        if stage.trace is not None:
+            stage.trace.instant("relay", position=start, tokens=n)
         tokens = tuple(up.tokens[start:start + n])
         rows = RowRefs(tuple(up.rows[start:start + n])) if self.needs_rows else None  # type: ignore[arg-type]
         self.seq.extend(tokens)
@@ -197,6 +210,9 @@ class _Verifier:
         if stage.pending_rollback(self.successor.epoch):
             return False  # the successor has moved on to another sequence; this result extends a dead one
         stats.record_verification(n, result.accepted)
+        if stage.trace is not None:
+            stage.trace.span("verify" if n else "decode", started, position=len(seq), proposed=n,
+                             accepted=result.accepted)
         if structlog.is_configured():
             log.debug("verified", stage=stage.index, epoch=up.epoch, position=len(seq), proposed=n,
                       accepted=result.accepted, tokens=len(result.tokens))

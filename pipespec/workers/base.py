@@ -14,6 +14,7 @@ Terms (proposal, verify, accepted, correction, bonus) as in the glossary of docs
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ __all__ = ["Worker", "WorkerInfo", "StepResult", "ProbRows", "LogitsWorker", "co
 ProbRows = Sequence[tuple[torch.Tensor, int]]
 
 # The calls a runner serves by name (``await runner.call("step", ...)``): a worker's whole remote surface.
-CALLS = ("prefill", "step", "draft", "reset", "release", "rollback", "describe")
+CALLS = ("prefill", "step", "draft", "reset", "release", "rollback", "describe", "gpu_trace", "gpu_spans")
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -146,6 +147,46 @@ class LogitsWorker(ABC):
             self.generator = torch.Generator(device=self.device)
             self.generator.manual_seed(seed)
 
+    # -- GPU spans for a trace (pipespec.tracing): CUDA events around every forward, read back after the generation --
+
+    _gpu_events: list[tuple[Any, Any, int]] | None = None
+    _gpu_anchor: tuple[Any, float] | None = None
+
+    def gpu_trace(self, on: bool) -> bool:
+        """Start (or stop) recording the GPU time of every forward pass; CUDA only (returns whether it records).
+        Call between generations: it synchronises the worker's stream once, to pin the events to the host clock."""
+        if not on or self.device.type != "cuda":
+            self._gpu_events = None
+            return False
+        anchor = torch.cuda.Event(enable_timing=True)
+        anchor.record()
+        anchor.synchronize()
+        self._gpu_anchor = (anchor, time.perf_counter())
+        self._gpu_events = []
+        return True
+
+    def gpu_spans(self) -> list[tuple[float, float, int]]:
+        """The recorded forwards as (start, end, tokens fed), seconds on ``time.perf_counter``'s clock; clears them.
+        Waits for the last one to finish (call it after the generation)."""
+        events, anchor = self._gpu_events, self._gpu_anchor
+        if not events or anchor is None:
+            return []
+        self._gpu_events = []
+        events[-1][1].synchronize()
+        event0, host0 = anchor
+        return [(host0 + event0.elapsed_time(a) / 1e3, host0 + event0.elapsed_time(b) / 1e3, n) for a, b, n in events]
+
+    def _timed_forward(self, tokens: Sequence[int], position: int, keep: int) -> torch.Tensor:
+        events = self._gpu_events
+        if events is None:
+            return self.forward(tokens, position, keep)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = self.forward(tokens, position, keep)
+        end.record()
+        events.append((start, end, len(tokens)))
+        return out
+
     # -- built on them ---------------------------------------------------------------------------------------------
 
     def prefill(self, prompt: Sequence[int]) -> bool:
@@ -154,7 +195,7 @@ class LogitsWorker(ABC):
         keep = min(common_prefix(self.cached, prompt), len(prompt) - 1)
         self.rollback(keep)
         if keep < len(prompt) - 1:
-            self.forward(prompt[keep:-1], keep, 1)
+            self._timed_forward(prompt[keep:-1], keep, 1)
             return True
         return False
 
@@ -167,7 +208,7 @@ class LogitsWorker(ABC):
             raise ValueError(f"first={first} must be in [1, {len(seq)}]")
         keep_cache = min(common_prefix(self.cached, seq), first - 1)
         self.rollback(keep_cache)
-        return self.forward(seq[keep_cache:], keep_cache, len(seq) - first + 1)
+        return self._timed_forward(seq[keep_cache:], keep_cache, len(seq) - first + 1)
 
     def step(self, seq: Sequence[int], start: int, params: SamplingParams,
              proposal_probs: ProbRows | None = None) -> StepResult:

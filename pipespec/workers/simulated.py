@@ -70,6 +70,7 @@ class SimulatedWorker(OracleChoices):
         self.device = torch.device("cpu")
         self.cached: list[int] = []
         self.forwards = 0
+        self.calls = 0  # calls served (prefill, step, draft): what the orchestrator paid a round trip for
         self.oracle = oracle
         self.stage = stage
         self.latency_s = latency_s
@@ -129,6 +130,7 @@ class SimulatedWorker(OracleChoices):
     # -- stage decisions ----------------------------------------------------------------------------------------
 
     def prefill(self, prompt: Sequence[int]) -> bool:
+        self.calls += 1
         self._learn_prompt(len(prompt))
         keep = min(common_prefix(self.cached, prompt), len(prompt) - 1)
         self.rollback(keep)
@@ -145,6 +147,7 @@ class SimulatedWorker(OracleChoices):
         """Verify ``seq[start:]`` like a real greedy model: its own choice at every position start..len(seq) given
         seq[:position]; accept the longest agreeing prefix, then its choice at the first mismatch (or the bonus)."""
         self._check(params)
+        self.calls += 1
         if start < 1 or start > len(seq):
             raise ValueError(f"start={start} must be in [1, {len(seq)}]")
         self._learn_prompt(start)
@@ -153,6 +156,7 @@ class SimulatedWorker(OracleChoices):
 
     def draft(self, seq: Sequence[int], n: int, params: SamplingParams) -> StepResult:
         self._check(params)
+        self.calls += 1
         self._learn_prompt(len(seq))
         work = list(seq)
         for _ in range(n):

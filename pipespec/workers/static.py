@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from .base import LogitsWorker
+from ..verify import SamplingParams, choose_on_device, seed_hash
+from .base import LogitsWorker, StepResult
 from .static_llama import StaticLlama
 
 __all__ = ["StaticWorker", "TOKEN_BUCKETS"]
@@ -64,6 +65,15 @@ class StaticWorker(LogitsWorker):
         self._pool: Any = None
         self._wanted: set[tuple[int, int]] = set()  # shapes met eagerly, to capture at the next reset
         self.captures = 0  # graphs captured so far (for tests and stats)
+        # multi-token drafts: k-1 one-token forwards and the choices between them on the device, as ONE graph per
+        # (steps, context bucket, sampling rule) on CUDA; the same code eagerly elsewhere. Off: one forward and one
+        # host sync per drafted token (LogitsWorker.draft). PIPESPEC_DEVICE_DRAFT=0 turns it off.
+        self.device_draft = os.environ.get("PIPESPEC_DEVICE_DRAFT", "1") != "0"
+        self._draft_graphs: dict[tuple[Any, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor,
+                                                         torch.Tensor, torch.Tensor]] = {}
+        self._draft_wanted: dict[tuple[Any, ...], SamplingParams] = {}  # to capture at the next reset
+        self._draft_params: dict[tuple[Any, ...], SamplingParams] = {}  # of every draft graph captured
+        self._seed_h: tuple[int, torch.Tensor] | None = None
 
     # -- cache primitives ---------------------------------------------------------------------------------------
 
@@ -72,10 +82,12 @@ class StaticWorker(LogitsWorker):
         if capacity is not None and self.static.ensure_capacity(capacity + PAD):
             self._wanted.update(self._graphs)
             self._graphs.clear()  # captured graphs point at the old cache tensors
+            self._draft_wanted.update({key: self._draft_params[key] for key in self._draft_graphs})
+            self._draft_graphs.clear()
             # and a fresh pool for the new ones: once its last graph is gone the old pool is released (freeable),
             # and capturing into a released pool id is not something the caching allocator supports
             self._pool = None
-        if self.use_graphs and self._wanted:
+        if self.use_graphs and (self._wanted or self._draft_wanted):
             self.capture_pending()
         self._seed(seed)
 
@@ -132,6 +144,84 @@ class StaticWorker(LogitsWorker):
         graph.replay()
         return out
 
+    # -- multi-token drafts on the device ------------------------------------------------------------------------
+
+    def draft(self, seq: Sequence[int], n: int, params: SamplingParams) -> StepResult:
+        """Draft ``n`` tokens with one host sync: the first forward feeds what the cache lacks (as ``logits``); the
+        other ``n - 1`` (one token each) and every choice run on the device (``choose_on_device``), on CUDA as one
+        captured graph. Same tokens as one forward and one sync per token. The rejection rule (probability rows,
+        the generator) keeps the per-token path."""
+        if n <= 1 or not self.device_draft or params.rule == "rejection":
+            return super().draft(seq, n, params)
+        tokens = self._device_draft(seq, n, params)
+        self.cached.extend(tokens[:-1])  # the last drafted token is not fed, as in the per-token path
+        return StepResult(0, tuple(tokens))
+
+    def _device_draft(self, seq: Sequence[int], n: int, params: SamplingParams) -> list[int]:
+        """The ``n`` drafted tokens; feeds ``seq`` (what it lacks) and the first ``n - 1`` drafts into the cache
+        (the caller extends ``cached``)."""
+        logits = self.logits(seq, len(seq))  # [1, vocab]
+        position = len(seq)  # the position the first draft takes
+        steps = n - 1
+        end = position + steps  # cache slots used: 0 .. end - 1 (the last draft is not fed)
+        if end + PAD > self.static.capacity:
+            raise ValueError(f"sequence of {end} tokens exceeds the static cache ({self.static.capacity - PAD})")
+        kv_len = min(-(-end // CONTEXT_STEP) * CONTEXT_STEP, self.static.capacity)
+        seed_h = self._seed_tensor(params.seed)
+        first_pos = torch.full((1,), position, dtype=torch.long, device=self.device)
+        first = choose_on_device(logits[-1:], params, first_pos, seed_h)  # [1]
+        key = (steps, kv_len, _rule_key(params))
+        entry = self._draft_graphs.get(key) if self.use_graphs else None
+        if entry is None:
+            if self.use_graphs:
+                self._draft_wanted[key] = params  # capture at the next reset; eager now (same kernels)
+            rest = self._draft_steps(first, first_pos, steps, kv_len, params, seed_h)
+        else:
+            graph, tok_in, pos_in, seed_in, out = entry
+            tok_in.copy_(first)
+            pos_in.copy_(first_pos)
+            seed_in.copy_(seed_h)
+            graph.replay()
+            rest = out
+        self.forwards += steps
+        return torch.cat((first, rest)).tolist()  # the one host sync of the call
+
+    def _draft_steps(self, tok: torch.Tensor, pos: torch.Tensor, steps: int, kv_len: int, params: SamplingParams,
+                     seed_h: torch.Tensor) -> torch.Tensor:
+        """Feed ``tok`` [1] at ``pos`` [1], choose the next token, feed it, ... ``steps`` times: [steps] tokens.
+        Device tensors only (no host data, no sync): capturable as one CUDA graph."""
+        out = []
+        for _ in range(steps):
+            logits = self.static.forward(tok, pos, kv_len)  # [1, vocab]
+            pos = pos + 1  # the position the chosen token takes
+            tok = choose_on_device(logits, params, pos, seed_h)
+            out.append(tok)
+        return torch.cat(out)
+
+    def _seed_tensor(self, seed: int) -> torch.Tensor:
+        if self._seed_h is None or self._seed_h[0] != seed:
+            self._seed_h = (seed, seed_hash(seed, self.device))
+        return self._seed_h[1]
+
+    def _capture_drafts(self, stream: Any) -> None:
+        for key, params in sorted(self._draft_wanted.items(), key=lambda kv: kv[0][:2]):
+            steps, kv_len, _ = key
+            if key in self._draft_graphs or kv_len > self.static.capacity:
+                continue
+            tok_in = torch.zeros(1, dtype=torch.long, device=self.device)
+            pos_in = torch.zeros(1, dtype=torch.long, device=self.device)
+            seed_in = self._seed_tensor(params.seed).clone()
+            for _ in range(2):
+                self._draft_steps(tok_in, pos_in, steps, kv_len, params, seed_in)
+            stream.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
+                out = self._draft_steps(tok_in, pos_in, steps, kv_len, params, seed_in)
+            self._draft_graphs[key] = (graph, tok_in, pos_in, seed_in, out)
+            self._draft_params[key] = params
+            self.captures += 1
+        self._draft_wanted.clear()
+
     def capture_pending(self) -> None:
         """Capture every shape met since the last reset. Call only while no generation runs (from ``reset``).
 
@@ -157,13 +247,26 @@ class StaticWorker(LogitsWorker):
                 self._graphs[key] = (graph, static_ids, static_pos, out)
                 self.captures += 1
             self._wanted.clear()
+            self._capture_drafts(stream)
 
-    def warm_up(self, buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64), context: int = 2 * CONTEXT_STEP) -> None:
-        """Capture the common shapes ahead of the first generation (optional; benchmarks call it)."""
+    def warm_up(self, buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64), context: int = 2 * CONTEXT_STEP,
+                draft_steps: Sequence[int] = (), params: SamplingParams | None = None) -> None:
+        """Capture the common shapes ahead of the first generation (optional; benchmarks call it).
+        ``draft_steps``: also the multi-token drafts of 1 + s tokens for each s (``params``: greedy by default)."""
         if not self.use_graphs:
             return
-        for bucket in buckets:
-            for kv_len in range(CONTEXT_STEP, min(context, self.static.capacity) + 1, CONTEXT_STEP):
+        for kv_len in range(CONTEXT_STEP, min(context, self.static.capacity) + 1, CONTEXT_STEP):
+            for bucket in buckets:
                 if bucket <= kv_len:
                     self._wanted.add((bucket, kv_len))
+            for steps in draft_steps:
+                p = params or SamplingParams()
+                self._draft_wanted[(steps, kv_len, _rule_key(p))] = p
         self.capture_pending()
+
+
+def _rule_key(params: SamplingParams) -> tuple[Any, ...]:
+    """What a captured draft graph bakes in of the sampling options (the seed is an input, not baked)."""
+    if params.rule == "greedy":
+        return ("greedy",)
+    return (params.rule, params.temperature, params.top_k, params.top_p)

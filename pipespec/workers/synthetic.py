@@ -112,6 +112,17 @@ class SyntheticWorker(OracleChoices, StaticWorker):
     def draft(self, seq: Sequence[int], n: int, params: SamplingParams) -> StepResult:
         self._learn_prompt(len(seq))
         work = list(seq)
+        if n > 1 and self.device_draft:
+            # the real multi-token draft's cost (one graph, one sync: StaticWorker._device_draft), then the
+            # oracle's choices; the cache then holds K/V of the device's own tokens, which nothing reads (the
+            # oracle decides), while ``cached`` and the hashes name the oracle's tokens, as after per-token drafts
+            self._device_draft(seq, n, SamplingParams())  # feeds seq's missing tail via forward (hashes kept)
+            work.append(self._choice(len(work)))
+            for _ in range(n - 1):
+                self.cached.append(work[-1])
+                self._hashes.append(self.oracle.extend(self._hashes[-1], work[-1]))
+                work.append(self._choice(len(work)))
+            return StepResult(0, tuple(work[len(seq):]))
         for _ in range(n):
             self._wait(self.logits(work, len(work)))
             work.append(self._choice(len(work)))

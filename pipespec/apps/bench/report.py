@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 __all__ = ["METHODS", "BASELINES", "build_report", "cut_at_eos", "rows", "notes", "rich_table", "markdown",
            "write_chart", "write_outputs"]
 
-METHODS = ("hf", "hf_assisted", "ar", "sd", "pipe")
+METHODS = ("hf", "hf_assisted", "ar", "sd", "pipe", "auto")  # auto: pipespec's mode "auto" (probes, then the fastest)
 BASELINES = ("hf", "hf_assisted", "ar")
 
 Ids = tuple[int, ...]

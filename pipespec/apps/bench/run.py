@@ -49,6 +49,7 @@ import torch
 
 from .hf import HFProcess, hf_compile_config, hf_generate
 from .report import METHODS, build_report
+from ...tracing import Tracer
 from ...errors import ConfigError, first_line
 from ...prompts import load_prompts
 from ...runners.thread import ThreadRunner
@@ -84,6 +85,7 @@ class BenchSettings:
     repeats: int = 1  # timed passes over the prompts; ms/token is the median pass, min and max reported beside it
     hf_isolation: str = "thread"  # thread | process (see the module docstring)
     hf_compile_mode: str = "reduce-overhead"  # torch.compile mode of HF's static-cache generate (CUDA)
+    trace: str | None = None  # a trace file: the timeline of every timed pipespec generation (pipespec.tracing)
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -367,6 +369,8 @@ class Contender:
     stages: _StageTotals | None = None  # pipespec's sd / pipe: per-stage counters
     error: str | None = None
     clock: Callable[[], float | None] | None = None  # the generation's own timing, where it has one (HF child)
+    tracer: Tracer | None = None  # pipespec methods with --trace: where timed generations add their timeline
+    trace_after_warmup: Tracer | None = None  # ... set once the warm-ups are done
 
     async def warm_up(self, prompt: Ids, pipe: Pipeline) -> None:
         await _settle(pipe)
@@ -390,17 +394,22 @@ async def _settle(pipe: Pipeline) -> None:
         await m.runner.drain()
 
 
-def _pipespec(pipe: Pipeline, mode: str, s: BenchSettings) -> Contender:
+def _pipespec(pipe: Pipeline, mode: str, s: BenchSettings, tracer: Tracer | None = None,
+              extra: dict[str, Any] | None = None) -> Contender:
     options = {"max_new_tokens": s.max_new_tokens, "mode": mode, "verify_cap": s.verify_cap,
                "lookahead": s.lookahead, "adaptive": s.adaptive}
 
     async def generate(prompt: Ids) -> Ids:
-        g = await pipe.generate(prompt, **options)
+        # warm-ups are not traced: the contender's stage totals are reset after them, the tracer is set then too
+        g = await pipe.generate(prompt, trace=contender.tracer, **options)
         if contender.stages is not None:
             contender.stages.add(g.stats.to_dict())
+        if g.stats.mode_chosen is not None and extra is not None:
+            extra[mode] = {"mode_chosen": g.stats.mode_chosen, "reason": g.stats.reason}
         return g.token_ids
 
     contender = Contender(mode, generate, stages=_StageTotals() if mode != "ar" else None)
+    contender.trace_after_warmup = tracer
     return contender
 
 
@@ -408,9 +417,9 @@ async def _prepare(method: str, pipe: Pipeline, hf: HFBaselines, first: Ids, s: 
                    extra: dict[str, Any], say: Progress) -> list[Contender]:
     """The contender(s) of one method, warmed up on the first prompt (hf on CUDA also gives ``hf_eager``)."""
     clock = lambda: hf.last_seconds  # noqa: E731 - the child's own timing in process isolation, else None
-    if method in ("ar", "sd", "pipe"):
-        made = [_pipespec(pipe, method, s)]
-        warmups = s.warmup
+    if method in ("ar", "sd", "pipe", "auto"):
+        made = [_pipespec(pipe, method, s, extra.get("_tracer"), extra)]
+        warmups = max(s.warmup, 1) if method == "auto" else s.warmup  # auto probes in its first run
     elif method == "hf" and hf.compiled:
         # compile traces on the first call and CUDA graphs record on the next: two warm-ups at least
         made = [Contender("hf", lambda p: hf.generate(p, static=True), clock=clock),
@@ -425,6 +434,7 @@ async def _prepare(method: str, pipe: Pipeline, hf: HFBaselines, first: Ids, s: 
             await c.warm_up(first, pipe)
         if c.stages is not None:  # warm-up runs do not count
             c.stages = _StageTotals()
+        c.tracer = c.trace_after_warmup
     return made
 
 
@@ -492,6 +502,8 @@ async def run_bench(s: BenchSettings, progress: Progress | None = None) -> dict[
 
 async def _run_all(pipe: Pipeline, hf: HFBaselines, prompts: Sequence[Ids], s: BenchSettings, monitor: GpuMonitor,
                    say: Progress, extra: dict[str, Any]) -> tuple[dict[str, list[Contender] | str], dict[str, Any]]:
+    if s.trace:
+        extra["_tracer"] = Tracer()
     outcome: dict[str, list[Contender] | str] = {}  # a string: why the method did not run
     for method in s.methods:
         say(f"{method}: warming up")
@@ -509,6 +521,10 @@ async def _run_all(pipe: Pipeline, hf: HFBaselines, prompts: Sequence[Ids], s: B
         for k, prompt in enumerate(prompts):
             say(f"timing prompt {k + 1}/{len(prompts)}" + (f", pass {r + 1}/{s.repeats}" if s.repeats > 1 else ""))
             await _time_prompt(contenders, prompt, pipe, monitor, k, r, say)
+    tracer = extra.pop("_tracer", None)
+    if tracer is not None and s.trace:
+        tracer.write(s.trace)
+        say(f"trace of the timed pipespec generations written to {s.trace} (open it in https://ui.perfetto.dev)")
     return outcome, extra
 
 
