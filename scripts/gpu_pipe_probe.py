@@ -241,6 +241,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         synthetic.SHAPES.update(SMOKE_SHAPES)
         torch.set_num_threads(1)
     chains = chains_for(args)
+    if args.chains:
+        chains = [c for c in chains if any(part in c[0] for part in args.chains.split(","))]
     vocab = 512 if args.smoke else 32000
     loaded = Loaded(Oracle([0.8], seed=args.seed, vocab=vocab))
     prompt = torch.randint(0, vocab, (args.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
@@ -286,6 +288,8 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=450.0, help="stop starting new work after this")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chains", default=None, help="only the chains whose label contains one of these "
+                                                         "comma-separated strings (e.g. '13b on GPU 0')")
     a = parser.parse_args()
     a.alphas = [float(x) for x in a.alphas.split(",")]
     a.tokens = a.tokens or (24 if a.smoke else 128)

@@ -104,11 +104,6 @@ def fit(conv: Conversation, tokenizer: Any, context: int | None, max_new_tokens:
         return ids, context - len(ids), dropped
 
 
-def context_of(pipe: Pipeline) -> int | None:
-    limits = [m.info.max_positions for m in pipe.members if m.info.max_positions]
-    return min(limits) if limits else None
-
-
 class ChatSession:
     """The prompt loop: reads lines, runs commands, streams replies."""
 
@@ -118,7 +113,7 @@ class ChatSession:
         self.options = dict(options)
         self.max_new_tokens = int(self.options.pop("max_new_tokens", 256))
         self.conv = Conversation(system)
-        self.context = context_of(pipe)
+        self.context = pipe.context
         self.out = out or sys.stdout
         self.console = Console(file=self.out, highlight=False, soft_wrap=True)
         self.replies = 0
