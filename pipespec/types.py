@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 Mode = Literal["pipe", "sd", "ar"]
 MODES: tuple[Mode, ...] = ("pipe", "sd", "ar")  # the generation modes, in the order the CLI lists them
+BackendKind = Literal["thread", "process", "ray"]
+BACKENDS: tuple[BackendKind, ...] = ("thread", "process", "ray")  # where workers live (runners.backend)
 Acceptance = Literal["coupled", "rejection"]
 StageState = Literal["idle", "drafting", "verifying", "rolling back", "waiting", "bypassed", "done"]
 

@@ -65,3 +65,130 @@ async def test_process_backend_is_lossless_greedy_and_coupled(folder_chain: list
             for mode in ("pipe", "sd"):
                 assert (await pipe.generate(PROMPT, mode=mode, **opts)).token_ids == alone.token_ids, (mode, seed)
     assert children() == before
+
+
+# -- the rejection rule: rows made in one worker process, read in the next ------------------------------------------
+
+REJECTION_SAMPLES = 1000
+
+
+@pytest.mark.slow
+@limit(300)
+async def test_process_backend_rejection_rule_keeps_the_targets_distribution() -> None:
+    """The unrelated draft of test_sampling.py (mostly rejections and residual samples: every verification reads
+    the proposer's rows from its process); model objects, pickled into the children. 1000 samples: the statistic's
+    power is in ``test_the_smaller_sample_still_catches_a_5_percent_error``."""
+    models = vocab3_chain(10.0)
+    params = SamplingParams(temperature=1.0, acceptance="rejection")
+    exact = exact_two_token_distribution(models[-1], params)
+    async with pipespec.Pipeline.load(models, device="cpu", fast=False, backend="process") as pipe:
+        counts, checked = await sample_pairs(pipe, REJECTION_SAMPLES, "pipe", params)
+    assert_matches(counts, exact)
+    assert checked > REJECTION_SAMPLES // 5, checked
+
+
+def test_the_smaller_sample_still_catches_a_5_percent_error() -> None:
+    """At REJECTION_SAMPLES, moving 5% of the mass between cells (TV = 0.05) gives an expected statistic that, minus
+    3 standard deviations, is past the 0.001 critical value (test_sampling.py: 6000 samples catch 3%)."""
+    from test_sampling import chi_square_critical_001
+
+    flat = exact_two_token_distribution(vocab3_chain(10.0)[-1], SamplingParams(temperature=1.0)).flatten()
+    order = torch.argsort(flat)
+    shifted = flat.clone()
+    shifted[order[-1]] -= 0.025
+    shifted[order[-2]] -= 0.025
+    shifted[order[0]] += 0.025
+    shifted[order[1]] += 0.025
+    noncentrality = REJECTION_SAMPLES * float(((shifted - flat) ** 2 / flat).sum())
+    df = len(flat) - 1
+    mean, sd = df + noncentrality, (2 * (df + 2 * noncentrality)) ** 0.5
+    assert mean - 3 * sd > chi_square_critical_001(df)
+
+
+# -- faults ---------------------------------------------------------------------------------------------------------
+
+async def kill_mid_generation(pipe: pipespec.Pipeline, pid: int) -> tuple[PipelineError, float]:
+    """Start a long generation, kill ``pid`` once tokens flow; the error and how long it took to arrive."""
+    task = asyncio.create_task(pipe.generate(PROMPT3, max_new_tokens=400, mode="pipe"))
+    while (snap := pipe.snapshot()) is None or snap.committed < 5:
+        assert not task.done(), task
+        await asyncio.sleep(0.01)
+    os.kill(pid, 9)
+    killed = time.perf_counter()
+    with pytest.raises(PipelineError) as err:
+        await task
+    return err.value, time.perf_counter() - killed
+
+
+@limit(120)
+async def test_a_killed_worker_process_ends_the_generation_at_once() -> None:
+    before = children()
+    models = vocab3_chain(0.5)
+    async with pipespec.Pipeline.load(models, device="cpu", fast=False, backend="process") as pipe:
+        err, took = await kill_mid_generation(pipe, pipe.members[1].runner.pid)  # type: ignore[attr-defined]
+        assert took < 1.0, took
+        assert err.stage == 1 and str(err).startswith("stage 1 (") and "died" in str(err), err
+        with pytest.raises(PipelineError, match="stage 1"):  # the pipeline stays closable; the stage stays dead
+            await pipe.generate(PROMPT3, max_new_tokens=4)
+    assert children() == before
+
+
+@limit(120)
+async def test_a_call_past_its_deadline_fails_the_generation_naming_stage_and_host() -> None:
+    import socket
+
+    models = vocab3_chain(0.5)
+    models[-1] = slow(models[-1], 1.5)  # every forward pass of the target takes 1.5 s, its deadline is 0.5 s
+    before = children()
+    async with pipespec.Pipeline.load(models, device="cpu", fast=False,
+                                      backend=Backend("process", deadline=0.5)) as pipe:
+        started = time.perf_counter()
+        with pytest.raises(PipelineError, match="missed its deadline") as err:
+            await pipe.generate(PROMPT3, max_new_tokens=8)
+        assert time.perf_counter() - started < 1.2 + 10  # the deadline, then draining the stuck call
+        assert err.value.stage == 2 and f"stage 2 (" in str(err.value) and socket.gethostname() in str(err.value)
+    assert children() == before
+
+
+def test_ctrl_c_leaves_no_worker_processes(tmp_path: "os.PathLike[str]") -> None:
+    """`pipespec run --backend process` interrupted mid-generation: exit code 130 and every child gone."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "pipespec", "run", "--models", "tiny-draft,tiny-middle,tiny-target",
+                             "--device", "cpu", "--backend", "process", "--no-tui", "--max-new-tokens", "2000",
+                             "--prompt", "def f(x):"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        deadline = time.monotonic() + 120
+        while len(grandchildren := _children_of(proc.pid)) < 3:  # the three workers are up
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.2)
+        time.sleep(3.0)  # loading, maybe generating
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(0.5)
+    assert not [pid for pid in grandchildren if os.path.exists(f"/proc/{pid}") and _state(pid) != "Z"]
+
+
+def _children_of(pid: int) -> set[int]:
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1] == str(pid):
+                    out.add(int(entry))
+            except OSError:
+                pass
+    return out
+
+
+def _state(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"

@@ -12,18 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
-
 import torch
 
 from ..errors import ConfigError
 from ..placement import NodeSlot
+from ..types import BACKENDS, BackendKind
 from .base import Runner
 
 __all__ = ["BACKENDS", "Backend", "BackendKind", "as_backend"]
 
-BackendKind = Literal["thread", "process", "ray"]
-BACKENDS: tuple[BackendKind, ...] = ("thread", "process", "ray")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,13 +63,16 @@ class Backend:
 
             return [ThreadRunner(f"{i}-{name}", devices[i]) for i, name in enumerate(names)]
         if self.kind == "process":
+            from .mps import ensure_mps
             from .process import ProcessRunner
 
+            ensure_mps([str(d) for d in devices], self.kind)  # before the children start: they inherit its env
             out: list[Runner] = []
+            threads = cpu_threads(devices)
             try:
                 for i, name in enumerate(names):
                     out.append(ProcessRunner(f"{i}-{name}", devices[i], label=labels[i], stage=i,
-                                             deadline=self.deadline))
+                                             deadline=self.deadline, threads=threads))
             except BaseException:
                 for runner in out:
                     runner.close(wait=False)
@@ -81,6 +81,13 @@ class Backend:
         from .ray import ray_runners
 
         return ray_runners(names, devices, labels, self)
+
+
+def cpu_threads(devices: Sequence[torch.device]) -> int:
+    """Intra-op threads for each worker process: this process's share split between the stages on the CPU (one
+    OpenMP pool per process; pools that together ask for more threads than cores spin against each other)."""
+    on_cpu = sum(d.type == "cpu" for d in devices)
+    return max(1, torch.get_num_threads() // max(on_cpu, 1))
 
 
 def as_backend(backend: str | Backend | None) -> Backend:

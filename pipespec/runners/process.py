@@ -155,7 +155,8 @@ class ProcessRunner:
     """One spawned worker process for one model; implements ``runners.base.Runner``."""
 
     def __init__(self, name: str, device: torch.device, *, label: str | None = None, stage: int | None = None,
-                 deadline: float = DEFAULT_DEADLINE, start_deadline: float = START_DEADLINE) -> None:
+                 deadline: float = DEFAULT_DEADLINE, start_deadline: float = START_DEADLINE,
+                 threads: int | None = None) -> None:
         self.name = name
         self.device = device
         self.label = label or name  # how errors name it: "stage 1 (middle)"
@@ -175,7 +176,7 @@ class ProcessRunner:
         # script without an ``if __name__ == "__main__"`` guard; the child needs only pipespec and sys.path.
         ours, theirs = socket.socketpair()
         bootstrap = (f"import sys; sys.path[:] = {sys.path!r}; from pipespec.runners.process import _child; "
-                     f"_child({theirs.fileno()}, {self.owner!r}, {str(device)!r}, {torch.get_num_threads()})")
+                     f"_child({theirs.fileno()}, {self.owner!r}, {str(device)!r}, {threads or torch.get_num_threads()})")
         self.process = subprocess.Popen([sys.executable, "-c", bootstrap], pass_fds=[theirs.fileno()],
                                         stdin=subprocess.DEVNULL, env=child_environment())
         theirs.close()

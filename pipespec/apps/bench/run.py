@@ -31,6 +31,7 @@ import torch
 from .report import METHODS, build_report
 from ...errors import ConfigError, first_line
 from ...prompts import load_prompts
+from ...runners.backend import as_backend
 from ...runners.thread import ThreadRunner
 from ...scheduler import Pipeline
 from ...types import STAGE_COUNTERS
@@ -58,6 +59,7 @@ class BenchSettings:
     verify_cap: int = 64
     adaptive: bool = True  # pipe: the adaptive runtime (caps, run-ahead, stage bypass); off for a static chain
     trust_remote_code: bool = False
+    backend: Any = "thread"  # where the workers live (``runners.Backend`` or its kind name)
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -68,6 +70,10 @@ class BenchSettings:
                                  ("--verify-cap", self.verify_cap, 1)):
             if value < low:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
+        hf = [m for m in self.methods if m.startswith("hf")]
+        if hf and not as_backend(self.backend).in_process:
+            raise ConfigError(f"the HF baselines ({', '.join(hf)}) run the pipeline's own model objects in this "
+                              "process: use --backend thread, or leave them out (--methods ar,sd,pipe)")
 
 
 @dataclass(slots=True)
@@ -371,11 +377,13 @@ async def run_bench(s: BenchSettings, progress: Progress | None = None) -> dict[
     texts = texts[:s.n]
     say(f"loading {', '.join(s.models)}")
     async with Pipeline.load(list(s.models), device=list(s.devices) if s.devices else s.device, dtype=s.dtype,
-                             trust_remote_code=s.trust_remote_code) as pipe:
+                             trust_remote_code=s.trust_remote_code, backend=s.backend) as pipe:
         prompts = [pipe.encode(t) for t in texts]
         for p in prompts:  # every option and prompt length is checked before anything is timed
             pipe.make_request(p, max_new_tokens=s.max_new_tokens, verify_cap=s.verify_cap, lookahead=s.lookahead)
-        monitor = GpuMonitor([torch.device(m.device) for m in pipe.members])
+        # a Ray stage's device is on its node, not here: no GPU samples for those
+        local = as_backend(s.backend).kind != "ray"
+        monitor = GpuMonitor([torch.device(m.device) for m in pipe.members] if local else [])
         hf = HFBaselines(pipe, s.max_new_tokens, max(len(p) for p in prompts))
         try:
             outcome, extra = await _run_all(pipe, hf, prompts, s, monitor, say)
