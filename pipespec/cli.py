@@ -353,12 +353,12 @@ def bench(models: str | None, device: str, dtype: str, trust_remote_code: bool, 
     configure_logging(verbose, log_file, console_ok=True)
     chosen = tuple(dict.fromkeys(m.strip() for m in methods.split(",")))  # in order, each once
     names = tuple(parse_models(models))
-    found, chosen = resolve_chain(len(names), device, placement, backend, ray_address, call_deadline)
+    found, where = resolve_chain(len(names), device, placement, backend, ray_address, call_deadline)
     devices = tuple(found)  # by default one stage per GPU, as `run`
     settings = BenchSettings(models=names, prompts=prompts, n=n, max_new_tokens=max_new_tokens,
                              device=device, devices=devices, dtype=dtype, methods=chosen,
                              warmup=warmup, lookahead=lookahead, verify_cap=verify_cap, adaptive=adaptive,
-                             trust_remote_code=trust_remote_code, backend=chosen)
+                             trust_remote_code=trust_remote_code, backend=where)
     try:
         settings.validate()
     except ConfigError as exc:

@@ -18,7 +18,7 @@ from ..errors import ConfigError, ModelLoadError, PipespecError, first_line
 from ..loading import load_tokenizer, preload_transformers, resolve_dtype, resolve_source
 from ..placement import resolve_device
 from ..runners.backend import Backend, as_backend
-from ..workers import adopt_worker, load_worker
+from ..workers import adopt_worker, load_named_worker, load_worker
 from ..workers.base import WorkerInfo
 from .request import Member
 
@@ -56,6 +56,9 @@ async def load_chain(models: Sequence[Any] | str, *, device: Any, dtype: Any, to
         source, dev = sources[i], resolved[i]
         if source is None:
             infos[i] = await runners[i].start(adopt_worker, models[i], names[i], dev, fast)
+        elif backend.kind == "ray":  # another node: its own paths (the built-in family's install, folders, cache)
+            infos[i] = await runners[i].start(load_named_worker, models[i], names[i], dev, dtype, trust_remote_code,
+                                              fast)
         else:
             infos[i] = await runners[i].start(load_worker, source, names[i], dev, dtype, trust_remote_code, fast)
         if structlog.is_configured():
