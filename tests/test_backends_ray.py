@@ -23,7 +23,7 @@ from pipespec.verify import SamplingParams  # noqa: E402
 from test_backends import PROMPT, kill_mid_generation, target_of  # noqa: E402
 from test_sampling import assert_matches, exact_two_token_distribution, sample_pairs, vocab3_chain  # noqa: E402
 
-# 600 samples catch a 7% TV error (the method: test_backends.py's test_the_smaller_sample_still_catches...)
+# 600 samples catch a 6% TV error (the method: test_backends.py's test_the_smaller_sample_still_catches...)
 RAY_SAMPLES = 600
 
 

@@ -206,7 +206,7 @@ class ProcessRunner:
         try:
             await asyncio.wait_for(asyncio.wrap_future(self._send(_NOOP, (), {}, timeout)), timeout)
         except (TimeoutError, PipelineError):
-            return self._dead is not None and self._dead != "timeout"
+            return self._dead is not None  # died meanwhile: idle; else a call is still running
         return True
 
     def close(self, wait: bool = True) -> None:
@@ -350,6 +350,9 @@ def child_environment() -> dict[str, str]:
     """The child's environment: ours (CUDA_MPS_PIPE_DIRECTORY included, when ``runners.mps`` started a daemon)."""
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # the parent shows loading progress (one line per model); transformers' own bars and notices stay quiet
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     return env
 
 
