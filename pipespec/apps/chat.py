@@ -277,7 +277,7 @@ def chat_command(names: list[str], options: dict[str, Any], *, device: str | lis
     with asyncio.Runner() as runner:
         try:
             pipe = runner.run(load_pipeline(names, device, dtype, trust_remote_code, sys.stderr.isatty(),
-                                              backend)))
+                                            backend))
         except KeyboardInterrupt:
             error("interrupted while loading")
             return EXIT_INTERRUPTED
