@@ -80,7 +80,8 @@ class Backend:
             return out
         from .ray import ray_runners
 
-        return ray_runners(names, devices, labels, self)
+        return ray_runners(names, devices, labels, nodes=self.nodes, deadline=self.deadline,
+                           address=self.ray_address)
 
 
 def cpu_threads(devices: Sequence[torch.device]) -> int:

@@ -21,17 +21,14 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..errors import ConfigError, PipelineError
-from ..placement import gpu_shares
+from ..placement import NodeSlot, gpu_shares
 from ..workers.base import Worker, WorkerInfo
 from .host import WorkerHost, portable_error
-
-if TYPE_CHECKING:
-    from .backend import Backend
 
 __all__ = ["RayRows", "RayRunner", "ray_runners", "ensure_ray"]
 
@@ -102,25 +99,25 @@ def ensure_ray(address: str | None) -> None:
         raise ConfigError(f"could not reach a Ray cluster at {address or 'a new local Ray'}: {exc}"[:300]) from None
 
 
-def ray_runners(names: Sequence[str], devices: Sequence[torch.device], labels: Sequence[str],
-                backend: Backend) -> list[RayRunner]:
-    """One actor per stage, placed by ``backend.nodes`` (anywhere when it is empty)."""
+def ray_runners(names: Sequence[str], devices: Sequence[torch.device], labels: Sequence[str], *,
+                nodes: Sequence[NodeSlot], deadline: float, address: str | None) -> list[RayRunner]:
+    """One actor per stage, placed by ``nodes`` (anywhere when it is empty)."""
     import ray
 
-    ensure_ray(backend.ray_address)
-    if any(len(slot.gpus) > 1 for slot in backend.nodes):
+    ensure_ray(address)
+    if any(len(slot.gpus) > 1 for slot in nodes):
         raise ConfigError("--placement: a stage on several GPUs is not supported (each worker uses one device)")
-    shares = gpu_shares(backend.nodes) if backend.nodes else [1.0 if d.type == "cuda" else 0.0 for d in devices]
+    shares = gpu_shares(nodes) if nodes else [1.0 if d.type == "cuda" else 0.0 for d in devices]
     actor_class = ray.remote(StageActor)
     runners = []
     for i, name in enumerate(names):
         options: dict[str, Any] = {"num_cpus": 0, "num_gpus": shares[i],
                                    "max_restarts": 0, "max_concurrency": 1}
-        if backend.nodes:
-            options["resources"] = {backend.nodes[i].node: 0.001}  # pins the stage to that node
+        if nodes:
+            options["resources"] = {nodes[i].node: 0.001}  # pins the stage to that node
         actor = actor_class.options(**options).remote(str(devices[i]), torch.get_num_threads())
         runners.append(RayRunner(f"{i}-{name}", devices[i], actor, label=labels[i], stage=i,
-                                 deadline=backend.deadline, node=backend.nodes[i].node if backend.nodes else None))
+                                 deadline=deadline, node=nodes[i].node if nodes else None))
     return runners
 
 
