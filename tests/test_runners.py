@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -69,10 +70,8 @@ class Toy:
     def reset(self, seed: int | None = None, capacity: int | None = None) -> None:
         if seed == -1:
             raise ValueError("a bad seed")
-        if seed == -2:
-            import time
-
-            time.sleep(seed and 2.0)
+        if seed == -2:  # a hang, as far as a 0.5 s deadline can tell
+            time.sleep(2.0)
 
     def release(self) -> None:
         return None

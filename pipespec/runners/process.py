@@ -148,6 +148,7 @@ class _Pending:
     future: Future[Any]
     method: str
     deadline: float  # time.monotonic() after which the call fails
+    seconds: float  # the time it was given
     keep: Any = field(default=None)  # the call's arguments: SharedRows they name stay referenced until it replies
 
 
@@ -244,7 +245,7 @@ class ProcessRunner:
                                      else PipelineClosed(f"{self.label}: its runner is closed"))
                 return future
             call_id = next(self._calls)
-            self._pending[call_id] = _Pending(future, method, time.monotonic() + deadline, (args, kwargs))
+            self._pending[call_id] = _Pending(future, method, time.monotonic() + deadline, deadline, (args, kwargs))
             try:
                 self._conn.send((call_id, method, args, kwargs, forget))
             except (BrokenPipeError, OSError):
@@ -301,8 +302,8 @@ class ProcessRunner:
                 del self._pending[i]
         for _, p in late:
             _settle(p.future, error=PipelineError(
-                f"{self.label} on {self.host} missed its deadline: {p.method!r} ran past "
-                f"{self.deadline if p.method != _START else self.start_deadline:g} s", stage=self.stage))
+                f"{self.label} on {self.host} missed its deadline: {p.method!r} ran past {p.seconds:g} s",
+                stage=self.stage))
 
     def _watched(self) -> list[Any]:
         return [self._conn] if self._sentinel is None else [self._conn, self._sentinel]
