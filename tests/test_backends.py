@@ -22,7 +22,7 @@ from helpers import hf_greedy, limit, save_folder, slow
 from pipespec.errors import PipelineError
 from pipespec.runners import Backend
 from pipespec.verify import SamplingParams
-from test_sampling import PROMPT3, assert_matches, exact_two_token_distribution, sample_pairs, vocab3_chain
+from test_sampling import PROMPT3, assert_matches, exact_two_token_distribution, vocab3_chain
 
 PROMPT = [5, 17, 33, 2, 9, 41]
 
@@ -75,16 +75,33 @@ REJECTION_SAMPLES = 1000
 @pytest.mark.slow
 @limit(300)
 async def test_process_backend_rejection_rule_keeps_the_targets_distribution() -> None:
-    """The unrelated draft of test_sampling.py (mostly rejections and residual samples: every verification reads
-    the proposer's rows from its process); model objects, pickled into the children. 1000 samples: the statistic's
-    power is in ``test_the_smaller_sample_still_catches_a_5_percent_error``."""
+    """The unrelated draft of test_sampling.py (mostly rejections and residual samples); model objects, pickled into
+    the children. Half the samples in pipe mode (rows handed on asynchronously; how many the target checks depends
+    on timing), half in lock step (sd: every generation's tokens are verified by the middle and the target, so rows
+    surely cross processes); both are the target's distribution, so the pooled counts must be too. The pooled
+    sample's power: ``test_the_smaller_sample_still_catches_a_5_percent_error``."""
     models = vocab3_chain(10.0)
     params = SamplingParams(temperature=1.0, acceptance="rejection")
     exact = exact_two_token_distribution(models[-1], params)
     async with pipespec.Pipeline.load(models, device="cpu", fast=False, backend="process") as pipe:
-        counts, checked = await sample_pairs(pipe, REJECTION_SAMPLES, "pipe", params)
-    assert_matches(counts, exact)
-    assert checked > REJECTION_SAMPLES // 5, checked
+        half = REJECTION_SAMPLES // 2
+        in_pipe, _ = await sample_pairs(pipe, half, "pipe", params)
+        in_sd, checked = await sample_pairs(pipe, half, "sd", params, first_seed=half)  # independent of the first
+    assert_matches(in_pipe + in_sd, exact)
+    assert checked > REJECTION_SAMPLES // 4, checked
+
+
+async def sample_pairs(pipe: pipespec.Pipeline, n: int, mode: str, params: SamplingParams,
+                       first_seed: int = 0) -> tuple[torch.Tensor, int]:
+    """test_sampling.py's counts of (x1, x2), over seeds ``first_seed`` .. ``first_seed + n - 1``."""
+    counts = torch.zeros(3, 3, dtype=torch.float64)
+    checked = 0
+    for seed in range(first_seed, first_seed + n):
+        g = await pipe.generate(PROMPT3, max_new_tokens=2, mode=mode, temperature=params.temperature,
+                                seed=seed, acceptance=params.acceptance)
+        counts[g.token_ids[0], g.token_ids[1]] += 1
+        checked += g.stats.stages[-1]["proposed"]
+    return counts, checked
 
 
 def test_the_smaller_sample_still_catches_a_5_percent_error() -> None:
