@@ -311,12 +311,14 @@ def _pipespec(pipe: Pipeline, mode: str, s: BenchSettings) -> Contender:
     return contender
 
 
-async def _prepare(method: str, pipe: Pipeline, hf: HFBaselines, first: Ids, s: BenchSettings,
+async def _prepare(method: str, pipe: Pipeline, hf: HFBaselines | None, first: Ids, s: BenchSettings,
                    extra: dict[str, Any], say: Progress) -> list[Contender]:
     """The contender(s) of one method, warmed up on the first prompt (hf on CUDA also gives ``hf_eager``)."""
     if method in ("ar", "sd", "pipe"):
         made = [_pipespec(pipe, method, s)]
         warmups = s.warmup
+    elif hf is None:  # only when no HF method was asked for
+        raise ConfigError(f"{method} needs the HF baselines")
     elif method == "hf" and hf.compiled:
         # compile traces on the first call and CUDA graphs record on the next: two warm-ups at least
         made = [Contender("hf", lambda p: hf.generate(p, static=True)), Contender("hf_eager", hf.generate)]
@@ -384,15 +386,18 @@ async def run_bench(s: BenchSettings, progress: Progress | None = None) -> dict[
         # a Ray stage's device is on its node, not here: no GPU samples for those
         local = as_backend(s.backend).kind != "ray"
         monitor = GpuMonitor([torch.device(m.device) for m in pipe.members] if local else [])
-        hf = HFBaselines(pipe, s.max_new_tokens, max(len(p) for p in prompts))
+        # the HF baselines need the model objects in this process (validate() refused them on other backends)
+        wanted = any(m.startswith("hf") for m in s.methods)
+        hf = HFBaselines(pipe, s.max_new_tokens, max(len(p) for p in prompts)) if wanted else None
         try:
             outcome, extra = await _run_all(pipe, hf, prompts, s, monitor, say)
         finally:
-            hf.close()
+            if hf is not None:
+                hf.close()
         return build_report(s, pipe, prompts, outcome, extra)
 
 
-async def _run_all(pipe: Pipeline, hf: HFBaselines, prompts: Sequence[Ids], s: BenchSettings, monitor: GpuMonitor,
+async def _run_all(pipe: Pipeline, hf: HFBaselines | None, prompts: Sequence[Ids], s: BenchSettings, monitor: GpuMonitor,
                    say: Progress) -> tuple[dict[str, list[Contender] | str], dict[str, Any]]:
     extra: dict[str, Any] = {}
     outcome: dict[str, list[Contender] | str] = {}  # a string: why the method did not run
