@@ -209,3 +209,23 @@ def _state(pid: int) -> str:
         return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+@limit(120)
+async def test_a_model_that_cannot_load_fails_the_same_way_in_every_backend(tmp_path: "os.PathLike[str]") -> None:
+    """The child's loading error comes back as the same ModelLoadError line as in the thread backend."""
+    from pathlib import Path
+
+    from pipespec.errors import ModelLoadError
+
+    folder = Path(tmp_path) / "broken"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama", "vocab_size": 10}')  # no weights
+    messages = []
+    for backend in ("thread", "process"):
+        before = children()
+        with pytest.raises(ModelLoadError) as err:
+            await pipespec.Pipeline.load([str(folder)], device="cpu", backend=backend)
+        messages.append(str(err.value))
+        assert children() == before
+    assert messages[0] == messages[1], messages
