@@ -12,9 +12,9 @@ synchronous callers too); it also watches the child's sentinel, so a child that 
 pending call with one ``PipelineError`` naming the stage and host at once, and it fails a call that outlives its
 deadline.
 
-Probability rows (rejection rule): the child keeps the rows it made and returns a ``SharedRows`` handle: the tensor
-pickled by torch.multiprocessing (a shared-memory file name on the CPU, a CUDA IPC handle on CUDA), never the rows'
-bytes. The next stage's child opens it once and keeps it until this process forgets the handle (its last reference
+Probability rows (rejection rule): the child keeps the rows it made and returns a ``SharedRows`` handle (on the CPU
+the name of the shared-memory file the rows were moved into; on CUDA the IPC handle torch.multiprocessing makes),
+never the rows' bytes. The next stage's child maps it once and keeps it until this process forgets the handle (its last reference
 here is gone: rows live exactly as long as in the thread backend); ``forget`` carries those handles to every child.
 Greedy and coupled sampling carry tokens only.
 """
@@ -57,8 +57,7 @@ _ids = itertools.count()
 
 class SharedRows:
     """A handle on probability rows kept by the child that made them ([rows, vocab]); picklable, a few hundred
-    bytes. ``payload`` is the tensor as torch.multiprocessing pickles it (no data: a shared-memory name or a CUDA IPC
-    handle)."""
+    bytes. ``payload`` says where the rows are, never what they are (a shared-memory file, a CUDA IPC handle)."""
 
     __slots__ = ("owner", "key", "payload", "rows", "__weakref__")
 
@@ -89,16 +88,26 @@ class _ChildRows:
 
     def publish(self, probs: torch.Tensor) -> SharedRows:
         key = next(self._keys)
+        if probs.is_cuda:  # a CUDA IPC handle (torch.multiprocessing's); the tensor stays here until forgotten
+            payload = bytes(self._pickler.dumps(probs))
+        else:
+            # The rows move into a shared-memory file (one copy, [m, vocab]); its name crosses. No extra reference
+            # is taken for the reader (pickling would take one that a never-read proposal never gives back): this
+            # child holds the file until the parent forgets the handle, which it does only after every call that
+            # named it has replied, so a reader always finds it; the last of us to let go unlinks it.
+            probs = probs.contiguous()
+            manager, name, size = probs.untyped_storage()._share_filename_cpu_()
+            payload = pickle.dumps((manager, name, size, probs.dtype, tuple(probs.shape)))
         self.published[key] = probs
-        return SharedRows(self.owner, key, bytes(self._pickler.dumps(probs)), int(probs.shape[0]))
+        return SharedRows(self.owner, key, payload, int(probs.shape[0]))
 
     def resolve(self, handle: SharedRows) -> torch.Tensor:
         if handle.owner == self.owner:
             return self.published[handle.key]
         ident = (handle.owner, handle.key)
         tensor = self.opened.get(ident)
-        if tensor is None:  # opened once: each open consumes one of the producer's references
-            tensor = self.opened[ident] = pickle.loads(handle.payload)
+        if tensor is None:  # opened once per reader, closed when forgotten
+            tensor = self.opened[ident] = _open(handle.payload)
         return tensor
 
     def forget(self, handles: list[tuple[str, int]]) -> None:
@@ -109,11 +118,26 @@ class _ChildRows:
                 self.opened.pop((owner, key), None)
 
 
+def _open(payload: bytes) -> torch.Tensor:
+    """The tensor behind a ``SharedRows`` payload, mapped from shared memory (CPU) or opened by IPC (CUDA)."""
+    data = pickle.loads(payload)
+    if isinstance(data, torch.Tensor):
+        return data
+    manager, name, size, dtype, shape = data
+    storage = torch.UntypedStorage._new_shared_filename_cpu(manager, name, size)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)  # [rows, vocab], contiguous
+
+
 def _child(fd: int, owner: str, device: str, threads: int | None) -> None:
     """The child's entry point (see ``ProcessRunner.__init__``): serve the pipe on ``fd``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it closes us in order
     os.set_inheritable(fd, False)  # helpers the child starts (torch_shm_manager) must not hold the pipe open
     _serve(Connection(fd), owner, device, threads)
+    # Nothing is left to save: skip the interpreter's teardown of torch and transformers (about a second per
+    # child, which close() would wait for).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _serve(conn: Connection, owner: str, device: str, threads: int | None) -> None:
