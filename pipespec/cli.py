@@ -39,7 +39,7 @@ from .errors import (  # noqa: E402
     PipespecError,
     exit_code,
 )
-from .types import MODES, REQUEST_MODES  # noqa: E402
+from .types import BACKENDS, MODES, REQUEST_MODES  # noqa: E402
 
 T = TypeVar("T")
 
@@ -193,7 +193,40 @@ def chat_sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 placement_option = click.option(
     "--placement", default=None, metavar="0,0,1",
-    help="GPU index (or 'cpu') per model, smallest first; default: one stage per GPU, the target alone if GPUs are few.")
+    help="GPU index (or 'cpu') per model, smallest first; default: one stage per GPU, the target alone if GPUs are few. "
+         "With --backend ray, NODE:GPU (or NODE:cpu) per model, e.g. node1:0,node1:1,node2:0.")
+
+
+def backend_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--backend and --ray-address, shared by run, chat, bench and plan (``runners.backend``)."""
+    f = click.option("--ray-address", default=None, metavar="ADDR",
+                     help="--backend ray: the cluster to join ('auto': the one this machine is part of); default: "
+                          "start a local Ray.")(f)
+    f = click.option("--call-deadline", type=float, default=120.0, show_default=True, metavar="S",
+                     help="--backend process/ray: seconds one call into a worker may take before the generation "
+                          "fails.")(f)
+    return click.option("--backend", type=click.Choice(BACKENDS), default="thread", show_default=True,
+                        help="Where each model's worker runs: a thread of this process, a process of its own on "
+                             "this machine, or a Ray actor (see docs/usage.md, several machines).")(f)
+
+
+def resolve_chain(n_models: int, device: str, placement: str | None, backend: str, ray_address: str | None,
+                  deadline: float) -> tuple[list[str], Any]:
+    """--device, --placement and --backend -> one device per model and the ``Backend`` (one-line errors)."""
+    from .runners.backend import Backend
+
+    try:
+        if placement and ":" in placement:
+            if backend != "ray":
+                raise ConfigError(f"--placement {placement!r} names nodes: that needs --backend ray")
+            from .placement import parse_node_placement
+
+            chosen = Backend("ray", deadline, ray_address, tuple(parse_node_placement(placement, n_models)))
+            return chosen.devices(n_models) or [], chosen
+        chosen = Backend(backend, deadline, ray_address)  # type: ignore[arg-type]
+    except ConfigError as exc:
+        fail(str(exc))
+    return resolve_devices(n_models, device, placement), chosen
 log_file_option = click.option("--log-file", default=None, metavar="PATH", help="Write JSON-lines logs here.")
 trace_option = click.option(
     "--trace", default=None, metavar="FILE",
@@ -240,6 +273,7 @@ def main() -> None:
 @model_options
 @sampling_options
 @placement_option
+@backend_options
 @click.option("--prompt", "-p", default=None, help="The prompt text.")
 @click.option("--prompt-file", default=None, metavar="FILE", help="Read the prompt from a file.")
 @click.option("--max-new-tokens", "-n", type=int, default=128, show_default=True)
@@ -252,7 +286,8 @@ def main() -> None:
 def run(models: str | None, device: str, dtype: str, trust_remote_code: bool, placement: str | None,
         prompt: str | None,
         prompt_file: str | None, max_new_tokens: int, stop: tuple[str, ...], as_json: bool, tui: bool | None,
-        trace: str | None, log_file: str | None, verbose: int, **kw: Any) -> None:
+        trace: str | None, log_file: str | None, verbose: int, backend: str, ray_address: str | None,
+        call_deadline: float, **kw: Any) -> None:
     """Generate a continuation of a prompt with a chain of models."""
     from .apps.run import run_command
 
@@ -264,9 +299,9 @@ def run(models: str | None, device: str, dtype: str, trust_remote_code: bool, pl
     options.update(max_new_tokens=max_new_tokens, stop=stop)
     if trace:
         options["trace"] = trace
-    devices = resolve_devices(len(names), device, placement)
+    devices, chosen = resolve_chain(len(names), device, placement, backend, ray_address, call_deadline)
     code = run_command(names, text, options, device=devices, dtype=dtype, trust_remote_code=trust_remote_code,
-                       as_json=as_json, use_tui=use_tui)
+                       as_json=as_json, use_tui=use_tui, backend=chosen)
     sys.exit(code)
 
 
@@ -298,6 +333,7 @@ def models_cmd(as_json: bool) -> None:
 @model_options
 @chat_sampling_options
 @placement_option
+@backend_options
 @click.option("--max-new-tokens", "-n", type=int, default=256, show_default=True, help="Most tokens per reply.")
 @click.option("--system", default=None, metavar="TEXT",
               help="A system message (the chat template's system turn; else the start of the transcript).")
@@ -306,7 +342,7 @@ def models_cmd(as_json: bool) -> None:
 @click.option("-v", "--verbose", count=True, help="Readable logs on stderr.")
 def chat(models: str | None, device: str, dtype: str, trust_remote_code: bool, placement: str | None,
          max_new_tokens: int, system: str | None, stop: tuple[str, ...], log_file: str | None, verbose: int,
-         **kw: Any) -> None:
+         backend: str, ray_address: str | None, call_deadline: float, **kw: Any) -> None:
     """Talk to a chain of models in the terminal: multi-turn, replies stream, /help lists the commands."""
     from .apps.chat import chat_command
 
@@ -314,9 +350,9 @@ def chat(models: str | None, device: str, dtype: str, trust_remote_code: bool, p
     names = parse_models(models)
     options = generation_options(kw)
     options.update(max_new_tokens=max_new_tokens, stop=stop)
-    devices = resolve_devices(len(names), device, placement)
+    devices, chosen = resolve_chain(len(names), device, placement, backend, ray_address, call_deadline)
     sys.exit(chat_command(names, options, device=devices, dtype=dtype, trust_remote_code=trust_remote_code,
-                          system=system))
+                          system=system, backend=chosen))
 
 
 # -- pipespec bench ----------------------------------------------------------------------------------------------
@@ -336,6 +372,7 @@ def chat(models: str | None, device: str, dtype: str, trust_remote_code: bool, p
 @click.option("--verify-cap", type=int, default=64, show_default=True,
               help="Most proposed tokens a stage checks in one forward pass.")
 @placement_option
+@backend_options
 @click.option("--adaptive/--no-adaptive", default=True, show_default=True,
               help="pipe: adapt verify caps and run-ahead, and bypass stages that slow the chain; "
                    "--no-adaptive runs the whole chain with --verify-cap fixed.")
@@ -356,19 +393,21 @@ def chat(models: str | None, device: str, dtype: str, trust_remote_code: bool, p
 def bench(models: str | None, device: str, dtype: str, trust_remote_code: bool, prompts: str, n: int,
           max_new_tokens: int, methods: str, warmup: int, lookahead: int, verify_cap: int, placement: str | None,
           adaptive: bool, repeats: int, hf_isolation: str, hf_compile_mode: str, out: str, as_json: bool,
-          trace: str | None, log_file: str | None, verbose: int) -> None:
+          trace: str | None, log_file: str | None, verbose: int, backend: str, ray_address: str | None,
+          call_deadline: float) -> None:
     """Time HF generate, HF assisted generation and pipespec's ar / sd / pipe on the same prompts."""
     from .apps.bench.run import BenchSettings, eprint, run_bench
 
     configure_logging(verbose, log_file, console_ok=True)
     chosen = tuple(dict.fromkeys(m.strip() for m in methods.split(",")))  # in order, each once
     names = tuple(parse_models(models))
-    devices = tuple(resolve_devices(len(names), device, placement))  # by default one stage per GPU, as `run`
+    found, where = resolve_chain(len(names), device, placement, backend, ray_address, call_deadline)
+    devices = tuple(found)  # by default one stage per GPU, as `run`
     settings = BenchSettings(models=names, prompts=prompts, n=n, max_new_tokens=max_new_tokens,
                              device=device, devices=devices, dtype=dtype, methods=chosen,
                              warmup=warmup, lookahead=lookahead, verify_cap=verify_cap, adaptive=adaptive,
                              trust_remote_code=trust_remote_code, repeats=repeats, hf_isolation=hf_isolation,
-                             hf_compile_mode=hf_compile_mode, trace=trace)
+                             hf_compile_mode=hf_compile_mode, trace=trace, backend=where)
     try:
         settings.validate()
     except ConfigError as exc:
@@ -480,14 +519,18 @@ def simulate_cmd(latencies_ms: str, acceptance: str, acceptance_trace: str | Non
               help="Target tokens per prompt for the agreement measurement (and per generation with --run).")
 @click.option("--run", "do_run", is_flag=True, help="Also generate with the recommended configuration.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@backend_options
 def plan_cmd(models: str | None, device: str, dtype: str, trust_remote_code: bool, prompts: str, num_prompts: int,
-             tokens: int, do_run: bool, as_json: bool) -> None:
+             tokens: int, do_run: bool, as_json: bool, backend: str, ray_address: str | None,
+             call_deadline: float) -> None:
     """Measure a chain on this device, predict every sub-chain and verify cap, and recommend one."""
     from .apps.plan import plan, print_tables
     from .prompts import load_prompts
 
     configure_logging(0, None, console_ok=False)
     names = parse_models(models)
+    if backend != "thread":  # plan times each model's forward passes on the worker objects themselves
+        fail(f"plan measures the models in this process: --backend {backend} is not supported (use thread)")
     if num_prompts < 1 or tokens < 1:
         fail(f"--num-prompts and --tokens must be >= 1, got {num_prompts} and {tokens}")
     try:

@@ -1,12 +1,14 @@
 """Which device each stage runs on, and whether the models fit there.
 
 Default on CUDA: one stage per GPU when there are enough GPUs; otherwise the target gets the last GPU to itself
-(it is the bottleneck) and the smaller stages are packed onto the others. ``--placement 0,0,1`` chooses by hand.
+(it is the bottleneck) and the smaller stages are packed onto the others. ``--placement 0,0,1`` chooses by hand;
+with the Ray backend, ``--placement node1:0,node1:1,node2:0`` also names each stage's node.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError
@@ -14,7 +16,7 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["plan_placement", "parse_placement", "resolve_device"]
+__all__ = ["NodeSlot", "gpu_shares", "parse_node_placement", "plan_placement", "parse_placement", "resolve_device"]
 
 
 def plan_placement(n_models: int, n_gpus: int) -> list[int]:
@@ -120,3 +122,57 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if dev.type != "cpu":
         raise ConfigError(f"unsupported device {device!s}: use auto, cpu, cuda or cuda:N")
     return dev
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSlot:
+    """Where one stage runs on a Ray cluster: a node (the name of a custom resource that node was started with:
+    ``ray start --resources='{"node2": 1}'``) and its GPUs there (empty: the CPU). GPU indices only say which stages
+    share a GPU: Ray chooses the physical GPU, and the stage sees it as ``cuda:0``."""
+
+    node: str
+    gpus: tuple[int, ...] = ()
+
+    @property
+    def device(self) -> str:
+        return "cuda:0" if self.gpus else "cpu"
+
+
+def parse_node_placement(text: str, n_models: int) -> list[NodeSlot]:
+    """'node1:0,node1:1,node2:0+1' -> one NodeSlot per model ('node2:cpu' for the CPU; 'a+b' is several GPUs)."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != n_models:
+        raise ConfigError(f"--placement {text!r} has {len(parts)} entries for {n_models} models")
+    slots: list[NodeSlot] = []
+    for part in parts:
+        node, sep, spec = part.partition(":")
+        if not sep or not node or not spec:
+            raise ConfigError(f"--placement entry {part!r} is not NODE:GPU, NODE:GPU+GPU or NODE:cpu")
+        if spec == "cpu":
+            slots.append(NodeSlot(node))
+            continue
+        gpus = spec.split("+")
+        if not all(g.isdigit() for g in gpus) or len(set(gpus)) != len(gpus):
+            raise ConfigError(f"--placement entry {part!r}: {spec!r} is not GPU indices joined by '+', or 'cpu'")
+        slots.append(NodeSlot(node, tuple(int(g) for g in gpus)))
+    return slots
+
+
+def gpu_shares(slots: Sequence[NodeSlot]) -> list[float]:
+    """The fraction of a GPU each stage asks Ray for: stages naming the same GPUs of a node split them."""
+    users: dict[tuple[str, int], int] = {}
+    for slot in slots:
+        for gpu in slot.gpus:
+            users[(slot.node, gpu)] = users.get((slot.node, gpu), 0) + 1
+    shares = []
+    for slot in slots:
+        if not slot.gpus:
+            shares.append(0.0)
+        elif len(slot.gpus) == 1:
+            shares.append(1.0 / users[(slot.node, slot.gpus[0])])
+        else:  # a whole-GPU request: Ray gives fractions only below one GPU
+            if any(users[(slot.node, g)] > 1 for g in slot.gpus):
+                raise ConfigError(f"--placement: {slot.node}:{'+'.join(map(str, slot.gpus))} spans several GPUs "
+                                  "that other stages use too; a stage on several GPUs needs them to itself")
+            shares.append(float(len(slot.gpus)))
+    return shares

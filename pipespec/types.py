@@ -16,6 +16,8 @@ MODES: tuple[Mode, ...] = ("pipe", "sd", "ar")  # the generation modes, in the o
 RequestMode = Literal["auto", "pipe", "sd", "ar"]
 # what a caller may ask for: a mode, or "auto" (the pipeline measures the modes on its placement and runs the fastest)
 REQUEST_MODES: tuple[RequestMode, ...] = ("auto", "pipe", "sd", "ar")
+BackendKind = Literal["thread", "process", "ray"]
+BACKENDS: tuple[BackendKind, ...] = ("thread", "process", "ray")  # where workers live (runners.backend)
 Acceptance = Literal["coupled", "rejection"]
 StageState = Literal["idle", "drafting", "verifying", "rolling back", "waiting", "bypassed", "done"]
 

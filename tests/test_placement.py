@@ -32,3 +32,21 @@ def test_devices_for_cpu_machine() -> None:
     assert devices_for(3, "auto", None, 0) == ["auto"] * 3
     assert devices_for(2, "cpu", None, 4) == ["cpu", "cpu"]
     assert devices_for(3, "auto", None, 2) == ["cuda:0", "cuda:0", "cuda:1"]
+
+
+def test_parse_node_placement() -> None:
+    from pipespec.placement import NodeSlot, gpu_shares, parse_node_placement
+
+    slots = parse_node_placement("node1:0, node1:1,node2:cpu", 3)
+    assert slots == [NodeSlot("node1", (0,)), NodeSlot("node1", (1,)), NodeSlot("node2")]
+    assert [s.device for s in slots] == ["cuda:0", "cuda:0", "cpu"]  # inside an actor its one GPU is cuda:0
+    assert gpu_shares(slots) == [1.0, 1.0, 0.0]
+    # two stages naming one GPU of a node split it; a stage on two GPUs of its own asks for both
+    assert gpu_shares(parse_node_placement("a:0,a:0,b:0+1", 3)) == [0.5, 0.5, 2.0]
+    for bad, message in [("node1:0,node2:0", "2 entries for 3 models"), ("node1,a:0,b:0", "NODE:GPU"),
+                         ("a:x,a:0,b:0", "not GPU indices"), ("a:0+0,a:1,b:0", "not GPU indices"),
+                         (":0,a:0,b:0", "NODE:GPU")]:
+        with pytest.raises(ConfigError, match=message):
+            parse_node_placement(bad, 3)
+    with pytest.raises(ConfigError, match="needs them to itself"):
+        gpu_shares(parse_node_placement("a:0+1,a:1,b:0", 3))

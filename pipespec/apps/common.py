@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -44,14 +44,16 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 async def load_pipeline(names: list[str], device: str | list[str], dtype: str, trust_remote_code: bool,
-                        progress: bool) -> Pipeline:
-    """Load the chain; with ``progress``, one Rich progress line per model on stderr."""
+                        progress: bool, backend: Any = "thread") -> Pipeline:
+    """Load the chain (its workers where ``backend`` says); with ``progress``, one Rich progress line per model on
+    stderr."""
     from ..scheduler import Pipeline
 
     if not progress:
-        return await Pipeline.load(names, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        return await Pipeline.load(names, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                                   backend=backend)
     from .tui import loading_progress
 
     with _quiet_transformers(), loading_progress(names) as on_loaded:
         return await Pipeline.load(names, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                                   on_loaded=on_loaded)
+                                   on_loaded=on_loaded, backend=backend)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..analysis.plan import CAPS, Prediction, prediction_dict, predict_chains, recommend, recommend_mode
+from ..errors import ConfigError
 from ..scheduler.pipeline import Pipeline
 from ..verify import SamplingParams
 from ..workers.base import LogitsWorker
@@ -187,6 +188,8 @@ async def plan(pipe: Pipeline, prompts: Sequence[str | Sequence[int]], *, tokens
     """Measure ``pipe``'s models, predict every sub-chain and verify cap, recommend the best; with ``run``, also
     generate ``tokens`` tokens per prompt with the recommendation (and with the target alone, for reference)."""
     say = on_progress or (lambda _msg: None)
+    if any(m.worker is None for m in pipe.members):  # it times the worker objects themselves, on their threads
+        raise ConfigError("plan measures the models in this process: load the chain with backend='thread'")
     ids = [pipe.encode(p) for p in prompts]
     if not ids:
         raise ValueError("plan needs at least one prompt")

@@ -17,8 +17,8 @@ import torch
 from ..errors import ConfigError, ModelLoadError, PipespecError, first_line
 from ..loading import load_tokenizer, preload_transformers, resolve_dtype, resolve_source
 from ..placement import resolve_device
-from ..runners.thread import ThreadRunner
-from ..workers import adopt_worker, load_worker
+from ..runners.backend import Backend, as_backend
+from ..workers import adopt_worker, load_named_worker, load_worker
 from ..workers.base import WorkerInfo
 from .request import Member
 
@@ -29,27 +29,36 @@ _log = structlog.get_logger("pipespec.pipeline")
 
 async def load_chain(models: Sequence[Any] | str, *, device: Any, dtype: Any, tokenizer: Any,
                      trust_remote_code: bool, fast: bool | str,
-                     on_loaded: Callable[[int, str], None] | None) -> tuple[list[Member], Any]:
-    """The members of a chain (smallest first) and the target's tokenizer (``tokenizer`` when given)."""
+                     on_loaded: Callable[[int, str], None] | None,
+                     backend: str | Backend | None = None) -> tuple[list[Member], Any]:
+    """The members of a chain (smallest first) and the target's tokenizer (``tokenizer`` when given); ``backend``
+    says where the workers live (``runners.backend``: this process's threads by default)."""
+    backend = as_backend(backend)
     if isinstance(models, str):
         models = models.split(",")
     if not models:
         raise ConfigError("no models given")
-    devices = list(device) if isinstance(device, (list, tuple)) else [device] * len(models)
+    devices = backend.devices(len(models)) or (
+        list(device) if isinstance(device, (list, tuple)) else [device] * len(models))
     if len(devices) != len(models):
         raise ConfigError(f"{len(devices)} devices given for {len(models)} models")
-    resolved = [resolve_device(d) for d in devices]
+    # a Ray stage's device is one of its node's (seen from inside its actor), not this machine's
+    resolved = [resolve_device(d) if backend.kind != "ray" else _remote_device(d) for d in devices]
     preload_transformers()
     sources = [None if not isinstance(m, str) else resolve_source(m) for m in models]
-    _check_memory(sources, resolved, dtype)
+    if backend.kind != "ray":
+        _check_memory(sources, resolved, dtype)
     names = [s.name if s is not None else _model_name(m, i) for i, (s, m) in enumerate(zip(sources, models))]
-    runners = [ThreadRunner(f"{i}-{name}", resolved[i]) for i, name in enumerate(names)]
+    runners = backend.runners(names, resolved)
     infos: list[WorkerInfo | None] = [None] * len(models)
 
     async def load_one(i: int) -> None:
         source, dev = sources[i], resolved[i]
         if source is None:
             infos[i] = await runners[i].start(adopt_worker, models[i], names[i], dev, fast)
+        elif backend.kind == "ray":  # another node: its own paths (the built-in family's install, folders, cache)
+            infos[i] = await runners[i].start(load_named_worker, models[i], names[i], dev, dtype, trust_remote_code,
+                                              fast)
         else:
             infos[i] = await runners[i].start(load_worker, source, names[i], dev, dtype, trust_remote_code, fast)
         if structlog.is_configured():
@@ -95,6 +104,19 @@ def first_error(exc: BaseException) -> BaseException:
                 return found
         return exc.exceptions[0]
     return exc
+
+
+def _remote_device(device: Any) -> torch.device:
+    """A device on another machine: only its spelling is checked here ('auto' means a GPU where Ray gives one)."""
+    if str(device) == "auto":
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unsupported device {device!s}: use cpu, cuda or cuda:N")
+    return torch.device("cuda", 0) if dev.type == "cuda" else dev
 
 
 def _model_name(model: Any, index: int) -> str:

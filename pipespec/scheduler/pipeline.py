@@ -22,6 +22,7 @@ import structlog
 import torch
 
 from ..errors import ConfigError, PipelineClosed, PipelineError
+from ..runners.backend import Backend
 from ..types import REQUEST_MODES, Generation, GenerationStats, Mode, RequestMode, Snapshot, StageStats
 from ..verify import SamplingParams
 from .loader import first_error, load_chain
@@ -69,17 +70,21 @@ class Pipeline:
     @classmethod
     def load(cls, models: Sequence[Any], *, device: str | torch.device | Sequence[str] = "auto",
              dtype: str | torch.dtype = "auto", tokenizer: Any | None = None, trust_remote_code: bool = False,
-             fast: bool | str = "auto", on_loaded: Callable[[int, str], None] | None = None) -> _Loading:
+             fast: bool | str = "auto", on_loaded: Callable[[int, str], None] | None = None,
+             backend: str | Backend = "thread") -> _Loading:
         """Load a chain: model names/folders (see ``pipespec models``) or already-loaded HF models.
 
         ``device`` is one device for every model or one per model. ``fast``: "auto" runs LLaMA models over a
         static KV cache (with CUDA graphs on CUDA); True insists on it; "compile" adds torch.compile; False keeps
         HF's own forward with a dynamic cache.
+        ``backend``: where the workers live: "thread" (this process, the default), "process" (a process per model on
+        this machine) or "ray" (an actor per model on a Ray cluster), or a ``runners.Backend`` with its settings.
         Await the result, or use it with ``async with``. ``on_loaded(i, name)`` is called as each model loads.
         """
         async def load() -> Pipeline:
             members, tok = await load_chain(models, device=device, dtype=dtype, tokenizer=tokenizer,
-                                            trust_remote_code=trust_remote_code, fast=fast, on_loaded=on_loaded)
+                                            trust_remote_code=trust_remote_code, fast=fast, on_loaded=on_loaded,
+                                            backend=backend)
             return cls(members, tok)
 
         return _Loading(load())

@@ -88,6 +88,8 @@ async def _guarded(stage: Stage) -> None:
 
 def stage_failed(stage: Stage, exc: Exception) -> PipelineError:
     """One line naming the failed stage; out of GPU memory also names its device and suggests a placement."""
+    if isinstance(exc, PipelineError):  # a runner's own report (a dead worker process, a missed deadline) names it
+        return exc
     name = f"stage {stage.index} ({stage.stats.model})"
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return PipelineError(f"{name} ran out of GPU memory on {stage.stats.device} mid-generation; try another "

@@ -15,7 +15,7 @@ import torch
 from .base import LogitsWorker, ProbRows, StepResult, Worker, WorkerInfo, common_prefix
 
 __all__ = ["LogitsWorker", "ProbRows", "StepResult", "Worker", "WorkerInfo", "adopt_worker", "common_prefix",
-           "load_worker", "make_worker"]
+           "load_named_worker", "load_worker", "make_worker"]
 
 
 def make_worker(model: Any, name: str, device: torch.device, fast: bool | str = "auto") -> LogitsWorker:
@@ -47,6 +47,15 @@ def load_worker(source: Any, name: str, device: torch.device, dtype: Any, trust_
 
     model = load_model(source, device, resolve_dtype(dtype, device), trust_remote_code=trust_remote_code)
     return make_worker(model, name, device, fast)
+
+
+def load_named_worker(spec: str, name: str, device: torch.device, dtype: Any, trust_remote_code: bool,
+                      fast: bool | str) -> LogitsWorker:
+    """``load_worker`` for a model name resolved where the worker lives (another machine: its own installation's
+    built-in family, its own folders and hub cache)."""
+    from ..loading import resolve_source
+
+    return load_worker(resolve_source(spec), name, device, dtype, trust_remote_code, fast)
 
 
 def adopt_worker(model: Any, name: str, device: torch.device, fast: bool | str) -> LogitsWorker:

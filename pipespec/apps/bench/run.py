@@ -52,6 +52,7 @@ from .report import METHODS, build_report
 from ...tracing import Tracer
 from ...errors import ConfigError, first_line
 from ...prompts import load_prompts
+from ...runners.backend import as_backend
 from ...runners.thread import ThreadRunner
 from ...scheduler import Pipeline
 from ...types import STAGE_COUNTERS
@@ -86,6 +87,7 @@ class BenchSettings:
     hf_isolation: str = "thread"  # thread | process (see the module docstring)
     hf_compile_mode: str = "reduce-overhead"  # torch.compile mode of HF's static-cache generate (CUDA)
     trace: str | None = None  # a trace file: the timeline of every timed pipespec generation (pipespec.tracing)
+    backend: Any = "thread"  # where the workers live (``runners.Backend`` or its kind name)
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -100,6 +102,10 @@ class BenchSettings:
             raise ConfigError(f"--hf-isolation {self.hf_isolation!r}: use {', '.join(HF_ISOLATION)}")
         if self.hf_compile_mode not in HF_COMPILE_MODES:
             raise ConfigError(f"--hf-compile-mode {self.hf_compile_mode!r}: use {', '.join(HF_COMPILE_MODES)}")
+        hf = [m for m in self.methods if m.startswith("hf")]
+        if hf and not as_backend(self.backend).in_process:
+            raise ConfigError(f"the HF baselines ({', '.join(hf)}) run the pipeline's own model objects in this "
+                              "process: use --backend thread, or leave them out (--methods ar,sd,pipe)")
 
 
 @dataclass(slots=True)
@@ -413,13 +419,15 @@ def _pipespec(pipe: Pipeline, mode: str, s: BenchSettings, tracer: Tracer | None
     return contender
 
 
-async def _prepare(method: str, pipe: Pipeline, hf: HFBaselines, first: Ids, s: BenchSettings,
+async def _prepare(method: str, pipe: Pipeline, hf: HFBaselines | None, first: Ids, s: BenchSettings,
                    extra: dict[str, Any], say: Progress) -> list[Contender]:
     """The contender(s) of one method, warmed up on the first prompt (hf on CUDA also gives ``hf_eager``)."""
-    clock = lambda: hf.last_seconds  # noqa: E731 - the child's own timing in process isolation, else None
+    clock = lambda: hf.last_seconds if hf is not None else None  # noqa: E731 - the HF child's own timing, if any
     if method in ("ar", "sd", "pipe", "auto"):
         made = [_pipespec(pipe, method, s, extra.get("_tracer"), extra)]
         warmups = max(s.warmup, 1) if method == "auto" else s.warmup  # auto probes in its first run
+    elif hf is None:  # only when no HF method was asked for
+        raise ConfigError(f"{method} needs the HF baselines")
     elif method == "hf" and hf.compiled:
         # compile traces on the first call and CUDA graphs record on the next: two warm-ups at least
         made = [Contender("hf", lambda p: hf.generate(p, static=True), clock=clock),
@@ -486,22 +494,29 @@ async def run_bench(s: BenchSettings, progress: Progress | None = None) -> dict[
     # a diagnostic (scripts/gpu_suite.sh's crash matrix), not an option: timings are then not pipespec's
     fast: bool | str = False if os.environ.get("PIPESPEC_FAST") == "0" else "auto"
     async with Pipeline.load(list(s.models), device=list(s.devices) if s.devices else s.device, dtype=s.dtype,
-                             trust_remote_code=s.trust_remote_code, fast=fast) as pipe:
+                             trust_remote_code=s.trust_remote_code, fast=fast, backend=s.backend) as pipe:
         prompts = [pipe.encode(t) for t in texts]
         for p in prompts:  # every option and prompt length is checked before anything is timed
             pipe.make_request(p, max_new_tokens=s.max_new_tokens, verify_cap=s.verify_cap, lookahead=s.lookahead)
-        monitor = GpuMonitor([torch.device(m.device) for m in pipe.members])
-        hf = HFBaselines(pipe, s, max(len(p) for p in prompts))
-        extra["hf_isolation"] = hf.isolation
+        # a Ray stage's device is on its node, not here: no GPU samples for those
+        local = as_backend(s.backend).kind != "ray"
+        monitor = GpuMonitor([torch.device(m.device) for m in pipe.members] if local else [])
+        # the HF baselines need the model objects in this process (validate() refused them on other backends)
+        wanted = any(m.startswith("hf") for m in s.methods)
+        hf = HFBaselines(pipe, s, max(len(p) for p in prompts)) if wanted else None
+        if hf is not None:
+            extra["hf_isolation"] = hf.isolation
         try:
             outcome, extra = await _run_all(pipe, hf, prompts, s, monitor, say, extra)
         finally:
-            hf.close()
+            if hf is not None:
+                hf.close()
         return build_report(s, pipe, prompts, outcome, extra)
 
 
-async def _run_all(pipe: Pipeline, hf: HFBaselines, prompts: Sequence[Ids], s: BenchSettings, monitor: GpuMonitor,
-                   say: Progress, extra: dict[str, Any]) -> tuple[dict[str, list[Contender] | str], dict[str, Any]]:
+async def _run_all(pipe: Pipeline, hf: HFBaselines | None, prompts: Sequence[Ids], s: BenchSettings,
+                   monitor: GpuMonitor, say: Progress,
+                   extra: dict[str, Any]) -> tuple[dict[str, list[Contender] | str], dict[str, Any]]:
     if s.trace:
         extra["_tracer"] = Tracer()
     outcome: dict[str, list[Contender] | str] = {}  # a string: why the method did not run
