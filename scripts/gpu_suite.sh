@@ -164,7 +164,20 @@ diag() {  # diag NAME TIMEOUT [ENV=VALUE ...] -- BENCH ARGS...
 }
 
 if [ "$PART" = part1 ]; then
-    MAIN_JSON=(diag/thread_hf_first.json latency.json synthetic-2gpu.json synthetic-1gpu.json)
+    MAIN_JSON=(latency.json synthetic-2gpu.json synthetic-1gpu.json diag/thread_hf_first.json)
+    # first what the suite is for: the GPU tests (among them all five bench methods in one process, in either order,
+    # and the minimal reproduction of issue 13's crash), correctness, latency and the synthetic sweep; the
+    # crash-diagnosis benches after them, as time allows
+    step gpu_tests 240 $PY -m pytest -m gpu tests/ -q -p no:cacheprovider -o addopts="" \
+        --junitxml="$RUN/gpu-tests.xml" -rfEsxX
+    if [ "$DEVICE" = cpu ]; then
+        say "gpu_check: skipped on the CPU"
+    else
+        step gpu_check_1gpu 75 $PY scripts/gpu_check.py cuda:0,cuda:0,cuda:0
+        if (( NGPU >= 2 )); then step gpu_check_2gpu 75 $PY scripts/gpu_check.py cuda:0,cuda:0,cuda:1; fi
+    fi
+
+    latency_and_synthetic
     if [ "$DEVICE" = cpu ]; then
         FAM=$ROOT/pipespec/assets/family
         DIAG_ARGS=(--models "$FAM/draft,$FAM/middle,$FAM/target" "${BENCH_DEV[@]}" --placement "$(place 0,0,0)"
@@ -181,15 +194,6 @@ if [ "$PART" = part1 ]; then
     DIAG_ARGS=("${base[@]}" --hf-isolation thread --methods $ALL --repeats 2); diag thread_hf_first 120 --
     DIAG_ARGS=("${base[@]}" --hf-isolation thread --methods ar,sd,pipe,hf,hf_assisted --repeats 2)
     diag thread_ours_first 90 --
-
-    step gpu_tests 240 $PY -m pytest -m gpu tests/ -q -p no:cacheprovider -o addopts="" \
-        --junitxml="$RUN/gpu-tests.xml" -rfEsxX
-    if [ "$DEVICE" = cpu ]; then
-        say "gpu_check: skipped on the CPU"
-    else
-        step gpu_check_1gpu 75 $PY scripts/gpu_check.py cuda:0,cuda:0,cuda:0
-        if (( NGPU >= 2 )); then step gpu_check_2gpu 75 $PY scripts/gpu_check.py cuda:0,cuda:0,cuda:1; fi
-    fi
 
     # the rest of the matrix only if an in-process combination broke: which ingredient matters?
     failed_diags() {
@@ -232,7 +236,6 @@ if [ "$PART" = part1 ]; then
             say "sanitizer: not run (smallest failing: ${smallest:-none}; compute-sanitizer: ${SAN:-not found})"
         fi
     fi
-    latency_and_synthetic
     # last, as time allows: the HF baselines in child processes (--hf-isolation process; slow to start)
     DIAG_ARGS=("${base[@]}" --hf-isolation process --methods $ALL --repeats 2); diag process_hf 150 --
 fi
