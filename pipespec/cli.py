@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 
 
 def _interrupted_while_starting(_signum: int, _frame: object) -> None:
@@ -19,7 +20,11 @@ def _interrupted_while_starting(_signum: int, _frame: object) -> None:
     raise SystemExit(130)
 
 
-signal.signal(signal.SIGINT, _interrupted_while_starting)  # until main() restores Python's own handler
+# until main() restores Python's own handler; only where Ctrl-C still has Python's default handler on the main thread
+# (a program that imports this module from another thread, or handles SIGINT itself, keeps what it has)
+if (threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 import asyncio  # noqa: E402 - after the start-up handler, on purpose
 import json  # noqa: E402
@@ -39,7 +44,7 @@ from .errors import (  # noqa: E402
     PipespecError,
     exit_code,
 )
-from .types import BACKENDS, MODES, REQUEST_MODES  # noqa: E402
+from .types import BACKENDS, CALL_DEADLINE_S, MODES, REQUEST_MODES  # noqa: E402
 
 T = TypeVar("T")
 
@@ -202,7 +207,7 @@ def backend_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option("--ray-address", default=None, metavar="ADDR",
                      help="--backend ray: the cluster to join ('auto': the one this machine is part of); default: "
                           "start a local Ray.")(f)
-    f = click.option("--call-deadline", type=float, default=120.0, show_default=True, metavar="S",
+    f = click.option("--call-deadline", type=float, default=CALL_DEADLINE_S, show_default=True, metavar="S",
                      help="--backend process/ray: seconds one call into a worker may take before the generation "
                           "fails.")(f)
     return click.option("--backend", type=click.Choice(BACKENDS), default="thread", show_default=True,
@@ -244,7 +249,8 @@ class _Group(click.Group):
     and Ctrl-C at any point, even while torch is still importing, ends with exit code 130 and no traceback."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is a KeyboardInterrupt again, handled below
+        if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:  # Ctrl-C: a KeyboardInterrupt again,
+            signal.signal(signal.SIGINT, signal.default_int_handler)        # handled below
         kwargs["standalone_mode"] = False
         try:
             return super().main(*args, **kwargs)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __all__ = ["PipespecError", "ConfigError", "ModelLoadError", "PipelineError", "PipelineClosed", "EXIT_OK",
-           "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED", "exit_code", "first_line"]
+           "EXIT_FAILURE", "EXIT_USAGE", "EXIT_INTERRUPTED", "exit_code", "first_error", "first_line"]
 
 
 class PipespecError(Exception):
@@ -51,3 +51,18 @@ def exit_code(exc: BaseException) -> int:
     if isinstance(exc, ConfigError):
         return EXIT_USAGE
     return EXIT_FAILURE
+
+
+def first_error(exc: BaseException) -> BaseException:
+    """The error to show for a failed task group: the first non-cancellation exception inside it."""
+    import asyncio
+
+    import anyio
+
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = first_error(inner)
+            if not isinstance(found, (asyncio.CancelledError, anyio.get_cancelled_exc_class())):
+                return found
+        return exc.exceptions[0]
+    return exc

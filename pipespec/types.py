@@ -18,6 +18,9 @@ RequestMode = Literal["auto", "pipe", "sd", "ar"]
 REQUEST_MODES: tuple[RequestMode, ...] = ("auto", "pipe", "sd", "ar")
 BackendKind = Literal["thread", "process", "ray"]
 BACKENDS: tuple[BackendKind, ...] = ("thread", "process", "ray")  # where workers live (runners.backend)
+CALL_DEADLINE_S = 120.0  # seconds one call into an out-of-process worker may take (a forward, a reset that grows a
+# static cache) before its stage fails; --call-deadline
+START_DEADLINE_S = 1800.0  # seconds an out-of-process worker may take to load its model
 Acceptance = Literal["coupled", "rejection"]
 StageState = Literal["idle", "drafting", "verifying", "rolling back", "waiting", "bypassed", "done"]
 

@@ -88,7 +88,9 @@ async def test_a_killed_actor_ends_the_generation_at_once_naming_stage_and_node(
         assert took < 1.0, took
         assert err.stage == 1 and str(err).startswith("stage 1 (") and "on node2" in str(err), err
         pids = [m.runner.pid for m in pipe.members]  # type: ignore[attr-defined]
-    time.sleep(1.0)  # ray.kill is asynchronous
+    gone_by = time.monotonic() + 10.0  # ray.kill is asynchronous: the actors' processes go within seconds
+    while [pid for pid in pids if os.path.exists(f"/proc/{pid}")] and time.monotonic() < gone_by:
+        time.sleep(0.1)
     assert not [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
 
 

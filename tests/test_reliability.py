@@ -161,7 +161,8 @@ async def _assert_clean(pipe: pipespec.Pipeline, threads_before: int) -> None:
     """Nothing left running: every runner idle, every KV cache released, no thread added."""
     for m in pipe.members:
         assert await m.runner.drain(1.0), f"{m.name} still busy"
-        assert m.worker.cache is None and m.worker.cached == [], f"{m.name} kept its KV cache"
+        # HF's dynamic cache is dropped; a static cache stays allocated for the next generation and holds nothing
+        assert getattr(m.worker, "cache", None) is None and m.worker.cached == [], f"{m.name} kept its KV cache"
     assert threading.active_count() == threads_before
 
 

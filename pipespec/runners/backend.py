@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+
 import torch
 
 from ..errors import ConfigError
 from ..placement import NodeSlot
-from ..types import BACKENDS, BackendKind
+from ..types import BACKENDS, CALL_DEADLINE_S, BackendKind
 from .base import Runner
 
 __all__ = ["BACKENDS", "Backend", "BackendKind", "as_backend"]
@@ -30,7 +31,7 @@ class Backend:
     address. ``nodes``: the Ray node slot of every stage (``placement.parse_node_placement``); empty: anywhere."""
 
     kind: BackendKind = "thread"
-    deadline: float = 120.0
+    deadline: float = CALL_DEADLINE_S
     ray_address: str | None = None
     nodes: tuple[NodeSlot, ...] = ()
 

@@ -2,8 +2,8 @@
 
 Stage coroutines and the scheduler only ever ``await runner.call("step", ...)``: a call names a worker method (see
 ``workers.base.CALLS``) and passes plain data (token ids, positions, sampling parameters, probability-row handles).
-That is what lets a backend put the worker in a thread of this process (``runners.thread``, today's), or later in a
-process or an actor of its own, without the stages noticing.
+That is what lets a backend put the worker in a thread of this process (``runners.thread``, the default), in a process
+of its own (``runners.process``) or in a Ray actor on any machine (``runners.ray``), without the stages noticing.
 
 A runner serves one call at a time, in order. Cancelling an ``await`` does not stop a call already running; calls
 are short, and ``drain`` (awaited with a timeout) is how shutdown waits for the runner to be idle.

@@ -43,13 +43,14 @@ from typing import Any
 import torch
 
 from ..errors import PipelineClosed, PipelineError, first_line
+from ..types import CALL_DEADLINE_S, START_DEADLINE_S
 from ..workers.base import StepResult, Worker, WorkerInfo
 from .host import WorkerHost, portable_error
 
 __all__ = ["ProcessRunner", "SharedRows", "DEFAULT_DEADLINE", "START_DEADLINE"]
 
-DEFAULT_DEADLINE = 120.0  # seconds one call may take (a forward pass, a reset that grows a static cache)
-START_DEADLINE = 1800.0  # seconds loading a model may take
+DEFAULT_DEADLINE = CALL_DEADLINE_S
+START_DEADLINE = START_DEADLINE_S
 _NOOP = "__noop__"
 _START = "__start__"
 _ids = itertools.count()
@@ -274,10 +275,27 @@ class ProcessRunner:
                 self._conn.send((call_id, method, args, kwargs, forget))
             except (BrokenPipeError, OSError):
                 pass  # the child is gone: the reader reports it for every pending call
+            except BaseException:  # e.g. an argument that cannot be pickled: this call fails, the runner goes on
+                del self._pending[call_id]
+                raise
         return future
 
     def _read(self) -> None:
-        """The reader thread: replies, the child's death and missed deadlines."""
+        """The reader thread: replies, the child's death and missed deadlines. It is the only thing that completes
+        calls, so if it fails for any reason (a reply this process cannot unpickle, say) the runner is dead: the
+        child is killed and every pending and later call fails, instead of waiting forever."""
+        try:
+            self._read_loop()
+        except BaseException as exc:  # noqa: BLE001
+            with self._lock:
+                if self._dead is None:
+                    self._dead = "died"
+            with contextlib.suppress(OSError):
+                self.process.kill()
+            self._fail_all(PipelineError(f"{self.label} on {self.host}: its runner's reader failed: "
+                                         f"{type(exc).__name__}: {first_line(exc)}", stage=self.stage))
+
+    def _read_loop(self) -> None:
         while True:
             with self._lock:
                 if self._dead == "closed":

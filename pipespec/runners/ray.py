@@ -27,6 +27,7 @@ import torch
 
 from ..errors import ConfigError, PipelineError
 from ..placement import NodeSlot, gpu_shares
+from ..types import START_DEADLINE_S
 from ..workers.base import Worker, WorkerInfo
 from .host import WorkerHost, portable_error
 
@@ -125,7 +126,7 @@ class RayRunner:
     """One Ray actor for one model; implements ``runners.base.Runner``."""
 
     def __init__(self, name: str, device: torch.device, actor: Any, *, label: str, stage: int | None,
-                 deadline: float, node: str | None = None, start_deadline: float = 1800.0) -> None:
+                 deadline: float, node: str | None = None, start_deadline: float = START_DEADLINE_S) -> None:
         self.name = name
         self.device = device
         self.actor = actor

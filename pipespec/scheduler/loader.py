@@ -14,7 +14,7 @@ import anyio
 import structlog
 import torch
 
-from ..errors import ConfigError, ModelLoadError, PipespecError, first_line
+from ..errors import ConfigError, ModelLoadError, PipespecError, first_error, first_line
 from ..loading import load_tokenizer, preload_transformers, resolve_dtype, resolve_source
 from ..placement import resolve_device
 from ..runners.backend import Backend, as_backend
@@ -22,7 +22,7 @@ from ..workers import adopt_worker, load_named_worker, load_worker
 from ..workers.base import WorkerInfo
 from .request import Member
 
-__all__ = ["load_chain", "first_error"]
+__all__ = ["load_chain"]
 
 _log = structlog.get_logger("pipespec.pipeline")
 
@@ -91,19 +91,6 @@ async def load_chain(models: Sequence[Any] | str, *, device: Any, dtype: Any, to
         raise err from None
     members = [Member(names[i], runners[i], info) for i, info in enumerate(infos) if info is not None]
     return members, tokenizer
-
-
-def first_error(exc: BaseException) -> BaseException:
-    """The error to show for a failed task group: the first non-cancellation exception inside it."""
-    import asyncio
-
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = first_error(inner)
-            if not isinstance(found, (asyncio.CancelledError, anyio.get_cancelled_exc_class())):
-                return found
-        return exc.exceptions[0]
-    return exc
 
 
 def _remote_device(device: Any) -> torch.device:

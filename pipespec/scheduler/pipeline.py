@@ -21,11 +21,11 @@ import anyio
 import structlog
 import torch
 
-from ..errors import ConfigError, PipelineClosed, PipelineError
+from ..errors import ConfigError, PipelineClosed, PipelineError, first_error
 from ..runners.backend import Backend
 from ..types import REQUEST_MODES, Generation, GenerationStats, Mode, RequestMode, Snapshot, StageStats
 from ..verify import SamplingParams
-from .loader import first_error, load_chain
+from .loader import load_chain
 from .lockstep import run_lockstep
 from .output import Output
 from .policy import ChainMonitor
@@ -251,8 +251,10 @@ class Pipeline:
             live = LiveRun(request, stages, output)
             busy_before = [m.runner.busy_seconds for m in members]
             self._live = live
-            recording = None if tracer is None else await start_trace(tracer, members, stages)
+            recording = None
             try:
+                if tracer is not None:
+                    recording = await start_trace(tracer, members, stages)
                 for i, m in enumerate(members):
                     seed = request.params.seed * 1000003 + i if request.params.rule == "rejection" else None
                     try:  # a static KV cache grows here: running out of memory is reported like a stage failure
@@ -273,12 +275,17 @@ class Pipeline:
                 raise
             finally:
                 with anyio.CancelScope(shield=True):
+                    idle = True
                     for m in members:
                         if not await m.runner.drain(DRAIN_TIMEOUT):
+                            idle = False
                             log("warning", "forward pass still running after cancel", model=m.name)
                         m.runner.submit("release")
                     if recording is not None:
-                        await recording.finish()
+                        recording.probe.uninstall()  # first, whatever happens to the reads below
+                        # reading the GPU spans back waits on the runners: bounded, and skipped behind a stuck one
+                        with anyio.move_on_after(DRAIN_TIMEOUT if idle else 0):
+                            await recording.finish()
         tokens = tuple(output.tokens)
         text = self.tokenizer.decode(list(tokens), skip_special_tokens=True) if self.tokenizer is not None else ""
         stats = GenerationStats(tokens=len(tokens), seconds=live.elapsed, mode=request.mode,

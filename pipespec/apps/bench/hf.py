@@ -69,7 +69,11 @@ class HFProcess:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])]))
         self._proc = subprocess.Popen([sys.executable, "-m", "pipespec.apps.bench.hf"], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=self._stderr, env=env, cwd=root)
-        self.request({"op": "load", **load})
+        try:
+            self.request({"op": "load", **load})
+        except BaseException:  # a child that cannot load is stopped, and its log removed, before the error goes up
+            self.close()
+            raise
 
     def request(self, message: dict[str, Any]) -> dict[str, Any]:
         """Send one message and wait for its answer; raises RuntimeError for an error answer or a dead child."""
@@ -136,7 +140,7 @@ def hf_compile_config(mode: str) -> Any:
     return CompileConfig(mode=mode)
 
 
-def hf_generate(model: Any, device: Any, prompt: Ids, kwargs: dict[str, Any]) -> Ids:
+def hf_generate(model: Any, device: Any, prompt: tuple[int, ...], kwargs: dict[str, Any]) -> tuple[int, ...]:
     import torch
 
     ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)  # [1, prompt]
