@@ -53,3 +53,19 @@ def test_synthetic_worker_multi_draft_keeps_oracle_choices() -> None:
         w.prefill([5, 6, 7, 8])
     ta, tb = a.draft([5, 6, 7, 8], 5, SamplingParams()), b.draft([5, 6, 7, 8], 5, SamplingParams())
     assert ta.tokens == tb.tokens and a.cached == b.cached and a._hashes == b._hashes
+
+
+def test_a_device_draft_across_a_context_bucket_boundary_matches() -> None:
+    """The device draft attends every step over the context bucket of its LAST position; one forward per token uses
+    each position's own bucket. Masking makes them equal: checked where a 9-token draft crosses slot 256."""
+    model = tiny_llama(4, scale=3.0)
+    fast = StaticWorker(model, "d", torch.device("cpu"), capacity=600)
+    slow = StaticWorker(model, "d", torch.device("cpu"), capacity=600)
+    slow.device_draft = False
+    params = SamplingParams()
+    seq = [(7 * i + 3) % 90 + 2 for i in range(250)]
+    for w in (fast, slow):
+        w.reset(0, 600)
+        w.prefill(seq)
+    a, b = fast.draft(seq, 9, params), slow.draft(seq, 9, params)
+    assert a.tokens == b.tokens and fast.cached == slow.cached == seq + list(a.tokens[:-1])
