@@ -4,8 +4,8 @@ says what it chose and why.
 The rule checked (paired, on simulated stages that sleep, so the timing is the chain's own): after the choice, a
 generation in mode auto IS a generation of the chosen mode (asserted: same mode in its stats, same tokens), so its
 speed is that mode's; the chosen mode's median rate is at least 0.95x the best mode's, all measured in the same
-rounds (ar, sd, pipe, auto, repeated 5 times; medians), in one of up to 3 such measurements. Auto's own median is reported in the failure message but not
-compared directly: it is a second sample of the chosen mode, and at these short generations two samples of one mode
+rounds (ar, sd, pipe, auto in turn; 5 rounds, pooled with 5 more up to twice while the bound is missed: see
+``_check_choice``). Auto's own median is reported in the failure message but not compared directly: it is a second sample of the chosen mode, and at these short generations two samples of one mode
 differ by up to ~8 % on this loaded machine."""
 
 from __future__ import annotations
@@ -21,34 +21,32 @@ from pipespec.errors import ConfigError
 PROMPT = list(range(3, 19))
 
 
-async def _paired(pipe, tokens: int, rounds: int = 5, **options) -> dict[str, float]:
-    rates: dict[str, list[float]] = {m: [] for m in ("ar", "sd", "pipe", "auto")}
+async def _rounds(pipe, tokens: int, rates: dict[str, list[float]], rounds: int = 5, **options) -> dict[str, float]:
+    """``rounds`` more paired rounds (ar, sd, pipe, auto in turn) added to ``rates``; the medians of all so far."""
     for _ in range(rounds):
-        for mode in rates:
+        for mode in ("ar", "sd", "pipe", "auto"):
             g = await pipe.generate(PROMPT, max_new_tokens=tokens, mode=mode, **options)
-            rates[mode].append(g.stats.tokens_per_second)
+            rates.setdefault(mode, []).append(g.stats.tokens_per_second)
             if mode == "auto":
                 assert g.stats.mode == g.stats.mode_chosen == pipe.auto_choice[0]
     return {m: statistics.median(r) for m, r in rates.items()}
 
 
-async def _check_choice(pipe, medians: dict[str, float], tokens: int, **options) -> dict[str, float]:
-    """The chosen mode's median is at least 0.95x the best mode's, in one of up to 3 paired measurements (the same
-    3-attempt rule as test_simworker: a burst of load on a shared 2-core machine can move one round's medians by more
-    than 5 %; a wrong choice fails all three). Returns the medians of the attempt that decided."""
-    attempts = [medians]
-    for _ in range(2):
+async def _check_choice(pipe, tokens: int, **options) -> dict[str, float]:
+    """The chosen mode's median is at least 0.95x the best mode's. Stated rule for a loaded 2-core machine: 5 paired
+    rounds, and if the bound is missed, 5 more twice, the medians taken over every round so far (a near-tie between
+    sd and pipe moved one 5-round median by more than 5 % in CI; a wrong choice stays below the bound however many
+    rounds are pooled). Returns the medians that decided."""
+    rates: dict[str, list[float]] = {}
+    for _ in range(3):
+        medians = await _rounds(pipe, tokens, rates, **options)
         best = max(medians[m] for m in ("ar", "sd", "pipe"))
         if medians[pipe.auto_choice[0]] >= 0.95 * best:
             return medians
-        medians = await _paired(pipe, tokens, **options)
-        attempts.append(medians)
-    best = max(medians[m] for m in ("ar", "sd", "pipe"))
-    assert medians[pipe.auto_choice[0]] >= 0.95 * best, (pipe.auto_choice, attempts)
-    return medians
+    raise AssertionError((pipe.auto_choice, medians, {m: len(r) for m, r in rates.items()}))
 
 
-@limit(120)
+@limit(240)
 async def test_auto_picks_the_target_alone_when_the_draft_is_slow() -> None:
     # the draft is slower than the target and agrees rarely: drafting cannot pay; sd is far behind
     async with simulated_pipeline([8.0, 4.0], [0.2], seed=5, vocab=1000) as pipe:
@@ -56,18 +54,18 @@ async def test_auto_picks_the_target_alone_when_the_draft_is_slow() -> None:
         assert first.token_ids == (await pipe.generate(PROMPT, max_new_tokens=48, mode="ar")).token_ids
         assert first.stats.mode_chosen in ("ar", "pipe") and first.stats.mode == first.stats.mode_chosen
         assert "probes" in (first.stats.reason or "") and "sd" in (first.stats.reason or "")
-        medians = await _check_choice(pipe, await _paired(pipe, 48, lookahead=4), 48, lookahead=4)
+        medians = await _check_choice(pipe, 48, lookahead=4)
         assert medians["sd"] < 0.8 * medians["ar"]  # the case is what it claims to be
 
 
-@limit(120)
+@limit(240)
 async def test_auto_speculates_when_the_draft_is_fast_and_agrees() -> None:
     async with simulated_pipeline([0.3, 6.0], [0.9], seed=5, vocab=1000) as pipe:
         g = await pipe.generate(PROMPT, max_new_tokens=96, mode="auto")
         assert g.stats.mode_chosen in ("sd", "pipe")
         d = g.stats.to_dict()
         assert d["mode_chosen"] == g.stats.mode_chosen and d["reason"] == g.stats.reason
-        medians = await _check_choice(pipe, await _paired(pipe, 96), 96)
+        medians = await _check_choice(pipe, 96)
         assert medians["ar"] < 0.6 * max(medians.values())
 
 
