@@ -48,8 +48,8 @@ ALIASES: dict[str, str] = {
     "8b": "meta-llama/Llama-3.1-8B-Instruct",
     "70b-3.1": "meta-llama/Llama-3.1-70B-Instruct",
     # the modern hierarchies: each family shares one tokenizer across its sizes, and all take the static fast path.
-    # Qwen2.5's output layers differ in size (0.5B/1.5B: 151936 rows, 7B/72B: 152064 of padding-extended
-    # vocabulary); a chain needs equal sizes today, so 0.5b,1.5b and 7b,72b chain, 0.5b,7b does not (docs/usage.md)
+    # Qwen2.5's output layers differ in size (0.5B/1.5B: 151936 rows, 7B/72B: 152064 of padding past one
+    # tokenizer); they chain across that split (scheduler.pipeline._check_vocabularies, docs/usage.md)
     "llama3-1b": "meta-llama/Llama-3.2-1B-Instruct",
     "llama3-8b": "meta-llama/Llama-3.1-8B-Instruct",
     "llama3-70b": "meta-llama/Llama-3.1-70B-Instruct",

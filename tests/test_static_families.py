@@ -145,3 +145,70 @@ async def test_chain_of_the_family_equals_hf_generate(family: str) -> None:
         for mode in ("pipe", "sd", "ar"):
             g = await pipe.generate(prompt, max_new_tokens=30, mode=mode)
             assert list(g.token_ids) == want, (family, mode)
+
+
+def _padded(model: Any, rows: int, seed: int) -> Any:
+    """``model`` with ``rows`` more output (and tied input) rows: padding of its vocabulary, as Qwen2.5-7B has."""
+    torch.manual_seed(seed)
+    cfg = copy.deepcopy(model.config)
+    cfg.vocab_size = model.config.vocab_size + rows
+    wide = type(model)(cfg).to(model.dtype).eval()
+    with torch.no_grad():
+        state = {k: v for k, v in model.state_dict().items() if "embed_tokens" not in k and "lm_head" not in k}
+        wide.load_state_dict(state, strict=False)
+        wide.get_input_embeddings().weight[: model.config.vocab_size] = model.get_input_embeddings().weight
+    wide.generation_config.eos_token_id = None
+    wide.generation_config.pad_token_id = None
+    return wide
+
+
+def _word_tokenizer(n: int) -> Any:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(n)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@limit(120)
+async def test_widths_that_differ_by_padding_chain_losslessly() -> None:
+    """A draft of 160 output rows before a target of 192 (the Qwen2.5 0.5B -> 7B case): greedy equals the target
+    alone in every mode, also when the target emits padding ids (rows 160..191) that the draft cannot embed."""
+    target = _padded(tiny("qwen2", 0, hidden=48), 32, 3)
+    draft = tiny("qwen2", 1, hidden=32, layers=1)
+    prompt = [5, 17, 33, 2, 9, 120, 77]
+    with torch.no_grad():  # make some padding ids likely: the target then feeds the draft ids it cannot embed
+        target.get_input_embeddings().weight[170:180] *= 4
+    want = hf_greedy(copy.deepcopy(target), prompt, 30)
+    assert any(t >= 160 for t in want), want  # the case under test happens
+    tokenizer = _word_tokenizer(150)  # one tokenizer, both widths hold its ids (as Qwen2.5's 151665 ids)
+    async with pipespec.Pipeline.load([draft, target], device="cpu", fast=True, tokenizer=tokenizer) as pipe:
+        for mode in ("pipe", "sd", "ar"):
+            g = await pipe.generate(prompt, max_new_tokens=30, mode=mode)
+            assert list(g.token_ids) == want, mode
+        # the rejection rule over rows of two widths (zero-padded): runs, and emits only ids the target has
+        g = await pipe.generate(prompt, max_new_tokens=30, mode="sd", temperature=1.0, acceptance="rejection",
+                                seed=3)
+        assert len(g.token_ids) == 30 and all(0 <= t < 192 for t in g.token_ids)
+
+
+def test_widths_that_differ_by_more_than_padding_are_refused() -> None:
+    from pipespec.errors import ConfigError
+    from pipespec.scheduler.pipeline import _check_vocabularies
+
+    class M:  # a member as far as the check reads it
+        def __init__(self, name: str, size: int) -> None:
+            self.name, self.info = name, type("I", (), {"vocab_size": size})()
+
+    _check_vocabularies([M("a", 151936), M("b", 152064)], None)  # padding only
+    with pytest.raises(ConfigError, match="do not share a vocabulary"):
+        _check_vocabularies([M("a", 32000), M("b", 128256)], None)
+
+    class Tok:
+        def __len__(self) -> int:
+            return 151665
+
+    _check_vocabularies([M("a", 151936), M("b", 152064)], Tok())
+    with pytest.raises(ConfigError, match="hold the tokenizer"):
+        _check_vocabularies([M("a", 151000), M("b", 152064)], Tok())

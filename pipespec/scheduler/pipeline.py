@@ -60,7 +60,7 @@ class Pipeline:
         self._lock = anyio.Lock()
         self._live: LiveRun | None = None
         self._closed = False
-        _check_vocabularies(self.members)
+        _check_vocabularies(self.members, tokenizer)
         # the adaptive runtime's knowledge of this chain; it carries over from one generation to the next
         self.monitor = ChainMonitor(len(self.members), contended=_contended(self.members))
         self.auto_choice: tuple[Mode, str] | None = None  # mode "auto": what the probes chose, and why
@@ -360,9 +360,21 @@ def _ar_stats_for_chain(stats: GenerationStats, members: Sequence[Member]) -> Ge
                            stop_reason=stats.stop_reason)
 
 
-def _check_vocabularies(members: Sequence[Member]) -> None:
+def _check_vocabularies(members: Sequence[Member], tokenizer: Any | None) -> None:
+    """Output widths may differ only by padding rows (Qwen2.5: 151936 rows for 0.5B/1.5B, 152064 for 7B/72B, one
+    tokenizer): every width must hold the tokenizer's ids, or, with no tokenizer to ask, the narrowest must be within
+    1 % of the widest. Tokens past a model's width have probability 0 under it (``workers.base.same_width``)."""
     sizes = [m.info.vocab_size for m in members]
-    if len(set(sizes)) > 1:
-        listing = ", ".join(f"{m.name}={s}" for m, s in zip(members, sizes))
-        raise ConfigError(f"the models do not share a vocabulary (output sizes {listing}); "
+    if len(set(sizes)) == 1:
+        return
+    listing = ", ".join(f"{m.name}={s}" for m, s in zip(members, sizes))
+    if tokenizer is not None:
+        ids = len(tokenizer)
+        if ids <= min(sizes):
+            return
+        raise ConfigError(f"the models' output sizes ({listing}) do not all hold the tokenizer's {ids} ids; "
                           "every model of a chain must use the target's tokenizer")
+    if min(sizes) >= 0.99 * max(sizes):
+        return
+    raise ConfigError(f"the models do not share a vocabulary (output sizes {listing}); "
+                      "every model of a chain must use the target's tokenizer")

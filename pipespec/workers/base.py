@@ -109,6 +109,11 @@ class LogitsWorker(ABC):
         self.device = device
         self.config = model.config
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        # rows of the input embedding: ids at or past it cannot be fed. A chain may mix output widths that differ
+        # only by padding rows (Qwen2.5: 0.5B/1.5B 151936, 7B/72B 152064); a wider target could in principle emit
+        # a padding id, which a narrower stage then feeds as id 0 instead (only a proposer's speed can change).
+        embeddings = model.get_input_embeddings()
+        self.id_limit = int(embeddings.weight.shape[0]) if embeddings is not None else self.vocab_size
         self.max_positions = int(getattr(self.config, "max_position_embeddings", 0) or 0) or None
         self.cached: list[int] = []
         self.forwards = 0
@@ -177,6 +182,8 @@ class LogitsWorker(ABC):
         return [(host0 + event0.elapsed_time(a) / 1e3, host0 + event0.elapsed_time(b) / 1e3, n) for a, b, n in events]
 
     def _timed_forward(self, tokens: Sequence[int], position: int, keep: int) -> torch.Tensor:
+        if tokens and max(tokens) >= self.id_limit:  # a padding id of a wider stage (see __init__)
+            tokens = [t if t < self.id_limit else 0 for t in tokens]
         events = self._gpu_events
         if events is None:
             return self.forward(tokens, position, keep)
@@ -229,9 +236,10 @@ class LogitsWorker(ABC):
         assert proposal_probs is not None and len(proposal_probs) == n, "rejection needs the proposer's rows"
         _, q = choose(logits, params, positions, self.generator)  # q: [n + 1, vocab]
         assert q is not None
-        p = gather_rows(proposal_probs, self.device)  # [n, vocab]
+        p = gather_rows(proposal_probs, self.device)  # [n, proposer's vocab]
         proposed = torch.tensor(list(seq[start:]), dtype=torch.long, device=self.device)
-        accepted, nxt = rejection_verify(proposed, p, q, self.generator)
+        p_wide, q_wide = same_width(p, q)  # widths that differ by padding rows: zero probability there
+        accepted, nxt = rejection_verify(proposed, p_wide, q_wide, self.generator)
         tokens = tuple(seq[start:start + accepted]) + (int(nxt),)
         return StepResult(accepted, tokens, q[: accepted + 1])
 
@@ -250,6 +258,14 @@ class LogitsWorker(ABC):
             if q is not None:
                 rows.append(q)
         return StepResult(0, tuple(tokens), torch.cat(rows) if rows else None)
+
+
+def same_width(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """p [n, Vp] and q [n + 1, Vq] zero-padded to one width: a token past a model's output layer has probability 0
+    under it, so the rejection rule over the padded rows is the rule over the union of the two vocabularies."""
+    width = max(p.shape[-1], q.shape[-1])
+    return (torch.nn.functional.pad(p, (0, width - p.shape[-1])) if p.shape[-1] < width else p,
+            torch.nn.functional.pad(q, (0, width - q.shape[-1])) if q.shape[-1] < width else q)
 
 
 def gather_rows(rows: ProbRows, device: torch.device) -> torch.Tensor:
