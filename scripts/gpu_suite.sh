@@ -5,6 +5,8 @@
 #                                     # then (time permitting) per-forward latency and the synthetic sweep
 #   bash scripts/gpu_suite.sh part2   # train the bench family (~5 min), five-method bench on 1 GPU and on 2 GPUs
 #   bash scripts/gpu_suite.sh part3   # optional: latency table + synthetic sweep alone (if part1 ran out of time)
+#   bash scripts/gpu_suite.sh levers  # issue 16: forward variants, 8-bit weights, tensor parallel (2 GPUs)
+#   bash scripts/gpu_suite.sh chains  # issue 14: GPU tests, pipe vs sd on one GPU (thread vs process + MPS), 2 GPUs
 #
 # Results: $OUT (default ./gpu-out) gets at most 8 files: PART-summary.md (paste from it), PART-steps.json (every
 # step: exit status, seconds), PART-results.tar.gz (every log, JSON, Markdown and chart; no model weights) and the
@@ -18,7 +20,7 @@
 set -uo pipefail   # no -e: one failing step must not stop the others
 
 PART=${1:-}
-case "$PART" in part1|part2|part3) ;; *) echo "usage: $0 part1|part2|part3" >&2; exit 2 ;; esac
+case "$PART" in part1|part2|part3|levers|chains) ;; *) echo "usage: $0 part1|part2|part3|levers|chains" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PY:-python3}
@@ -281,6 +283,32 @@ fi
 if [ "$PART" = part3 ]; then
     MAIN_JSON=(latency.json synthetic-2gpu.json synthetic-1gpu.json)
     latency_and_synthetic
+fi
+
+# -- levers (issue 16) and chains (issue 14) -----------------------------------------------------------------------
+
+SMOKE=()
+[ "$DEVICE" = cpu ] && SMOKE=(--smoke)
+
+if [ "$PART" = levers ]; then
+    MAIN_JSON=(forward/forward.json quant/quant.json tp/tp.json)
+    step forward 200 $PY scripts/gpu_forward.py "$RUN/forward" --budget-s 170 "${SMOKE[@]}"
+    step quant 180 $PY scripts/gpu_quant.py "$RUN/quant" --budget-s 150 "${SMOKE[@]}"
+    if (( NGPU >= 2 )) || [ "$DEVICE" = cpu ]; then
+        step tp 170 $PY scripts/gpu_tp.py "$RUN/tp" --budget-s 140 "${SMOKE[@]}"
+    fi
+fi
+
+if [ "$PART" = chains ]; then
+    MAIN_JSON=(probe1/probe.json probe2/probe.json)
+    step gpu_tests 150 $PY -m pytest -m gpu tests/ -q -p no:cacheprovider -o addopts="" \
+        --junitxml="$RUN/gpu-tests.xml" -rfEsxX
+    step probe_1gpu 290 $PY scripts/gpu_pipe_probe.py "$RUN/probe1" --chains "on GPU 0" --backends thread,process \
+        --budget-s 250 "${SMOKE[@]}"
+    if (( NGPU >= 2 )); then
+        step probe_2gpu 100 $PY scripts/gpu_pipe_probe.py "$RUN/probe2" --chains "13b on GPU 1" --alphas 0.7,0.9 \
+            --repeats 3 --budget-s 80
+    fi
 fi
 
 pack

@@ -200,6 +200,16 @@ def bench_section(run: Path) -> list[str]:
     return (["## Five-method bench (`pipespec bench`, one process per placement)", "", *out]) if out else []
 
 
+def reports_section(run: Path) -> list[str]:
+    """The Markdown reports the lever scripts write into a folder of their own (forward/, quant/, tp/, probe*/)."""
+    out: list[str] = []
+    for md in sorted(run.glob("*/*.md")):
+        if md.parent.name in ("logs", "diag"):
+            continue
+        out += [f"## {md.parent.name}/{md.name}", "", md.read_text().strip(), ""]
+    return out
+
+
 def main() -> int:
     run, part = Path(sys.argv[1]), sys.argv[2]
     steps_list = [json.loads(ln) for ln in (run / "steps.jsonl").read_text().splitlines() if ln.strip()] \
@@ -215,7 +225,8 @@ def main() -> int:
     lines += [f"steps: {len(steps_list)}, not ok: " + (", ".join(f"{s['step']} ({s['status']})" for s in bad) or "none"),
               ""]
     for section in (diag_section(run, steps), tests_section(run, steps), check_section(run, steps),
-                    family_section(run), bench_section(run), latency_section(run), synthetic_section(run)):
+                    family_section(run), bench_section(run), latency_section(run), synthetic_section(run),
+                    reports_section(run)):
         lines += section
     lines += ["## Steps", "", *steps_table(steps_list), ""]
     (run / "summary.md").write_text("\n".join(lines) + "\n")

@@ -16,7 +16,7 @@ ray = pytest.importorskip("ray")
 
 import pipespec  # noqa: E402
 from helpers import hf_greedy, limit, slow  # noqa: E402
-from pipespec.errors import PipelineError  # noqa: E402
+from pipespec.errors import ConfigError, PipelineError  # noqa: E402
 from pipespec.placement import parse_node_placement  # noqa: E402
 from pipespec.runners import Backend  # noqa: E402
 from pipespec.verify import SamplingParams  # noqa: E402
@@ -102,3 +102,12 @@ async def test_a_ray_call_past_its_deadline_fails_the_generation(cluster: object
                                       backend=on_nodes("node1:cpu,node1:cpu,node2:cpu", deadline=0.5)) as pipe:
         with pytest.raises(PipelineError, match=r"stage 2 \(.*\) on node2 .* missed its deadline"):
             await asyncio.wait_for(pipe.generate([0, 2, 1, 1], max_new_tokens=8), 30)
+
+
+@limit(60)
+async def test_a_placement_on_an_unknown_node_fails_at_once(cluster: object, folder_chain: list[str]) -> None:
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="no live Ray node has the resource 'node9'"):
+        async with pipespec.Pipeline.load(folder_chain, device="cpu", backend=on_nodes("node1:cpu,node2:cpu,node9:cpu")):
+            pass
+    assert time.monotonic() - started < 10

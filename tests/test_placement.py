@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from pipespec.errors import ConfigError
-from pipespec.placement import devices_for, parse_placement, plan_placement
+from pipespec.placement import devices_for, parse_node_placement, parse_placement, plan_placement
 
 
 def test_one_stage_per_gpu_when_there_are_enough() -> None:
@@ -50,3 +50,16 @@ def test_parse_node_placement() -> None:
             parse_node_placement(bad, 3)
     with pytest.raises(ConfigError, match="needs them to itself"):
         gpu_shares(parse_node_placement("a:0+1,a:1,b:0", 3))
+
+
+def test_a_ray_node_placement_no_live_node_can_serve_fails_at_once() -> None:
+    from pipespec.runners.ray import check_nodes
+
+    alive = [{"CPU": 2.0, "node1": 100.0, "node:10.0.0.1": 1.0, "memory": 1e9},
+             {"CPU": 2.0, "GPU": 1.0, "node2": 100.0, "accelerator_type:H200": 1.0}]
+    check_nodes(parse_node_placement("node1:cpu,node2:0", 2), alive)
+    with pytest.raises(ConfigError, match=r"no live Ray node has the resource 'node3' .* custom resources now: "
+                                          r"node1, node2$"):
+        check_nodes(parse_node_placement("node1:cpu,node3:0", 2), alive)
+    with pytest.raises(ConfigError, match="node 'node1' has 0 GPU"):
+        check_nodes(parse_node_placement("node1:0,node2:0", 2), alive)

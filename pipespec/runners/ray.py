@@ -31,7 +31,7 @@ from ..types import START_DEADLINE_S
 from ..workers.base import Worker, WorkerInfo
 from .host import WorkerHost, portable_error
 
-__all__ = ["RayRows", "RayRunner", "ray_runners", "ensure_ray"]
+__all__ = ["RayRows", "RayRunner", "check_nodes", "ray_runners", "ensure_ray"]
 
 
 class RayRows:
@@ -100,6 +100,24 @@ def ensure_ray(address: str | None) -> None:
         raise ConfigError(f"could not reach a Ray cluster at {address or 'a new local Ray'}: {exc}"[:300]) from None
 
 
+def check_nodes(nodes: Sequence[NodeSlot], alive: Sequence[dict[str, float]]) -> None:
+    """Refuse a node placement that no live node can serve (``alive``: each live node's resources): an unknown node
+    name, or more GPUs than the node has. Ray would otherwise wait for such a node to join, without a word."""
+    for slot in nodes:
+        hosts = [r for r in alive if r.get(slot.node, 0) > 0]
+        if not hosts:
+            names = sorted({k for r in alive for k in r if ":" not in k and k not in _RAY_BUILTIN})
+            raise ConfigError(f"--placement: no live Ray node has the resource {slot.node!r} (start that node with "
+                              f"ray start --resources='{{\"{slot.node}\": 1}}'); custom resources now: "
+                              f"{', '.join(names) or 'none'}")
+        if slot.gpus and max(r.get("GPU", 0) for r in hosts) < len(slot.gpus):
+            raise ConfigError(f"--placement: node {slot.node!r} has "
+                              f"{max(r.get('GPU', 0) for r in hosts):g} GPU(s) for a stage on {len(slot.gpus)}")
+
+
+_RAY_BUILTIN = {"CPU", "GPU", "memory", "object_store_memory"}
+
+
 def ray_runners(names: Sequence[str], devices: Sequence[torch.device], labels: Sequence[str], *,
                 nodes: Sequence[NodeSlot], deadline: float, address: str | None) -> list[RayRunner]:
     """One actor per stage, placed by ``nodes`` (anywhere when it is empty)."""
@@ -108,6 +126,8 @@ def ray_runners(names: Sequence[str], devices: Sequence[torch.device], labels: S
     ensure_ray(address)
     if any(len(slot.gpus) > 1 for slot in nodes):
         raise ConfigError("--placement: a stage on several GPUs is not supported (each worker uses one device)")
+    if nodes:  # fail now, not at the start deadline, where no live node can take a stage
+        check_nodes(nodes, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
     shares = gpu_shares(nodes) if nodes else [1.0 if d.type == "cuda" else 0.0 for d in devices]
     actor_class = ray.remote(StageActor)
     runners = []
