@@ -221,12 +221,13 @@ class StaticLlama:
             self._pre = torch.compile(_pre_attention, dynamic=True, fullgraph=True)
             self._post = torch.compile(_post_attention, dynamic=True, fullgraph=True)
         elif v.compile == "layer":
-            if not v.dynamic:  # one compilation per (tokens, context) bucket: more than dynamo's default 8
-                import torch._dynamo.config as dynamo_config
+            # one compilation per bucket (static), or ~3 per model of a chain sharing this process (every model's
+            # layers are this one function): past dynamo's default 8 it would run eagerly, silently
+            import torch._dynamo.config as dynamo_config
 
-                for key in ("recompile_limit", "cache_size_limit"):
-                    if hasattr(dynamo_config, key):
-                        setattr(dynamo_config, key, max(getattr(dynamo_config, key), 256))
+            for key in ("recompile_limit", "cache_size_limit"):
+                if hasattr(dynamo_config, key):
+                    setattr(dynamo_config, key, max(getattr(dynamo_config, key), 256))
             # dynamic=None ("automatic"): static at first, then symbolic in only what changed between calls (tokens,
             # context); dynamic=True would make the head counts symbolic too (and SDPA's enable_gqa a SymBool)
             self._layer = torch.compile(_layer, dynamic=None if v.dynamic else False, fullgraph=True, mode=v.mode)
