@@ -21,7 +21,7 @@ import pipespec
 from helpers import grow_or_diverge, hf_greedy, limit
 from pipespec.workers import make_worker
 from pipespec.workers.static import StaticWorker
-from pipespec.workers.static_llama import StaticLlama, supports_static
+from pipespec.workers.static_llama import VARIANTS, StaticLlama, choose_variant, supports_static
 
 VOCAB = 160
 COMMON = dict(vocab_size=VOCAB, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -212,3 +212,32 @@ def test_widths_that_differ_by_more_than_padding_are_refused() -> None:
     _check_vocabularies([M("a", 151936), M("b", 152064)], Tok())
     with pytest.raises(ConfigError, match="hold the tokenizer"):
         _check_vocabularies([M("a", 151000), M("b", 152064)], Tok())
+
+@torch.inference_mode()
+@pytest.mark.parametrize("variant", ["base", "lean", "lean-math"])
+def test_every_eager_layout_matches_hf_forward(variant: str) -> None:
+    """The layouts of issue 16 (additive mask once, fused RMSNorm/RoPE, bmm attention without GQA copies) are the
+    same model: 12 prompt tokens, then 3 more over a 16-slot window of the cache, for every family."""
+    for family in FAMILIES:
+        model = tiny(family, 4)
+        reference = copy.deepcopy(model)
+        static = StaticLlama(model, 64, variant)
+        seq = torch.randint(0, VOCAB, (15,), generator=torch.Generator().manual_seed(4))
+        static.forward(seq[:12], torch.arange(12), 16)
+        got = static.forward(seq[12:], torch.arange(12, 15), 16)
+        want = reference(seq[None]).logits[0, 12:]
+        assert torch.allclose(got.double(), want, atol=1e-8), (variant, family)
+
+
+def test_variant_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipespec.workers import static_llama
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert choose_variant(cpu) == static_llama.CPU_VARIANT and choose_variant(cuda) == static_llama.CUDA_VARIANT
+    assert choose_variant(cpu, compile=True) == static_llama.COMPILED_VARIANT
+    monkeypatch.setenv("PIPESPEC_STATIC_VARIANT", "lean-math")
+    assert choose_variant(cuda, compile=True) == "lean-math"
+    assert StaticWorker(tiny("qwen3", 0), "m", cpu, capacity=64).static.variant == VARIANTS["lean-math"]
+    monkeypatch.setenv("PIPESPEC_STATIC_VARIANT", "nope")
+    with pytest.raises(ValueError, match="PIPESPEC_STATIC_VARIANT"):
+        choose_variant(cpu)

@@ -35,7 +35,8 @@ def make_worker(model: Any, name: str, device: torch.device, fast: bool | str = 
         return HFWorker(model, name, device)
     from .static import StaticWorker
 
-    # "compile": also fuse each layer's element-wise work with torch.compile (slower start, faster steps)
+    # "compile": torch.compile each layer (static_llama.COMPILED_VARIANT: slower start, fewer kernels per step); the
+    # layout otherwise is static_llama.CPU_VARIANT / CUDA_VARIANT, or PIPESPEC_STATIC_VARIANT=<name>
     return StaticWorker(model, name, device, compile=fast == "compile")
 
 

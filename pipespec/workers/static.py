@@ -22,7 +22,7 @@ import torch
 
 from ..verify import SamplingParams, choose_on_device, seed_hash
 from .base import LogitsWorker, StepResult
-from .static_llama import StaticLlama
+from .static_llama import StaticLlama, Variant, choose_variant
 
 __all__ = ["StaticWorker", "TOKEN_BUCKETS"]
 
@@ -44,11 +44,12 @@ class StaticWorker(LogitsWorker):
     CUDA)."""
 
     def __init__(self, model: Any, name: str, device: torch.device, *, graphs: bool | None = None,
-                 capacity: int = 2048, compile: bool = False) -> None:
+                 capacity: int = 2048, compile: bool = False, variant: str | Variant | None = None) -> None:
         super().__init__(model, name, device)
-        self.static = StaticLlama(model, capacity + PAD)
-        if compile:
-            self.static.compile()
+        # the forward's layout (static_llama.VARIANTS): by default per device, compile=True the compiled one,
+        # PIPESPEC_STATIC_VARIANT=<name> overrides both
+        self.static = StaticLlama(model, capacity + PAD, variant if variant is not None else
+                                  choose_variant(device, compile))
         # graphs are per device: a model split over GPUs runs its static path eagerly (launches overlap the GPUs);
         # PIPESPEC_CUDA_GRAPHS=0 turns them off (a safety valve: same kernels, launched one by one)
         if graphs is None:

@@ -17,6 +17,7 @@ itself written, so a rollback only moves a length. The whole history stays in th
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,51 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 # graphs. (cuDNN's attention was seen failing inside a capture on an H100; flash attention takes no mask.)
 _ATTENTION_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
-__all__ = ["FAMILIES", "Family", "StaticLlama", "family_of", "supports_static"]
+__all__ = ["FAMILIES", "VARIANTS", "Family", "StaticLlama", "Variant", "choose_variant", "family_of", "supports_static"]
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """How the static forward is laid out in kernels. Every variant computes the same model (in float64 they agree
+    with HF's forward to 1e-8; in bf16 they differ by roundings: fused reductions, one rounding in place of two).
+
+    Per layer of a 1-token forward the base layout launches ~35 kernels (RMSNorm in fp32: 8 each; RoPE by neg + cat:
+    5; SDPA turning the bool mask into an additive one: 3), which in a CUDA graph on Hopper cost ~2 us each."""
+
+    mask: str = "float"  # "bool": SDPA converts it in every layer; "float": additive 0/-inf, built once per forward
+    fused: bool = True  # RMSNorm through F.rms_norm (one kernel on CUDA), RoPE as flip + addcmul (3 kernels, not 5)
+    attention: str = "sdpa"  # "sdpa" (the efficient kernel) or "math" (bmm, softmax, bmm: GQA without copies)
+    # None: eager; "parts": _pre/_post_attention compiled with dynamic shapes (one compile serves every bucket);
+    # "layer": the whole layer (norms, GEMMs, RoPE, cache writes, attention) compiled, our graphs capture it
+    compile: str | None = None
+    dynamic: bool = True  # "layer": shapes turn dynamic where they change (~3 compiles in all) or one per bucket
+    mode: str | None = None  # "layer": torch.compile's mode (None: default; "max-autotune-no-cudagraphs")
+
+
+VARIANTS: dict[str, Variant] = {
+    "base": Variant(mask="bool", fused=False),  # the layout before issue 16
+    "lean": Variant(),
+    "lean-math": Variant(attention="math"),
+    "compile-parts": Variant(mask="bool", fused=False, compile="parts"),  # the earlier compile=True
+    "compile-layer": Variant(compile="layer"),
+    "compile-layer-math": Variant(attention="math", compile="layer"),
+    "compile-layer-static": Variant(compile="layer", dynamic=False),
+    "compile-layer-autotune": Variant(compile="layer", dynamic=False, mode="max-autotune-no-cudagraphs"),
+}
+# The variant a static worker runs: ``PIPESPEC_STATIC_VARIANT=<name>`` overrides all three. Switching the CUDA
+# default to a compiled variant is this one line (scripts/gpu_forward.py measures them all).
+CPU_VARIANT = "lean"
+CUDA_VARIANT = "lean"
+COMPILED_VARIANT = "compile-layer"  # fast="compile" (StaticWorker(compile=True))
+
+
+def choose_variant(device: torch.device, compile: bool = False) -> str:
+    """The variant's name for a worker on ``device``; ``compile``: the caller asked for torch.compile."""
+    name = os.environ.get("PIPESPEC_STATIC_VARIANT") or (
+        COMPILED_VARIANT if compile else CUDA_VARIANT if device.type == "cuda" else CPU_VARIANT)
+    if name not in VARIANTS:
+        raise ValueError(f"PIPESPEC_STATIC_VARIANT={name!r}: use one of {', '.join(VARIANTS)}")
+    return name
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +146,7 @@ class StaticLlama:
     """Callable as ``forward(ids [n], pos [n], kv_len) -> logits [n, vocab]`` (float32), for any model of
     ``FAMILIES`` (the name is historical: LLaMA came first)."""
 
-    def __init__(self, model: Any, capacity: int) -> None:
+    def __init__(self, model: Any, capacity: int, variant: str | Variant = "base") -> None:
         reason = supports_static(model)
         if reason is not None:
             raise ValueError(f"static path unsupported: {reason}")
@@ -128,6 +173,9 @@ class StaticLlama:
         self.lm_head = model.lm_head.weight  # the embedding itself where the model ties them (small Qwens)
         self._pre = _pre_attention
         self._post = _post_attention
+        self._layer = _layer
+        self.variant = VARIANTS["base"]
+        self.set_variant(variant)
         self.capacity = 0
         self.cache_k: list[torch.Tensor] = []  # one [1, kv heads, capacity, head_dim] per layer, on its device
         self.cache_v: list[torch.Tensor] = []
@@ -163,9 +211,33 @@ class StaticLlama:
         self.capacity = capacity
         return True
 
+    def set_variant(self, variant: str | Variant) -> None:
+        """Lay the forward out as ``variant`` (a name of ``VARIANTS`` or a ``Variant``). Graphs captured before
+        must go: they replay the old kernels. Compiling happens lazily, at the next forward of each new shape."""
+        v = VARIANTS[variant] if isinstance(variant, str) else variant
+        self.variant = v
+        self._pre, self._post, self._layer = _pre_attention, _post_attention, _layer
+        if v.compile == "parts":
+            self._pre = torch.compile(_pre_attention, dynamic=True, fullgraph=True)
+            self._post = torch.compile(_post_attention, dynamic=True, fullgraph=True)
+        elif v.compile == "layer":
+            # one compilation per bucket (static), or ~3 per model of a chain sharing this process (every model's
+            # layers are this one function): past dynamo's default 8 it would run eagerly, silently
+            import torch._dynamo.config as dynamo_config
+
+            for key in ("recompile_limit", "cache_size_limit"):
+                if hasattr(dynamo_config, key):
+                    setattr(dynamo_config, key, max(getattr(dynamo_config, key), 256))
+            # dynamic=None ("automatic"): static at first, then symbolic in only what changed between calls (tokens,
+            # context); dynamic=True would make the head counts symbolic too (and SDPA's enable_gqa a SymBool)
+            self._layer = torch.compile(_layer, dynamic=None if v.dynamic else False, fullgraph=True, mode=v.mode)
+        elif v.compile is not None:
+            raise ValueError(f"unknown compile {v.compile!r}")
+
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         """ids, pos: [n] int64 on the model's device; returns logits [n, vocab] float32."""
         n = ids.shape[0]
+        v = self.variant
         x = F.embedding(ids, self.embed)  # [n, hidden]
         per_device = {}  # what every layer on a device needs: positions, RoPE rows, the attention masks
         for d in self.devices:
@@ -176,37 +248,70 @@ class StaticLlama:
             # one mask per distinct window: HF's sliding window lets position p see slots p - window + 1 .. p
             masks = {w: (causal if w is None else causal & (slots > pos_d.unsqueeze(1) - w)).view(1, 1, n, kv_len)
                      for w in set(self.windows)}
-            per_device[d] = (pos_d, cos_t.index_select(0, pos_d).unsqueeze(1).to(x.dtype),  # [n, 1, hd]
-                             sin_t.index_select(0, pos_d).unsqueeze(1).to(x.dtype), masks)
+            if v.mask == "float" or v.attention == "math":  # additive, once here (SDPA would convert it per layer)
+                masks = {w: torch.zeros(m.shape, dtype=x.dtype, device=d).masked_fill_(~m, float("-inf"))
+                         for w, m in masks.items()}
+            cos = cos_t.index_select(0, pos_d).unsqueeze(1).to(x.dtype)  # [n, 1, hd]
+            sin = sin_t.index_select(0, pos_d).unsqueeze(1).to(x.dtype)
+            if v.fused:  # first half negated: rotate_half(x) * sin == swap_halves(x) * sin (see _rope)
+                half = self.head_dim // 2
+                sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+            per_device[d] = (pos_d, cos, sin, masks)
         with sdpa_kernel(_ATTENTION_BACKENDS):
             x = self._layers(x, per_device, kv_len)
-        x = _rms(x.to(self.norm.device, non_blocking=True), self.norm, self.eps)
+        x = _rms(x.to(self.norm.device, non_blocking=True), self.norm, self.eps, v.fused)
         return F.linear(x.to(self.lm_head.device, non_blocking=True), self.lm_head).float().to(self.device)
 
     def _layers(self, x: torch.Tensor, per_device: dict[torch.device, Any], kv_len: int) -> torch.Tensor:
         h, kvh, hd = self.n_heads, self.n_kv, self.head_dim
-        pre, post = self._pre, self._post
+        pre, post, layer = self._pre, self._post, self._layer
+        fused, math = self.variant.fused, self.variant.attention == "math"
         for i, w in enumerate(self.layers):
             d = self.layer_devices[i]
             if x.device != d:  # crossing to the next GPU of a layer-wise split: only the hidden state moves
                 x = x.to(d, non_blocking=True)
             pos_d, cos, sin, masks = per_device[d]
-            q, k, v = pre(x, cos, sin, w["ln1"], w["qkv"], w["qkv_b"], w["qk_norm"], h, kvh, hd,
-                          self.eps)  # [h|kvh, n, hd]
-            ck, cv = self.cache_k[i], self.cache_v[i]  # [1, kvh, capacity, hd]
-            ck.index_copy_(2, pos_d, k.unsqueeze(0))
-            cv.index_copy_(2, pos_d, v.unsqueeze(0))
-            att = F.scaled_dot_product_attention(q.unsqueeze(0), ck[:, :, :kv_len], cv[:, :, :kv_len],
-                                                 attn_mask=masks[self.windows[i]], enable_gqa=kvh != h)  # [1,h,n,hd]
-            x = post(x, att, w["o"], w["o_b"], w["ln2"], w["gate_up"], w["gate_up_b"], w["down"], w["down_b"],
-                     w["ffn"], self.eps)
+            # the mask's width is kv_len: the layer reads the cache's first kv_len slots
+            x = layer(pre, post, x, pos_d, cos, sin, masks[self.windows[i]], self.cache_k[i], self.cache_v[i], w,
+                      h, kvh, hd, self.eps, fused, math)
         return x
 
     def compile(self) -> None:
-        """Fuse each layer's element-wise work (norms, RoPE, SiLU) with torch.compile; attention and the cache
-        writes stay eager. Shapes are dynamic, so one compilation serves every bucket and every layer."""
-        self._pre = torch.compile(_pre_attention, dynamic=True, fullgraph=True)
-        self._post = torch.compile(_post_attention, dynamic=True, fullgraph=True)
+        """torch.compile the forward (``COMPILED_VARIANT``: fused element-wise work, fewer kernels)."""
+        self.set_variant(COMPILED_VARIANT)
+
+
+def _layer(pre: Any, post: Any, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           mask: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, w: dict[str, Any], h: int, kvh: int, hd: int,
+           eps: float, fused: bool, math: bool) -> torch.Tensor:
+    """One decoder layer over the static cache: x [n, hidden] at positions pos [n] -> x [n, hidden]; writes the
+    layer's k/v at ``pos`` into ck, cv [1, kvh, capacity, hd] and attends over the first mask.shape[-1] slots."""
+    q, k, v = pre(x, cos, sin, w["ln1"], w["qkv"], w["qkv_b"], w["qk_norm"], h, kvh, hd, eps,
+                  fused=fused)  # [h|kvh, n, hd]
+    ck.index_copy_(2, pos, k.unsqueeze(0))
+    cv.index_copy_(2, pos, v.unsqueeze(0))
+    kv_len = mask.shape[-1]
+    keys, values = ck[:, :, :kv_len], cv[:, :, :kv_len]
+    if math:
+        att = _math_attention(q, keys, values, mask)
+    else:
+        att = F.scaled_dot_product_attention(q.unsqueeze(0), keys, values, attn_mask=mask,
+                                             enable_gqa=kvh != h)  # [1, h, n, hd]
+    return post(x, att, w["o"], w["o_b"], w["ln2"], w["gate_up"], w["gate_up_b"], w["down"], w["down_b"],
+                w["ffn"], eps, fused=fused)
+
+
+def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention as HF's eager path computes it (scores in the model's dtype, softmax in float32), without copying
+    k/v per query head: q [h, n, hd], k/v [1, kvh, kv, hd], mask [1, 1, n, kv] additive -> [1, h, n, hd].
+    Query head j reads kv head j // (h / kvh) (HF's repeat_kv), so each kv head's group is one batched matmul."""
+    h, n, hd = q.shape
+    kvh, kv = k.shape[1], k.shape[2]
+    g = h // kvh
+    scores = torch.bmm(q.reshape(kvh, g * n, hd), k[0].transpose(1, 2)) * hd ** -0.5  # [kvh, g * n, kv]
+    wide = torch.float32 if q.dtype in (torch.bfloat16, torch.float16) else q.dtype  # float64 stays float64
+    probs = torch.softmax(scores.view(kvh, g, n, kv) + mask[0], dim=-1, dtype=wide).to(q.dtype)
+    return torch.bmm(probs.view(kvh, g * n, kv), v[0]).view(1, h, n, hd)
 
 
 def _fuse_linears(*linears: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -227,8 +332,12 @@ def _fuse_linears(*linears: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, bias
 
 
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool = False) -> torch.Tensor:
     # the same computation as LlamaRMSNorm (and Qwen's, Mistral's): in float32, then back to the weights' dtype
+    if fused:  # F.rms_norm of a 16-bit x computes in float32 and rounds once to x's dtype: 2 kernels with the weight,
+        # not 8; float64 goes through float32 as HF's does
+        xf = x if x.dtype in (torch.bfloat16, torch.float16) else x.float()
+        return weight * F.rms_norm(xf, x.shape[-1:], eps=eps).to(x.dtype)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
@@ -236,24 +345,28 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def _pre_attention(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ln: torch.Tensor, qkv_w: torch.Tensor,
                    qkv_b: torch.Tensor | None, qk_norm: torch.Tensor | None, h: int, kvh: int, hd: int,
-                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   eps: float, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x: [n, hidden] -> q [h, n, hd], k and v [kvh, n, hd]; q/k norms (Qwen3) then RoPE on q and k together."""
     n = x.shape[0]
-    qkv = F.linear(_rms(x, ln, eps), qkv_w, qkv_b).view(n, h + 2 * kvh, hd)
+    qkv = F.linear(_rms(x, ln, eps, fused), qkv_w, qkv_b).view(n, h + 2 * kvh, hd)
     qk, v = qkv[:, : h + kvh], qkv[:, h + kvh:]
     if qk_norm is not None:  # [h + kvh, hd]: per-head RMSNorm over head_dim
-        qk = _rms(qk, qk_norm, eps)
+        qk = _rms(qk, qk_norm, eps, fused)
     half = hd // 2
-    rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
-    qk = qk * cos + rotated * sin  # cos, sin: [n, 1, hd]
+    if fused:  # sin's first half comes negated (forward): the halves swapped by one flip, then one addcmul
+        swapped = qk.unflatten(-1, (2, half)).flip(-2).flatten(-2)
+        qk = torch.addcmul(qk * cos, swapped, sin)
+    else:
+        rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
+        qk = qk * cos + rotated * sin  # cos, sin: [n, 1, hd]
     return qk[:, :h].transpose(0, 1), qk[:, h:].transpose(0, 1), v.transpose(0, 1)
 
 
 def _post_attention(x: torch.Tensor, att: torch.Tensor, o_w: torch.Tensor, o_b: torch.Tensor | None,
                     ln: torch.Tensor, gate_up_w: torch.Tensor, gate_up_b: torch.Tensor | None, down_w: torch.Tensor,
-                    down_b: torch.Tensor | None, ffn: int, eps: float) -> torch.Tensor:
+                    down_b: torch.Tensor | None, ffn: int, eps: float, fused: bool = False) -> torch.Tensor:
     """Residual stream after attention output and the MLP. att: [1, h, n, hd] -> x [n, hidden]."""
     n = x.shape[0]
     x = x + F.linear(att[0].transpose(0, 1).reshape(n, -1), o_w, o_b)
-    gate, up = F.linear(_rms(x, ln, eps), gate_up_w, gate_up_b).split(ffn, dim=-1)
+    gate, up = F.linear(_rms(x, ln, eps, fused), gate_up_w, gate_up_b).split(ffn, dim=-1)
     return x + F.linear(F.silu(gate) * up, down_w, down_b)
