@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
+import time
 
 import pytest
 import torch
 
+from pipespec.errors import PipelineError
 from pipespec.workers.tensor_parallel import Shard, plan_shard, refusal, shard_fused, tp_from_model
 
 WORLD = 2
@@ -153,3 +156,50 @@ def test_two_ranks_match_the_unsharded_forward(tmp_path):
     for rank in range(WORLD):
         worst = torch.load(tmp_path / f"rank{rank}.pt")
         assert set(worst) == {"llama", "qwen2", "qwen3"} and max(worst.values()) < 1e-9
+
+
+# -- a stage split over two ranks: rank 0 here, a follower process replaying its calls -------------------------------
+
+
+def test_tp_stage_matches_the_unsplit_worker(tmp_path):
+    from pipespec.runners.tensor_parallel import load_tp_worker
+    from pipespec.workers.static import StaticWorker
+
+    model = _tiny("llama")
+    model.save_pretrained(tmp_path / "model")
+    cpu = torch.device("cpu")
+    ref = StaticWorker(copy.deepcopy(model), "ref", cpu, capacity=64)
+    with torch.inference_mode():
+        tp = load_tp_worker(str(tmp_path / "model"), "tp", ["cpu", "cpu"], torch.float64, capacity=64)
+        try:
+            assert tp.describe().vocab_size == 64 and tp.static.cache_k[0].shape[1] == 1
+            seq = [5, 9, 1, 33, 2, 7, 11, 3]
+            calls = [(seq, 1), (seq + [4, 4], 8), (seq[:3] + [40, 41], 3), (seq[:3] + [40, 41, 8], 5)]  # a rollback
+            for worker in (ref, tp):
+                worker.reset(capacity=32)
+            for s, first in calls:
+                want, got = ref.logits(s, first), tp.logits(s, first)
+                assert torch.allclose(want, got, rtol=1e-9, atol=1e-9), (first, (want - got).abs().max())
+            for worker in (ref, tp):  # a new generation (a reset is mirrored too), from slot 0
+                worker.reset(capacity=48)
+            torch.testing.assert_close(tp.logits([1, 2], 1), ref.logits([1, 2], 1), rtol=1e-9, atol=1e-9)
+            # a follower that dies fails rank 0's next call (instead of an all-reduce that waits): the mirror's
+            # liveness check (one line naming the follower) or, where the death is not yet seen, gloo's reset pair
+            pid = tp.follower_pids[0]
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while _state(pid) not in ("Z", None) and time.monotonic() < deadline:  # dead, not yet reaped
+                time.sleep(0.02)
+            with pytest.raises((PipelineError, RuntimeError), match="follower|reset by peer"):
+                tp.logits([1, 2, 3], 2)
+        finally:
+            del tp  # its finaliser closes the follower's pipe: EOF ends it
+
+
+def _state(pid: int) -> str | None:
+    """A process's state letter from /proc (None: gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None

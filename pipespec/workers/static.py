@@ -44,9 +44,10 @@ class StaticWorker(LogitsWorker):
     CUDA)."""
 
     def __init__(self, model: Any, name: str, device: torch.device, *, graphs: bool | None = None,
-                 capacity: int = 2048, compile: bool = False) -> None:
+                 capacity: int = 2048, compile: bool = False, static: StaticLlama | None = None) -> None:
         super().__init__(model, name, device)
-        self.static = StaticLlama(model, capacity + PAD)
+        # ``static``: a forward built elsewhere (a tensor-parallel rank's shard, ``tensor_parallel``)
+        self.static = static if static is not None else StaticLlama(model, capacity + PAD)
         if compile:
             self.static.compile()
         # graphs are per device: a model split over GPUs runs its static path eagerly (launches overlap the GPUs);

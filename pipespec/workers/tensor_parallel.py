@@ -35,9 +35,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .static import StaticWorker
 from .static_llama import FAMILIES, Family, StaticLlama, _pre_attention, _rms, layer_windows
 
-__all__ = ["Shard", "TPStaticLlama", "plan_shard", "refusal", "shard_fused", "tp_from_model", "tp_from_folder",
+__all__ = ["Shard", "TPStaticLlama", "TPStaticWorker", "model_facts", "plan_shard", "refusal", "shard_fused", "tp_from_model", "tp_from_folder",
            "tp_random"]
 
 # read(name, rows, cols) -> the tensor ``name`` restricted to those row ranges (concatenated) and column range
@@ -156,6 +157,8 @@ class TPStaticLlama(StaticLlama):
                  group: Any, device: torch.device, dtype: torch.dtype, capacity: int) -> None:
         # Not StaticLlama.__init__ (it fuses a whole HF model's modules): the same attributes, from sliced reads.
         self.group = group
+        self.config = config
+        self.generation_config: Any = None  # EOS ids for ``describe``, where the source has them
         rank, world = group.rank(), group.size()
         self.family = family
         self.device, self.dtype = torch.device(device), dtype
@@ -305,8 +308,10 @@ def tp_from_model(model: Any, group: Any, device: torch.device, capacity: int) -
         return _slice(state[name], rows, cols).clone()
 
     family = _check_family(model.config, type(model).__name__)
-    return TPStaticLlama(model.config, family, layer_windows(model, family), model.model.rotary_emb, read, group, device,
-                         model.dtype, capacity)
+    static = TPStaticLlama(model.config, family, layer_windows(model, family), model.model.rotary_emb, read, group,
+                           device, model.dtype, capacity)
+    static.generation_config = getattr(model, "generation_config", None)
+    return static
 
 
 def tp_from_folder(folder: str, group: Any, device: torch.device, dtype: torch.dtype, capacity: int) -> TPStaticLlama:
@@ -334,8 +339,15 @@ def tp_from_folder(folder: str, group: Any, device: torch.device, dtype: torch.d
 
     meta = _meta_model(config)
     family = _check_family(config, type(meta).__name__)
-    return TPStaticLlama(config, family, layer_windows(meta, family), _rotary(meta, config), read, group, device,
-                         dtype, capacity)
+    static = TPStaticLlama(config, family, layer_windows(meta, family), _rotary(meta, config), read, group, device,
+                           dtype, capacity)
+    try:
+        from transformers import GenerationConfig
+
+        static.generation_config = GenerationConfig.from_pretrained(str(path))
+    except OSError:  # no generation_config.json: no EOS beyond the config's
+        static.generation_config = None
+    return static
 
 
 def tp_random(shape: tuple[int, int, int, int, int, int], group: Any, device: torch.device, dtype: torch.dtype,
@@ -375,3 +387,59 @@ def tp_random(shape: tuple[int, int, int, int, int, int], group: Any, device: to
 
     return TPStaticLlama(config, FAMILIES["LlamaForCausalLM"], [None] * layers, LlamaRotaryEmbedding(config=config),
                          read, group, device, dtype, capacity)
+
+
+# -- rank 0's worker ------------------------------------------------------------------------------------------------
+
+
+class TPStaticWorker(StaticWorker):
+    """A ``StaticWorker`` over one rank's ``TPStaticLlama``. On rank 0 (the stage's worker) ``mirror`` sends every
+    call that runs the forward to the other ranks first, as a small header (``("forward", tokens, position)``,
+    ``("reset", capacity)``, ``("warm_up", buckets, context)``); a follower runs the same worker with no mirror and
+    replays the headers (``runners.tensor_parallel``), so every rank forwards, captures and replays the same shapes
+    in the same order and the all-reduces pair up. Rollbacks need no header: a forward names its position and the
+    follower drops what lies past it. Multi-token device drafts are off (their choices would have to be mirrored):
+    a draft is one mirrored forward per token."""
+
+    def __init__(self, static: TPStaticLlama, facts: Any, name: str, device: torch.device,
+                 mirror: Callable[[tuple[Any, ...]], None] | None = None, capacity: int = 2048) -> None:
+        super().__init__(facts, name, device, capacity=capacity, static=static)
+        self.mirror = mirror
+        self.device_draft = False
+
+    def forward(self, tokens: Sequence[int], position: int, keep: int) -> torch.Tensor:
+        if self.mirror is not None:
+            self.mirror(("forward", tuple(tokens), position))
+        return super().forward(tokens, position, keep)
+
+    def reset(self, seed: int | None = None, capacity: int | None = None) -> None:
+        if self.mirror is not None:
+            self.mirror(("reset", capacity))
+        super().reset(seed, capacity)
+
+    def warm_up(self, buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64), context: int = 512,
+                draft_steps: Sequence[int] = (), params: Any = None) -> None:
+        if self.mirror is not None:
+            self.mirror(("warm_up", tuple(buckets), context))
+        super().warm_up(buckets, context)
+
+    def replay(self, header: tuple[Any, ...]) -> None:
+        """A follower's side: run one header rank 0 sent."""
+        op = header[0]
+        if op == "forward":
+            _, tokens, position = header
+            del self.cached[position:]  # rank 0 rolled back (or not): its position is the truth
+            self.forward(tokens, position, 1)
+        elif op == "reset":
+            self.reset(None, header[1])
+        elif op == "warm_up":
+            self.warm_up(header[1], header[2])
+        else:
+            raise ValueError(f"unknown tensor-parallel header {op!r}")
+
+
+def model_facts(config: Any, static: TPStaticLlama, generation_config: Any = None) -> Any:
+    """What ``LogitsWorker`` reads of an HF model (config, output size, EOS, dtype), for a rank that has no HF model."""
+    lm_head = SimpleNamespace(weight=static.lm_head)
+    return SimpleNamespace(config=config, dtype=static.dtype, generation_config=generation_config,
+                           get_output_embeddings=lambda: lm_head)
