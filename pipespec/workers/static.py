@@ -44,12 +44,14 @@ class StaticWorker(LogitsWorker):
     CUDA)."""
 
     def __init__(self, model: Any, name: str, device: torch.device, *, graphs: bool | None = None,
-                 capacity: int = 2048, compile: bool = False, variant: str | Variant | None = None) -> None:
+                 capacity: int = 2048, compile: bool = False, variant: str | Variant | None = None,
+                 static: StaticLlama | None = None) -> None:
         super().__init__(model, name, device)
         # the forward's layout (static_llama.VARIANTS): by default per device, compile=True the compiled one,
-        # PIPESPEC_STATIC_VARIANT=<name> overrides both
-        self.static = StaticLlama(model, capacity + PAD, variant if variant is not None else
-                                  choose_variant(device, compile))
+        # PIPESPEC_STATIC_VARIANT=<name> overrides both; ``static``: a forward built elsewhere (a tensor-parallel
+        # rank's shard, ``tensor_parallel``), used as it is
+        self.static = static if static is not None else StaticLlama(
+            model, capacity + PAD, variant if variant is not None else choose_variant(device, compile))
         # graphs are per device: a model split over GPUs runs its static path eagerly (launches overlap the GPUs);
         # PIPESPEC_CUDA_GRAPHS=0 turns them off (a safety valve: same kernels, launched one by one)
         if graphs is None:

@@ -1,0 +1,142 @@
+"""The processes of a tensor-parallel stage: rank 0 is the stage's worker (wherever its runner puts it: a thread or a
+process of its own), ranks 1..n-1 are follower processes started for it, one per further GPU.
+
+``load_tp_worker`` is the factory a runner builds rank 0 with. It starts the followers (fresh interpreters, as
+``runners.process`` starts its children), joins them in a process group (NCCL on CUDA, gloo on the CPU; a
+``FileStore`` in a temporary folder is the rendezvous), builds its own shard and returns a
+``workers.tensor_parallel.TPStaticWorker`` whose every forward first sends a small header (which op, the tokens,
+the position) down a pipe to each follower. A follower builds its shard from the same source and replays the
+headers in order, so its forwards, graph captures and all-reduces pair up with rank 0's.
+
+Lifetimes: a follower exits on its pipe's EOF (rank 0's worker was dropped, or its process ended) and is killed
+with its parent (``PR_SET_PDEATHSIG``: the parent *thread*, the runner's). A follower that dies makes rank 0's next
+call fail with one line; a forward already inside an all-reduce waits for the group's timeout (``TIMEOUT``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import weakref
+from collections.abc import Sequence
+from datetime import timedelta
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+
+from ..errors import PipelineError
+
+__all__ = ["TIMEOUT", "load_tp_worker"]
+
+TIMEOUT = timedelta(seconds=120)  # a collective (or the rendezvous) waiting longer than this fails
+
+
+def _group(store_path: str, rank: int, world: int, device: torch.device) -> Any:
+    """This rank's process group, built directly (not the process's default group: a process may host several)."""
+    import torch.distributed as dist
+
+    store = dist.FileStore(store_path, world)
+    store.set_timeout(TIMEOUT)
+    if device.type == "cuda":
+        return dist.ProcessGroupNCCL(store, rank, world)
+    return dist.ProcessGroupGloo(store, rank, world, timeout=TIMEOUT)
+
+
+def _build(spec: Any, group: Any, device: torch.device, dtype: torch.dtype, capacity: int) -> Any:
+    """This rank's shard: ``spec`` is a model folder (safetensors) or ``("random", shape)`` (``synthetic.SHAPES``)."""
+    from ..workers.static import PAD
+    from ..workers.tensor_parallel import tp_from_folder, tp_random
+
+    if isinstance(spec, tuple) and spec[0] == "random":
+        return tp_random(spec[1], group, device, dtype, capacity + PAD)
+    return tp_from_folder(str(spec), group, device, dtype, capacity + PAD)
+
+
+def _worker(static: Any, name: str, device: torch.device, mirror: Any, capacity: int) -> Any:
+    from ..workers.tensor_parallel import TPStaticWorker, model_facts
+
+    return TPStaticWorker(static, model_facts(static.config, static, static.generation_config), name, device, mirror,
+                          capacity)
+
+
+def load_tp_worker(spec: Any, name: str, devices: Sequence[str], dtype: torch.dtype, capacity: int = 2048) -> Any:
+    """Rank 0's worker of a stage split over ``devices`` (one per rank), its followers started and joined."""
+    world = len(devices)
+    device = torch.device(devices[0])
+    folder = tempfile.mkdtemp(prefix="pipespec-tp-")
+    store_path = os.path.join(folder, "store")
+    followers: list[tuple[subprocess.Popen[bytes], Connection]] = []
+    try:
+        for rank in range(1, world):
+            ours, theirs = socket.socketpair()
+            payload = pickle.dumps((spec, str(devices[rank]), dtype, capacity, name))
+            bootstrap = (f"import sys; sys.path[:] = {sys.path!r}; from pipespec.runners.tensor_parallel import "
+                         f"_follower; _follower({theirs.fileno()}, {rank}, {world}, {store_path!r}, {payload!r})")
+            proc = subprocess.Popen([sys.executable, "-c", bootstrap], pass_fds=[theirs.fileno()],
+                                    stdin=subprocess.DEVNULL)
+            theirs.close()
+            followers.append((proc, Connection(ours.detach())))
+        group = _group(store_path, 0, world, device)
+        static = _build(spec, group, device, dtype, capacity)
+    except BaseException:
+        _stop(followers, folder)
+        raise
+
+    def mirror(header: tuple[Any, ...]) -> None:
+        for proc, conn in followers:
+            if proc.poll() is not None:
+                raise PipelineError(f"{name}: tensor-parallel follower (pid {proc.pid}) ended with {proc.returncode}")
+            conn.send(header)
+
+    worker = _worker(static, name, device, mirror, capacity)
+    worker.follower_pids = [proc.pid for proc, _ in followers]  # diagnostics and tests
+    weakref.finalize(worker, _stop, followers, folder)
+    return worker
+
+
+def _stop(followers: list[tuple[subprocess.Popen[bytes], Connection]], folder: str) -> None:
+    """EOF to every follower, then SIGKILL for one still there after a few seconds."""
+    for _, conn in followers:
+        conn.close()
+    for proc, _ in followers:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _follower(fd: int, rank: int, world: int, store_path: str, payload: bytes) -> None:
+    """A follower's entry point: join the group, build the shard, replay rank 0's headers until EOF."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0's runner handles Ctrl-C and closes us
+    try:  # die with the thread that started us (Linux); elsewhere the pipe's EOF says the same
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    os.set_inheritable(fd, False)
+    conn = Connection(fd)
+    spec, device_name, dtype, capacity, name = pickle.loads(payload)
+    device = torch.device(device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.set_grad_enabled(False)
+    group = _group(store_path, rank, world, device)
+    with torch.inference_mode():
+        worker = _worker(_build(spec, group, device, dtype, capacity), f"{name}#{rank}", device, None, capacity)
+        while True:
+            try:
+                header = conn.recv()
+            except (EOFError, OSError):
+                break
+            worker.replay(header)
+    sys.stdout.flush()
+    os._exit(0)  # skip the interpreter's teardown of torch (and of a process group nobody else will use)

@@ -1,0 +1,446 @@
+"""Tensor parallelism for the static LLaMA-family forward: which slice of every weight a rank keeps, and one
+rank's forward over its shard (Megatron's split: attention heads and MLP columns over the ranks).
+
+Terms: *world* is the number of ranks (GPUs) one model is split over, *rank* one of them (0 .. world - 1). With
+``h`` query heads, ``kvh`` key/value heads (GQA: query head j reads kv head ``j // (h / kvh)``), ``hd`` head_dim and
+``ffn`` the MLP width, rank r keeps
+
+- query heads ``[r*h/W, (r+1)*h/W)`` and kv heads ``[r*kvh/W, (r+1)*kvh/W)``: rows of the fused qkv weight (and of
+  its bias). Each rank's query heads read exactly its own kv heads (h/W over kvh/W is the GQA group size), so
+  attention needs no communication and each rank's KV cache holds only its kv heads;
+- the matching *columns* of o_proj (its input is the concatenated head outputs): each rank's product is a partial
+  sum of the full one, summed by one all-reduce; o_proj's bias is added once, after the sum;
+- MLP columns ``[r*ffn/W, (r+1)*ffn/W)``: rows of gate and of up (and their biases), columns of down_proj; one
+  all-reduce after down_proj, then its bias.
+
+Embedding, final norm and lm_head are replicated (every rank computes the same logits; lm_head is ~0.7% of a 70B
+model's bytes). Refused (``ValueError``, one line): a world that does not divide the query heads, the kv heads (no
+kv-head replication) or the MLP width. Two all-reduces per layer; the sums' order differs from one unsplit matmul,
+so logits agree to rounding (exactly equal in exact arithmetic).
+
+The forward is ``StaticLlama``'s (same static cache, masks, RoPE tables, CUDA-graph friendly: no host syncs, the
+all-reduce is captured with the graph on NCCL); only the per-layer loop differs. It is built from weights read by
+name (an HF model's state dict, a safetensors folder read slice by slice, or random weights of a named shape), so a
+rank never holds more than its shard plus the replicated parts.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .static import StaticWorker
+from .static_llama import VARIANTS, FAMILIES, Family, StaticLlama, _pre_attention, _rms, layer_windows
+
+__all__ = ["Shard", "TPStaticLlama", "TPStaticWorker", "model_facts", "plan_shard", "refusal", "shard_fused", "tp_from_model", "tp_from_folder",
+           "tp_random"]
+
+# read(name, rows, cols) -> the tensor ``name`` restricted to those row ranges (concatenated) and column range
+Reader = Callable[[str, Sequence[tuple[int, int]] | None, tuple[int, int] | None], torch.Tensor]
+
+
+def refusal(heads: int, kv_heads: int, ffn: int, world: int) -> str | None:
+    """None when a model of these sizes splits over ``world`` ranks, else the reason (one line)."""
+    if world < 1:
+        return f"tensor parallelism needs at least one rank, got {world}"
+    for what, n in (("attention heads", heads), ("key/value heads", kv_heads), ("MLP width", ffn)):
+        if n % world:
+            return f"tensor parallelism over {world} GPUs needs the {what} ({n}) divisible by {world}"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """What rank ``rank`` of ``world`` keeps of a model with these sizes (pure arithmetic; see the module doc)."""
+
+    rank: int
+    world: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+
+    @property
+    def local_heads(self) -> int:
+        return self.heads // self.world
+
+    @property
+    def local_kv(self) -> int:
+        return self.kv_heads // self.world
+
+    @property
+    def local_ffn(self) -> int:
+        return self.ffn // self.world
+
+    def q_rows(self) -> tuple[int, int]:
+        """Rows of q_proj (and of the q part of the fused qkv)."""
+        n = self.local_heads * self.head_dim
+        return self.rank * n, (self.rank + 1) * n
+
+    def kv_rows(self) -> tuple[int, int]:
+        """Rows of k_proj and of v_proj (each on its own)."""
+        n = self.local_kv * self.head_dim
+        return self.rank * n, (self.rank + 1) * n
+
+    def qkv_rows(self) -> list[tuple[int, int]]:
+        """Rows of the fused qkv weight [(h + 2 kvh) * hd, hidden]: this rank's q, then k, then v rows."""
+        q0, q1 = self.q_rows()
+        k0, k1 = self.kv_rows()
+        q_end, k_end = self.heads * self.head_dim, (self.heads + self.kv_heads) * self.head_dim
+        return [(q0, q1), (q_end + k0, q_end + k1), (k_end + k0, k_end + k1)]
+
+    def o_cols(self) -> tuple[int, int]:
+        """Columns of o_proj [hidden, h * hd]: the inputs that are this rank's head outputs."""
+        return self.q_rows()
+
+    def ffn_rows(self) -> tuple[int, int]:
+        """Rows of gate_proj and of up_proj (each on its own); also the columns of down_proj [hidden, ffn]."""
+        return self.rank * self.local_ffn, (self.rank + 1) * self.local_ffn
+
+    def gate_up_rows(self) -> list[tuple[int, int]]:
+        """Rows of the fused gate_up weight [2 ffn, hidden]: this rank's gate rows, then its up rows."""
+        a, b = self.ffn_rows()
+        return [(a, b), (self.ffn + a, self.ffn + b)]
+
+    def down_cols(self) -> tuple[int, int]:
+        return self.ffn_rows()
+
+
+def plan_shard(rank: int, world: int, heads: int, kv_heads: int, head_dim: int, ffn: int) -> Shard:
+    """The ``Shard`` of rank ``rank``; ``ValueError`` (one line) where the sizes do not split over ``world``."""
+    reason = refusal(heads, kv_heads, ffn, world)
+    if reason is not None:
+        raise ValueError(reason)
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not one of 0..{world - 1}")
+    return Shard(rank, world, heads, kv_heads, head_dim, ffn)
+
+
+def take_rows(t: torch.Tensor, ranges: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """The rows ``ranges`` of ``t`` (dim 0), concatenated into a fresh contiguous tensor."""
+    return torch.cat([t[a:b] for a, b in ranges]).contiguous()
+
+
+def shard_fused(w: dict[str, Any], shard: Shard) -> dict[str, Any]:
+    """One layer's fused weights (``StaticLlama._fuse``'s dict) -> this rank's: rows of qkv/gate_up (and their
+    biases and the Qwen3 q/k norm rows), columns of o and down; o's and down's biases whole (added after the sum)."""
+    h, lh, lkv = shard.heads, shard.local_heads, shard.local_kv
+    out = dict(w)
+    out["qkv"] = take_rows(w["qkv"], shard.qkv_rows())
+    out["qkv_b"] = None if w["qkv_b"] is None else take_rows(w["qkv_b"], shard.qkv_rows())
+    if w["qk_norm"] is not None:  # [h + kvh, hd]: rows per head
+        r = shard.rank
+        out["qk_norm"] = take_rows(w["qk_norm"], [(r * lh, (r + 1) * lh), (h + r * lkv, h + (r + 1) * lkv)])
+    a, b = shard.o_cols()
+    out["o"] = w["o"][:, a:b].contiguous()
+    out["gate_up"] = take_rows(w["gate_up"], shard.gate_up_rows())
+    out["gate_up_b"] = None if w["gate_up_b"] is None else take_rows(w["gate_up_b"], shard.gate_up_rows())
+    a, b = shard.down_cols()
+    out["down"] = w["down"][:, a:b].contiguous()
+    out["ffn"] = shard.local_ffn
+    return out
+
+
+class TPStaticLlama(StaticLlama):
+    """``StaticLlama`` on one rank of a tensor-parallel group: ``forward(ids [n], pos [n], kv_len) -> logits
+    [n, vocab]`` (float32, the same on every rank); every rank must make the same calls in the same order (each
+    layer's two all-reduces pair them up). ``group``: a ``torch.distributed`` process group (NCCL on CUDA, gloo on
+    the CPU), registered or built directly; world size and rank are read off it."""
+
+    def __init__(self, config: Any, family: Family, windows: Sequence[int | None], rotary: Any, read: Reader,
+                 group: Any, device: torch.device, dtype: torch.dtype, capacity: int) -> None:
+        # Not StaticLlama.__init__ (it fuses a whole HF model's modules): the same attributes, from sliced reads.
+        self.group = group
+        self.config = config
+        self.generation_config: Any = None  # EOS ids for ``describe``, where the source has them
+        rank, world = group.rank(), group.size()
+        self.family = family
+        self.device, self.dtype = torch.device(device), dtype
+        heads = config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        self.shard = plan_shard(rank, world, heads, kv, self.head_dim, config.intermediate_size)
+        self.n_heads, self.n_kv = self.shard.local_heads, self.shard.local_kv  # what this rank's cache and pre see
+        self.eps = config.rms_norm_eps
+        self.n_layers = config.num_hidden_layers
+        self.windows = list(windows)[: self.n_layers]
+
+        def get(name: str, rows: Sequence[tuple[int, int]] | None = None,
+                cols: tuple[int, int] | None = None) -> torch.Tensor:
+            return read(name, rows, cols).to(device=self.device, dtype=dtype)
+
+        self.layers = [self._shard_layer(get, i) for i in range(self.n_layers)]
+        self.layer_devices = [self.device] * self.n_layers
+        self.devices = [self.device]
+        self.embed = get("model.embed_tokens.weight")
+        self.norm = get("model.norm.weight")
+        self.lm_head = get("lm_head.weight")
+        # StaticLlama.ensure_capacity reads the RoPE module as ``self.model.model.rotary_emb``
+        self.model = SimpleNamespace(model=SimpleNamespace(rotary_emb=copy.deepcopy(rotary).to(self.device)))
+        self._pre = _pre_attention
+        self.variant = VARIANTS["base"]  # the forward's layout (StaticLlama.forward reads it); _layers is our own
+        self.capacity = 0
+        self.cache_k: list[torch.Tensor] = []
+        self.cache_v: list[torch.Tensor] = []
+        self.rope: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.ensure_capacity(capacity)
+
+    def _shard_layer(self, get: Callable[..., torch.Tensor], i: int) -> dict[str, Any]:
+        s, p = self.shard, f"model.layers.{i}."
+
+        def maybe(name: str, rows: Sequence[tuple[int, int]] | None = None) -> torch.Tensor | None:
+            try:
+                return get(name, rows)
+            except KeyError:
+                return None
+
+        q, kv = [s.q_rows()], [s.kv_rows()]
+        qkv = torch.cat([get(p + "self_attn.q_proj.weight", q), get(p + "self_attn.k_proj.weight", kv),
+                         get(p + "self_attn.v_proj.weight", kv)])  # [(lh + 2 lkv) * hd, hidden]
+        biases = [maybe(p + f"self_attn.{n}_proj.bias", r) for n, r in (("q", q), ("k", kv), ("v", kv))]
+        qkv_b = None
+        if any(b is not None for b in biases):  # a missing bias is a zero bias (as in _fuse_linears)
+            qkv_b = torch.cat([b if b is not None else qkv.new_zeros((r[0][1] - r[0][0]))
+                               for b, r in zip(biases, (q, kv, kv))])
+        qk_norm = None
+        if self.family.qk_norm:  # [lh + lkv, hd]: the same norm for every q head, another for every k head
+            qk_norm = torch.cat([get(p + "self_attn.q_norm.weight").expand(s.local_heads, self.head_dim),
+                                 get(p + "self_attn.k_norm.weight").expand(s.local_kv, self.head_dim)])
+        f = [s.ffn_rows()]
+        gate_up = torch.cat([get(p + "mlp.gate_proj.weight", f), get(p + "mlp.up_proj.weight", f)])  # [2 lffn, hid]
+        gb, ub = maybe(p + "mlp.gate_proj.bias", f), maybe(p + "mlp.up_proj.bias", f)
+        gate_up_b = None
+        if gb is not None or ub is not None:
+            zero = gate_up.new_zeros(s.local_ffn)
+            gate_up_b = torch.cat([gb if gb is not None else zero, ub if ub is not None else zero])
+        return {"ln1": get(p + "input_layernorm.weight"), "qkv": qkv, "qkv_b": qkv_b, "qk_norm": qk_norm,
+                "o": get(p + "self_attn.o_proj.weight", None, s.o_cols()), "o_b": maybe(p + "self_attn.o_proj.bias"),
+                "ln2": get(p + "post_attention_layernorm.weight"), "gate_up": gate_up, "gate_up_b": gate_up_b,
+                "down": get(p + "mlp.down_proj.weight", None, s.down_cols()), "down_b": maybe(p + "mlp.down_proj.bias"),
+                "ffn": s.local_ffn}
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over the ranks, in place (capturable in a CUDA graph on NCCL: no host sync)."""
+        if self.shard.world > 1:
+            self.group.allreduce([t]).wait()
+        return t
+
+    def _layers(self, x: torch.Tensor, per_device: dict[torch.device, Any], kv_len: int) -> torch.Tensor:
+        h, kvh, hd = self.n_heads, self.n_kv, self.head_dim  # this rank's heads
+        pos_d, cos, sin, masks = per_device[self.device]
+        n = x.shape[0]
+        for i, w in enumerate(self.layers):
+            q, k, v = self._pre(x, cos, sin, w["ln1"], w["qkv"], w["qkv_b"], w["qk_norm"], h, kvh, hd,
+                                self.eps)  # [lh|lkv, n, hd]
+            ck, cv = self.cache_k[i], self.cache_v[i]  # [1, lkv, capacity, hd]
+            ck.index_copy_(2, pos_d, k.unsqueeze(0))
+            cv.index_copy_(2, pos_d, v.unsqueeze(0))
+            att = F.scaled_dot_product_attention(q.unsqueeze(0), ck[:, :, :kv_len], cv[:, :, :kv_len],
+                                                 attn_mask=masks[self.windows[i]], enable_gqa=kvh != h)  # [1,lh,n,hd]
+            partial = F.linear(att[0].transpose(0, 1).reshape(n, -1), w["o"])  # [n, hidden], this rank's heads
+            x = x + _add_bias(self._all_reduce(partial), w["o_b"])
+            gate, up = F.linear(_rms(x, w["ln2"], self.eps), w["gate_up"], w["gate_up_b"]).split(w["ffn"], dim=-1)
+            partial = F.linear(F.silu(gate) * up, w["down"])  # [n, hidden], this rank's MLP columns
+            x = x + _add_bias(self._all_reduce(partial), w["down_b"])
+        return x
+
+    def compile(self) -> None:
+        """Only the pre-attention element-wise work is compiled; the post-attention path holds the all-reduces."""
+        self._pre = torch.compile(self._pre, dynamic=True, fullgraph=True)
+
+
+def _add_bias(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x if bias is None else x + bias
+
+
+# -- where the weights come from ------------------------------------------------------------------------------------
+
+
+def _slice(t: Any, rows: Sequence[tuple[int, int]] | None, cols: tuple[int, int] | None) -> torch.Tensor:
+    """Rows and columns of ``t`` (a tensor, or a safetensors slice: only those bytes are read)."""
+    if rows is None:
+        rows = [(0, t.shape[0] if hasattr(t, "shape") else t.get_shape()[0])]
+    c0, c1 = cols if cols is not None else (None, None)
+    parts = [t[a:b] if len(_shape(t)) == 1 else t[a:b, c0:c1] for a, b in rows]
+    parts = [p if isinstance(p, torch.Tensor) else torch.as_tensor(p) for p in parts]
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _shape(t: Any) -> Sequence[int]:
+    return tuple(t.shape) if hasattr(t, "shape") else tuple(t.get_shape())
+
+
+def _check_family(config: Any, architecture: str) -> Family:
+    family = FAMILIES.get(architecture)
+    if family is None:
+        raise ValueError(f"tensor parallelism supports {', '.join(FAMILIES)}, not {architecture}")
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise ValueError(f"tensor parallelism: activation {config.hidden_act} is not supported")
+    if getattr(config, "quantization_config", None) is not None:
+        raise ValueError("tensor parallelism: quantized weights are not supported")
+    return family
+
+
+def _meta_model(config: Any) -> Any:
+    """The architecture on the meta device (no memory): its class, windows and RoPE module's class."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _rotary(meta: Any, config: Any) -> Any:
+    return type(meta.model.rotary_emb)(config=config)  # real buffers (the meta module's have no data)
+
+
+def tp_from_model(model: Any, group: Any, device: torch.device, capacity: int) -> TPStaticLlama:
+    """This rank's shard of an HF model already in memory (tests; small models): read from its state dict."""
+    state = model.state_dict()
+    if "lm_head.weight" not in state:  # tied: the embedding is the output layer
+        state["lm_head.weight"] = model.get_input_embeddings().weight
+
+    def read(name: str, rows: Sequence[tuple[int, int]] | None, cols: tuple[int, int] | None) -> torch.Tensor:
+        return _slice(state[name], rows, cols).clone()
+
+    family = _check_family(model.config, type(model).__name__)
+    static = TPStaticLlama(model.config, family, layer_windows(model, family), model.model.rotary_emb, read, group,
+                           device, model.dtype, capacity)
+    static.generation_config = getattr(model, "generation_config", None)
+    return static
+
+
+def tp_from_folder(folder: str, group: Any, device: torch.device, dtype: torch.dtype, capacity: int) -> TPStaticLlama:
+    """This rank's shard read from a safetensors folder, slice by slice (a rank reads only its rows and columns)."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    path = Path(folder)
+    config = AutoConfig.from_pretrained(str(path))
+    index = path / "model.safetensors.index.json"
+    where = (json.loads(index.read_text())["weight_map"] if index.exists()
+             else {k: "model.safetensors" for k in safe_open(str(path / "model.safetensors"), "pt").keys()})
+    files: dict[str, Any] = {}
+
+    def read(name: str, rows: Sequence[tuple[int, int]] | None, cols: tuple[int, int] | None) -> torch.Tensor:
+        if name == "lm_head.weight" and name not in where:
+            name = "model.embed_tokens.weight"  # tied embeddings
+        fname = where[name]  # KeyError: an absent (optional) bias
+        if fname not in files:
+            files[fname] = safe_open(str(path / fname), "pt")
+        return _slice(files[fname].get_slice(name), rows, cols)
+
+    meta = _meta_model(config)
+    family = _check_family(config, type(meta).__name__)
+    static = TPStaticLlama(config, family, layer_windows(meta, family), _rotary(meta, config), read, group, device,
+                           dtype, capacity)
+    try:
+        from transformers import GenerationConfig
+
+        static.generation_config = GenerationConfig.from_pretrained(str(path))
+    except OSError:  # no generation_config.json: no EOS beyond the config's
+        static.generation_config = None
+    return static
+
+
+def tp_random(shape: tuple[int, int, int, int, int, int], group: Any, device: torch.device, dtype: torch.dtype,
+              capacity: int, seed: int = 0) -> TPStaticLlama:
+    """A LLaMA of ``shape`` (hidden, layers, heads, kv heads, ffn, vocab; ``synthetic.SHAPES``) with random weights,
+    only this rank's shard created, directly on ``device`` (benchmarks: the 70B shape on two GPUs)."""
+    from transformers import LlamaConfig
+
+    hidden, layers, heads, kv, ffn, vocab = shape
+    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv, intermediate_size=ffn, vocab_size=vocab,
+                         max_position_embeddings=max(4096, capacity), tie_word_embeddings=False)
+    hd = hidden // heads
+    full = {"q_proj": (heads * hd, hidden), "k_proj": (kv * hd, hidden), "v_proj": (kv * hd, hidden),
+            "o_proj": (hidden, heads * hd), "gate_proj": (ffn, hidden), "up_proj": (ffn, hidden),
+            "down_proj": (hidden, ffn)}
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed + 7919 * group.rank())
+
+    def read(name: str, rows: Sequence[tuple[int, int]] | None, cols: tuple[int, int] | None) -> torch.Tensor:
+        if name.endswith(".bias"):
+            raise KeyError(name)
+        if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+            return torch.ones(hidden, device=device, dtype=dtype)
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            out, inp = vocab, hidden
+        else:
+            out, inp = full[name.split(".")[-2]]
+        if rows is not None:
+            out = sum(b - a for a, b in rows)
+        if cols is not None:
+            inp = cols[1] - cols[0]
+        # random, not zeros (zeros can run faster than real data); made where it lives, in its dtype
+        return torch.empty(out, inp, device=device, dtype=dtype).normal_(0, 0.02, generator=gen)
+
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    return TPStaticLlama(config, FAMILIES["LlamaForCausalLM"], [None] * layers, LlamaRotaryEmbedding(config=config),
+                         read, group, device, dtype, capacity)
+
+
+# -- rank 0's worker ------------------------------------------------------------------------------------------------
+
+
+class TPStaticWorker(StaticWorker):
+    """A ``StaticWorker`` over one rank's ``TPStaticLlama``. On rank 0 (the stage's worker) ``mirror`` sends every
+    call that runs the forward to the other ranks first, as a small header (``("forward", tokens, position)``,
+    ``("reset", capacity)``, ``("warm_up", buckets, context)``); a follower runs the same worker with no mirror and
+    replays the headers (``runners.tensor_parallel``), so every rank forwards, captures and replays the same shapes
+    in the same order and the all-reduces pair up. Rollbacks need no header: a forward names its position and the
+    follower drops what lies past it. Multi-token device drafts are off (their choices would have to be mirrored):
+    a draft is one mirrored forward per token."""
+
+    def __init__(self, static: TPStaticLlama, facts: Any, name: str, device: torch.device,
+                 mirror: Callable[[tuple[Any, ...]], None] | None = None, capacity: int = 2048) -> None:
+        super().__init__(facts, name, device, capacity=capacity, static=static)
+        self.mirror = mirror
+        self.device_draft = False
+
+    def forward(self, tokens: Sequence[int], position: int, keep: int) -> torch.Tensor:
+        if self.mirror is not None:
+            self.mirror(("forward", tuple(tokens), position))
+        return super().forward(tokens, position, keep)
+
+    def reset(self, seed: int | None = None, capacity: int | None = None) -> None:
+        if self.mirror is not None:
+            self.mirror(("reset", capacity))
+        super().reset(seed, capacity)
+
+    def warm_up(self, buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64), context: int = 512,
+                draft_steps: Sequence[int] = (), params: Any = None) -> None:
+        if self.mirror is not None:
+            self.mirror(("warm_up", tuple(buckets), context))
+        super().warm_up(buckets, context)
+
+    def replay(self, header: tuple[Any, ...]) -> None:
+        """A follower's side: run one header rank 0 sent."""
+        op = header[0]
+        if op == "forward":
+            _, tokens, position = header
+            del self.cached[position:]  # rank 0 rolled back (or not): its position is the truth
+            self.forward(tokens, position, 1)
+        elif op == "reset":
+            self.reset(None, header[1])
+        elif op == "warm_up":
+            self.warm_up(header[1], header[2])
+        else:
+            raise ValueError(f"unknown tensor-parallel header {op!r}")
+
+
+def model_facts(config: Any, static: TPStaticLlama, generation_config: Any = None) -> Any:
+    """What ``LogitsWorker`` reads of an HF model (config, output size, EOS, dtype), for a rank that has no HF model."""
+    lm_head = SimpleNamespace(weight=static.lm_head)
+    return SimpleNamespace(config=config, dtype=static.dtype, generation_config=generation_config,
+                           get_output_embeddings=lambda: lm_head)
