@@ -112,7 +112,8 @@ class LogitsWorker(ABC):
         # rows of the input embedding: ids at or past it cannot be fed. A chain may mix output widths that differ
         # only by padding rows (Qwen2.5: 0.5B/1.5B 151936, 7B/72B 152064); a wider target could in principle emit
         # a padding id, which a narrower stage then feeds as id 0 instead (only a proposer's speed can change).
-        embeddings = model.get_input_embeddings()
+        get_embeddings = getattr(model, "get_input_embeddings", None)
+        embeddings = get_embeddings() if get_embeddings is not None else None
         self.id_limit = int(embeddings.weight.shape[0]) if embeddings is not None else self.vocab_size
         self.max_positions = int(getattr(self.config, "max_position_embeddings", 0) or 0) or None
         self.cached: list[int] = []
