@@ -17,6 +17,7 @@ ROOT = Path(pipespec.__file__).parent
 LAYERS = [
     {"errors", "types", "verify", "channels", "loading", "placement", "prompts", "tracing", "__init__"},
     {"analysis"},
+    {"kernels"},
     {"workers"},
     {"runners"},
     {"stages"},
