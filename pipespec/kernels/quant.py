@@ -83,8 +83,9 @@ def quantize(w: torch.Tensor, kind: str) -> QuantWeight:
 
 
 def dequantize(w: QuantWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[out, in] in ``dtype``: q * scale, computed in float32."""
-    return (w.q.float() * w.scale[:, None]).to(dtype)
+    """[out, in] in ``dtype``: q * scale, computed in float32 (float64 when asked for: exact)."""
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    return (w.q.to(wide) * w.scale.to(wide)[:, None]).to(dtype)
 
 
 def set_backend(name: str) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -44,9 +44,10 @@ class StaticWorker(LogitsWorker):
     CUDA)."""
 
     def __init__(self, model: Any, name: str, device: torch.device, *, graphs: bool | None = None,
-                 capacity: int = 2048, compile: bool = False) -> None:
+                 capacity: int = 2048, compile: bool = False, quantize: str | None = None,
+                 prepare_layer: Callable[[Any], None] | None = None) -> None:
         super().__init__(model, name, device)
-        self.static = StaticLlama(model, capacity + PAD)
+        self.static = StaticLlama(model, capacity + PAD, quantize=quantize, prepare_layer=prepare_layer)
         if compile:
             self.static.compile()
         # graphs are per device: a model split over GPUs runs its static path eagerly (launches overlap the GPUs);
