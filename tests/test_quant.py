@@ -164,8 +164,9 @@ for kind in ("int8", "fp8"):
         w, x, b = torch.randn(40, 200), torch.randn(m, 200).to(dt), torch.randn(40).to(dt)
         qw = quantize(w, kind)
         want = x.float() @ dequantize(qw).T + b.float()
-        err = ((wgemv(x, qw.q, qw.scale, b).float() - want).abs() - 2**-8 * want.abs()).max().item()
-        assert err < 1e-3, (kind, m, dt, err)  # fp32 accumulation: one rounding to x's dtype at the end
+        # one rounding to x's dtype at the end (2^-7 relative: the interpreter emulates bf16 by truncation)
+        err = ((wgemv(x, qw.q, qw.scale, b).float() - want).abs() - 2**-7 * want.abs()).max().item()
+        assert err < 1e-3, (kind, m, dt, err)
 print("ok")
 """
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(pipespec.__file__).parents[1])}
