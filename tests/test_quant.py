@@ -172,3 +172,25 @@ print("ok")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(pipespec.__file__).parents[1])}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_cli_refuses_a_bad_spec_in_one_line() -> None:
+    from click.testing import CliRunner
+
+    from pipespec.cli import main
+
+    for args, match in [(["run", "-p", "hi", "--quantize", "int3"], "unknown kind 'int3'"),
+                        (["chat", "--quantize", "int8,int8"], "2 entries for 3 models"),
+                        (["bench", "--quantize", "draft=fp8"], "target=KIND")]:
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code != 0
+        lines = [ln for ln in result.output.splitlines() if ln.strip()]
+        assert len(lines) == 1 and match in lines[0], result.output
+
+
+def test_bench_refuses_hf_baselines_with_quantize() -> None:
+    from pipespec.apps.bench.run import BenchSettings
+
+    with pytest.raises(ConfigError, match="HF baselines"):
+        BenchSettings(models=("a", "b"), methods=("hf", "pipe"), quantize="int8").validate()
+    BenchSettings(models=("a", "b"), methods=("ar", "pipe"), quantize="int8").validate()
