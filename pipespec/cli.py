@@ -196,6 +196,22 @@ def chat_sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return sampling_options(f, default_mode="auto")
 
 
+quantize_option = click.option(
+    "--quantize", default=None, metavar="KIND|target=KIND|K,K,K",
+    help="Weight-only 8-bit weights on the static path: int8 or fp8 for every model, target=KIND for the target "
+         "only, or one KIND (or none) per model in chain order. The output is then the quantized target's.")
+
+
+def check_quantize(spec: str | None, n_models: int) -> None:
+    """A bad --quantize fails here, in one line, before anything loads."""
+    from .kernels.quant import parse_quantize
+
+    try:
+        parse_quantize(spec, n_models)
+    except ConfigError as exc:
+        fail(str(exc))
+
+
 placement_option = click.option(
     "--placement", default=None, metavar="0,0,1",
     help="GPU index (or 'cpu') per model, smallest first; default: one stage per GPU, the target alone if GPUs are few. "
@@ -279,6 +295,7 @@ def main() -> None:
 @model_options
 @sampling_options
 @placement_option
+@quantize_option
 @backend_options
 @click.option("--prompt", "-p", default=None, help="The prompt text.")
 @click.option("--prompt-file", default=None, metavar="FILE", help="Read the prompt from a file.")
@@ -293,7 +310,7 @@ def run(models: str | None, device: str, dtype: str, trust_remote_code: bool, pl
         prompt: str | None,
         prompt_file: str | None, max_new_tokens: int, stop: tuple[str, ...], as_json: bool, tui: bool | None,
         trace: str | None, log_file: str | None, verbose: int, backend: str, ray_address: str | None,
-        call_deadline: float, **kw: Any) -> None:
+        call_deadline: float, quantize: str | None, **kw: Any) -> None:
     """Generate a continuation of a prompt with a chain of models."""
     from .apps.run import run_command
 
@@ -301,13 +318,14 @@ def run(models: str | None, device: str, dtype: str, trust_remote_code: bool, pl
     configure_logging(verbose, log_file, console_ok=not use_tui)
     text = read_prompt(prompt, prompt_file)
     names = parse_models(models)
+    check_quantize(quantize, len(names))
     options = generation_options(kw)
     options.update(max_new_tokens=max_new_tokens, stop=stop)
     if trace:
         options["trace"] = trace
     devices, chosen = resolve_chain(len(names), device, placement, backend, ray_address, call_deadline)
     code = run_command(names, text, options, device=devices, dtype=dtype, trust_remote_code=trust_remote_code,
-                       as_json=as_json, use_tui=use_tui, backend=chosen)
+                       as_json=as_json, use_tui=use_tui, backend=chosen, quantize=quantize)
     sys.exit(code)
 
 
@@ -339,6 +357,7 @@ def models_cmd(as_json: bool) -> None:
 @model_options
 @chat_sampling_options
 @placement_option
+@quantize_option
 @backend_options
 @click.option("--max-new-tokens", "-n", type=int, default=256, show_default=True, help="Most tokens per reply.")
 @click.option("--system", default=None, metavar="TEXT",
@@ -348,17 +367,18 @@ def models_cmd(as_json: bool) -> None:
 @click.option("-v", "--verbose", count=True, help="Readable logs on stderr.")
 def chat(models: str | None, device: str, dtype: str, trust_remote_code: bool, placement: str | None,
          max_new_tokens: int, system: str | None, stop: tuple[str, ...], log_file: str | None, verbose: int,
-         backend: str, ray_address: str | None, call_deadline: float, **kw: Any) -> None:
+         backend: str, ray_address: str | None, call_deadline: float, quantize: str | None, **kw: Any) -> None:
     """Talk to a chain of models in the terminal: multi-turn, replies stream, /help lists the commands."""
     from .apps.chat import chat_command
 
     configure_logging(verbose, log_file, console_ok=True)
     names = parse_models(models)
+    check_quantize(quantize, len(names))
     options = generation_options(kw)
     options.update(max_new_tokens=max_new_tokens, stop=stop)
     devices, chosen = resolve_chain(len(names), device, placement, backend, ray_address, call_deadline)
     sys.exit(chat_command(names, options, device=devices, dtype=dtype, trust_remote_code=trust_remote_code,
-                          system=system, backend=chosen))
+                          system=system, backend=chosen, quantize=quantize))
 
 
 # -- pipespec bench ----------------------------------------------------------------------------------------------
@@ -378,6 +398,7 @@ def chat(models: str | None, device: str, dtype: str, trust_remote_code: bool, p
 @click.option("--verify-cap", type=int, default=64, show_default=True,
               help="Most proposed tokens a stage checks in one forward pass.")
 @placement_option
+@quantize_option
 @backend_options
 @click.option("--adaptive/--no-adaptive", default=True, show_default=True,
               help="pipe: adapt verify caps and run-ahead, and bypass stages that slow the chain; "
@@ -400,20 +421,21 @@ def bench(models: str | None, device: str, dtype: str, trust_remote_code: bool, 
           max_new_tokens: int, methods: str, warmup: int, lookahead: int, verify_cap: int, placement: str | None,
           adaptive: bool, repeats: int, hf_isolation: str, hf_compile_mode: str, out: str, as_json: bool,
           trace: str | None, log_file: str | None, verbose: int, backend: str, ray_address: str | None,
-          call_deadline: float) -> None:
+          call_deadline: float, quantize: str | None) -> None:
     """Time HF generate, HF assisted generation and pipespec's ar / sd / pipe on the same prompts."""
     from .apps.bench.run import BenchSettings, eprint, run_bench
 
     configure_logging(verbose, log_file, console_ok=True)
     chosen = tuple(dict.fromkeys(m.strip() for m in methods.split(",")))  # in order, each once
     names = tuple(parse_models(models))
+    check_quantize(quantize, len(names))
     found, where = resolve_chain(len(names), device, placement, backend, ray_address, call_deadline)
     devices = tuple(found)  # by default one stage per GPU, as `run`
     settings = BenchSettings(models=names, prompts=prompts, n=n, max_new_tokens=max_new_tokens,
                              device=device, devices=devices, dtype=dtype, methods=chosen,
                              warmup=warmup, lookahead=lookahead, verify_cap=verify_cap, adaptive=adaptive,
                              trust_remote_code=trust_remote_code, repeats=repeats, hf_isolation=hf_isolation,
-                             hf_compile_mode=hf_compile_mode, trace=trace, backend=where)
+                             hf_compile_mode=hf_compile_mode, trace=trace, backend=where, quantize=quantize)
     try:
         settings.validate()
     except ConfigError as exc:

@@ -61,8 +61,12 @@ def devices_for(n_models: int, device: str, placement: str | None, n_gpus: int) 
     return [device] * n_models
 
 
-def estimate_bytes(folder: str, dtype_bytes: int) -> int | None:
-    """Weights' size once loaded: the safetensors files' size, rescaled from the stored dtype. None if unknown."""
+def estimate_bytes(folder: str, dtype_bytes: int, quantize: str | None = None) -> int | None:
+    """Weights' size once loaded: the safetensors files' size, rescaled from the stored dtype. None if unknown.
+
+    ``quantize`` ("int8", "fp8": weight-only, one byte a weight): everything but the embedding and lm_head (read off
+    config.json's vocab_size x hidden_size, once where tied) shrinks to one byte a weight; per-channel scales and
+    norms are lost in the rounding."""
     import json
     from pathlib import Path
 
@@ -71,13 +75,22 @@ def estimate_bytes(folder: str, dtype_bytes: int) -> int | None:
     if not files:
         return None
     stored = 2
+    config: dict = {}
     try:
         config = json.loads((path / "config.json").read_text())
         name = str(config.get("dtype") or config.get("torch_dtype") or "float16")
         stored = 4 if "32" in name else 2
     except (OSError, ValueError):
         pass
-    return sum(f.stat().st_size for f in files) * dtype_bytes // stored
+    total = sum(f.stat().st_size for f in files) * dtype_bytes // stored
+    if quantize is None:
+        return total
+    try:
+        embed = int(config["vocab_size"]) * int(config["hidden_size"]) * dtype_bytes
+    except (KeyError, TypeError, ValueError):
+        embed = 0
+    embed = min(total, embed if config.get("tie_word_embeddings", False) else 2 * embed)
+    return embed + (total - embed) // dtype_bytes
 
 
 def check_fits(needs: Sequence[tuple[str, str, int | None]], free: dict[str, int]) -> None:

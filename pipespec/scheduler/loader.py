@@ -15,6 +15,7 @@ import structlog
 import torch
 
 from ..errors import ConfigError, ModelLoadError, PipespecError, first_error, first_line
+from ..kernels.quant import parse_quantize
 from ..loading import load_tokenizer, preload_transformers, resolve_dtype, resolve_source
 from ..placement import resolve_device
 from ..runners.backend import Backend, as_backend
@@ -30,7 +31,8 @@ _log = structlog.get_logger("pipespec.pipeline")
 async def load_chain(models: Sequence[Any] | str, *, device: Any, dtype: Any, tokenizer: Any,
                      trust_remote_code: bool, fast: bool | str,
                      on_loaded: Callable[[int, str], None] | None,
-                     backend: str | Backend | None = None) -> tuple[list[Member], Any]:
+                     backend: str | Backend | None = None,
+                     quantize: str | Sequence[str | None] | None = None) -> tuple[list[Member], Any]:
     """The members of a chain (smallest first) and the target's tokenizer (``tokenizer`` when given); ``backend``
     says where the workers live (``runners.backend``: this process's threads by default)."""
     backend = as_backend(backend)
@@ -43,11 +45,15 @@ async def load_chain(models: Sequence[Any] | str, *, device: Any, dtype: Any, to
     if len(devices) != len(models):
         raise ConfigError(f"{len(devices)} devices given for {len(models)} models")
     # a Ray stage's device is one of its node's (seen from inside its actor), not this machine's
+    kinds = (parse_quantize(quantize, len(models)) if quantize is None or isinstance(quantize, str)
+             else [parse_quantize(q, 1)[0] for q in quantize])
+    if len(kinds) != len(models):
+        raise ConfigError(f"quantize has {len(kinds)} entries for {len(models)} models")
     resolved = [resolve_device(d) if backend.kind != "ray" else _remote_device(d) for d in devices]
     preload_transformers()
     sources = [None if not isinstance(m, str) else resolve_source(m) for m in models]
     if backend.kind != "ray":
-        _check_memory(sources, resolved, dtype)
+        _check_memory(sources, resolved, dtype, kinds)
     names = [s.name if s is not None else _model_name(m, i) for i, (s, m) in enumerate(zip(sources, models))]
     runners = backend.runners(names, resolved)
     infos: list[WorkerInfo | None] = [None] * len(models)
@@ -55,12 +61,13 @@ async def load_chain(models: Sequence[Any] | str, *, device: Any, dtype: Any, to
     async def load_one(i: int) -> None:
         source, dev = sources[i], resolved[i]
         if source is None:
-            infos[i] = await runners[i].start(adopt_worker, models[i], names[i], dev, fast)
+            infos[i] = await runners[i].start(adopt_worker, models[i], names[i], dev, fast, kinds[i])
         elif backend.kind == "ray":  # another node: its own paths (the built-in family's install, folders, cache)
             infos[i] = await runners[i].start(load_named_worker, models[i], names[i], dev, dtype, trust_remote_code,
-                                              fast)
+                                              fast, kinds[i])
         else:
-            infos[i] = await runners[i].start(load_worker, source, names[i], dev, dtype, trust_remote_code, fast)
+            infos[i] = await runners[i].start(load_worker, source, names[i], dev, dtype, trust_remote_code, fast,
+                                              kinds[i])
         if structlog.is_configured():
             _log.info("model loaded", stage=i, model=names[i], device=str(dev))
         if on_loaded is not None:
@@ -126,17 +133,18 @@ def _check_tokenizers(sources: Sequence[Any], target_tokenizer: Any) -> None:
                               f"({sources[-1].spec!r}); every model of a chain must share the target's tokenizer")
 
 
-def _check_memory(sources: Sequence[Any], devices: Sequence[torch.device], dtype: Any) -> None:
+def _check_memory(sources: Sequence[Any], devices: Sequence[torch.device], dtype: Any,
+                  kinds: Sequence[str | None]) -> None:
     """Refuse, before loading anything, a placement whose weights cannot fit in the GPUs' free memory."""
     from ..placement import check_fits, estimate_bytes
 
     if not any(d.type == "cuda" for d in devices):
         return
     needs = []
-    for source, dev in zip(sources, devices):
+    for source, dev, kind in zip(sources, devices, kinds):
         size = None
         if source is not None and source.kind in ("builtin", "folder"):
-            size = estimate_bytes(source.location, torch.finfo(resolve_dtype(dtype, dev)).bits // 8)
+            size = estimate_bytes(source.location, torch.finfo(resolve_dtype(dtype, dev)).bits // 8, quantize=kind)
         needs.append((source.name if source is not None else "model", str(dev), size))
     free = {f"cuda:{i}": torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())}
     check_fits(needs, free)

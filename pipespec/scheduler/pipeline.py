@@ -71,7 +71,7 @@ class Pipeline:
     def load(cls, models: Sequence[Any], *, device: str | torch.device | Sequence[str] = "auto",
              dtype: str | torch.dtype = "auto", tokenizer: Any | None = None, trust_remote_code: bool = False,
              fast: bool | str = "auto", on_loaded: Callable[[int, str], None] | None = None,
-             backend: str | Backend = "thread") -> _Loading:
+             backend: str | Backend = "thread", quantize: str | Sequence[str | None] | None = None) -> _Loading:
         """Load a chain: model names/folders (see ``pipespec models``) or already-loaded HF models.
 
         ``device`` is one device for every model or one per model. ``fast``: "auto" runs LLaMA models over a
@@ -79,12 +79,15 @@ class Pipeline:
         HF's own forward with a dynamic cache.
         ``backend``: where the workers live: "thread" (this process, the default), "process" (a process per model on
         this machine) or "ray" (an actor per model on a Ray cluster), or a ``runners.Backend`` with its settings.
+        ``quantize``: weight-only 8-bit weights on the static path (``pipespec.kernels``): "int8" or "fp8" for every
+        model, "target=int8" for the target only, or one entry (a kind or None) per model in chain order. The
+        output then equals the *quantized* target decoding alone. An already-loaded model is quantized in place.
         Await the result, or use it with ``async with``. ``on_loaded(i, name)`` is called as each model loads.
         """
         async def load() -> Pipeline:
             members, tok = await load_chain(models, device=device, dtype=dtype, tokenizer=tokenizer,
                                             trust_remote_code=trust_remote_code, fast=fast, on_loaded=on_loaded,
-                                            backend=backend)
+                                            backend=backend, quantize=quantize)
             return cls(members, tok)
 
         return _Loading(load())

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -45,13 +45,15 @@ class StaticWorker(LogitsWorker):
 
     def __init__(self, model: Any, name: str, device: torch.device, *, graphs: bool | None = None,
                  capacity: int = 2048, compile: bool = False, variant: str | Variant | None = None,
-                 static: StaticLlama | None = None) -> None:
+                 static: StaticLlama | None = None, quantize: str | None = None,
+                 prepare_layer: Callable[[Any], None] | None = None) -> None:
         super().__init__(model, name, device)
         # the forward's layout (static_llama.VARIANTS): by default per device, compile=True the compiled one,
         # PIPESPEC_STATIC_VARIANT=<name> overrides both; ``static``: a forward built elsewhere (a tensor-parallel
         # rank's shard, ``tensor_parallel``), used as it is
         self.static = static if static is not None else StaticLlama(
-            model, capacity + PAD, variant if variant is not None else choose_variant(device, compile))
+            model, capacity + PAD, variant if variant is not None else choose_variant(device, compile),
+            quantize=quantize, prepare_layer=prepare_layer)
         # graphs are per device: a model split over GPUs runs its static path eagerly (launches overlap the GPUs);
         # PIPESPEC_CUDA_GRAPHS=0 turns them off (a safety valve: same kernels, launched one by one)
         if graphs is None:

@@ -13,17 +13,24 @@ Shapes are static per call signature: ``n`` tokens at positions ``pos`` attend t
 through a mask ``slot <= pos`` (and ``slot > pos - window`` on sliding-window layers). Slots past the valid length
 may hold junk from padding or from tokens since rolled back; the mask never lets a position see a slot it has not
 itself written, so a rollback only moves a length. The whole history stays in the cache: a window is only a mask.
+
+With ``quantize`` ("int8" or "fp8", weight-only: ``pipespec.kernels.quant``) the fused qkv, o, gate_up and down
+weights are quantized as each layer is fused, and the HF modules' copies are dropped (re-pointed at meta tensors:
+the HF model no longer runs on its own). Embeddings, norms and lm_head stay in the model's dtype.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..kernels.quant import QuantWeight, linear, quantize as quantize_weight
 
 # Attention kernels allowed on the static path: both take an explicit mask, both are safe to capture in CUDA
 # graphs. (cuDNN's attention was seen failing inside a capture on an H100; flash attention takes no mask.)
@@ -102,8 +109,9 @@ def family_of(model: Any) -> Family | None:
     return None
 
 
-def supports_static(model: Any) -> str | None:
-    """None when ``model`` can run on the static path, else the reason it cannot."""
+def supports_static(model: Any, layers_later: bool = False) -> str | None:
+    """None when ``model`` can run on the static path, else the reason it cannot. ``layers_later``: the decoder
+    layers may still be on the meta device (StaticLlama's ``prepare_layer`` materialises them one at a time)."""
     family = family_of(model)
     if family is None:
         return f"{type(model).__name__} is not one of {', '.join(FAMILIES)}"
@@ -112,7 +120,8 @@ def supports_static(model: Any) -> str | None:
         return f"activation {cfg.hidden_act}"
     if getattr(cfg, "quantization_config", None) is not None:
         return "quantized weights"
-    if any(p.device.type == "meta" for p in model.parameters()):
+    layer_params = {id(p) for p in model.model.layers.parameters()} if layers_later else set()
+    if any(p.device.type == "meta" and id(p) not in layer_params for p in model.parameters()):
         return "weights offloaded to the meta device"
     for layer in model.model.layers:  # a model may be split over devices, but each layer must sit on one
         if len({p.device for p in layer.parameters()}) > 1:
@@ -146,8 +155,12 @@ class StaticLlama:
     """Callable as ``forward(ids [n], pos [n], kv_len) -> logits [n, vocab]`` (float32), for any model of
     ``FAMILIES`` (the name is historical: LLaMA came first)."""
 
-    def __init__(self, model: Any, capacity: int, variant: str | Variant = "base") -> None:
-        reason = supports_static(model)
+    def __init__(self, model: Any, capacity: int, variant: str | Variant = "base", *, quantize: str | None = None,
+                 prepare_layer: Callable[[Any], None] | None = None) -> None:
+        """``variant``: the forward's layout (``VARIANTS``). ``prepare_layer(layer)`` runs on each decoder layer just
+        before it is fused (and quantized): the loader moves a CPU-loaded layer to the GPU there, the GPU benchmark
+        materialises random weights, so a model whose bf16 weights would not fit is never whole on the GPU."""
+        reason = supports_static(model, layers_later=prepare_layer is not None)
         if reason is not None:
             raise ValueError(f"static path unsupported: {reason}")
         cfg = model.config
@@ -165,7 +178,12 @@ class StaticLlama:
         self.eps = cfg.rms_norm_eps
         self.n_layers = cfg.num_hidden_layers
         self.windows = layer_windows(model, self.family)[: self.n_layers]  # per layer: None or a window in tokens
-        self.layers = [self._fuse(layer) for layer in inner.layers[: self.n_layers]]
+        self.quantize = quantize
+        self.layers: list[dict[str, Any]] = []
+        for layer in inner.layers[: self.n_layers]:
+            if prepare_layer is not None:
+                prepare_layer(layer)
+            self.layers.append(self._fuse(layer))
         self.layer_devices = [w["qkv"].device for w in self.layers]  # layer-wise split over GPUs is allowed
         self.devices = list(dict.fromkeys([self.device, *self.layer_devices, model.lm_head.weight.device]))
         self.embed = inner.embed_tokens.weight
@@ -190,9 +208,16 @@ class StaticLlama:
         if self.family.qk_norm:  # one [h + kvh, hd] weight: q heads use q_norm's, k heads k_norm's
             qk_norm = torch.cat([attn.q_norm.weight.expand(self.n_heads, self.head_dim),
                                  attn.k_norm.weight.expand(self.n_kv, self.head_dim)])
+        o: torch.Tensor | QuantWeight = attn.o_proj.weight
+        down: torch.Tensor | QuantWeight = mlp.down_proj.weight
+        if self.quantize is not None:
+            qkv, o, gate_up, down = (quantize_weight(w, self.quantize) for w in (qkv, o, gate_up, down))
+            for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                m.weight = torch.nn.Parameter(torch.empty(m.weight.shape, dtype=m.weight.dtype, device="meta"),
+                                              requires_grad=False)  # frees the bf16 copy
         return {"ln1": layer.input_layernorm.weight, "qkv": qkv, "qkv_b": qkv_b, "qk_norm": qk_norm,
-                "o": attn.o_proj.weight, "o_b": attn.o_proj.bias, "ln2": layer.post_attention_layernorm.weight,
-                "gate_up": gate_up, "gate_up_b": gate_up_b, "down": mlp.down_proj.weight, "down_b": mlp.down_proj.bias,
+                "o": o, "o_b": attn.o_proj.bias, "ln2": layer.post_attention_layernorm.weight,
+                "gate_up": gate_up, "gate_up_b": gate_up_b, "down": down, "down_b": mlp.down_proj.bias,
                 "ffn": mlp.gate_proj.weight.shape[0]}
 
     def ensure_capacity(self, capacity: int) -> bool:
@@ -343,12 +368,12 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool = False)
     return weight * xf.to(x.dtype)
 
 
-def _pre_attention(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ln: torch.Tensor, qkv_w: torch.Tensor,
+def _pre_attention(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ln: torch.Tensor, qkv_w: Any,
                    qkv_b: torch.Tensor | None, qk_norm: torch.Tensor | None, h: int, kvh: int, hd: int,
                    eps: float, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x: [n, hidden] -> q [h, n, hd], k and v [kvh, n, hd]; q/k norms (Qwen3) then RoPE on q and k together."""
     n = x.shape[0]
-    qkv = F.linear(_rms(x, ln, eps, fused), qkv_w, qkv_b).view(n, h + 2 * kvh, hd)
+    qkv = linear(_rms(x, ln, eps, fused), qkv_w, qkv_b).view(n, h + 2 * kvh, hd)
     qk, v = qkv[:, : h + kvh], qkv[:, h + kvh:]
     if qk_norm is not None:  # [h + kvh, hd]: per-head RMSNorm over head_dim
         qk = _rms(qk, qk_norm, eps, fused)
@@ -362,11 +387,11 @@ def _pre_attention(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ln: to
     return qk[:, :h].transpose(0, 1), qk[:, h:].transpose(0, 1), v.transpose(0, 1)
 
 
-def _post_attention(x: torch.Tensor, att: torch.Tensor, o_w: torch.Tensor, o_b: torch.Tensor | None,
-                    ln: torch.Tensor, gate_up_w: torch.Tensor, gate_up_b: torch.Tensor | None, down_w: torch.Tensor,
+def _post_attention(x: torch.Tensor, att: torch.Tensor, o_w: Any, o_b: torch.Tensor | None,
+                    ln: torch.Tensor, gate_up_w: Any, gate_up_b: torch.Tensor | None, down_w: Any,
                     down_b: torch.Tensor | None, ffn: int, eps: float, fused: bool = False) -> torch.Tensor:
     """Residual stream after attention output and the MLP. att: [1, h, n, hd] -> x [n, hidden]."""
     n = x.shape[0]
-    x = x + F.linear(att[0].transpose(0, 1).reshape(n, -1), o_w, o_b)
-    gate, up = F.linear(_rms(x, ln, eps, fused), gate_up_w, gate_up_b).split(ffn, dim=-1)
-    return x + F.linear(F.silu(gate) * up, down_w, down_b)
+    x = x + linear(att[0].transpose(0, 1).reshape(n, -1), o_w, o_b)
+    gate, up = linear(_rms(x, ln, eps, fused), gate_up_w, gate_up_b).split(ffn, dim=-1)
+    return x + linear(F.silu(gate) * up, down_w, down_b)

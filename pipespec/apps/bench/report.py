@@ -93,6 +93,7 @@ def build_report(s: Any, pipe: Pipeline, prompts: Sequence[Ids],
         "prompts": {"source": s.prompts, "count": len(prompts), "tokens": [len(p) for p in prompts]},
         "max_new_tokens": s.max_new_tokens,
         "dtype": pipe.target.info.dtype,
+        "quantize": s.quantize,  # weight-only 8-bit (--quantize); outputs are then the quantized target's
         "settings": {"warmup": s.warmup, "lookahead": s.lookahead, "verify_cap": s.verify_cap,
                      "adaptive": s.adaptive, "repeats": s.repeats,
                      "hf_isolation": extra.get("hf_isolation", s.hf_isolation),
@@ -193,7 +194,7 @@ def rows(report: dict[str, Any]) -> list[list[str]]:
 def notes(report: dict[str, Any]) -> list[str]:
     out = [f"device: {report['device']}; models: {', '.join(report['models'])}; prompts: "
            f"{report['prompts']['source']} x {report['prompts']['count']}; max_new_tokens: {report['max_new_tokens']}"
-           f"; dtype: {report['dtype']}",
+           f"; dtype: {report['dtype']}" + (f"; quantize: {report['quantize']}" if report.get("quantize") else ""),
            f"outputs identical across methods: {'yes' if report['outputs_identical'] else 'NO'} "
            f"(reference: {report['reference']})"]
     short = [n for n, m in report["methods"].items()

@@ -1,0 +1,165 @@
+"""Weight-only 8-bit linears: bf16 weights quantized at load time, activations and accumulation stay wide.
+
+A ``QuantWeight`` holds ``q [out, in]`` (int8, or fp8 e4m3) and ``scale [out]`` (float32, one per output channel,
+symmetric: ``w ~= q * scale[:, None]``; int8 maps the row's max |w| to 127, fp8 to 448, e4m3's largest finite).
+``linear(x, w, b)`` is ``F.linear`` for a plain tensor and the quantized product for a ``QuantWeight``:
+
+    y[m, n] = (sum_k x[m, k] * q[n, k]) * scale[n] + b[n]
+
+Which kernel computes it is a process-wide choice (``set_backend`` or ``PIPESPEC_QLINEAR``), read when a forward is
+traced or captured:
+
+- ``auto``: ``triton`` on CUDA for up to 16 tokens when Triton imports, else ``torch``.
+- ``triton``: our GEMV (``triton_gemv``): reads each weight byte once, converts in registers, fp32 accumulation.
+  At 1-16 tokens a forward is bound by weight bytes, so halving them is the whole gain.
+- ``torch``: gpt-fast's ``F.linear(x, q.to(x.dtype)) * scale``. Eager it writes a bf16 copy of the weight first
+  (slower than bf16 on a GPU); under torch.compile inductor may fuse the conversion. The CPU's path: the same math.
+- ``int8pack``: ``torch._weight_int8pack_mm`` (int8 only). Torch's CUDA kernel (added in 2.9-ish) gives one output
+  element to one thread, uncoalesced (pytorch#190529 rewrites it); measured by scripts/gpu_quant.py, not the default.
+
+Losslessness is relative to the quantized target: the chain's output equals the quantized target decoding alone.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+
+__all__ = ["BACKENDS", "KINDS", "QuantWeight", "dequantize", "linear", "parse_quantize", "quantize", "set_backend"]
+
+KINDS = ("int8", "fp8")
+BACKENDS = ("auto", "triton", "torch", "int8pack")
+_QMAX = {"int8": 127.0, "fp8": 448.0}  # the largest magnitude each format holds exactly (e4m3fn: 448)
+_TRITON_MAX_TOKENS = 16  # past this a GEMM (tensor cores over a dequantized tile) wins; our kernel is a GEMV
+
+_backend = os.environ.get("PIPESPEC_QLINEAR", "auto")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class QuantWeight:
+    """One quantized weight matrix. q: [out, in] int8 or float8_e4m3fn; scale: [out] float32."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    kind: str
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.numel() * self.q.element_size() + self.scale.numel() * self.scale.element_size()
+
+
+def quantize(w: torch.Tensor, kind: str) -> QuantWeight:
+    """w: [out, in] floating -> QuantWeight, symmetric per output channel. Row by row blocks bound the fp32 copy."""
+    if kind not in _QMAX:
+        raise ValueError(f"unknown quantization {kind!r}: use one of {', '.join(KINDS)}")
+    qmax = _QMAX[kind]
+    out_dtype = torch.int8 if kind == "int8" else torch.float8_e4m3fn
+    q = torch.empty(w.shape, dtype=out_dtype, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    step = max(1, (1 << 24) // max(1, w.shape[1]))  # ~64 MiB of fp32 at a time
+    for r in range(0, w.shape[0], step):
+        block = w[r:r + step].float()  # [rows, in]
+        s = block.abs().amax(dim=1).clamp(min=1e-12) / qmax  # [rows]; an all-zero row gets a tiny scale, q = 0
+        scaled = block / s[:, None]
+        if kind == "int8":
+            q[r:r + step] = scaled.round().clamp(-127, 127).to(torch.int8)
+        else:  # the cast rounds to nearest; |scaled| <= 448 by construction
+            q[r:r + step] = scaled.clamp(-qmax, qmax).to(torch.float8_e4m3fn)
+        scale[r:r + step] = s
+    return QuantWeight(q, scale, kind)
+
+
+def dequantize(w: QuantWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[out, in] in ``dtype``: q * scale, computed in float32 (float64 when asked for: exact)."""
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    return (w.q.to(wide) * w.scale.to(wide)[:, None]).to(dtype)
+
+
+def set_backend(name: str) -> None:
+    """Choose the quantized-linear kernel for this process (graphs captured earlier keep theirs)."""
+    global _backend
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown quantized-linear backend {name!r}: use one of {', '.join(BACKENDS)}")
+    _backend = name
+
+
+def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [n, in] -> [n, out]; ``F.linear`` unless ``w`` is quantized."""
+    if not isinstance(w, QuantWeight):
+        return F.linear(x, w, b)
+    backend = _backend
+    if backend == "auto":
+        backend = "triton" if x.is_cuda and x.shape[0] <= _TRITON_MAX_TOKENS and _triton_ok() else "torch"
+    if backend == "triton":
+        from .triton_gemv import wgemv
+
+        return wgemv(x, w.q, w.scale, b)
+    if backend == "int8pack" and w.kind == "int8":
+        y = torch._weight_int8pack_mm(x.contiguous(), w.q, w.scale.to(x.dtype))  # [n, out]
+        return y if b is None else y + b
+    # torch (and int8pack's fallback for fp8): exact conversion of q to x's dtype (|q| <= 127 fits bf16's 8-bit
+    # significand; e4m3 values are bf16 values), one matmul, then the per-channel scale on the output
+    y = F.linear(x, w.q.to(x.dtype)) * w.scale.to(x.dtype)
+    return y if b is None else y + b
+
+
+_TRITON: bool | None = None
+
+
+def _triton_ok() -> bool:
+    global _TRITON
+    if _TRITON is None:
+        try:
+            from . import triton_gemv  # noqa: F401
+
+            _TRITON = True
+        except Exception:  # noqa: BLE001 - no Triton (CPU wheels, other platforms): the torch path serves
+            _TRITON = False
+    return _TRITON
+
+
+def parse_quantize(spec: str | None, n_models: int) -> list[str | None]:
+    """The quantization of every model of a chain (smallest first), from what the user typed.
+
+    ``None``/``""``/``none`` -> none; ``int8`` -> every model; ``target=fp8`` -> the target only; ``none,int8,int8``
+    -> one entry per model in chain order.
+    """
+    if spec is None or spec.strip().lower() in ("", "none", "bf16", "off"):
+        return [None] * n_models
+    text = spec.strip().lower()
+
+    def kind(word: str) -> str | None:
+        word = word.strip()
+        if word in ("none", "bf16", "-", ""):
+            return None
+        if word == "int4":
+            raise ConfigError("--quantize int4 is not supported yet: use int8 or fp8")
+        if word not in KINDS:
+            raise ConfigError(f"--quantize: unknown kind {word!r}: use {', '.join(KINDS)} or none")
+        return word
+
+    if "=" in text:
+        who, _, what = text.partition("=")
+        if who.strip() != "target" or "," in what:
+            raise ConfigError(f"--quantize {spec!r}: write target=KIND, KIND (every model) or a comma list "
+                              "with one KIND or none per model")
+        return [None] * (n_models - 1) + [kind(what)]
+    parts = text.split(",")
+    if len(parts) == 1:
+        return [kind(parts[0])] * n_models
+    if len(parts) != n_models:
+        raise ConfigError(f"--quantize {spec!r} has {len(parts)} entries for {n_models} models")
+    return [kind(p) for p in parts]

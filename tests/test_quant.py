@@ -1,0 +1,196 @@
+"""Weight-only 8-bit weights (pipespec.kernels): the round trip's error bound, the kernels agreeing with dequantize-
+then-matmul, the quantized static forward equal to a model holding the dequantized weights, and a quantized chain
+reproducing the same quantized target decoding alone (losslessness is relative to the quantized target)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pipespec
+from conftest import noisy_copy, tiny_llama
+from helpers import hf_greedy, limit
+from pipespec.errors import ConfigError
+from pipespec.kernels.quant import QuantWeight, dequantize, linear, parse_quantize, quantize, set_backend
+from pipespec.placement import estimate_bytes
+from pipespec.workers import make_worker
+from pipespec.workers.static import StaticWorker
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _dequantized_copy(model: torch.nn.Module, kind: str) -> torch.nn.Module:
+    """A copy of ``model`` whose linear weights are replaced by dequantize(quantize(w)): the reference the quantized
+    static forward must equal (scales are per output row, so fusing q/k/v before quantizing changes nothing)."""
+    ref = noisy_copy(model, 0.0, 0)
+    with torch.no_grad():
+        for layer in ref.model.layers:
+            for mod in (*(getattr(layer.self_attn, n, None) for n in LINEARS), *(getattr(layer.mlp, n, None)
+                                                                               for n in LINEARS)):
+                if mod is not None:
+                    mod.weight.copy_(dequantize(quantize(mod.weight, kind), mod.weight.dtype))
+    return ref
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_round_trip_error_is_bounded(kind: str) -> None:
+    torch.manual_seed(0)
+    w = torch.randn(64, 300) * torch.logspace(-3, 1, 64)[:, None]  # rows of very different magnitude
+    w[5] = 0.0  # an all-zero row must survive (no division by zero)
+    qw = quantize(w, kind)
+    assert qw.q.dtype == (torch.int8 if kind == "int8" else torch.float8_e4m3fn) and qw.scale.shape == (64,)
+    back = dequantize(qw)
+    err = (back - w).abs()
+    amax = w.abs().amax(dim=1, keepdim=True)
+    if kind == "int8":  # rounding to the nearest of 255 evenly spaced levels: half a step
+        assert (err <= amax / 127 / 2 * (1 + 1e-5) + 1e-12).all()
+    else:  # e4m3: 3 significand bits (relative 2^-4), subnormals below 2^-6 of the top spaced 2^-9 of it
+        assert (err <= torch.maximum(w.abs() * 2**-4, amax / 448 * 2**-9) * (1 + 1e-5) + 1e-12).all()
+    assert back[5].abs().max() == 0
+    assert qw.nbytes == 64 * 300 + 64 * 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_backends_match_dequantize_then_matmul(dtype: torch.dtype) -> None:
+    torch.manual_seed(1)
+    w, x, b = torch.randn(40, 96), torch.randn(3, 96).to(dtype), torch.randn(40).to(dtype)
+    rel = 1e-5 if dtype == torch.float32 else 3 * 2**-8  # bf16: up to three roundings (matmul, scale, bias)
+    for kind in ("int8", "fp8"):
+        qw = quantize(w, kind)
+        want = x.float() @ dequantize(qw).T + b.float()
+        for backend in ("torch", "int8pack", "auto"):
+            set_backend(backend)
+            try:
+                got = linear(x, qw, b)
+            finally:
+                set_backend("auto")
+            assert got.dtype == dtype and got.shape == (3, 40)
+            assert ((got.float() - want).abs() <= rel * want.abs() + 1e-3).all(), (kind, backend)
+    assert torch.equal(linear(x.float(), w), torch.nn.functional.linear(x.float(), w))  # plain tensors untouched
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_quantized_static_forward_equals_dequantized_model(kind: str) -> None:
+    model = tiny_llama(3, hidden=32)
+    reference = _dequantized_copy(model, kind)
+    worker = StaticWorker(model, "m", torch.device("cpu"), capacity=64, quantize=kind)
+    layer = worker.static.layers[0]
+    assert all(isinstance(layer[k], QuantWeight) for k in ("qkv", "o", "gate_up", "down"))
+    # the bf16 (here float64) copies are gone from the HF modules: the memory really is freed
+    assert model.model.layers[0].mlp.down_proj.weight.device.type == "meta"
+    worker.reset(None, 64)
+    seq = [5, 17, 33, 2, 9, 40, 41, 7]
+    got = worker.logits(seq, 1)  # [len - 1, vocab] for positions 1..
+    want = reference(torch.tensor([seq])).logits[0, :]
+    assert torch.allclose(got.double(), want, atol=1e-8)
+    plain = tiny_llama(3, hidden=32)(torch.tensor([seq])).logits[0, :]
+    assert not torch.allclose(got.double(), plain, atol=1e-4)  # it did quantize
+
+
+def test_hf_forward_refuses_to_quantize() -> None:
+    with pytest.raises(ConfigError, match="only the static path quantizes"):
+        make_worker(tiny_llama(1), "m", torch.device("cpu"), fast=False, quantize="int8")
+
+
+@limit(120)
+async def test_quantized_chain_equals_quantized_target_alone(target: torch.nn.Module) -> None:
+    prompt, n = [5, 17, 33, 2, 9], 30
+    want = hf_greedy(_dequantized_copy(target, "int8"), prompt, n)  # the quantized target decoding alone
+    assert want != hf_greedy(target, prompt, n)  # ... which is not the bf16 target's output here
+    models = [noisy_copy(target, 0.5, 1), noisy_copy(target, 0.2, 2), noisy_copy(target, 0.0, 3)]
+    async with pipespec.Pipeline.load(models, device="cpu", fast=True, quantize="int8") as pipe:
+        assert all(m.worker.static.quantize == "int8" for m in pipe.members)
+        alone = await pipe.generate(prompt, max_new_tokens=n, mode="ar")
+        assert list(alone.token_ids) == want
+        for mode in ("pipe", "sd"):
+            g = await pipe.generate(prompt, max_new_tokens=n, mode=mode)
+            assert list(g.token_ids) == want, mode
+
+
+@limit(120)
+async def test_target_only_quantization(target: torch.nn.Module) -> None:
+    prompt, n = [3, 1, 4, 1, 5], 24
+    want = hf_greedy(_dequantized_copy(target, "fp8"), prompt, n)
+    models = [noisy_copy(target, 0.3, 4), noisy_copy(target, 0.0, 5)]
+    async with pipespec.Pipeline.load(models, device="cpu", fast=True, quantize="target=fp8") as pipe:
+        assert [m.worker.static.quantize for m in pipe.members] == [None, "fp8"]
+        for mode in ("ar", "pipe"):
+            assert list((await pipe.generate(prompt, max_new_tokens=n, mode=mode)).token_ids) == want, mode
+
+
+def test_spec_parser() -> None:
+    assert parse_quantize(None, 3) == [None, None, None]
+    assert parse_quantize("none", 2) == [None, None]
+    assert parse_quantize("int8", 3) == ["int8"] * 3
+    assert parse_quantize("target=fp8", 3) == [None, None, "fp8"]
+    assert parse_quantize(" target = int8 ", 1) == ["int8"]
+    assert parse_quantize("none,int8,fp8", 3) == [None, "int8", "fp8"]
+    for bad, match in [("int3", "unknown kind 'int3'"), ("int8,int8", "2 entries for 3 models"),
+                       ("draft=int8", "target=KIND"), ("int4", "int4 is not supported"),
+                       ("target=int8,fp8", "target=KIND")]:
+        with pytest.raises(ConfigError, match=match):
+            parse_quantize(bad, 3)
+
+
+def test_memory_estimate_accounts_for_quantized_weights(tmp_path: Path) -> None:
+    # bf16 checkpoint: 1000 x 100 embedding + lm_head (untied) = 400 kB, the rest 600 kB of linear weights
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "bfloat16", "vocab_size": 1000, "hidden_size": 100}))
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 1_000_000)
+    assert estimate_bytes(str(tmp_path), 2) == 1_000_000
+    assert estimate_bytes(str(tmp_path), 2, quantize="int8") == 400_000 + 300_000
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "bfloat16", "vocab_size": 1000, "hidden_size": 100,
+                                                      "tie_word_embeddings": True}))
+    assert estimate_bytes(str(tmp_path), 2, quantize="fp8") == 200_000 + 400_000
+
+
+def test_triton_kernel_in_the_interpreter() -> None:
+    """Our GEMV's math on the CPU through Triton's interpreter (Triton is not a CI dependency: skipped without it).
+    Run in a child process: TRITON_INTERPRET must be set before triton is imported."""
+    pytest.importorskip("triton")
+    code = """
+import torch
+from pipespec.kernels.quant import quantize, dequantize
+from pipespec.kernels.triton_gemv import wgemv
+torch.manual_seed(0)
+for kind in ("int8", "fp8"):
+    for m, dt in ((1, torch.bfloat16), (3, torch.float16), (16, torch.float32)):
+        w, x, b = torch.randn(40, 200), torch.randn(m, 200).to(dt), torch.randn(40).to(dt)
+        qw = quantize(w, kind)
+        want = x.float() @ dequantize(qw).T + b.float()
+        # one rounding to x's dtype at the end (2^-7 relative: the interpreter emulates bf16 by truncation)
+        err = ((wgemv(x, qw.q, qw.scale, b).float() - want).abs() - 2**-7 * want.abs()).max().item()
+        assert err < 1e-3, (kind, m, dt, err)
+print("ok")
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(pipespec.__file__).parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_cli_refuses_a_bad_spec_in_one_line() -> None:
+    from click.testing import CliRunner
+
+    from pipespec.cli import main
+
+    for args, match in [(["run", "-p", "hi", "--quantize", "int3"], "unknown kind 'int3'"),
+                        (["chat", "--quantize", "int8,int8"], "2 entries for 3 models"),
+                        (["bench", "--quantize", "draft=fp8"], "target=KIND")]:
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code != 0
+        lines = [ln for ln in result.output.splitlines() if ln.strip()]
+        assert len(lines) == 1 and match in lines[0], result.output
+
+
+def test_bench_refuses_hf_baselines_with_quantize() -> None:
+    from pipespec.apps.bench.run import BenchSettings
+
+    with pytest.raises(ConfigError, match="HF baselines"):
+        BenchSettings(models=("a", "b"), methods=("hf", "pipe"), quantize="int8").validate()
+    BenchSettings(models=("a", "b"), methods=("ar", "pipe"), quantize="int8").validate()
