@@ -21,6 +21,7 @@ __all__ = [
     "verification_probability",
 ]
 
+import collections
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -191,14 +192,18 @@ def _pipe_stage(
     # Expected tokens in the first s steps after a rollback, s = 0..horizon, by stepping the chain from G's start.
     # States: G_0..G_{catch_up-1} (one decode each), V1, V.   dist: [catch_up + 2]
     horizon = min(_MAX_STEPS, math.ceil(_MAX_CATCH_UP * next_latency / latency) + 2)
-    reward = [1.0] * catch_up + [w1, w]
-    dist = [1.0] + [0.0] * (catch_up + 1)
+    # O(1) per step (the adaptive runtime calls this several times a look, on the event loop): the G states shift
+    # along a deque and their total is kept, so a step's expected reward is g_total * 1 + v1 * w1 + vv * w.
+    gs = collections.deque([1.0] + [0.0] * (catch_up - 1))  # G_0..G_{catch_up-1}
+    g_total, v1, vv = 1.0, 0.0, 0.0
     cumulative = [0.0]
     for _ in range(horizon):
-        cumulative.append(cumulative[-1] + sum(d * r for d, r in zip(dist, reward)))
-        g, v1, vv = dist[catch_up - 1], dist[catch_up], dist[catch_up + 1]
+        cumulative.append(cumulative[-1] + g_total + v1 * w1 + vv * w)
+        g = gs.pop()
         restart = g * (1.0 - x) + v1 * (1.0 - p1) + vv * (1.0 - p)
-        dist = [restart] + dist[: catch_up - 1] + [g * x, v1 * p1 + vv * p]
+        gs.appendleft(restart)
+        g_total += restart - g
+        v1, vv = g * x, v1 * p1 + vv * p
 
     def own_published(t: float) -> float:
         # As for the draft: the forward in flight, then whole steps, t / latency - 1 of them on average; fractional

@@ -78,14 +78,18 @@ class EventLoopClock(selectors.DefaultSelector):  # type: ignore[misc,valid-type
         super().__init__()
         self.idle = 0.0
         self.idle_cpu = 0.0  # CPU time of the loop's thread spent inside select (the syscall itself)
+        self.wakeups = 0  # selects that returned events: the loop was woken (a runner's result, mostly)
 
     def select(self, timeout: float | None = None) -> Any:
         began, began_cpu = time.perf_counter(), time.thread_time()
+        events = []
         try:
-            return super().select(timeout)
+            events = super().select(timeout)
+            return events
         finally:
             self.idle += time.perf_counter() - began
             self.idle_cpu += time.thread_time() - began_cpu
+            self.wakeups += bool(events)
 
     @staticmethod
     def cpu() -> float:
@@ -134,12 +138,14 @@ async def simulate_report(clock: EventLoopClock, latencies_ms: Sequence[LatencyM
         await pipe.generate(_prompt(seed, 1 << 15, prompt_tokens), max_new_tokens=2, **options)
         runs, loop_busy, loop_cpu = [], 0.0, 0.0
         calls0 = sum(m.worker.calls for m in pipe.members)  # type: ignore[attr-defined]
+        wakeups0 = clock.wakeups
         for prompt in prompts:
             idle0, wall0, idle_cpu0, cpu0 = clock.idle, time.perf_counter(), clock.idle_cpu, clock.cpu()
             runs.append(await pipe.generate(prompt, max_new_tokens=tokens, **options))
             loop_busy += (time.perf_counter() - wall0) - (clock.idle - idle0)
             loop_cpu += (clock.cpu() - cpu0) - (clock.idle_cpu - idle_cpu0)
         calls = sum(m.worker.calls for m in pipe.members) - calls0  # type: ignore[attr-defined]
+        wakeups = clock.wakeups - wakeups0
     committed = sum(g.stats.tokens for g in runs)
     seconds = sum(g.stats.seconds for g in runs)
     measured = committed / seconds
@@ -186,6 +192,7 @@ async def simulate_report(clock: EventLoopClock, latencies_ms: Sequence[LatencyM
         "orchestrator_overhead_us_per_token": round(1e6 * loop_busy / committed, 2),
         "orchestrator_cpu_us_per_token": round(1e6 * loop_cpu / committed, 2),
         "runner_calls_per_token": round(calls / committed, 3),
+        "loop_wakeups_per_token": round(wakeups / committed, 3),
         "event_loop_busy_fraction": round(loop_busy / seconds, 4),
         "target_idle_us_per_token": round(1e6 * max(seconds - target_busy, 0.0) / committed, 2),
         "lossless": runs[0].token_ids == tuple(sims[0].output[:tokens]),  # the replay commits the target's tokens
@@ -224,7 +231,8 @@ def print_report(report: dict[str, Any]) -> None:
     console.print(f"orchestrator overhead: {report['orchestrator_overhead_us_per_token']:.0f} us of event-loop time "
                   f"per committed token ({100 * report['event_loop_busy_fraction']:.1f}% of the wall time; "
                   f"{report['orchestrator_cpu_us_per_token']:.0f} us of its CPU time; "
-                  f"{report['runner_calls_per_token']:.2f} runner calls per token); "
+                  f"{report['runner_calls_per_token']:.2f} runner calls and "
+                  f"{report['loop_wakeups_per_token']:.2f} loop wake-ups per token); "
                   f"target idle {report['target_idle_us_per_token']:.0f} us per token; "
                   f"{report['tokens']} tokens x {report['repeats']} in {report['seconds']:.2f} s")
     for mode, row in report.get("compare", {}).items():
