@@ -291,11 +291,23 @@ SMOKE=()
 [ "$DEVICE" = cpu ] && SMOKE=(--smoke)
 
 if [ "$PART" = levers ]; then
-    MAIN_JSON=(forward/forward.json quant/quant.json tp/tp.json)
-    step forward 200 $PY scripts/gpu_forward.py "$RUN/forward" --budget-s 170 "${SMOKE[@]}"
-    step quant 180 $PY scripts/gpu_quant.py "$RUN/quant" --budget-s 150 "${SMOKE[@]}"
-    if (( NGPU >= 2 )) || [ "$DEVICE" = cpu ]; then
-        step tp 170 $PY scripts/gpu_tp.py "$RUN/tp" --budget-s 140 "${SMOKE[@]}"
+    MAIN_JSON=(forward/gpu_forward.json quant/gpu_quant.json tp/gpu_tp.json)
+    VARIANTS=${PIPESPEC_FORWARD_VARIANTS:-base,lean,compile-layer,compile-parts,lean-math}
+    if (( NGPU >= 2 )); then
+        # forward variants on GPU 0 and 8-bit weights on GPU 1 at the same time (separate memories, 32 cores)
+        step forward_and_quant 290 bash -c '
+            CUDA_VISIBLE_DEVICES=0 $PY scripts/gpu_forward.py "$0/forward" --variants "$1" --budget-s 250 \
+                > "$0/logs/forward.log" 2>&1 &
+            a=$!
+            CUDA_VISIBLE_DEVICES=1 $PY scripts/gpu_quant.py "$0/quant" --budget 250 > "$0/logs/quant.log" 2>&1 &
+            b=$!
+            wait $a; ra=$?; wait $b; rb=$?
+            tail -n 3 "$0/logs/forward.log" "$0/logs/quant.log"; exit $(( ra | rb ))' "$RUN" "$VARIANTS"
+        step tp 200 $PY scripts/gpu_tp.py "$RUN/tp" --budget-s 180
+    else
+        step forward 200 $PY scripts/gpu_forward.py "$RUN/forward" --variants "$VARIANTS" --budget-s 170 "${SMOKE[@]}"
+        step quant 180 $PY scripts/gpu_quant.py "$RUN/quant" --budget 150 "${SMOKE[@]}"
+        if [ "$DEVICE" = cpu ]; then step tp 170 $PY scripts/gpu_tp.py "$RUN/tp" --budget-s 140 "${SMOKE[@]}"; fi
     fi
 fi
 
