@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch._dynamo  # at module level: inside a function it would make ``torch`` a local name there
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's pipespec, run from anywhere
 
@@ -172,8 +173,6 @@ def measure_variant(static: StaticLlama, name: str, device: torch.device, reps: 
                     baseline: dict[int, torch.Tensor], floor_ms: float, tmp: str) -> dict[str, Any]:
     out: dict[str, Any] = {"variant": name}
     if VARIANTS[name].compile:
-        import torch._dynamo
-
         torch._dynamo.reset()  # compile time from scratch (inductor's on-disk cache may still shorten it)
     static.set_variant(name)
     graphs = []
