@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import torch
 
 from helpers import limit
@@ -77,3 +78,29 @@ async def test_synthetic_workers_in_processes_serve_named_calls_and_match_thread
                 r.close()
     assert outs["thread"] == outs["process"]
     assert outs["thread"][0] != outs["thread"][1]  # the oracle (its seed) was swapped: other target tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@limit(300)
+async def test_synthetic_worker_in_a_process_captures_graphs_on_cuda() -> None:
+    """A worker process serves its static worker on a stream of its own (``WorkerHost``): on the default stream
+    the first graph capture fails. Graphs captured, multi-token drafts replayed, pipe commits ar's tokens."""
+    from pipespec.runners.process import ProcessRunner
+    from pipespec.workers.synthetic import build_synthetic
+
+    runners = [ProcessRunner(f"g{i}", torch.device("cuda", 0)) for i in range(2)]
+    try:
+        infos = await asyncio.gather(*(
+            r.start(build_synthetic, shape, "cuda:0", Oracle([0.8], seed=2, vocab=512), i, dims=dims, capacity=256)
+            for i, (r, (shape, dims)) in enumerate(zip(runners, TINY.items()))))
+        assert await runners[0].call("warm_up", (1, 2, 4, 8), 256, draft_steps=(1, 3, 7)) > 0
+        assert await runners[1].call("warm_up", (1, 2, 4, 8), 256) > 0
+        pipe = Pipeline([Member(info.name, r, info) for r, info in zip(runners, infos)], tokenizer=None)
+        prompt = list(range(10, 26))
+        ar = await pipe.generate(prompt, max_new_tokens=24, mode="ar")
+        assert (await pipe.generate(prompt, max_new_tokens=24, mode="pipe")).token_ids == ar.token_ids
+        assert (await pipe.generate(prompt, max_new_tokens=24, mode="sd")).token_ids == ar.token_ids
+    finally:
+        for r in runners:
+            r.close()
