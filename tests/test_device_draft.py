@@ -69,3 +69,13 @@ def test_a_device_draft_across_a_context_bucket_boundary_matches() -> None:
         w.prefill(seq)
     a, b = fast.draft(seq, 9, params), slow.draft(seq, 9, params)
     assert a.tokens == b.tokens and fast.cached == slow.cached == seq + list(a.tokens[:-1])
+
+
+def test_synthetic_worker_drafts_greedy_only() -> None:
+    """Its tokens are the oracle's whatever the rule says: a sampling rule is refused, as in ``step``, instead of
+    drafting the random model's own samples."""
+    worker = SyntheticWorker(tiny_llama(2), "a", torch.device("cpu"), Oracle([0.8], seed=1, vocab=96), 0,
+                             capacity=300)
+    worker.reset(None, 300)
+    with pytest.raises(ValueError, match="greedy only"):
+        worker.draft([5, 6, 7], 4, SamplingParams(temperature=1.0, acceptance="rejection", seed=1))

@@ -176,20 +176,26 @@ class SyntheticWorker(OracleChoices, StaticWorker):
         return self._verdict(seq, start)
 
     def draft(self, seq: Sequence[int], n: int, params: SamplingParams) -> StepResult:
+        if params.rule != "greedy":
+            raise ValueError("synthetic acceptance is greedy only")
         self._learn_prompt(len(seq))
-        work = list(seq)
         if n > 1 and self.device_draft:
-            # the real multi-token draft's cost (one graph, one sync: StaticWorker._device_draft), then the
-            # oracle's choices; the cache then holds K/V of the device's own tokens, which nothing reads (the
-            # oracle decides), while ``cached`` and the hashes name the oracle's tokens, as after per-token drafts
-            self._device_draft(seq, n, SamplingParams())  # feeds seq's missing tail via forward (hashes kept)
-            work.append(self._choice(len(work)))
-            for _ in range(n - 1):
-                self.cached.append(work[-1])
-                self._hashes.append(self.oracle.extend(self._hashes[-1], work[-1]))
-                work.append(self._choice(len(work)))
-            return StepResult(0, tuple(work[len(seq):]))
+            return super().draft(seq, n, params)  # StaticWorker.draft: the bookkeeping; tokens from _device_draft
+        work = list(seq)
         for _ in range(n):
             self._wait(self.logits(work, len(work)))
             work.append(self._choice(len(work)))
         return StepResult(0, tuple(work[len(seq):]))
+
+    def _device_draft(self, seq: Sequence[int], n: int, params: SamplingParams) -> list[int]:
+        """The real multi-token draft's cost (one graph, one sync), then the oracle's ``n`` tokens instead of the
+        device's. The cache then holds K/V of the device's own tokens, which nothing reads (the oracle decides),
+        while ``cached`` (extended by ``StaticWorker.draft``) and the hashes name the oracle's, as after per-token
+        drafts."""
+        super()._device_draft(seq, n, params)  # feeds seq's missing tail via forward (hashes kept)
+        work = list(seq)
+        work.append(self._choice(len(work)))
+        for _ in range(n - 1):  # the hashes of the n - 1 drafts fed to the cache
+            self._hashes.append(self.oracle.extend(self._hashes[-1], work[-1]))
+            work.append(self._choice(len(work)))
+        return work[len(seq):]
