@@ -47,7 +47,7 @@ async def load_chain(models: Sequence[Any] | str, *, device: Any, dtype: Any, to
     preload_transformers()
     sources = [None if not isinstance(m, str) else resolve_source(m) for m in models]
     if backend.kind != "ray":
-        _check_memory(sources, resolved, dtype)
+        _check_memory(sources, resolved, dtype, workers_here=backend.in_process)
     names = [s.name if s is not None else _model_name(m, i) for i, (s, m) in enumerate(zip(sources, models))]
     runners = backend.runners(names, resolved)
     infos: list[WorkerInfo | None] = [None] * len(models)
@@ -126,9 +126,11 @@ def _check_tokenizers(sources: Sequence[Any], target_tokenizer: Any) -> None:
                               f"({sources[-1].spec!r}); every model of a chain must share the target's tokenizer")
 
 
-def _check_memory(sources: Sequence[Any], devices: Sequence[torch.device], dtype: Any) -> None:
-    """Refuse, before loading anything, a placement whose weights cannot fit in the GPUs' free memory."""
-    from ..placement import check_fits, estimate_bytes
+def _check_memory(sources: Sequence[Any], devices: Sequence[torch.device], dtype: Any, *,
+                  workers_here: bool = True) -> None:
+    """Refuse, before loading anything, a placement whose weights cannot fit in the GPUs' free memory.
+    ``workers_here``: whether the workers live in this process (else no CUDA context is made here to ask)."""
+    from ..placement import check_fits, estimate_bytes, free_gpu_memory
 
     if not any(d.type == "cuda" for d in devices):
         return
@@ -136,7 +138,10 @@ def _check_memory(sources: Sequence[Any], devices: Sequence[torch.device], dtype
     for source, dev in zip(sources, devices):
         size = None
         if source is not None and source.kind in ("builtin", "folder"):
-            size = estimate_bytes(source.location, torch.finfo(resolve_dtype(dtype, dev)).bits // 8)
+            # "auto" on CUDA is bf16 or fp16: 2 bytes either way, without asking the GPU (that initialises CUDA)
+            width = 2 if dtype == "auto" and dev.type == "cuda" else torch.finfo(resolve_dtype(dtype, dev)).bits // 8
+            size = estimate_bytes(source.location, width)
         needs.append((source.name if source is not None else "model", str(dev), size))
-    free = {f"cuda:{i}": torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())}
-    check_fits(needs, free)
+    free = free_gpu_memory(workers_here)
+    if free is not None:
+        check_fits(needs, free)
