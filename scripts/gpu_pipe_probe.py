@@ -2,9 +2,12 @@
 
     python scripts/gpu_pipe_probe.py OUT_DIR            # on an H200 (1 or 2 GPUs), <= ~8 minutes
     python scripts/gpu_pipe_probe.py OUT_DIR --smoke    # tiny shapes on the CPU: the same code, in ~1 minute
-    # thread vs process (+ CUDA MPS) on ONE GPU, side by side, ~4 minutes:
+    # thread vs process (+ CUDA MPS) on ONE GPU, side by side, ~4-5 minutes (each backend stops starting new work
+    # after half the budget; loading ~10-30 s and closing come on top; estimate from the 2-GPU run's generation
+    # times: ~40 s per alpha for both chains and 6 methods x 4 generations, + ~40 s load and warm-up, per backend):
     python scripts/gpu_pipe_probe.py OUT_DIR --backends thread,process --one-gpu \
         --methods ar,sd:4,sd:8,sd:16,pipe,pipe:draft_batch=8 --budget-s 240
+    # add process-nomps (worker processes without MPS) for the three-way comparison, with --alphas 0.9 to fit
 
 SYNTHETIC ACCEPTANCE: random-weight LLaMA models of real shapes (``workers.synthetic``: every forward costs what a
 real one does, bf16, batch 1, static KV cache and CUDA graphs) with token choices from a seeded oracle at rate
@@ -371,18 +374,20 @@ def run_backends(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     for backend in args.backends:
         sub = out / backend
-        cmd = [sys.executable, __file__, str(sub), *strip_backend_args(argv, args.out), "--backend", backend,
-               "--budget-s", f"{share:g}"]
+        # process-nomps: worker processes without MPS (time-sliced kernels), the case MPS is measured against
+        env = dict(os.environ, PIPESPEC_MPS="0") if backend == "process-nomps" else None
+        cmd = [sys.executable, __file__, str(sub), *strip_backend_args(argv, args.out), "--backend",
+               backend.removesuffix("-nomps"), "--budget-s", f"{share:g}"]
         print(f"== backend {backend}: {share:.0f} s of the budget", flush=True)
         try:
             # stop starting new work after the share; loading, warm-up and closing come on top of it
-            done = subprocess.run(cmd, timeout=share + 150, check=False)
+            done = subprocess.run(cmd, timeout=share + 150, check=False, env=env)
             report = json.loads((sub / "probe.json").read_text())
             if done.returncode:
                 report.setdefault("errors", []).append(f"exit code {done.returncode}")
         except Exception as exc:  # noqa: BLE001 - one backend's failure is recorded, the next one runs
             report = {"backend": backend, "errors": [f"{type(exc).__name__}: {exc}"[:500]], "chains": []}
-        report["dir"] = backend
+        report["dir"] = report["backend"] = backend
         runs.append(report)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     return {**header(args, commit), "backends": args.backends, "wall_s": round(time.monotonic() - started, 1),
@@ -472,7 +477,8 @@ if __name__ == "__main__":
     parser.add_argument("--backend", choices=("thread", "process"), default="thread",
                         help="where the workers live: threads of this process, or a process each (+ CUDA MPS)")
     parser.add_argument("--backends", default=None, help="e.g. 'thread,process': one run per backend (a fresh "
-                                                         "process each, an equal share of --budget-s), side by side")
+                                                         "process each, an equal share of --budget-s), side by side; "
+                                                         "process-nomps: worker processes without MPS")
     a = parser.parse_args()
     a.alphas = [float(x) for x in a.alphas.split(",")]
     a.tokens = a.tokens or (24 if a.smoke else 128)
@@ -486,8 +492,8 @@ if __name__ == "__main__":
     out = Path(a.out)
     if a.backends:
         a.backends = a.backends.split(",")
-        if bad := [b for b in a.backends if b not in ("thread", "process")]:
-            sys.exit(f"unknown backends {bad}: use thread, process")
+        if bad := [b for b in a.backends if b not in ("thread", "process", "process-nomps")]:
+            sys.exit(f"unknown backends {bad}: use thread, process, process-nomps")
         report = run_backends(a, sys.argv[1:])
         text = side_by_side(report)
     else:
