@@ -16,7 +16,7 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["NodeSlot", "gpu_shares", "parse_node_placement", "plan_placement", "parse_placement", "resolve_device"]
+__all__ = ["NodeSlot", "free_gpu_memory", "gpu_shares", "parse_node_placement", "plan_placement", "parse_placement", "resolve_device"]
 
 
 def plan_placement(n_models: int, n_gpus: int) -> list[int]:
@@ -110,6 +110,56 @@ def check_fits(needs: Sequence[tuple[str, str, int | None]], free: dict[str, int
                 f"{names} need about {total / 2**30:.1f} GiB on {device} but only {available / 2**30:.1f} GiB is "
                 f"free; spread the models over more GPUs (e.g. --placement {','.join(str(i) for i in range(len(needs)))}) "
                 "or use a smaller dtype")
+
+
+def free_gpu_memory(workers_here: bool) -> dict[str, int] | None:
+    """Bytes free per visible CUDA device ("cuda:N"). ``torch.cuda.mem_get_info`` only where the workers live in
+    this process (the thread backend makes the contexts anyway): it creates a CUDA context on every GPU it asks
+    about (some 500 MB each), which the process backend's parent must not hold, so there nvidia-smi answers. None
+    when it cannot (the check is then skipped; a model that does not fit fails as it loads)."""
+    import os
+    import subprocess
+
+    import torch
+
+    if workers_here:
+        return {f"cuda:{i}": torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())}
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid,memory.free", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode:
+        return None
+    return smi_free_memory(done.stdout, os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def smi_free_memory(text: str, visible: str | None) -> dict[str, int] | None:
+    """Parse ``nvidia-smi --query-gpu=index,uuid,memory.free --format=csv,noheader,nounits`` (MiB) into bytes free
+    per CUDA device as this process numbers them (``visible``: CUDA_VISIBLE_DEVICES, indices or UUIDs, possibly
+    abbreviated); None when an entry cannot be mapped (MIG instances, say). Pure: tested on the CPU."""
+    free: dict[str, int] = {}  # physical index and UUID -> bytes
+    uuids: list[str] = []
+    try:
+        for line in text.strip().splitlines():
+            index, uuid, mib = (x.strip() for x in line.split(","))
+            free[index] = free[uuid] = int(mib) * 2**20
+            uuids.append(uuid)
+    except ValueError:
+        return None
+    if visible is None:
+        order = sorted((k for k in free if k.isdigit()), key=int)
+    else:
+        order = [v.strip() for v in visible.split(",") if v.strip()]
+    out: dict[str, int] = {}
+    for i, entry in enumerate(order):
+        if entry not in free:
+            matches = [u for u in uuids if u.startswith(entry)] if entry.startswith("GPU-") else []
+            if len(matches) != 1:
+                return None
+            entry = matches[0]
+        out[f"cuda:{i}"] = free[entry]
+    return out
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

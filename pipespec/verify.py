@@ -149,26 +149,23 @@ def choose(logits: torch.Tensor, params: SamplingParams, positions: torch.Tensor
     logits: [n, vocab] (row r predicts position positions[r]); positions: [n] int64.
     Returns tokens [n] int64 and probs [n, vocab] float32 or None.
     """
-    rule = params.rule
-    if rule == "greedy":
-        return torch.argmax(logits, dim=-1), None
-    warped = warp_logits(logits, params)
-    if rule == "coupled":
-        noise = gumbel_noise(params.seed, positions, warped.shape[-1])
-        return torch.argmax(warped + noise, dim=-1), None
-    probs = torch.softmax(warped, dim=-1)
+    if params.rule != "rejection":  # greedy and coupled: one definition, the device one
+        return choose_on_device(logits, params, positions), None
+    probs = torch.softmax(warp_logits(logits, params), dim=-1)
     return sample(probs, generator), probs
 
 
 def choose_on_device(logits: torch.Tensor, params: SamplingParams, positions: torch.Tensor,
-                     seed_h: torch.Tensor) -> torch.Tensor:
-    """``choose`` for the greedy and coupled rules from device tensors only (the seed as ``seed_hash``): what a
-    multi-token draft inside one captured CUDA graph uses, so no drafted token needs a host sync. Same tokens as
-    ``choose``. logits: [n, vocab]; positions: [n] int64 -> [n] int64."""
+                     seed_h: torch.Tensor | None = None) -> torch.Tensor:
+    """The greedy and coupled rules' tokens (``choose`` uses it for them) from device tensors only, the seed as
+    ``seed_hash`` (made here from ``params.seed`` when None): what a multi-token draft inside one captured CUDA
+    graph uses, so no drafted token needs a host sync. logits: [n, vocab]; positions: [n] int64 -> [n] int64."""
     if params.rule == "greedy":
         return torch.argmax(logits, dim=-1)
     if params.rule != "coupled":
         raise ValueError("the rejection rule samples with a generator on the host's schedule: use choose()")
+    if seed_h is None:
+        seed_h = seed_hash(params.seed, positions.device)
     warped = warp_logits(logits, params)
     return torch.argmax(warped + hashed_gumbel_noise(seed_h, positions, warped.shape[-1]), dim=-1)
 

@@ -2,6 +2,12 @@
 
     python scripts/gpu_pipe_probe.py OUT_DIR            # on an H200 (1 or 2 GPUs), <= ~8 minutes
     python scripts/gpu_pipe_probe.py OUT_DIR --smoke    # tiny shapes on the CPU: the same code, in ~1 minute
+    # thread vs process (+ CUDA MPS) on ONE GPU, side by side, ~4-5 minutes (each backend stops starting new work
+    # after half the budget; loading ~10-30 s and closing come on top; estimate from the 2-GPU run's generation
+    # times: ~40 s per alpha for both chains and 6 methods x 4 generations, + ~40 s load and warm-up, per backend):
+    python scripts/gpu_pipe_probe.py OUT_DIR --backends thread,process --one-gpu \
+        --methods ar,sd:4,sd:8,sd:16,pipe,pipe:draft_batch=8 --budget-s 240
+    # add process-nomps (worker processes without MPS) for the three-way comparison, with --alphas 0.9 to fit
 
 SYNTHETIC ACCEPTANCE: random-weight LLaMA models of real shapes (``workers.synthetic``: every forward costs what a
 real one does, bf16, batch 1, static KV cache and CUDA graphs) with token choices from a seeded oracle at rate
@@ -21,6 +27,15 @@ Protocol, per chain and alpha, all in one process on the same machine:
 - per stage, in-pipeline ms per forward (busy / forwards) next to its standalone forward (1 and 8 tokens);
 - one trace (``trace=``) of a default ``pipe`` run per chain at the highest alpha: open it in ui.perfetto.dev.
 
+Backends (issue 14: do stages that share ONE GPU run faster as separate processes under CUDA MPS?): ``--backend
+thread`` (the default) puts every worker on a thread of this process; ``--backend process`` puts each in a
+``ProcessRunner`` of its own, built there by ``workers.synthetic.build_synthetic``, after ``runners.mps.ensure_mps``
+(started a daemon / one was running / only a hint: recorded in the report, with ``nvidia-smi``'s compute apps). The
+probe talks to workers only through named calls (``configure``, ``warm_up``, ``standalone_ms``, ...), so both
+backends run the same code. ``--backends thread,process`` runs this script once per backend, each in a fresh process
+of its own with an equal share of the budget (so the GPU is empty and no CUDA context is left in between), in that
+order, and writes their results side by side (OUT_DIR/probe.md) above each run's own sections.
+
 Writes OUT_DIR/probe.json, OUT_DIR/probe.md and OUT_DIR/trace-*.json. A time budget (``--budget-s``, default 450)
 skips what would run past it, and says so in both files.
 """
@@ -30,7 +45,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,11 +57,14 @@ import torch
 
 from pipespec.analysis.model import predict_throughput
 from pipespec.analysis.oracle import Oracle
+from pipespec.runners.backend import cpu_threads
+from pipespec.runners.base import Runner
+from pipespec.runners.mps import ensure_mps, shared_gpus
+from pipespec.runners.process import ProcessRunner
 from pipespec.runners.thread import ThreadRunner
 from pipespec.scheduler import Member, Pipeline
 from pipespec.tracing import summarize
-from pipespec.workers import synthetic
-from pipespec.workers.synthetic import SyntheticWorker, random_llama
+from pipespec.workers.synthetic import build_synthetic
 
 SMOKE_SHAPES = {  # hidden, layers, heads, kv heads, ffn, vocab: tiny, for the CPU smoke test
     "tiny-d": (64, 1, 4, 4, 128, 512),
@@ -72,69 +92,106 @@ def chains_for(args: argparse.Namespace) -> list[tuple[str, list[tuple[str, str]
     return out
 
 
-class Loaded:
-    """Every (shape, device) loaded once, with its runner and worker; chains share them."""
+def all_methods() -> dict[str, dict[str, Any]]:
+    methods: dict[str, dict[str, Any]] = {"ar": {"mode": "ar"}}
+    methods.update({f"sd:{k}": {"mode": "sd", "lookahead": k} for k in LOOKAHEADS})
+    methods.update({name: {"mode": "pipe", **opts} for name, opts in PIPE_VARIANTS.items()})
+    methods["auto"] = {"mode": "auto"}
+    return methods
 
-    def __init__(self, oracle: Oracle) -> None:
+
+class Loaded:
+    """Every (shape, device) loaded once, with its runner; chains share them. Workers are reached only through
+    named calls (``runner.call``), so the same code measures the thread and the process backend."""
+
+    def __init__(self, oracle: Oracle, backend: str, smoke: bool) -> None:
         self.oracle = oracle
+        self.backend = backend
+        self.smoke = smoke
         self.members: dict[tuple[str, str], Member] = {}
+        self.starting: dict[tuple[str, str], Runner] = {}
+        self.mps: dict[str, Any] = {"action": "none (thread backend)"}
+
+    async def load(self, keys: list[tuple[str, str]]) -> None:
+        """Start a runner per key and build its worker there (all at once in worker processes)."""
+        keys = [k for k in dict.fromkeys(keys) if k not in self.members]
+        devices = [torch.device(d) for _, d in keys]
+        runners: list[Runner] = []
+        if self.backend == "process":
+            # before the children start: they inherit CUDA_MPS_PIPE_DIRECTORY when a daemon of ours was started
+            action = ensure_mps([d for _, d in keys], "process")
+            self.mps = {"action": action, "shared_gpus": shared_gpus([d for _, d in keys]),
+                        "pipe_dir": os.environ.get("CUDA_MPS_PIPE_DIRECTORY")}
+            threads = cpu_threads(devices)
+            for shape, device in keys:
+                runners.append(ProcessRunner(f"{shape}@{device}", torch.device(device), label=f"{shape} on {device}",
+                                             threads=threads))
+        else:
+            runners = [ThreadRunner(f"{shape}@{device}", torch.device(device)) for shape, device in keys]
+        self.starting.update(zip(keys, runners))  # closed by close() whatever happens next
+
+        async def start(key: tuple[str, str], runner: Runner) -> None:
+            shape, device = key
+            dims = SMOKE_SHAPES.get(shape) if self.smoke else None
+            info = await runner.start(build_synthetic, shape, device, self.oracle, 0, dims=dims, capacity=1024)
+            self.members[key] = Member(shape, runner, info)
+            print(f"loaded {shape} on {device} ({self.backend})", flush=True)
+
+        if self.backend == "process":
+            await asyncio.gather(*(start(k, r) for k, r in zip(keys, runners)))
+        else:  # one at a time: in this process, loads would only contend for the GIL
+            for k, r in zip(keys, runners):
+                await start(k, r)
 
     async def get(self, shape: str, device: str, stage: int) -> Member:
-        key = (shape, device)
-        if key not in self.members:
-            runner = ThreadRunner(f"{shape}@{device}", torch.device(device))
-            dtype = torch.float32 if device == "cpu" else torch.bfloat16
-            model = await runner.run(random_llama, shape, [device], dtype)
-            info = await runner.start(lambda: SyntheticWorker(model, shape, torch.device(device), self.oracle,
-                                                              stage, capacity=1024))
-            self.members[key] = Member(shape, runner, info)
-            print(f"loaded {shape} on {device}", flush=True)
-        member = self.members[key]
-        member.worker.stage = stage  # type: ignore[attr-defined]  # its index in the chain being measured
+        member = self.members[(shape, device)]
+        await member.runner.call("configure", stage=stage)  # its index in the chain being measured
         return member
 
     def close(self) -> None:
-        for m in self.members.values():
-            m.runner.close()  # type: ignore[attr-defined]
+        for runner in self.starting.values():
+            runner.close()
 
 
-def standalone_ms(worker: SyntheticWorker, prompt: list[int]) -> tuple[float, float]:
-    """Median ms of one forward feeding 1 and 8 tokens (graphs captured first), on the worker's thread."""
-    out = []
-    for n in (1, 8):
-        times = []
-        for _ in range(12):
-            worker.reset(None, 1024)
-            worker.prefill(prompt)
-            seq = prompt + [7] * n
-            t0 = time.perf_counter()
-            worker.logits(seq, len(prompt))[-1, :1].tolist()
-            times.append(time.perf_counter() - t0)
-        out.append(1000 * statistics.median(times[2:]))
-    worker.release()
-    return out[0], out[1]
+def gpu_name() -> str:
+    """GPU 0's name from nvidia-smi: torch.cuda.get_device_name would initialise CUDA in this process, which the
+    process backend's parent must not (its workers own the GPU)."""
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=20)
+        return done.stdout.strip().splitlines()[0]
+    except Exception:  # noqa: BLE001 - a label only
+        return "cuda"
+
+
+def gpu_apps() -> str:
+    """nvidia-smi's compute apps (under MPS: the server and its clients), or why not."""
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,process_name,used_memory", "--format=csv"],
+                              capture_output=True, text=True, timeout=20)
+        return (done.stdout or done.stderr).strip()[:2000]
+    except Exception as exc:  # noqa: BLE001 - a diagnostic only
+        return f"{type(exc).__name__}: {exc}"
 
 
 async def measure_chain(label: str, members: list[Member], prompt: list[int], args: argparse.Namespace,
                         deadline: float, out_dir: Path) -> dict[str, Any]:
     pipe = Pipeline(members, tokenizer=None)  # shares the loaded runners; not closed here
     for i, m in enumerate(members):
-        m.worker.stage = i  # type: ignore[attr-defined]
-    stand = [await m.runner.run(standalone_ms, m.worker, prompt) for m in members]  # type: ignore[attr-defined]
+        await m.runner.call("configure", stage=i)
+    # warm, one stage at a time (the others idle): what a stage's forward costs alone
+    stand = [await m.runner.call("standalone_ms", prompt) for m in members]
     result: dict[str, Any] = {"chain": label, "models": [m.name for m in members],
                               "devices": [m.device for m in members],
                               "standalone_ms": [[round(a, 3), round(b, 3)] for a, b in stand], "alphas": []}
-    methods: dict[str, dict[str, Any]] = {"ar": {"mode": "ar"}}
-    methods.update({f"sd:{k}": {"mode": "sd", "lookahead": k} for k in LOOKAHEADS})
-    methods.update({name: {"mode": "pipe", **opts} for name, opts in PIPE_VARIANTS.items()})
-    methods["auto"] = {"mode": "auto"}
+    methods = {name: opts for name, opts in all_methods().items() if name in args.methods}
     for alpha in args.alphas:
         if time.monotonic() > deadline:
             result["alphas"].append({"alpha": alpha, "skipped": "time budget"})
             continue
         oracle = Oracle([alpha] * (len(members) - 1), seed=args.seed, vocab=members[0].info.vocab_size)
         for m in members:
-            m.worker.oracle = oracle  # type: ignore[attr-defined]
+            await m.runner.call("configure", oracle=oracle)
         pipe.auto_choice = None
         pipe.monitor = type(pipe.monitor)(len(members), contended=pipe.monitor.contended)  # forget the last alpha
         rates: dict[str, list[float]] = {name: [] for name in methods}
@@ -145,11 +202,8 @@ async def measure_chain(label: str, members: list[Member], prompt: list[int], ar
         async def once(name: str, timed: bool) -> None:
             opts = dict(methods[name])
             device_draft = opts.pop("device_draft", True)
-            members[0].worker.device_draft = device_draft  # type: ignore[attr-defined]
-            for m in members[1:]:
-                m.worker.device_draft = True  # type: ignore[attr-defined]
-            for m in members:
-                await m.runner.drain()
+            for i, m in enumerate(members):
+                await m.runner.call("configure", device_draft=device_draft if i == 0 else True)
             g = await pipe.generate(prompt, max_new_tokens=args.tokens if timed else 16, **opts)
             if timed:
                 rates[name].append(g.stats.tokens / g.stats.seconds)
@@ -187,7 +241,7 @@ async def measure_chain(label: str, members: list[Member], prompt: list[int], ar
             entry["skipped"] = "time budget: fewer repeats for some methods"
         if alpha == max(args.alphas):
             path = out_dir / f"trace-{len(result['alphas'])}-{label.replace(' ', '_').replace(';', '').replace(',', '-')}.json"
-            members[0].worker.device_draft = True  # type: ignore[attr-defined]
+            await members[0].runner.call("configure", device_draft=True)
             await pipe.generate(prompt, max_new_tokens=args.tokens, mode="pipe", trace=str(path))
             entry["trace"] = path.name
             entry["trace_summary"] = summarize(json.loads(path.read_text()))
@@ -199,12 +253,19 @@ async def measure_chain(label: str, members: list[Member], prompt: list[int], ar
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [f"# gpu_pipe_probe ({report['label']})", "",
+    lines = [f"# gpu_pipe_probe, {report['backend']} backend ({report['label']})", "",
              f"device: {report['device']}; commit {report['commit']}; {report['tokens']} tokens, prompt "
              f"{report['prompt_len']}, {report['repeats']} repeats (median [min-max] tokens/s); wall "
-             f"{report['wall_s']} s", ""]
+             f"{report['wall_s']} s", "",
+             f"MPS: {report['mps']}; CUDA initialised in the probe's own process: {report['parent_cuda_initialized']}",
+             f"errors: {report['errors'] or 'none'}", ""]
+    if report.get("gpu_apps"):
+        lines += ["nvidia-smi compute apps after warm-up:", "```", report["gpu_apps"], "```", ""]
     for chain in report["chains"]:
         lines.append(f"## {chain['chain']}")
+        if chain.get("error"):
+            lines += [f"FAILED: {chain['error']}", ""]
+            continue
         lines.append("standalone ms per forward (1 / 8 tokens): " + ", ".join(
             f"{m} {a}/{b}" for m, (a, b) in zip(chain["models"], chain["standalone_ms"])))
         for entry in chain["alphas"]:
@@ -233,49 +294,169 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
+    """One backend's run, in this process."""
     started = time.monotonic()
     deadline = started + args.budget_s
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.smoke:
-        synthetic.SHAPES.update(SMOKE_SHAPES)
         torch.set_num_threads(1)
-    chains = chains_for(args)
-    if args.chains:
-        chains = [c for c in chains if any(part in c[0] for part in args.chains.split(","))]
+    chains = select_chains(args)
     vocab = 512 if args.smoke else 32000
-    loaded = Loaded(Oracle([0.8], seed=args.seed, vocab=vocab))
+    loaded = Loaded(Oracle([0.8], seed=args.seed, vocab=vocab), args.backend, args.smoke)
     prompt = torch.randint(0, vocab, (args.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+    results: list[dict[str, Any]] = []
+    errors: list[str] = []
+    apps = ""
     try:
-        for _, spec in chains:  # load everything, then capture every graph before any clock starts
-            for i, (shape, device) in enumerate(spec):
-                await loaded.get(shape, device, i)
+        # load everything, then capture every graph before any clock starts
+        await loaded.load([key for _, spec in chains for key in spec])
         context = -(-(args.prompt_len + args.tokens + 64 + 128) // 256) * 256
         drafters = {key for _, spec in chains for key in spec[:-1]}  # only these ever draft (pipe's stage 0, sd's)
+        captures = 0
         for key, m in loaded.members.items():
-            worker = m.worker
-            await m.runner.run(worker.warm_up, (1, 2, 4, 8, 16, 32, 64), context,  # type: ignore[attr-defined]
-                               draft_steps=tuple(range(1, 16)) if key in drafters else ())
-        print(f"warm: graphs captured ({sum(m.worker.captures for m in loaded.members.values())}) "  # type: ignore
-              f"after {time.monotonic() - started:.0f} s", flush=True)
-        results = []
+            captures += await m.runner.call("warm_up", (1, 2, 4, 8, 16, 32, 64), context,
+                                            draft_steps=tuple(range(1, 16)) if key in drafters else ())
+        print(f"warm ({args.backend}): graphs captured ({captures}) after {time.monotonic() - started:.0f} s",
+              flush=True)
+        apps = gpu_apps() if not args.smoke else ""
         for label, spec in chains:
-            members = [await loaded.get(shape, device, i) for i, (shape, device) in enumerate(spec)]
             if time.monotonic() > deadline:
                 results.append({"chain": label, "models": [s for s, _ in spec], "standalone_ms": [],
                                 "alphas": [{"alpha": a, "skipped": "time budget"} for a in args.alphas]})
                 continue
-            results.append(await measure_chain(label, members, prompt, args, deadline, out_dir))
+            try:
+                members = [await loaded.get(shape, device, i) for i, (shape, device) in enumerate(spec)]
+                results.append(await measure_chain(label, members, prompt, args, deadline, out_dir))
+            except Exception as exc:  # noqa: BLE001 - recorded; the next chain still runs
+                errors.append(f"{label}: {type(exc).__name__}: {exc}"[:500])
+                results.append({"chain": label, "models": [s for s, _ in spec], "standalone_ms": [], "alphas": [],
+                                "error": errors[-1]})
+                print(f"FAILED {errors[-1]}", flush=True)
+    except Exception as exc:  # noqa: BLE001 - loading or warming failed: the report says so
+        errors.append(f"{type(exc).__name__}: {exc}"[:500])
+        print(f"FAILED {errors[-1]}", flush=True)
     finally:
         loaded.close()
-    import subprocess
-
+    # the process backend's point: CUDA untouched in this process (the workers own the GPU)
+    cuda_here = torch.cuda.is_initialized()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.smoke else "cpu"
+    return {**header(args, commit), "backend": args.backend, "mps": loaded.mps, "gpu_apps": apps,
+            "parent_cuda_initialized": cuda_here, "errors": errors,
+            "wall_s": round(time.monotonic() - started, 1), "chains": results}
+
+
+def header(args: argparse.Namespace, commit: str) -> dict[str, Any]:
+    device = "cpu" if args.smoke else f"{gpu_name()} x{torch.cuda.device_count()}"
     return {"label": "SYNTHETIC ACCEPTANCE" + (" (smoke: tiny shapes on the CPU)" if args.smoke else ""),
-            "device": f"{device} x{torch.cuda.device_count() if not args.smoke else 0}", "commit": commit,
-            "tokens": args.tokens, "prompt_len": args.prompt_len, "repeats": args.repeats,
-            "alphas": args.alphas, "wall_s": round(time.monotonic() - started, 1), "chains": results}
+            "device": device, "commit": commit, "tokens": args.tokens, "prompt_len": args.prompt_len,
+            "repeats": args.repeats, "alphas": args.alphas, "methods": args.methods}
+
+
+def select_chains(args: argparse.Namespace) -> list[tuple[str, list[tuple[str, str]]]]:
+    chains = chains_for(args)
+    if args.chains:
+        chains = [c for c in chains if any(part in c[0] for part in args.chains.split(","))]
+    if args.one_gpu:  # every stage on one device
+        chains = [c for c in chains if len({d for _, d in c[1]}) == 1]
+    return chains
+
+
+# -- several backends: one child run each, side by side --------------------------------------------------------------
+
+def run_backends(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    """Run this script once per backend (``--backend B``, a fresh process each: the GPU is empty in between and no
+    CUDA context or MPS daemon outlives its run), each with an equal share of the budget; merge their reports."""
+    started = time.monotonic()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    share = args.budget_s / len(args.backends)
+    runs: list[dict[str, Any]] = []
+    for backend in args.backends:
+        sub = out / backend
+        # process-nomps: worker processes without MPS (time-sliced kernels), the case MPS is measured against
+        env = dict(os.environ, PIPESPEC_MPS="0") if backend == "process-nomps" else None
+        cmd = [sys.executable, __file__, str(sub), *strip_backend_args(argv, args.out), "--backend",
+               backend.removesuffix("-nomps"), "--budget-s", f"{share:g}"]
+        print(f"== backend {backend}: {share:.0f} s of the budget", flush=True)
+        try:
+            # stop starting new work after the share; loading, warm-up and closing come on top of it
+            done = subprocess.run(cmd, timeout=share + 150, check=False, env=env)
+            report = json.loads((sub / "probe.json").read_text())
+            if done.returncode:
+                report.setdefault("errors", []).append(f"exit code {done.returncode}")
+        except Exception as exc:  # noqa: BLE001 - one backend's failure is recorded, the next one runs
+            report = {"backend": backend, "errors": [f"{type(exc).__name__}: {exc}"[:500]], "chains": []}
+        report["dir"] = report["backend"] = backend
+        runs.append(report)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {**header(args, commit), "backends": args.backends, "wall_s": round(time.monotonic() - started, 1),
+            "runs": runs}
+
+
+def strip_backend_args(argv: list[str], out_dir: str) -> list[str]:
+    """``argv`` without the output folder and the options the parent sets per child."""
+    kept, skip, seen_out = [], False, False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--backends", "--backend", "--budget-s"):
+            skip = True  # and its value
+        elif arg.startswith(("--backends=", "--backend=", "--budget-s=")):
+            pass
+        elif arg == out_dir and not seen_out:
+            seen_out = True
+        else:
+            kept.append(arg)
+    return kept
+
+
+def side_by_side(report: dict[str, Any]) -> str:
+    """The runs' rows for the same chain, alpha and method next to each other."""
+    runs = [r for r in report["runs"] if r.get("chains")]
+    names = [r["backend"] for r in runs]
+    lines = [f"# gpu_pipe_probe: backends {', '.join(report['backends'])} ({report['label']})", "",
+             f"device: {report['device']}; commit {report['commit']}; {report['tokens']} tokens, prompt "
+             f"{report['prompt_len']}, up to {report['repeats']} repeats (median [min-max] tokens/s); x sd: over the "
+             f"best sd of the same run; wall {report['wall_s']} s", ""]
+    for r in report["runs"]:
+        lines.append(f"- {r['backend']}: MPS {r.get('mps', {}).get('action', '-')}; CUDA context in the probe's "
+                     f"process: {r.get('parent_cuda_initialized', '-')}; wall {r.get('wall_s', '-')} s; errors: "
+                     f"{r.get('errors') or 'none'}")
+    labels = list(dict.fromkeys(c["chain"] for r in runs for c in r["chains"]))
+    for label in labels:
+        chains = {r["backend"]: next((c for c in r["chains"] if c["chain"] == label), None) for r in runs}
+        lines += ["", f"## {label}", "", "standalone ms per forward (1 / 8 tokens, warm, the other stages idle): "
+                  + "; ".join(f"{b}: " + ", ".join(f"{m} {x}/{y}" for m, (x, y) in zip(c["models"], c["standalone_ms"]))
+                              for b, c in chains.items() if c and c["standalone_ms"])]
+        alphas = list(dict.fromkeys(e["alpha"] for c in chains.values() if c for e in c["alphas"]))
+        for alpha in alphas:
+            entries = {b: next((e for e in c["alphas"] if e["alpha"] == alpha and "rows" in e), None) if c else None
+                       for b, c in chains.items()}
+            lines += ["", f"### alpha {alpha}", "",
+                      "| method | " + " | ".join(f"{b} tok/s [min-max] | x sd | same | {b} ms/forward per stage"
+                                                 for b in names) + " |",
+                      "|---|" + "---:|---:|---|---|" * len(names)]
+            methods = list(dict.fromkeys(r["method"] for e in entries.values() if e for r in e["rows"]))
+            for method in methods:
+                cells = []
+                for b in names:
+                    e = entries.get(b)
+                    row = next((r for r in e["rows"] if r["method"] == method), None) if e else None
+                    if row is None:
+                        cells.append("- | - | - | -")
+                        continue
+                    sd = max((r["median_tokens_per_s"] for r in e["rows"] if r["method"].startswith("sd")),
+                             default=None)
+                    ratio = f"{row['median_tokens_per_s'] / sd:.2f}" if sd else "-"
+                    cells.append(f"{row['median_tokens_per_s']} [{row['min']}-{row['max']}] | {ratio} | "
+                                 f"{row['identical_to_ar']} | {row['stage_ms_per_forward']}")
+                lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for r in report["runs"]:
+        if r.get("chains"):
+            lines += ["", *("#" + x if x.startswith("#") else x for x in markdown(r).splitlines())]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
@@ -290,14 +471,34 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chains", default=None, help="only the chains whose label contains one of these "
                                                          "comma-separated strings (e.g. '13b on GPU 0')")
+    parser.add_argument("--one-gpu", action="store_true", help="only the chains whose stages all share one device")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of: " + ",".join(all_methods())
+                                                        + " (ar is always run: outputs are compared with it)")
+    parser.add_argument("--backend", choices=("thread", "process"), default="thread",
+                        help="where the workers live: threads of this process, or a process each (+ CUDA MPS)")
+    parser.add_argument("--backends", default=None, help="e.g. 'thread,process': one run per backend (a fresh "
+                                                         "process each, an equal share of --budget-s), side by side; "
+                                                         "process-nomps: worker processes without MPS")
     a = parser.parse_args()
     a.alphas = [float(x) for x in a.alphas.split(",")]
     a.tokens = a.tokens or (24 if a.smoke else 128)
     a.prompt_len = a.prompt_len or (16 if a.smoke else 128)
+    known = all_methods()
+    a.methods = list(known) if a.methods is None else ["ar", *(m for m in a.methods.split(",") if m != "ar")]
+    if unknown := [m for m in a.methods if m not in known]:
+        sys.exit(f"unknown methods {unknown}: use {', '.join(known)}")
     if not a.smoke and not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --smoke for the CPU test of this script")
-    report = asyncio.run(main(a))
     out = Path(a.out)
+    if a.backends:
+        a.backends = a.backends.split(",")
+        if bad := [b for b in a.backends if b not in ("thread", "process", "process-nomps")]:
+            sys.exit(f"unknown backends {bad}: use thread, process, process-nomps")
+        report = run_backends(a, sys.argv[1:])
+        text = side_by_side(report)
+    else:
+        report = asyncio.run(main(a))
+        text = markdown(report)
     (out / "probe.json").write_text(json.dumps(report, indent=2))
-    (out / "probe.md").write_text(markdown(report))
+    (out / "probe.md").write_text(text)
     print(f"wrote {out / 'probe.json'} and {out / 'probe.md'}", flush=True)

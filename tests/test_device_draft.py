@@ -69,3 +69,38 @@ def test_a_device_draft_across_a_context_bucket_boundary_matches() -> None:
         w.prefill(seq)
     a, b = fast.draft(seq, 9, params), slow.draft(seq, 9, params)
     assert a.tokens == b.tokens and fast.cached == slow.cached == seq + list(a.tokens[:-1])
+
+
+def test_synthetic_worker_drafts_greedy_only() -> None:
+    """Its tokens are the oracle's whatever the rule says: a sampling rule is refused, as in ``step``, instead of
+    drafting the random model's own samples."""
+    worker = SyntheticWorker(tiny_llama(2), "a", torch.device("cpu"), Oracle([0.8], seed=1, vocab=96), 0,
+                             capacity=300)
+    worker.reset(None, 300)
+    with pytest.raises(ValueError, match="greedy only"):
+        worker.draft([5, 6, 7], 4, SamplingParams(temperature=1.0, acceptance="rejection", seed=1))
+
+
+class _Event:
+    """Stands in for torch.cuda.Event on the CPU: what a trace records, without timing anything."""
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        self.recorded = False
+
+    def record(self, stream: object = None) -> None:
+        self.recorded = True
+
+
+def test_a_device_draft_is_one_gpu_span(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trace's GPU track sees a multi-token draft as ONE span of its n tokens (its forwards replay inside one
+    graph, where ``_timed_forward`` cannot see them), and the per-token path as one span per forward."""
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    model = tiny_llama(4)
+    for device_draft, spans in ((True, [6]), (False, [7, 1, 1, 1, 1, 1])):  # per token: seq's tail, then 1 each
+        worker = StaticWorker(model, "d", torch.device("cpu"), capacity=300)
+        worker.device_draft = device_draft
+        worker.reset(0, 300)
+        worker._gpu_events = []  # as gpu_trace(True) leaves it on CUDA (it syncs a real event first)
+        worker.draft([5, 17, 2, 40, 8, 9, 11], 6, SamplingParams())
+        assert [n for _, _, n in worker._gpu_events] == spans
+        assert all(a.recorded and b.recorded for a, b, _ in worker._gpu_events)

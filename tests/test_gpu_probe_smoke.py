@@ -27,3 +27,26 @@ def test_gpu_pipe_probe_smoke(tmp_path: Path) -> None:
         assert entry["all_identical"] is True
         assert json.loads((tmp_path / entry["trace"]).read_text())["traceEvents"]
     assert "| method |" in (tmp_path / "probe.md").read_text()
+
+
+def test_gpu_pipe_probe_smoke_process_backend(tmp_path: Path) -> None:
+    """``--backends``: one run per backend in a process of its own, merged side by side; the process backend builds
+    its workers in worker processes and reaches them by named calls only. (``--backends thread,process`` would add
+    the thread run above, ~10 s more on two shared cores.)"""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_pipe_probe.py"), str(tmp_path), "--smoke",
+                           "--backends", "process", "--chains", "2 stages", "--methods", "sd:4,pipe",
+                           "--alphas", "0.9", "--repeats", "1", "--tokens", "8"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "probe.json").read_text())
+    assert [r["backend"] for r in report["runs"]] == ["process"]
+    for run in report["runs"]:
+        assert run["errors"] == [] and run["parent_cuda_initialized"] is False
+        [chain] = run["chains"]
+        entry = chain["alphas"][0]
+        assert [r["method"] for r in entry["rows"]] == ["ar", "sd:4", "pipe"] and entry["all_identical"] is True
+        assert all(ms > 0 for pair in chain["standalone_ms"] for ms in pair)
+    assert report["runs"][0]["mps"]["action"] == "none"  # on the CPU: nothing to share
+    text = (tmp_path / "probe.md").read_text()
+    assert "| method | process tok/s [min-max] |" in text and "## gpu_pipe_probe, process backend" in text

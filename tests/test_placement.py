@@ -63,3 +63,33 @@ def test_a_ray_node_placement_no_live_node_can_serve_fails_at_once() -> None:
         check_nodes(parse_node_placement("node1:cpu,node3:0", 2), alive)
     with pytest.raises(ConfigError, match="node 'node1' has 0 GPU"):
         check_nodes(parse_node_placement("node1:0,node2:0", 2), alive)
+
+
+SMI = "0, GPU-aaaa-1111, 81000\n1, GPU-bbbb-2222, 1000\n2, GPU-cccc-3333, 500\n"
+
+
+def test_free_memory_from_nvidia_smi_follows_cuda_visible_devices() -> None:
+    from pipespec.placement import smi_free_memory
+
+    mib = 2**20
+    assert smi_free_memory(SMI, None) == {"cuda:0": 81000 * mib, "cuda:1": 1000 * mib, "cuda:2": 500 * mib}
+    assert smi_free_memory(SMI, "2,0") == {"cuda:0": 500 * mib, "cuda:1": 81000 * mib}
+    assert smi_free_memory(SMI, "GPU-bbbb") == {"cuda:0": 1000 * mib}  # an abbreviated UUID
+    assert smi_free_memory(SMI, "") == {}
+    assert smi_free_memory(SMI, "MIG-xyz") is None  # cannot map: no check rather than a wrong one
+    assert smi_free_memory("No devices were found", None) is None
+
+
+def test_worker_processes_are_checked_without_a_cuda_context_here(monkeypatch) -> None:
+    """With the workers elsewhere (the process backend), the check must not call mem_get_info (it would create a
+    CUDA context in the parent on every GPU); without nvidia-smi it is skipped."""
+    import torch
+
+    from pipespec.placement import free_gpu_memory
+
+    def context(*args: object) -> None:
+        raise AssertionError("mem_get_info called")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", context)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert free_gpu_memory(workers_here=False) is None

@@ -9,6 +9,7 @@ type name and first line: the caller turns either into one ``PipelineError`` lin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pickle
 import time
@@ -35,7 +36,9 @@ class RowCodec(Protocol):
 
 
 class WorkerHost:
-    """One worker where it lives, with torch set up for serving it (no autograd, its device current)."""
+    """One worker where it lives, with torch set up for serving it (no autograd, its device current, and on CUDA a
+    stream of its own, as the thread backend gives each worker: CUDA graphs cannot be captured on the default
+    stream, so a static worker served on it fails its first capture)."""
 
     def __init__(self, device: str, threads: int | None, codec: RowCodec) -> None:
         self.device = torch.device(device)
@@ -44,27 +47,39 @@ class WorkerHost:
         torch.set_grad_enabled(False)
         if threads:
             torch.set_num_threads(threads)  # the parent's intra-op setting (several stages share the cores)
+        self.stream: torch.cuda.Stream | None = None
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            self.stream = torch.cuda.Stream(self.device)
+
+    def _serving(self) -> contextlib.ExitStack:
+        """Inference mode and the worker's stream, around everything the worker runs."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        if self.stream is not None:
+            stack.enter_context(torch.cuda.stream(self.stream))
+        return stack
 
     def start(self, payload: bytes) -> WorkerInfo:
         """Build the worker: ``payload`` is ``pickle.dumps((factory, args, kwargs))`` (plain pickle: a model object
         handed over is copied, not moved into shared memory behind its owner's back)."""
         factory, args, kwargs = pickle.loads(payload)
-        with torch.inference_mode():
+        with self._serving():
             self.worker = factory(*args, **kwargs)
         return self.worker.describe()
 
     def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, float]:
         """Run ``method`` on the worker; returns (its result with rows published, seconds spent)."""
-        if method not in CALLS:
-            raise ValueError(f"{method!r} is not a worker call (one of {', '.join(CALLS)})")
         if self.worker is None:
             raise RuntimeError("no worker: start() was not called")
+        # a worker may serve more calls by name (``extra_calls``: a measuring tool's, e.g. SyntheticWorker's)
+        extra = getattr(self.worker, "extra_calls", ())
+        if method not in CALLS and method not in extra:
+            raise ValueError(f"{method!r} is not a worker call (one of {', '.join((*CALLS, *extra))})")
         started = time.perf_counter()
         if method == "step":
             args, kwargs = self._resolve_rows(args, kwargs)
-        with torch.inference_mode():
+        with self._serving():
             value = getattr(self.worker, method)(*args, **kwargs)
         if isinstance(value, StepResult) and value.probs is not None:
             value = dataclasses.replace(value, probs=self.codec.publish(value.probs))

@@ -53,7 +53,7 @@ async def load_chain(models: Sequence[Any] | str, *, device: Any, dtype: Any, to
     preload_transformers()
     sources = [None if not isinstance(m, str) else resolve_source(m) for m in models]
     if backend.kind != "ray":
-        _check_memory(sources, resolved, dtype, kinds)
+        _check_memory(sources, resolved, dtype, kinds, workers_here=backend.in_process)
     names = [s.name if s is not None else _model_name(m, i) for i, (s, m) in enumerate(zip(sources, models))]
     runners = backend.runners(names, resolved)
     infos: list[WorkerInfo | None] = [None] * len(models)
@@ -134,9 +134,11 @@ def _check_tokenizers(sources: Sequence[Any], target_tokenizer: Any) -> None:
 
 
 def _check_memory(sources: Sequence[Any], devices: Sequence[torch.device], dtype: Any,
-                  kinds: Sequence[str | None]) -> None:
-    """Refuse, before loading anything, a placement whose weights cannot fit in the GPUs' free memory."""
-    from ..placement import check_fits, estimate_bytes
+                  kinds: Sequence[str | None], *, workers_here: bool = True) -> None:
+    """Refuse, before loading anything, a placement whose weights cannot fit in the GPUs' free memory.
+    ``kinds``: each model's --quantize kind (8-bit weights count one byte); ``workers_here``: whether the workers
+    live in this process (else no CUDA context is made here to ask)."""
+    from ..placement import check_fits, estimate_bytes, free_gpu_memory
 
     if not any(d.type == "cuda" for d in devices):
         return
@@ -144,7 +146,10 @@ def _check_memory(sources: Sequence[Any], devices: Sequence[torch.device], dtype
     for source, dev, kind in zip(sources, devices, kinds):
         size = None
         if source is not None and source.kind in ("builtin", "folder"):
-            size = estimate_bytes(source.location, torch.finfo(resolve_dtype(dtype, dev)).bits // 8, quantize=kind)
+            # "auto" on CUDA is bf16 or fp16: 2 bytes either way, without asking the GPU (that initialises CUDA)
+            width = 2 if dtype == "auto" and dev.type == "cuda" else torch.finfo(resolve_dtype(dtype, dev)).bits // 8
+            size = estimate_bytes(source.location, width, quantize=kind)
         needs.append((source.name if source is not None else "model", str(dev), size))
-    free = {f"cuda:{i}": torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())}
-    check_fits(needs, free)
+    free = free_gpu_memory(workers_here)
+    if free is not None:
+        check_fits(needs, free)

@@ -195,6 +195,27 @@ class LogitsWorker(ABC):
         events.append((start, end, len(tokens)))
         return out
 
+    def _gpu_span_begin(self) -> tuple[Any, int] | None:
+        """Open one GPU span around work that ``_timed_forward`` does not see (a multi-token draft: its forwards
+        replay inside one graph); None when not tracing. Close it with ``_gpu_span_end``."""
+        if self._gpu_events is None:
+            return None
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        return start, len(self._gpu_events)
+
+    def _gpu_span_end(self, span: tuple[Any, int] | None, tokens: int) -> None:
+        """Close ``span`` as one recorded span of ``tokens``; the forwards recorded inside it are dropped (they are
+        part of it: a trace's GPU track shows each call's GPU time once)."""
+        events = self._gpu_events
+        if span is None or events is None:
+            return
+        start, mark = span
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        del events[mark:]
+        events.append((start, end, tokens))
+
     # -- built on them ---------------------------------------------------------------------------------------------
 
     def prefill(self, prompt: Sequence[int]) -> bool:

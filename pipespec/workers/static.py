@@ -165,6 +165,7 @@ class StaticWorker(LogitsWorker):
     def _device_draft(self, seq: Sequence[int], n: int, params: SamplingParams) -> list[int]:
         """The ``n`` drafted tokens; feeds ``seq`` (what it lacks) and the first ``n - 1`` drafts into the cache
         (the caller extends ``cached``)."""
+        span = self._gpu_span_begin()  # the whole draft as one GPU span (a trace's GPU track)
         logits = self.logits(seq, len(seq))  # [1, vocab]
         position = len(seq)  # the position the first draft takes
         steps = n - 1
@@ -188,6 +189,7 @@ class StaticWorker(LogitsWorker):
             seed_in.copy_(seed_h)
             graph.replay()
             rest = out
+        self._gpu_span_end(span, n)
         self.forwards += steps
         return torch.cat((first, rest)).tolist()  # the one host sync of the call
 

@@ -7,6 +7,7 @@ for a given alpha, not how well any real draft model agrees with any real target
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ from ..analysis.oracle import Oracle
 from .simulated import OracleChoices
 from ..verify import SamplingParams
 
-__all__ = ["SyntheticWorker", "SHAPES", "random_llama"]
+__all__ = ["SyntheticWorker", "SHAPES", "build_synthetic", "forward_ms", "random_llama"]
 
 SHAPES: dict[str, tuple[int, int, int, int, int, int]] = {  # hidden, layers, heads, kv heads, ffn, vocab
     "68m": (768, 2, 12, 12, 3072, 32000),
@@ -60,8 +61,52 @@ def random_llama(shape: str, devices: Sequence[str | torch.device], dtype: torch
     return model
 
 
+def build_synthetic(shape: str, device: str, oracle: Oracle, stage: int, *,
+                    dims: tuple[int, int, int, int, int, int] | None = None, dtype: torch.dtype | None = None,
+                    capacity: int = 2048) -> SyntheticWorker:
+    """A ``SyntheticWorker`` over a fresh ``random_llama`` on ``device``: the factory a runner of any backend is
+    handed (``runner.start(build_synthetic, ...)``; top-level and plain arguments, so it pickles into a worker
+    process). ``dims``: a shape not in ``SHAPES`` (tiny test shapes), registered where the worker is built.
+    ``dtype``: bf16 on CUDA, fp32 on the CPU by default."""
+    if dims is not None:
+        SHAPES[shape] = dims
+    dev = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    return SyntheticWorker(random_llama(shape, [dev], dtype), shape, dev, oracle, stage, capacity=capacity)
+
+
+def forward_ms(worker: StaticWorker, prompt: Sequence[int], sizes: Sequence[int] = (1, 8),
+               repeats: int = 10) -> list[float]:
+    """Median ms of one warm forward feeding each of ``sizes`` tokens after ``prompt``, host sync included (what a
+    stage's call pays for its forward alone). Run on the worker's own thread or process, between generations.
+
+    Each timed forward starts on an idle device (the previous one was read back) and feeds exactly ``n`` tokens at
+    the same position (rolled back between repeats), after two untimed ones: not the prefill's tail or a first
+    replay after a reset, which the probe's first version timed (about 2x the steady cost of a 7B forward)."""
+    worker.reset(None, None)
+    worker.prefill(prompt)
+    base = len(worker.cached)
+    out = []
+    for n in sizes:
+        times = []
+        for i in range(repeats + 2):
+            worker.rollback(base)
+            t0 = time.perf_counter()
+            worker.forward([7] * n, base, 1)[-1, :1].tolist()  # [1, vocab] -> one value: waits for the device
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+        out.append(1000 * sorted(times)[len(times) // 2])
+    worker.release()
+    return out
+
+
 class SyntheticWorker(OracleChoices, StaticWorker):
-    """Real forward passes over the static path; token choices from the oracle (greedy only)."""
+    """Real forward passes over the static path; token choices from the oracle (greedy only).
+
+    Besides the worker calls it serves ``extra_calls`` by name on every backend, for measuring tools (the GPU
+    probe): they set and read what a tool would otherwise reach into an in-process worker for."""
+
+    extra_calls = ("configure", "warm_up", "standalone_ms")
 
     def __init__(self, model: Any, name: str, device: torch.device, oracle: Oracle, stage: int,
                  capacity: int = 2048) -> None:
@@ -70,6 +115,27 @@ class SyntheticWorker(OracleChoices, StaticWorker):
         self.stage = stage
         self._hashes = [oracle.root]  # _hashes[p] names cached[:p]
         self._prompt_len: int | None = None
+
+    def configure(self, *, oracle: Oracle | None = None, stage: int | None = None,
+                  device_draft: bool | None = None) -> None:
+        """Between generations: a new oracle (another alpha), this worker's index in the chain being measured, and
+        whether multi-token drafts run on the device. ``None`` keeps the current setting."""
+        if oracle is not None:
+            self.oracle = oracle
+            self.release()  # the cached tokens' hashes were the old oracle's
+        if stage is not None:
+            self.stage = stage
+        if device_draft is not None:
+            self.device_draft = device_draft
+
+    def warm_up(self, *args: Any, **kwargs: Any) -> int:
+        """``StaticWorker.warm_up``; returns how many graphs this worker has captured so far."""
+        super().warm_up(*args, **kwargs)
+        return self.captures
+
+    def standalone_ms(self, prompt: Sequence[int], sizes: Sequence[int] = (1, 8), repeats: int = 10) -> list[float]:
+        """``forward_ms`` of this worker (a named call)."""
+        return forward_ms(self, prompt, sizes, repeats)
 
     def reset(self, seed: int | None = None, capacity: int | None = None) -> None:
         super().reset(seed, capacity)
@@ -110,20 +176,26 @@ class SyntheticWorker(OracleChoices, StaticWorker):
         return self._verdict(seq, start)
 
     def draft(self, seq: Sequence[int], n: int, params: SamplingParams) -> StepResult:
+        if params.rule != "greedy":
+            raise ValueError("synthetic acceptance is greedy only")
         self._learn_prompt(len(seq))
-        work = list(seq)
         if n > 1 and self.device_draft:
-            # the real multi-token draft's cost (one graph, one sync: StaticWorker._device_draft), then the
-            # oracle's choices; the cache then holds K/V of the device's own tokens, which nothing reads (the
-            # oracle decides), while ``cached`` and the hashes name the oracle's tokens, as after per-token drafts
-            self._device_draft(seq, n, SamplingParams())  # feeds seq's missing tail via forward (hashes kept)
-            work.append(self._choice(len(work)))
-            for _ in range(n - 1):
-                self.cached.append(work[-1])
-                self._hashes.append(self.oracle.extend(self._hashes[-1], work[-1]))
-                work.append(self._choice(len(work)))
-            return StepResult(0, tuple(work[len(seq):]))
+            return super().draft(seq, n, params)  # StaticWorker.draft: the bookkeeping; tokens from _device_draft
+        work = list(seq)
         for _ in range(n):
             self._wait(self.logits(work, len(work)))
             work.append(self._choice(len(work)))
         return StepResult(0, tuple(work[len(seq):]))
+
+    def _device_draft(self, seq: Sequence[int], n: int, params: SamplingParams) -> list[int]:
+        """The real multi-token draft's cost (one graph, one sync), then the oracle's ``n`` tokens instead of the
+        device's. The cache then holds K/V of the device's own tokens, which nothing reads (the oracle decides),
+        while ``cached`` (extended by ``StaticWorker.draft``) and the hashes name the oracle's, as after per-token
+        drafts."""
+        super()._device_draft(seq, n, params)  # feeds seq's missing tail via forward (hashes kept)
+        work = list(seq)
+        work.append(self._choice(len(work)))
+        for _ in range(n - 1):  # the hashes of the n - 1 drafts fed to the cache
+            self._hashes.append(self.oracle.extend(self._hashes[-1], work[-1]))
+            work.append(self._choice(len(work)))
+        return work[len(seq):]
