@@ -71,11 +71,13 @@ class Pipeline:
     def load(cls, models: Sequence[Any], *, device: str | torch.device | Sequence[str] = "auto",
              dtype: str | torch.dtype = "auto", tokenizer: Any | None = None, trust_remote_code: bool = False,
              fast: bool | str = "auto", on_loaded: Callable[[int, str], None] | None = None,
-             backend: str | Backend = "thread") -> _Loading:
+             backend: str | Backend = "thread", split: str = "tensor") -> _Loading:
         """Load a chain: model names/folders (see ``pipespec models``) or already-loaded HF models.
 
-        ``device`` is one device for every model or one per model. ``fast``: "auto" runs LLaMA models over a
-        static KV cache (with CUDA graphs on CUDA); True insists on it; "compile" adds torch.compile; False keeps
+        ``device`` is one device for every model or one per model; ``"cuda:0+cuda:1"`` puts a model on both GPUs,
+        split as ``split`` says: "tensor" (tensor-parallel, a process per further GPU; the default) or "layers"
+        (layer-wise). ``"cpu+cpu"`` runs a tensor-parallel stage as two CPU ranks (gloo; tests).
+        ``fast``: "auto" runs LLaMA models over a static KV cache (with CUDA graphs on CUDA); True insists on it; "compile" adds torch.compile; False keeps
         HF's own forward with a dynamic cache.
         ``backend``: where the workers live: "thread" (this process, the default), "process" (a process per model on
         this machine) or "ray" (an actor per model on a Ray cluster), or a ``runners.Backend`` with its settings.
@@ -84,7 +86,7 @@ class Pipeline:
         async def load() -> Pipeline:
             members, tok = await load_chain(models, device=device, dtype=dtype, tokenizer=tokenizer,
                                             trust_remote_code=trust_remote_code, fast=fast, on_loaded=on_loaded,
-                                            backend=backend)
+                                            backend=backend, split=split)
             return cls(members, tok)
 
         return _Loading(load())
