@@ -5,12 +5,16 @@ cannot be split is refused with one line before anything is generated."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 import torch
 
 import pipespec
 from helpers import hf_greedy, limit
 from pipespec.errors import ConfigError
+from test_tensor_parallel import _state
 
 PROMPT = [5, 17, 33, 2, 9, 41]
 
@@ -33,6 +37,12 @@ async def test_tensor_parallel_target_is_lossless_in_every_mode(folder_chain: li
         for mode in ("pipe", "sd", "ar"):
             g = await pipe.generate(PROMPT, max_new_tokens=20, mode=mode)
             assert list(g.token_ids) == expected, mode
+        pid = target.follower_pids[0]
+    # closing the pipeline ends the runner's thread, and with it the follower (PR_SET_PDEATHSIG)
+    deadline = time.monotonic() + 10
+    while _state(pid) not in ("Z", None) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert _state(pid) in ("Z", None)
 
 
 @limit(150)
@@ -81,3 +91,12 @@ async def test_a_loaded_model_cannot_be_split() -> None:
 
     with pytest.raises(ConfigError, match="can be split over several devices"):
         await pipespec.Pipeline.load([tiny_llama(0), tiny_llama(1)], device=["cpu", "cpu+cpu"])
+
+
+def test_bench_refuses_hf_baselines_for_a_split_model() -> None:
+    from pipespec.apps.bench.run import BenchSettings
+
+    settings = BenchSettings(models=("tiny-draft", "tiny-target"), devices=("cpu", "cpu+cpu"), methods=("hf", "pipe"))
+    with pytest.raises(ConfigError, match="placed on several GPUs"):
+        settings.validate()
+    BenchSettings(models=("tiny-draft", "tiny-target"), devices=("cpu", "cpu+cpu"), methods=("pipe",)).validate()
