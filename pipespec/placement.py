@@ -18,8 +18,8 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["SPLITS", "NodeSlot", "gpu_shares", "layer_assignment", "parse_node_placement", "plan_placement", "parse_placement",
-           "resolve_device", "stage_devices"]
+__all__ = ["SPLITS", "NodeSlot", "gpu_shares", "layer_assignment", "parse_node_placement", "plan_placement",
+           "parse_placement", "resolve_device", "stage_devices"]
 
 # How a model placed on several devices is split: "tensor" (heads and MLP columns over the GPUs, one process per GPU,
 # all GPUs read at once; the default) or "layers" (consecutive layers per GPU, one GPU reads at a time)

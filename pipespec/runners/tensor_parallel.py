@@ -125,8 +125,8 @@ def load_tp_stage(source: Any, name: str, devices: Sequence[str], dtype: Any, tr
     reason = split_refusal(AutoConfig.from_pretrained(str(folder)), len(devices))
     if reason is not None:
         raise ConfigError(f"{name}: {reason}{hint}")
-    return load_tp_worker(str(folder), name, [str(d) for d in devices], resolve_dtype(dtype, torch.device(devices[0])),
-                          capacity)
+    dtype = resolve_dtype(dtype, torch.device(devices[0]))
+    return load_tp_worker(str(folder), name, [str(d) for d in devices], dtype, capacity)
 
 
 def _stop(followers: list[tuple[subprocess.Popen[bytes], Connection]], folder: str) -> None:

@@ -77,8 +77,8 @@ class Pipeline:
         ``device`` is one device for every model or one per model; ``"cuda:0+cuda:1"`` puts a model on both GPUs,
         split as ``split`` says: "tensor" (tensor-parallel, a process per further GPU; the default) or "layers"
         (layer-wise). ``"cpu+cpu"`` runs a tensor-parallel stage as two CPU ranks (gloo; tests).
-        ``fast``: "auto" runs LLaMA models over a static KV cache (with CUDA graphs on CUDA); True insists on it; "compile" adds torch.compile; False keeps
-        HF's own forward with a dynamic cache.
+        ``fast``: "auto" runs LLaMA models over a static KV cache (with CUDA graphs on CUDA); True insists on it;
+        "compile" adds torch.compile; False keeps HF's own forward with a dynamic cache.
         ``backend``: where the workers live: "thread" (this process, the default), "process" (a process per model on
         this machine) or "ray" (an actor per model on a Ray cluster), or a ``runners.Backend`` with its settings.
         Await the result, or use it with ``async with``. ``on_loaded(i, name)`` is called as each model loads.
