@@ -44,6 +44,7 @@ from .errors import (  # noqa: E402
     PipespecError,
     exit_code,
 )
+from .placement import SPLITS  # noqa: E402
 from .types import BACKENDS, CALL_DEADLINE_S, MODES, REQUEST_MODES  # noqa: E402
 
 T = TypeVar("T")
@@ -215,7 +216,12 @@ def check_quantize(spec: str | None, n_models: int) -> None:
 placement_option = click.option(
     "--placement", default=None, metavar="0,0,1",
     help="GPU index (or 'cpu') per model, smallest first; default: one stage per GPU, the target alone if GPUs are few. "
+         "G+G puts a model on several GPUs (split as --split says), e.g. 0,0,1+2. "
          "With --backend ray, NODE:GPU (or NODE:cpu) per model, e.g. node1:0,node1:1,node2:0.")
+split_option = click.option(
+    "--split", type=click.Choice(SPLITS), default=SPLITS[0], show_default=True,
+    help="How a model placed on several GPUs (--placement ...,0+1) is split: tensor-parallel (heads and MLP columns, "
+         "all GPUs read at once) or layer-wise (consecutive layers per GPU, one GPU at a time).")
 
 
 def backend_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -296,6 +302,7 @@ def main() -> None:
 @sampling_options
 @placement_option
 @quantize_option
+@split_option
 @backend_options
 @click.option("--prompt", "-p", default=None, help="The prompt text.")
 @click.option("--prompt-file", default=None, metavar="FILE", help="Read the prompt from a file.")
@@ -310,7 +317,7 @@ def run(models: str | None, device: str, dtype: str, trust_remote_code: bool, pl
         prompt: str | None,
         prompt_file: str | None, max_new_tokens: int, stop: tuple[str, ...], as_json: bool, tui: bool | None,
         trace: str | None, log_file: str | None, verbose: int, backend: str, ray_address: str | None,
-        call_deadline: float, quantize: str | None, **kw: Any) -> None:
+        call_deadline: float, quantize: str | None, split: str, **kw: Any) -> None:
     """Generate a continuation of a prompt with a chain of models."""
     from .apps.run import run_command
 
@@ -325,7 +332,8 @@ def run(models: str | None, device: str, dtype: str, trust_remote_code: bool, pl
         options["trace"] = trace
     devices, chosen = resolve_chain(len(names), device, placement, backend, ray_address, call_deadline)
     code = run_command(names, text, options, device=devices, dtype=dtype, trust_remote_code=trust_remote_code,
-                       as_json=as_json, use_tui=use_tui, backend=chosen, quantize=quantize)
+                       as_json=as_json, use_tui=use_tui, backend=chosen, quantize=quantize,
+                          split=split)
     sys.exit(code)
 
 
@@ -358,6 +366,7 @@ def models_cmd(as_json: bool) -> None:
 @chat_sampling_options
 @placement_option
 @quantize_option
+@split_option
 @backend_options
 @click.option("--max-new-tokens", "-n", type=int, default=256, show_default=True, help="Most tokens per reply.")
 @click.option("--system", default=None, metavar="TEXT",
@@ -367,7 +376,7 @@ def models_cmd(as_json: bool) -> None:
 @click.option("-v", "--verbose", count=True, help="Readable logs on stderr.")
 def chat(models: str | None, device: str, dtype: str, trust_remote_code: bool, placement: str | None,
          max_new_tokens: int, system: str | None, stop: tuple[str, ...], log_file: str | None, verbose: int,
-         backend: str, ray_address: str | None, call_deadline: float, quantize: str | None, **kw: Any) -> None:
+         backend: str, ray_address: str | None, call_deadline: float, quantize: str | None, split: str, **kw: Any) -> None:
     """Talk to a chain of models in the terminal: multi-turn, replies stream, /help lists the commands."""
     from .apps.chat import chat_command
 
@@ -378,7 +387,8 @@ def chat(models: str | None, device: str, dtype: str, trust_remote_code: bool, p
     options.update(max_new_tokens=max_new_tokens, stop=stop)
     devices, chosen = resolve_chain(len(names), device, placement, backend, ray_address, call_deadline)
     sys.exit(chat_command(names, options, device=devices, dtype=dtype, trust_remote_code=trust_remote_code,
-                          system=system, backend=chosen, quantize=quantize))
+                          system=system, backend=chosen, quantize=quantize,
+                          split=split))
 
 
 # -- pipespec bench ----------------------------------------------------------------------------------------------
@@ -399,6 +409,7 @@ def chat(models: str | None, device: str, dtype: str, trust_remote_code: bool, p
               help="Most proposed tokens a stage checks in one forward pass.")
 @placement_option
 @quantize_option
+@split_option
 @backend_options
 @click.option("--adaptive/--no-adaptive", default=True, show_default=True,
               help="pipe: adapt verify caps and run-ahead, and bypass stages that slow the chain; "
@@ -421,7 +432,7 @@ def bench(models: str | None, device: str, dtype: str, trust_remote_code: bool, 
           max_new_tokens: int, methods: str, warmup: int, lookahead: int, verify_cap: int, placement: str | None,
           adaptive: bool, repeats: int, hf_isolation: str, hf_compile_mode: str, out: str, as_json: bool,
           trace: str | None, log_file: str | None, verbose: int, backend: str, ray_address: str | None,
-          call_deadline: float, quantize: str | None) -> None:
+          call_deadline: float, quantize: str | None, split: str) -> None:
     """Time HF generate, HF assisted generation and pipespec's ar / sd / pipe on the same prompts."""
     from .apps.bench.run import BenchSettings, eprint, run_bench
 
@@ -435,7 +446,8 @@ def bench(models: str | None, device: str, dtype: str, trust_remote_code: bool, 
                              device=device, devices=devices, dtype=dtype, methods=chosen,
                              warmup=warmup, lookahead=lookahead, verify_cap=verify_cap, adaptive=adaptive,
                              trust_remote_code=trust_remote_code, repeats=repeats, hf_isolation=hf_isolation,
-                             hf_compile_mode=hf_compile_mode, trace=trace, backend=where, quantize=quantize)
+                             hf_compile_mode=hf_compile_mode, trace=trace, backend=where, quantize=quantize,
+                          split=split)
     try:
         settings.validate()
     except ConfigError as exc:
@@ -547,10 +559,12 @@ def simulate_cmd(latencies_ms: str, acceptance: str, acceptance_trace: str | Non
               help="Target tokens per prompt for the agreement measurement (and per generation with --run).")
 @click.option("--run", "do_run", is_flag=True, help="Also generate with the recommended configuration.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@placement_option
+@split_option
 @backend_options
 def plan_cmd(models: str | None, device: str, dtype: str, trust_remote_code: bool, prompts: str, num_prompts: int,
              tokens: int, do_run: bool, as_json: bool, backend: str, ray_address: str | None,
-             call_deadline: float) -> None:
+             call_deadline: float, placement: str | None, split: str) -> None:
     """Measure a chain on this device, predict every sub-chain and verify cap, and recommend one."""
     from .apps.plan import plan, print_tables
     from .prompts import load_prompts
@@ -561,6 +575,9 @@ def plan_cmd(models: str | None, device: str, dtype: str, trust_remote_code: boo
         fail(f"plan measures the models in this process: --backend {backend} is not supported (use thread)")
     if num_prompts < 1 or tokens < 1:
         fail(f"--num-prompts and --tokens must be >= 1, got {num_prompts} and {tokens}")
+    # without --placement every model on --device, as plan always measured (run spreads the stages over GPUs)
+    devices = resolve_chain(len(names), device, placement, backend, ray_address, call_deadline)[0] if placement \
+        else device
     try:
         texts = load_prompts(prompts)[:num_prompts]
     except ValueError as exc:
@@ -574,7 +591,8 @@ def plan_cmd(models: str | None, device: str, dtype: str, trust_remote_code: boo
         from .scheduler import Pipeline
 
         progress(f"loading {','.join(names)}")
-        async with Pipeline.load(names, device=device, dtype=dtype, trust_remote_code=trust_remote_code) as pipe:
+        async with Pipeline.load(names, device=devices, dtype=dtype, trust_remote_code=trust_remote_code,
+                                 split=split) as pipe:
             result = await plan(pipe, texts, tokens=tokens, run=do_run, on_progress=progress)
         return result.to_dict()
 

@@ -2,7 +2,9 @@
 
 Default on CUDA: one stage per GPU when there are enough GPUs; otherwise the target gets the last GPU to itself
 (it is the bottleneck) and the smaller stages are packed onto the others. ``--placement 0,0,1`` chooses by hand;
-with the Ray backend, ``--placement node1:0,node1:1,node2:0`` also names each stage's node.
+``--placement 0,0,1+2`` puts the target on GPUs 1 and 2 (a *multi-device stage*, spelled ``cuda:1+cuda:2``: split
+tensor-parallel or layer-wise, ``SPLITS``); with the Ray backend, ``--placement node1:0,node1:1,node2:0`` also names
+each stage's node.
 """
 
 from __future__ import annotations
@@ -16,7 +18,17 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["NodeSlot", "free_gpu_memory", "gpu_shares", "parse_node_placement", "plan_placement", "parse_placement", "resolve_device"]
+__all__ = ["SPLITS", "NodeSlot", "free_gpu_memory", "gpu_shares", "layer_assignment", "parse_node_placement", "plan_placement",
+           "parse_placement", "resolve_device", "stage_devices"]
+
+# How a model placed on several devices is split: "tensor" (heads and MLP columns over the GPUs, one process per GPU,
+# all GPUs read at once; the default) or "layers" (consecutive layers per GPU, one GPU reads at a time)
+SPLITS = ("tensor", "layers")
+
+
+def stage_devices(entry: str) -> list[str]:
+    """One stage's device entry -> its devices: 'cuda:0' -> ['cuda:0'], 'cuda:0+cuda:1' -> both (rank 0 first)."""
+    return [part.strip() for part in str(entry).split("+")]
 
 
 def plan_placement(n_models: int, n_gpus: int) -> list[int]:
@@ -34,8 +46,18 @@ def plan_placement(n_models: int, n_gpus: int) -> list[int]:
     return [*others, n_gpus - 1]
 
 
+def layer_assignment(n_layers: int, n_devices: int) -> list[int]:
+    """The device (0..n_devices-1) of every layer of a layer-wise split: consecutive runs, as even as they can be
+    (the first ``n_layers % n_devices`` devices take one more). Pure."""
+    if n_devices < 1:
+        raise ConfigError(f"a layer-wise split needs at least one device, got {n_devices}")
+    base, extra = divmod(n_layers, n_devices)
+    return [d for d in range(n_devices) for _ in range(base + (d < extra))]
+
+
 def parse_placement(text: str, n_models: int, n_gpus: int) -> list[str]:
-    """'0,0,1' -> ['cuda:0', 'cuda:0', 'cuda:1']; 'cpu' entries allowed. One entry per model."""
+    """'0,0,1+2' -> ['cuda:0', 'cuda:0', 'cuda:1+cuda:2']; 'cpu' entries allowed. One entry per model; 'G+G[+G...]'
+    is one model on several distinct GPUs."""
     parts = [p.strip() for p in text.split(",")]
     if len(parts) != n_models:
         raise ConfigError(f"--placement {text!r} has {len(parts)} entries for {n_models} models")
@@ -44,11 +66,15 @@ def parse_placement(text: str, n_models: int, n_gpus: int) -> list[str]:
         if part == "cpu":
             devices.append("cpu")
             continue
-        if not part.isdigit():
-            raise ConfigError(f"--placement entry {part!r} is not a GPU index or 'cpu'")
-        if int(part) >= n_gpus:
-            raise ConfigError(f"--placement uses GPU {part} but this machine has {n_gpus} GPU(s)")
-        devices.append(f"cuda:{part}")
+        gpus = [g.strip() for g in part.split("+")]
+        if not all(g.isdigit() for g in gpus):
+            raise ConfigError(f"--placement entry {part!r} is not a GPU index, GPU indices joined by '+', or 'cpu'")
+        if len(set(map(int, gpus))) != len(gpus):
+            raise ConfigError(f"--placement entry {part!r} names a GPU twice; a model's GPUs must be distinct")
+        for g in gpus:
+            if int(g) >= n_gpus:
+                raise ConfigError(f"--placement uses GPU {g} but this machine has {n_gpus} GPU(s)")
+        devices.append("+".join(f"cuda:{int(g)}" for g in gpus))
     return devices
 
 
@@ -94,18 +120,21 @@ def estimate_bytes(folder: str, dtype_bytes: int, quantize: str | None = None) -
 
 
 def check_fits(needs: Sequence[tuple[str, str, int | None]], free: dict[str, int]) -> None:
-    """needs: (model name, device, bytes or None) per model; free: bytes free per CUDA device.
+    """needs: (model name, device entry, bytes or None) per model; free: bytes free per CUDA device. A model on
+    several devices ('cuda:0+cuda:1') puts 1/n of its bytes on each (either split: tensor or layers).
 
     Raises a ConfigError naming the device, the models and a placement to try when a device would overflow.
     """
     per_device: dict[str, int] = {}
-    for _, device, size in needs:
-        if device.startswith("cuda") and size:
-            per_device[device] = per_device.get(device, 0) + size
+    for _, entry, size in needs:
+        parts = stage_devices(entry)
+        for device in parts:
+            if device.startswith("cuda") and size:
+                per_device[device] = per_device.get(device, 0) + size // len(parts)
     for device, total in per_device.items():
         available = free.get(device)
         if available is not None and total > 0.95 * available:
-            names = ", ".join(n for n, d, _ in needs if d == device)
+            names = ", ".join(n for n, d, _ in needs if device in stage_devices(d))
             raise ConfigError(
                 f"{names} need about {total / 2**30:.1f} GiB on {device} but only {available / 2**30:.1f} GiB is "
                 f"free; spread the models over more GPUs (e.g. --placement {','.join(str(i) for i in range(len(needs)))}) "

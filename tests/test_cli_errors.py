@@ -17,6 +17,9 @@ def pipespec(*args: str) -> subprocess.CompletedProcess[str]:
     (["run", "-n", "abc"], "not a valid integer"),
     (["no-such-command"], "No such command"),
     (["run", "--no-such-option"], "No such option"),
+    (["run", "--split", "diagonal"], "--split"),
+    (["run", "-m", "tiny-draft,tiny-target", "--placement", "cpu,0+0", "-p", "x"], "names a GPU twice"),
+    (["bench", "-m", "tiny-draft,tiny-target", "--placement", "cpu,0+x"], "GPU indices joined by '+'"),
 ])
 def test_usage_errors_are_one_line(args: list[str], message: str) -> None:
     proc = pipespec(*args)

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 from pipespec.errors import ConfigError
-from pipespec.placement import devices_for, parse_node_placement, parse_placement, plan_placement
+from pipespec.placement import (check_fits, devices_for, layer_assignment, parse_node_placement, parse_placement,
+                                plan_placement, stage_devices)
 
 
 def test_one_stage_per_gpu_when_there_are_enough() -> None:
@@ -93,3 +94,32 @@ def test_worker_processes_are_checked_without_a_cuda_context_here(monkeypatch) -
     monkeypatch.setattr(torch.cuda, "mem_get_info", context)
     monkeypatch.setenv("PATH", "/nonexistent")
     assert free_gpu_memory(workers_here=False) is None
+
+
+def test_parse_placement_of_a_model_on_several_gpus() -> None:
+    assert parse_placement("0,0,1+2", 3, 3) == ["cuda:0", "cuda:0", "cuda:1+cuda:2"]
+    assert parse_placement("cpu, 3+1+0", 2, 4) == ["cpu", "cuda:3+cuda:1+cuda:0"]
+    assert stage_devices("cuda:1+cuda:2") == ["cuda:1", "cuda:2"] and stage_devices("cpu") == ["cpu"]
+    with pytest.raises(ConfigError, match="names a GPU twice"):
+        parse_placement("0,1+1", 2, 2)
+    with pytest.raises(ConfigError, match="GPU 2 but this machine has 2"):
+        parse_placement("0,1+2", 2, 2)
+    for bad in ("0+", "0+cpu", "+1"):
+        with pytest.raises(ConfigError, match="GPU indices joined by"):
+            parse_placement(f"0,{bad}", 2, 2)
+
+
+def test_a_split_model_puts_its_share_on_each_gpu() -> None:
+    gib = 2**30
+    free = {"cuda:0": 40 * gib, "cuda:1": 40 * gib}
+    check_fits([("draft", "cuda:0", 1 * gib), ("target", "cuda:0+cuda:1", 70 * gib)], free)  # 36 + 35 GiB
+    with pytest.raises(ConfigError, match="draft, target need about 39.0 GiB on cuda:0"):
+        check_fits([("draft", "cuda:0", 4 * gib), ("target", "cuda:0+cuda:1", 70 * gib)], free)
+    with pytest.raises(ConfigError, match="target need about 70.0 GiB on cuda:0"):
+        check_fits([("target", "cuda:0", 70 * gib)], free)
+
+
+def test_layer_assignment_is_consecutive_and_even() -> None:
+    assert layer_assignment(7, 2) == [0, 0, 0, 0, 1, 1, 1]
+    assert layer_assignment(80, 4) == [d for d in range(4) for _ in range(20)]
+    assert layer_assignment(3, 1) == [0, 0, 0]

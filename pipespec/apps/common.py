@@ -44,16 +44,17 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 async def load_pipeline(names: list[str], device: str | list[str], dtype: str, trust_remote_code: bool,
-                        progress: bool, backend: Any = "thread", quantize: str | None = None) -> Pipeline:
+                        progress: bool, backend: Any = "thread", quantize: str | None = None,
+                        split: str = "tensor") -> Pipeline:
     """Load the chain (its workers where ``backend`` says); with ``progress``, one Rich progress line per model on
     stderr."""
     from ..scheduler import Pipeline
 
     if not progress:
         return await Pipeline.load(names, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                                   backend=backend, quantize=quantize)
+                                   backend=backend, quantize=quantize, split=split)
     from .tui import loading_progress
 
     with _quiet_transformers(), loading_progress(names) as on_loaded:
         return await Pipeline.load(names, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                                   on_loaded=on_loaded, backend=backend, quantize=quantize)
+                                   on_loaded=on_loaded, backend=backend, quantize=quantize, split=split)

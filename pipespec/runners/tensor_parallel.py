@@ -34,7 +34,7 @@ import torch
 
 from ..errors import PipelineError
 
-__all__ = ["TIMEOUT", "load_tp_worker"]
+__all__ = ["TIMEOUT", "load_tp_stage", "load_tp_worker"]
 
 TIMEOUT = timedelta(seconds=120)  # a collective (or the rendezvous) waiting longer than this fails
 
@@ -100,6 +100,33 @@ def load_tp_worker(spec: Any, name: str, devices: Sequence[str], dtype: torch.dt
     worker.follower_pids = [proc.pid for proc, _ in followers]  # diagnostics and tests
     weakref.finalize(worker, _stop, followers, folder)
     return worker
+
+
+def load_tp_stage(source: Any, name: str, devices: Sequence[str], dtype: Any, trust_remote_code: bool,
+                  fast: bool | str, capacity: int = 2048) -> Any:
+    """The worker factory of a chain's tensor-parallel stage (``--split tensor``): a resolved ``loading.Source``
+    whose safetensors folder splits over ``devices``; what does not split is one ``ConfigError`` line that points
+    at ``--split layers``. Runs where rank 0 lives (its runner's thread or process)."""
+    from transformers import AutoConfig
+
+    from ..errors import ConfigError
+    from ..loading import _local_dir, resolve_dtype
+    from ..workers.tensor_parallel import split_refusal
+
+    hint = f"; place {name} on one GPU or split it with --split layers"
+    if fast is False:
+        raise ConfigError(f"{name}: the tensor-parallel split runs the static forward, not HF's{hint}")
+    if source.kind == "gguf":
+        raise ConfigError(f"{name}: a GGUF file cannot be split tensor-parallel (it reads a safetensors folder){hint}")
+    folder = _local_dir(source)
+    if not any(folder.glob("*.safetensors")):
+        raise ConfigError(f"{name}: the tensor-parallel split reads safetensors weights and {folder} has none{hint}")
+    # the shards follow the family's own layout (split_refusal checks it is one): a folder's own code never runs
+    reason = split_refusal(AutoConfig.from_pretrained(str(folder)), len(devices))
+    if reason is not None:
+        raise ConfigError(f"{name}: {reason}{hint}")
+    dtype = resolve_dtype(dtype, torch.device(devices[0]))
+    return load_tp_worker(str(folder), name, [str(d) for d in devices], dtype, capacity)
 
 
 def _stop(followers: list[tuple[subprocess.Popen[bytes], Connection]], folder: str) -> None:

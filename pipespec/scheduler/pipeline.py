@@ -71,12 +71,15 @@ class Pipeline:
     def load(cls, models: Sequence[Any], *, device: str | torch.device | Sequence[str] = "auto",
              dtype: str | torch.dtype = "auto", tokenizer: Any | None = None, trust_remote_code: bool = False,
              fast: bool | str = "auto", on_loaded: Callable[[int, str], None] | None = None,
-             backend: str | Backend = "thread", quantize: str | Sequence[str | None] | None = None) -> _Loading:
+             backend: str | Backend = "thread", quantize: str | Sequence[str | None] | None = None,
+             split: str = "tensor") -> _Loading:
         """Load a chain: model names/folders (see ``pipespec models``) or already-loaded HF models.
 
-        ``device`` is one device for every model or one per model. ``fast``: "auto" runs LLaMA models over a
-        static KV cache (with CUDA graphs on CUDA); True insists on it; "compile" adds torch.compile; False keeps
-        HF's own forward with a dynamic cache.
+        ``device`` is one device for every model or one per model; ``"cuda:0+cuda:1"`` puts a model on both GPUs,
+        split as ``split`` says: "tensor" (tensor-parallel, a process per further GPU; the default) or "layers"
+        (layer-wise). ``"cpu+cpu"`` runs a tensor-parallel stage as two CPU ranks (gloo; tests).
+        ``fast``: "auto" runs LLaMA models over a static KV cache (with CUDA graphs on CUDA); True insists on it;
+        "compile" adds torch.compile; False keeps HF's own forward with a dynamic cache.
         ``backend``: where the workers live: "thread" (this process, the default), "process" (a process per model on
         this machine) or "ray" (an actor per model on a Ray cluster), or a ``runners.Backend`` with its settings.
         ``quantize``: weight-only 8-bit weights on the static path (``pipespec.kernels``): "int8" or "fp8" for every
@@ -87,7 +90,7 @@ class Pipeline:
         async def load() -> Pipeline:
             members, tok = await load_chain(models, device=device, dtype=dtype, tokenizer=tokenizer,
                                             trust_remote_code=trust_remote_code, fast=fast, on_loaded=on_loaded,
-                                            backend=backend, quantize=quantize)
+                                            backend=backend, quantize=quantize, split=split)
             return cls(members, tok)
 
         return _Loading(load())

@@ -8,7 +8,7 @@ real ones.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from .base import LogitsWorker, ProbRows, StepResult, Worker, WorkerInfo, common_prefix
 
 __all__ = ["LogitsWorker", "ProbRows", "StepResult", "Worker", "WorkerInfo", "adopt_worker", "common_prefix",
-           "load_named_worker", "load_worker", "make_worker"]
+           "load_layered_worker", "load_named_worker", "load_worker", "make_worker"]
 
 
 def make_worker(model: Any, name: str, device: torch.device, fast: bool | str = "auto",
@@ -83,3 +83,34 @@ def adopt_worker(model: Any, name: str, device: torch.device, fast: bool | str,
                  quantize: str | None = None) -> LogitsWorker:
     """Wrap an already-loaded HF model (moved to ``device``, in eval mode) in its worker (quantizing it in place)."""
     return make_worker(model.to(device).eval(), name, device, fast, quantize)
+
+
+def load_layered_worker(source: Any, name: str, devices: Sequence[torch.device], dtype: Any, trust_remote_code: bool,
+                        fast: bool | str) -> LogitsWorker:
+    """A model split layer-wise over ``devices`` (``--split layers``): loaded on the CPU, then the embedding and the
+    first run of layers go to ``devices[0]``, the next run to ``devices[1]`` and so on (``placement.layer_assignment``),
+    the final norm and lm_head to the last device (to the first where lm_head is tied to the embedding). Only the
+    static forward follows layer devices (HF's eager forward would need accelerate's hooks), so the model must take
+    the static path; CUDA graphs are off for it (one graph per device)."""
+    from ..errors import ConfigError
+    from ..loading import load_model, resolve_dtype
+    from ..placement import layer_assignment
+    from .static_llama import supports_static
+
+    if fast is False:
+        raise ConfigError(f"{name}: a layer-wise split runs the static forward; it cannot run with the fast path off")
+    model = load_model(source, torch.device("cpu"), resolve_dtype(dtype, devices[0]),
+                       trust_remote_code=trust_remote_code)
+    reason = supports_static(model)
+    if reason is not None:
+        raise ConfigError(f"{name} cannot be split over {len(devices)} devices: the layer-wise split needs the static "
+                          f"forward ({reason})")
+    inner = model.model
+    tied = model.lm_head.weight is inner.embed_tokens.weight
+    inner.embed_tokens.to(devices[0])
+    inner.rotary_emb.to(devices[0])
+    for layer, d in zip(inner.layers, layer_assignment(len(inner.layers), len(devices))):
+        layer.to(devices[d])
+    inner.norm.to(devices[-1])
+    model.lm_head.to(devices[0] if tied else devices[-1])
+    return make_worker(model.eval(), name, devices[0], "compile" if fast == "compile" else True)

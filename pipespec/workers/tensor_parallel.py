@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from .static import StaticWorker
 from .static_llama import VARIANTS, FAMILIES, Family, StaticLlama, _pre_attention, _rms, layer_windows
 
-__all__ = ["Shard", "TPStaticLlama", "TPStaticWorker", "model_facts", "plan_shard", "refusal", "shard_fused", "tp_from_model", "tp_from_folder",
+__all__ = ["Shard", "TPStaticLlama", "TPStaticWorker", "model_facts", "plan_shard", "refusal", "shard_fused", "split_refusal", "tp_from_model", "tp_from_folder",
            "tp_random"]
 
 # read(name, rows, cols) -> the tensor ``name`` restricted to those row ranges (concatenated) and column range
@@ -53,6 +53,19 @@ def refusal(heads: int, kv_heads: int, ffn: int, world: int) -> str | None:
         if n % world:
             return f"tensor parallelism over {world} GPUs needs the {what} ({n}) divisible by {world}"
     return None
+
+
+def split_refusal(config: Any, world: int) -> str | None:
+    """None when a model of this HF config splits over ``world`` ranks (its family, activation, sizes), else why."""
+    architecture = (getattr(config, "architectures", None) or ["?"])[0]
+    if architecture not in FAMILIES:
+        return f"tensor parallelism supports {', '.join(FAMILIES)}, not {architecture}"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"tensor parallelism: activation {config.hidden_act} is not supported"
+    if getattr(config, "quantization_config", None) is not None:
+        return "tensor parallelism: quantized weights are not supported"
+    heads = config.num_attention_heads
+    return refusal(heads, getattr(config, "num_key_value_heads", None) or heads, config.intermediate_size, world)
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,6 +89,7 @@ class BenchSettings:
     trace: str | None = None  # a trace file: the timeline of every timed pipespec generation (pipespec.tracing)
     backend: Any = "thread"  # where the workers live (``runners.Backend`` or its kind name)
     quantize: str | None = None  # --quantize (pipespec.kernels.quant.parse_quantize); pipespec's methods only
+    split: str = "tensor"  # how a model on several devices is split (``placement.SPLITS``)
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -110,6 +111,9 @@ class BenchSettings:
         if hf and not as_backend(self.backend).in_process:
             raise ConfigError(f"the HF baselines ({', '.join(hf)}) run the pipeline's own model objects in this "
                               "process: use --backend thread, or leave them out (--methods ar,sd,pipe)")
+        if hf and any("+" in str(d) for d in (self.devices or (self.device,))):
+            raise ConfigError(f"the HF baselines ({', '.join(hf)}) run each model whole on one device: leave them out "
+                              "(--methods ar,sd,pipe) when a model is placed on several GPUs")
 
 
 @dataclass(slots=True)
@@ -499,7 +503,7 @@ async def run_bench(s: BenchSettings, progress: Progress | None = None) -> dict[
     fast: bool | str = False if os.environ.get("PIPESPEC_FAST") == "0" else "auto"
     async with Pipeline.load(list(s.models), device=list(s.devices) if s.devices else s.device, dtype=s.dtype,
                              trust_remote_code=s.trust_remote_code, fast=fast, backend=s.backend,
-                             quantize=s.quantize) as pipe:
+                             quantize=s.quantize, split=s.split) as pipe:
         prompts = [pipe.encode(t) for t in texts]
         for p in prompts:  # every option and prompt length is checked before anything is timed
             pipe.make_request(p, max_new_tokens=s.max_new_tokens, verify_cap=s.verify_cap, lookahead=s.lookahead)
