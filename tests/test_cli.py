@@ -26,7 +26,8 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "target": save_folder(target, tok, root / "target"),
         "middle": save_folder(noisy_copy(target, 0.3, 1), tok, root / "middle"),
         "draft": save_folder(noisy_copy(target, 0.6, 2), tok, root / "draft"),
-        "other_vocab": save_folder(tiny_llama(5, vocab=vocab + 7), None, root / "other_vocab"),
+        # narrower than the tokenizer: it cannot hold every id (wider would be padding, which chains)
+        "other_vocab": save_folder(tiny_llama(5, vocab=vocab - 7), None, root / "other_vocab"),
     }
     other_tok = byte_tokenizer(300)
     other_tok.add_tokens(["zzz_extra"])

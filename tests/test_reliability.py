@@ -47,7 +47,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     vocab = len(tok)
     target = tiny_llama(0, hidden=48, vocab=vocab, dtype=torch.float32)
     out = {"target": save_folder(target, tok, root / "target"),
-           "other_vocab": save_folder(tiny_llama(5, vocab=vocab + 7), None, root / "other_vocab")}
+           "other_vocab": save_folder(tiny_llama(5, vocab=vocab - 7), None, root / "other_vocab")}
     other_tok = byte_tokenizer(300)
     other_tok.add_tokens(["zzz_extra"])
     out["other_tokenizer"] = save_folder(tiny_llama(6, vocab=vocab), other_tok, root / "other_tokenizer")

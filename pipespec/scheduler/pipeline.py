@@ -378,8 +378,8 @@ def _check_vocabularies(members: Sequence[Member], tokenizer: Any | None) -> Non
         ids = len(tokenizer)
         if ids <= min(sizes):
             return
-        raise ConfigError(f"the models' output sizes ({listing}) do not all hold the tokenizer's {ids} ids; "
-                          "every model of a chain must use the target's tokenizer")
+        raise ConfigError(f"the models do not share a vocabulary: their output sizes ({listing}) do not all hold "
+                          f"the tokenizer's {ids} ids; every model of a chain must use the target's tokenizer")
     if min(sizes) >= 0.99 * max(sizes):
         return
     raise ConfigError(f"the models do not share a vocabulary (output sizes {listing}); "
