@@ -64,6 +64,9 @@ class Budget:
         return self.end - time.monotonic()
 
 
+LAYOUT = "base"  # the forward's layout (--variant)
+
+
 def build(shape: str, device: torch.device, kind: str | None) -> StaticLlama:
     """A random-weight LLaMA of ``shape`` over pipespec's static forward, built one layer at a time."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -92,7 +95,7 @@ def build(shape: str, device: torch.device, kind: str | None) -> StaticLlama:
     fill(model.lm_head, 3)
     model.model.rotary_emb = LlamaRotaryEmbedding(config).to(device)  # its buffers are computed, not loaded
     layer_ids = {id(layer): i for i, layer in enumerate(model.model.layers)}
-    return StaticLlama(model, CONTEXT + 16, quantize=kind,
+    return StaticLlama(model, CONTEXT + 16, LAYOUT, quantize=kind,
                        prepare_layer=lambda layer: fill(layer, 100 + layer_ids[id(layer)]))
 
 
@@ -181,7 +184,8 @@ def free(device: torch.device) -> None:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    env: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
+    env: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+                           "layout": LAYOUT}
     try:
         import triton
 
@@ -351,7 +355,7 @@ def _err(exc: BaseException) -> str:
 def markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
     out = ["# Weight-only 8-bit forwards (scripts/gpu_quant.py)", "",
-           f"{env.get('gpu', env['device'])}; torch {env['torch']}; triton {env['triton']}; "
+           f"{env.get('gpu', env['device'])}; layout {env.get('layout', 'base')}; torch {env['torch']}; triton {env['triton']}; "
            f"_weight_int8pack_mm: {env['int8pack']}; floor = weight bytes / "
            f"{report['bandwidth_bytes_per_s'] / 1e12:.1f} TB/s; context {report['context']} slots; median of "
            f"{report['replays']} CUDA-graph replays (CPU: eager calls).", "",
@@ -387,8 +391,20 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script itself")
     parser.add_argument("--budget", type=float, default=240.0, help="seconds; what does not fit is skipped")
     parser.add_argument("--shapes", default="7b,13b,70b")
+    parser.add_argument("--variant", default="base", help="the static forward's layout (static_llama.VARIANTS), "
+                        "e.g. compile-layer; its compiled variants then run on top of it")
+    parser.add_argument("--kernels", default=None, help="only these kernels, e.g. 'triton' (bf16 always runs)")
+    parser.add_argument("--no-linear", action="store_true", help="skip the one-linear table")
     parser.add_argument("--bandwidth", type=float, default=4.2e12, help="bytes/s of the floor (H200: ~4.2e12)")
     args = parser.parse_args()
+    global LAYOUT, VARIANTS
+    LAYOUT = args.variant
+    if args.kernels:
+        keep = set(args.kernels.split(","))
+        VARIANTS = [v for v in VARIANTS if v[1] is None or v[1] in keep]
+    if args.no_linear:
+        global linear_part
+        linear_part = lambda *a, **k: None  # noqa: E731
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     budget = Budget(args.budget)

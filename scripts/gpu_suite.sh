@@ -312,14 +312,34 @@ if [ "$PART" = levers ]; then
 fi
 
 if [ "$PART" = chains ]; then
-    MAIN_JSON=(probe1/probe.json probe2/probe.json)
+    MAIN_JSON=(probe1/probe.json probe2/probe.json forward/gpu_forward.json quant70/gpu_quant.json quant7/gpu_quant.json)
+    PROBE_METHODS=${PIPESPEC_PROBE_METHODS:-ar,sd:4,sd:8,sd:16,pipe,auto}
     step gpu_tests 150 $PY -m pytest -m gpu tests/ -q -p no:cacheprovider -o addopts="" \
         --junitxml="$RUN/gpu-tests.xml" -rfEsxX
-    step probe_1gpu 290 $PY scripts/gpu_pipe_probe.py "$RUN/probe1" --chains "on GPU 0" --backends thread,process \
-        --budget-s 250 "${SMOKE[@]}"
     if (( NGPU >= 2 )); then
-        step probe_2gpu 100 $PY scripts/gpu_pipe_probe.py "$RUN/probe2" --chains "13b on GPU 1" --alphas 0.7,0.9 \
-            --repeats 3 --budget-s 80
+        # GPU 0: one-GPU chains, thread vs process (+ MPS); GPU 1 meanwhile: the forward layouts, 8-bit weights
+        step probe_1gpu_and_levers 310 bash -c '
+            CUDA_VISIBLE_DEVICES=0 $PY scripts/gpu_pipe_probe.py "$0/probe1" --backends thread,process --one-gpu \
+                --methods "$1" --budget-s 250 > "$0/logs/probe1.log" 2>&1 &
+            a=$!
+            (
+                export CUDA_VISIBLE_DEVICES=1
+                $PY scripts/gpu_forward.py "$0/forward" --budget-s 110 \
+                    --variants base,lean,lean-math,compile-layer-math,compile-layer > "$0/logs/forward.log" 2>&1
+                $PY scripts/gpu_quant.py "$0/quant70" --shapes 70b --kernels triton --no-linear \
+                    --variant compile-layer --budget 80 > "$0/logs/quant70.log" 2>&1
+                $PY scripts/gpu_quant.py "$0/quant7" --shapes 7b,13b --kernels triton --no-linear \
+                    --variant compile-layer --budget 70 > "$0/logs/quant7.log" 2>&1
+            ) &
+            b=$!
+            wait $a; ra=$?; wait $b; rb=$?
+            tail -n 2 "$0"/logs/probe1.log "$0"/logs/forward.log "$0"/logs/quant*.log; exit $(( ra | rb ))' \
+            "$RUN" "$PROBE_METHODS"
+        step probe_2gpu 110 $PY scripts/gpu_pipe_probe.py "$RUN/probe2" --chains "13b on GPU 1" --alphas 0.7,0.9 \
+            --methods "$PROBE_METHODS" --repeats 3 --budget-s 85
+    else
+        step probe_1gpu 290 $PY scripts/gpu_pipe_probe.py "$RUN/probe1" --backends thread,process --one-gpu \
+            --methods "$PROBE_METHODS" --budget-s 250 "${SMOKE[@]}"
     fi
 fi
 
