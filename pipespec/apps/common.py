@@ -4,6 +4,8 @@ and how a chain is loaded for a person watching (our progress bars, and nobody e
 from __future__ import annotations
 
 import contextlib
+import os
+import traceback
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +25,10 @@ def error(message: str) -> None:
 
 
 def report(exc: BaseException) -> int:
-    """Show ``exc`` as one line and return the exit code it ends the command with."""
+    """Show ``exc`` as one line and return the exit code it ends the command with (``PIPESPEC_TRACEBACK=1``: the
+    traceback too, for a developer hunting a crash)."""
+    if os.environ.get("PIPESPEC_TRACEBACK") == "1":
+        traceback.print_exception(exc)
     error(str(exc))
     return exit_code(exc)
 

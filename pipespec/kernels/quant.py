@@ -61,6 +61,7 @@ class QuantWeight:
         return self.q.numel() * self.q.element_size() + self.scale.numel() * self.scale.element_size()
 
 
+@torch.no_grad()  # a scale that required grad would hold the float32 blocks and ``w`` alive through its graph
 def quantize(w: torch.Tensor, kind: str) -> QuantWeight:
     """w: [out, in] floating -> QuantWeight, symmetric per output channel. Row by row blocks bound the fp32 copy."""
     if kind not in _QMAX:

@@ -180,10 +180,13 @@ class StaticLlama:
         self.windows = layer_windows(model, self.family)[: self.n_layers]  # per layer: None or a window in tokens
         self.quantize = quantize
         self.layers: list[dict[str, Any]] = []
-        for layer in inner.layers[: self.n_layers]:
-            if prepare_layer is not None:
-                prepare_layer(layer)
-            self.layers.append(self._fuse(layer))
+        # no autograd: a fused (or quantized) weight built from parameters that require grad would keep a graph
+        # holding every original weight (and quantize's float32 blocks) alive: twice the memory, or more
+        with torch.no_grad():
+            for layer in inner.layers[: self.n_layers]:
+                if prepare_layer is not None:
+                    prepare_layer(layer)
+                self.layers.append(self._fuse(layer))
         self.layer_devices = [w["qkv"].device for w in self.layers]  # layer-wise split over GPUs is allowed
         self.devices = list(dict.fromkeys([self.device, *self.layer_devices, model.lm_head.weight.device]))
         self.embed = inner.embed_tokens.weight

@@ -38,6 +38,7 @@ import asyncio
 import os
 import statistics
 import sys
+import traceback
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -478,6 +479,8 @@ class _Skip(Exception):
 
 
 def _failure(exc: Exception) -> str:
+    if os.environ.get("PIPESPEC_TRACEBACK") == "1":  # a developer hunting a crash: where it was raised
+        traceback.print_exception(exc)
     return f"failed: {type(exc).__name__}: {first_line(exc)}"
 
 
