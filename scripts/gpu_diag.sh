@@ -1,21 +1,18 @@
 #!/usr/bin/env bash
-# One-off diagnosis of a CUDA fault in `pipespec bench` (all methods in one process), two GPUs side by side.
-# Results under $OUT: each run's stdout/stderr and exit code. Not part of the suite.
+# One-off diagnosis of a CUDA fault in `pipespec bench` (HF's compiled generate beside our graphs in one process):
+# which method set crashes. Two GPUs side by side; results under $OUT. Not part of the suite.
 set -u
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PIPESPEC_TRACEBACK=1 HF_HUB_OFFLINE=1
 O=${OUT:-/tmp/diag}; mkdir -p "$O"
-B=(python3 -m pipespec bench --n 2 --max-new-tokens 32 --device cuda --dtype float32 --json)
-run() { local name=$1 gpu=$2; shift 2; ( env CUDA_VISIBLE_DEVICES=$gpu "$@" > "$O/$name.out" 2> "$O/$name.err"; \
-        echo "$name rc=$?" >> "$O/rc.txt" ) & }
-run lean_blocking 0 CUDA_LAUNCH_BLOCKING=1 timeout 200 "${B[@]}"
-run base 1 PIPESPEC_STATIC_VARIANT=base timeout 200 "${B[@]}"
+B=(python3 -m pipespec bench --n 2 --max-new-tokens 32 --device cuda --dtype float32 --json --prompts code)
+run() { local name=$1 gpu=$2; shift 2; ( env CUDA_VISIBLE_DEVICES=$gpu timeout 150 "${B[@]}" "$@" > /dev/null \
+        2> "$O/$name.err"; echo "$name rc=$?" >> "$O/rc.txt" ) & }
+run hf_auto 0 --methods hf,auto
+run hf_ar_sd_pipe_auto 1 --methods hf,ar,sd,pipe,auto
 wait
-run ours_lean 0 timeout 150 "${B[@]}" --methods ar,sd,pipe,auto
-run quant70 1 timeout 150 python3 scripts/gpu_quant.py "$O/quant70" --shapes 70b --kernels triton --no-linear \
-    --variant compile-layer --budget 120
+run five 0 --methods hf,hf_assisted,ar,sd,pipe
+run ours_then_hf 1 --methods ar,sd,pipe,auto,hf
 wait
-timeout 120 python3 -m pytest -m gpu tests/test_static.py tests/test_synthetic.py -q -p no:cacheprovider \
-    -o addopts="" > "$O/gpu_tests.txt" 2>&1; echo "gpu_tests rc=$?" >> "$O/rc.txt"
-cat "$O/rc.txt"; tail -n 3 "$O"/*.err | cut -c1-300
+cat "$O/rc.txt"; for f in "$O"/*.err; do echo "== $f"; grep -E "failed|Error|error" "$f" | grep -v "^frame\|Search for\|Compile with" | head -5 | cut -c1-200; done
