@@ -14,6 +14,7 @@ captured at the next ``reset``; captures are serialised across workers by a proc
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -85,6 +86,9 @@ class StaticWorker(LogitsWorker):
     def reset(self, seed: int | None = None, capacity: int | None = None) -> None:
         self.cached = []
         if capacity is not None and self.static.ensure_capacity(capacity + PAD):
+            if os.environ.get("PIPESPEC_TRACEBACK") == "1":  # a developer hunting a crash: when graphs are re-made
+                print(f"pipespec: {self.name}: static cache grows to {capacity + PAD} slots; "
+                      f"{len(self._graphs)} + {len(self._draft_graphs)} graphs dropped", file=sys.stderr)
             self._wanted.update(self._graphs)
             self._graphs.clear()  # captured graphs point at the old cache tensors
             self._draft_wanted.update({key: self._draft_params[key] for key in self._draft_graphs})
