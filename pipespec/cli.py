@@ -416,9 +416,10 @@ def chat(models: str | None, device: str, dtype: str, trust_remote_code: bool, p
                    "--no-adaptive runs the whole chain with --verify-cap fixed.")
 @click.option("--repeats", type=int, default=1, show_default=True,
               help="Timed passes over the prompts; ms/token is the median pass (min and max reported).")
-@click.option("--hf-isolation", type=click.Choice(["thread", "process"]), default="thread", show_default=True,
+@click.option("--hf-isolation", type=click.Choice(["auto", "thread", "process"]), default="auto", show_default=True,
               help="Where the HF baselines run: on a thread of this process with the pipeline's model objects, or "
-                   "each in a child process of its own that loads the models itself.")
+                   "each in a child process of its own that loads the models itself; auto: a child process on CUDA "
+                   "(HF's compiled generate beside our graphs in one process faulted there), a thread elsewhere.")
 @click.option("--hf-compile-mode", type=click.Choice(["reduce-overhead", "default", "max-autotune-no-cudagraphs"]),
               default="reduce-overhead", show_default=True,
               help="torch.compile mode of HF's static-cache generate on CUDA (reduce-overhead uses CUDA graphs).")

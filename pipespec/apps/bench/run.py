@@ -11,7 +11,12 @@ Methods (all greedy, batch 1):
 
 Where the HF baselines run (``hf_isolation``):
 
-- ``thread`` (the default): HF runs on the pipeline's already-loaded model objects, on one thread of its own, never
+- ``auto`` (the default): ``process`` on CUDA, ``thread`` elsewhere. Why: at 456791d, on two H200s, the default
+  bench (all methods, the default prompt set, float32 built-in family) ended in "CUDA error: unspecified launch
+  failure" in pipespec's graph replays whenever HF's compiled generate ran in the same process beside the
+  speculative modes (``--methods hf,hf_assisted,ar,sd,pipe`` and ``hf,auto`` crashed; ``hf,ar`` and pipespec's
+  modes alone did not; the ``code`` prompt set did not crash either). Not root-caused; no static cache grew first.
+- ``thread``: HF runs on the pipeline's already-loaded model objects, on one thread of its own, never
   while a pipeline generation runs; every method in one process. Less memory (no second copy of the target).
 - ``process``: each HF method (``hf`` with its ``hf_eager`` extra; ``hf_assisted``) runs in a
   child process of its own that loads the models itself, from the same sources, on the same devices, in the same
@@ -61,7 +66,7 @@ from ...types import STAGE_COUNTERS
 __all__ = ["METHODS", "BenchSettings", "GpuMonitor", "run_bench"]
 
 GPU_SAMPLE_SECONDS = 0.05
-HF_ISOLATION = ("thread", "process")
+HF_ISOLATION = ("auto", "thread", "process")
 # "default" and "max-autotune-no-cudagraphs" compile without CUDA graphs (a diagnostic: is it HF's graphs?)
 HF_COMPILE_MODES = ("reduce-overhead", "default", "max-autotune-no-cudagraphs")
 
@@ -85,7 +90,7 @@ class BenchSettings:
     adaptive: bool = True  # pipe: the adaptive runtime (caps, run-ahead, stage bypass); off for a static chain
     trust_remote_code: bool = False
     repeats: int = 1  # timed passes over the prompts; ms/token is the median pass, min and max reported beside it
-    hf_isolation: str = "thread"  # thread | process (see the module docstring)
+    hf_isolation: str = "auto"  # auto | thread | process (see the module docstring)
     hf_compile_mode: str = "reduce-overhead"  # torch.compile mode of HF's static-cache generate (CUDA)
     trace: str | None = None  # a trace file: the timeline of every timed pipespec generation (pipespec.tracing)
     backend: Any = "thread"  # where the workers live (``runners.Backend`` or its kind name)
@@ -280,7 +285,10 @@ class HFBaselines:
 
         self.pipe = pipe
         self.settings = s
-        self.isolation = s.hf_isolation
+        # auto: a child process on CUDA (see the module docstring: a CUDA fault beside our graphs, not root-caused),
+        # this process's thread elsewhere
+        self.isolation = s.hf_isolation if s.hf_isolation != "auto" else (
+            "process" if str(pipe.target.device).startswith("cuda") else "thread")
         self.runner: ThreadRunner | None = (ThreadRunner("hf", pipe.target.worker.device)
                                             if self.isolation == "thread" else None)
         self.processes: dict[str, Any] = {}
