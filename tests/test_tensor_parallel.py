@@ -139,8 +139,11 @@ def _compare(rank: int, store_path: str, out_dir: str) -> None:
     torch.save(worst, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def test_two_ranks_match_the_unsharded_forward(tmp_path):
+@pytest.mark.parametrize("layout", ["lean", "lean-math"])  # the CPU's default, and CUDA's (math attention)
+def test_two_ranks_match_the_unsharded_forward(tmp_path, monkeypatch, layout):
     import multiprocessing as mp
+
+    monkeypatch.setenv("PIPESPEC_STATIC_VARIANT", layout)  # both ranks (the spawned one inherits it) and the reference
 
     # rank 1 in a spawned interpreter, rank 0 here (this process has torch and transformers imported already: a
     # fresh interpreter's imports are most of this test's time)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from .static import StaticWorker
-from .static_llama import VARIANTS, FAMILIES, Family, StaticLlama, _pre_attention, _rms, layer_windows
+from .static_llama import (VARIANTS, FAMILIES, Family, StaticLlama, _layer, _pre_attention, _rms, choose_variant,
+                           layer_windows)
 
 __all__ = ["Shard", "TPStaticLlama", "TPStaticWorker", "model_facts", "plan_shard", "refusal", "shard_fused", "split_refusal", "tp_from_model", "tp_from_folder",
            "tp_random"]
@@ -197,7 +198,10 @@ class TPStaticLlama(StaticLlama):
         # StaticLlama.ensure_capacity reads the RoPE module as ``self.model.model.rotary_emb``
         self.model = SimpleNamespace(model=SimpleNamespace(rotary_emb=copy.deepcopy(rotary).to(self.device)))
         self._pre = _pre_attention
-        self.variant = VARIANTS["base"]  # the forward's layout (StaticLlama.forward reads it); _layers is our own
+        # the forward's layout as an unsplit worker on this device would run it (lean-math on CUDA), minus any
+        # torch.compile: the all-reduces sit inside the layer, and compiled code would need functional collectives
+        layout = VARIANTS[choose_variant(self.device)]
+        self.variant = replace(layout, compile=None) if layout.compile else layout
         self.capacity = 0
         self.cache_k: list[torch.Tensor] = []
         self.cache_v: list[torch.Tensor] = []
@@ -247,21 +251,25 @@ class TPStaticLlama(StaticLlama):
     def _layers(self, x: torch.Tensor, per_device: dict[torch.device, Any], kv_len: int) -> torch.Tensor:
         h, kvh, hd = self.n_heads, self.n_kv, self.head_dim  # this rank's heads
         pos_d, cos, sin, masks = per_device[self.device]
-        n = x.shape[0]
+        fused, math = self.variant.fused, self.variant.attention == "math"
         for i, w in enumerate(self.layers):
-            q, k, v = self._pre(x, cos, sin, w["ln1"], w["qkv"], w["qkv_b"], w["qk_norm"], h, kvh, hd,
-                                self.eps)  # [lh|lkv, n, hd]
-            ck, cv = self.cache_k[i], self.cache_v[i]  # [1, lkv, capacity, hd]
-            ck.index_copy_(2, pos_d, k.unsqueeze(0))
-            cv.index_copy_(2, pos_d, v.unsqueeze(0))
-            att = F.scaled_dot_product_attention(q.unsqueeze(0), ck[:, :, :kv_len], cv[:, :, :kv_len],
-                                                 attn_mask=masks[self.windows[i]], enable_gqa=kvh != h)  # [1,lh,n,hd]
-            partial = F.linear(att[0].transpose(0, 1).reshape(n, -1), w["o"])  # [n, hidden], this rank's heads
-            x = x + _add_bias(self._all_reduce(partial), w["o_b"])
-            gate, up = F.linear(_rms(x, w["ln2"], self.eps), w["gate_up"], w["gate_up_b"]).split(w["ffn"], dim=-1)
-            partial = F.linear(F.silu(gate) * up, w["down"])  # [n, hidden], this rank's MLP columns
-            x = x + _add_bias(self._all_reduce(partial), w["down_b"])
+            # the unsplit layer (static_llama._layer: this rank's heads, its cache [1, lkv, capacity, hd]) with a
+            # post-attention that sums the ranks' partial o_proj and down_proj outputs
+            x = _layer(self._pre, self._post_tp, x, pos_d, cos, sin, masks[self.windows[i]], self.cache_k[i],
+                       self.cache_v[i], w, h, kvh, hd, self.eps, fused, math)
         return x
+
+    def _post_tp(self, x: torch.Tensor, att: torch.Tensor, o_w: torch.Tensor, o_b: torch.Tensor | None,
+                 ln: torch.Tensor, gate_up_w: torch.Tensor, gate_up_b: torch.Tensor | None, down_w: torch.Tensor,
+                 down_b: torch.Tensor | None, ffn: int, eps: float, fused: bool = False) -> torch.Tensor:
+        """``_post_attention`` over this rank's shard: att [1, lh, n, hd] -> x [n, hidden], one all-reduce after
+        o_proj (this rank's heads) and one after down_proj (its MLP columns); whole biases added once, after."""
+        n = x.shape[0]
+        partial = F.linear(att[0].transpose(0, 1).reshape(n, -1), o_w)  # [n, hidden]
+        x = x + _add_bias(self._all_reduce(partial), o_b)
+        gate, up = F.linear(_rms(x, ln, eps, fused), gate_up_w, gate_up_b).split(ffn, dim=-1)
+        partial = F.linear(F.silu(gate) * up, down_w)  # [n, hidden]
+        return x + _add_bias(self._all_reduce(partial), down_b)
 
     def compile(self) -> None:
         """Only the pre-attention element-wise work is compiled; the post-attention path holds the all-reduces."""
