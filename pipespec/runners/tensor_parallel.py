@@ -56,8 +56,15 @@ def _build(spec: Any, group: Any, device: torch.device, dtype: torch.dtype, capa
     from ..workers.tensor_parallel import tp_from_folder, tp_random
 
     if isinstance(spec, tuple) and spec[0] == "random":
-        return tp_random(spec[1], group, device, dtype, capacity + PAD)
-    return tp_from_folder(str(spec), group, device, dtype, capacity + PAD)
+        static = tp_random(spec[1], group, device, dtype, capacity + PAD)
+    else:
+        static = tp_from_folder(str(spec), group, device, dtype, capacity + PAD)
+    # one collective now, on every rank: NCCL builds its communicator at the first one (seconds), which would
+    # otherwise land in the first generation's first forward
+    static._all_reduce(torch.zeros(1, device=device, dtype=dtype))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return static
 
 
 def _worker(static: Any, name: str, device: torch.device, mirror: Any, capacity: int) -> Any:
@@ -155,6 +162,8 @@ def _follower(fd: int, rank: int, world: int, store_path: str, payload: bytes) -
     device = torch.device(device_name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        # a stream of its own: CUDA graphs cannot be captured on the default stream (rank 0 runs on its runner's)
+        torch.cuda.set_stream(torch.cuda.Stream(device))
     torch.set_grad_enabled(False)
     group = _group(store_path, rank, world, device)
     with torch.inference_mode():

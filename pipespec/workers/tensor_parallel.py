@@ -312,12 +312,19 @@ def _meta_model(config: Any) -> Any:
     """The architecture on the meta device (no memory): its class, windows and RoPE module's class."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    from ..loading import _CONSTRUCT
+
+    # under the loader's lock: transformers builds a model under process-wide settings (the default dtype: the
+    # config's, fp16 for a half-precision folder), which would leak into another stage loading on another thread
+    with _CONSTRUCT, torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
 
 def _rotary(meta: Any, config: Any) -> Any:
-    return type(meta.model.rotary_emb)(config=config)  # real buffers (the meta module's have no data)
+    from ..loading import _CONSTRUCT
+
+    with _CONSTRUCT:
+        return type(meta.model.rotary_emb)(config=config)  # real buffers (the meta module's have no data)
 
 
 def tp_from_model(model: Any, group: Any, device: torch.device, capacity: int) -> TPStaticLlama:
