@@ -178,7 +178,8 @@ def sampling_options(f: Callable[..., Any], default_mode: str = "pipe") -> Calla
                           "placement once, then run the fastest."),
         click.option("--verify-cap", type=int, default=64, show_default=True,
                      help="Most proposed tokens a stage checks in one forward pass."),
-        click.option("--lookahead", type=int, default=8, show_default=True, help="Tokens per round in sd mode."),
+        click.option("--lookahead", type=int, default=None,
+                     help="Tokens per round in sd mode. Default: 8, which --mode auto may tune (4, 8 or 16)."),
         click.option("--max-ahead", type=int, default=None,
                      help="Most tokens a stage may run ahead of its successor (pipe mode). Default: --verify-cap."),
         click.option("--adaptive/--no-adaptive", default=True, show_default=True,
@@ -404,7 +405,8 @@ def chat(models: str | None, device: str, dtype: str, trust_remote_code: bool, p
                    "modes while warming up, then runs the fastest).")
 @click.option("--warmup", type=int, default=1, show_default=True,
               help="Untimed runs of each method on the first prompt.")
-@click.option("--lookahead", type=int, default=8, show_default=True, help="Tokens per round in sd mode.")
+@click.option("--lookahead", type=int, default=None,
+              help="Tokens per round in sd mode. Default: 8, which the auto method may tune (4, 8 or 16).")
 @click.option("--verify-cap", type=int, default=64, show_default=True,
               help="Most proposed tokens a stage checks in one forward pass.")
 @placement_option
@@ -430,7 +432,7 @@ def chat(models: str | None, device: str, dtype: str, trust_remote_code: bool, p
 @log_file_option
 @click.option("-v", "--verbose", count=True, help="Readable logs on stderr.")
 def bench(models: str | None, device: str, dtype: str, trust_remote_code: bool, prompts: str, n: int,
-          max_new_tokens: int, methods: str, warmup: int, lookahead: int, verify_cap: int, placement: str | None,
+          max_new_tokens: int, methods: str, warmup: int, lookahead: int | None, verify_cap: int, placement: str | None,
           adaptive: bool, repeats: int, hf_isolation: str, hf_compile_mode: str, out: str, as_json: bool,
           trace: str | None, log_file: str | None, verbose: int, backend: str, ray_address: str | None,
           call_deadline: float, quantize: str | None, split: str) -> None:

@@ -15,7 +15,7 @@ import contextlib
 import time
 from dataclasses import replace
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import structlog
@@ -47,6 +47,36 @@ DRAIN_TIMEOUT = 10.0  # seconds a finished or cancelled generation waits for in-
 PROBE_TOKENS = 64  # mode "auto": tokens per probe generation, whatever the request asks for (a pipeline needs a few
 # dozen tokens to reach its steady state: probes of 16 tokens on an H200 ranked ar first where sd and pipe ran 1.6x it)
 PROBE_ROUNDS = 2  # ... and probes per mode (the best counts)
+# sd's lookahead, where the request left it unset: the probes also try twice and half the default, one step each
+# way, never past this cap. 16, not 32: a 64-token probe holds only 2-3 rounds of 32 (no steady state), and a round
+# of 32 gains little (alpha 0.9: 9.7 tokens per round against 8.1 at 16) for twice the drafting. On an H200 ({68m,
+# 7b}, one GPU) the best lookahead was 16 at alpha 0.9 (sd:4 470, sd:8 669, sd:16 754 tokens/s) and 8 at 0.7.
+SD_LOOKAHEAD_MAX = 16
+SD_LOOKAHEAD_MIN = 2  # one draft per round
+SD_TUNE_BAND = 0.8  # tune only while sd at the request's lookahead is within this of the leader: the H200 tuning
+# gains were 7-13 %, so an sd further behind would not win and its extra probes would be wasted
+
+
+class AutoChoice(NamedTuple):
+    """What mode "auto" chose: the mode, why (the probes' rates), and the lookahead sd runs at."""
+
+    mode: Mode
+    reason: str
+    lookahead: int | None = None  # the tuned lookahead where sd was chosen; None: the request's own
+
+
+async def tune_lookahead(measure: Callable[[int], Awaitable[float]], start: int, rates: dict[int, float], *,
+                         low: int = SD_LOOKAHEAD_MIN, high: int = SD_LOOKAHEAD_MAX) -> int:
+    """The best lookahead of ``start`` (its rate already in ``rates``), ``2 * start`` and ``start // 2`` (each kept
+    within [low, high]), measured with ``measure`` (a lookahead -> tokens/s) into ``rates``. Twice first; half only
+    where twice did not win (so at most two more lookaheads are measured, often one)."""
+    for candidate in (min(2 * start, high), max(start // 2, low)):
+        if candidate in rates or not low <= candidate <= high:
+            continue
+        rates[candidate] = await measure(candidate)
+        if candidate > start and rates[candidate] > rates[start]:
+            break  # larger is ahead: a smaller one will not be
+    return max(rates, key=lambda la: rates[la])
 
 
 class Pipeline:
@@ -63,7 +93,7 @@ class Pipeline:
         _check_vocabularies(self.members, tokenizer)
         # the adaptive runtime's knowledge of this chain; it carries over from one generation to the next
         self.monitor = ChainMonitor(len(self.members), contended=_contended(self.members))
-        self.auto_choice: tuple[Mode, str] | None = None  # mode "auto": what the probes chose, and why
+        self.auto_choice: AutoChoice | None = None  # mode "auto": what the probes chose, and why
 
     # -- construction -------------------------------------------------------------------------------------------
 
@@ -141,9 +171,13 @@ class Pipeline:
     def make_request(self, prompt: str | Sequence[int], *, max_new_tokens: int = 128, mode: RequestMode = "pipe",
                      temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                      acceptance: str = "coupled", stop: Sequence[str] | str = (), verify_cap: int = 64,
-                     max_ahead: int | None = None, lookahead: int = 8, draft_batch: int = 0,
+                     max_ahead: int | None = None, lookahead: int | None = None, draft_batch: int = 0,
                      adaptive: bool = True) -> Request:
-        """Validate a generation's options; every bad value raises a ConfigError with a one-line message."""
+        """Validate a generation's options; every bad value raises a ConfigError with a one-line message.
+
+        ``lookahead``: None (not given) means 8, which mode "auto" may tune (``choose_mode``); a given one is kept."""
+        lookahead_given = lookahead is not None
+        lookahead = 8 if lookahead is None else lookahead
         if mode not in REQUEST_MODES:
             raise ConfigError(f"unknown mode {mode!r}: use {', '.join(REQUEST_MODES)}")
         if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
@@ -169,7 +203,8 @@ class Pipeline:
         stops = (stop,) if isinstance(stop, str) else tuple(stop)
         return Request(prompt=ids, max_new_tokens=max_new_tokens, mode=mode, params=params, stop=stops,
                        verify_cap=verify_cap, max_ahead=max_ahead or max(verify_cap, lookahead),
-                       lookahead=lookahead, draft_batch=draft_batch, adaptive=bool(adaptive))
+                       lookahead=lookahead, lookahead_given=lookahead_given, draft_batch=draft_batch,
+                       adaptive=bool(adaptive))
 
     async def generate(self, prompt: str | Sequence[int], *, trace: TraceTo = None, **options: Any) -> Generation:
         """Generate and return the whole result. Options: see ``make_request``.
@@ -207,32 +242,50 @@ class Pipeline:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
 
-    async def choose_mode(self, request: Request) -> tuple[Mode, str]:
+    async def choose_mode(self, request: Request) -> AutoChoice:
         """Mode "auto": the mode that measures fastest on this chain and placement, and why; probed once per
         Pipeline (``auto_choice``; set it to None to probe again).
 
         Every mode runs ``PROBE_ROUNDS`` short generations of the request's own prompt and sampling options
         (``PROBE_TOKENS`` tokens, interleaved ar, sd, pipe, ar, ...), and the best rate of each mode counts, so a
         first run that pays for warm-up (graph captures, caches) does not decide. Greedy outputs are identical in
-        every mode (lossless), so which one runs changes only the speed."""
+        every mode (lossless), so which one runs changes only the speed.
+
+        sd's lookahead: where the request left it unset (``lookahead_given``) and sd is within ``SD_TUNE_BAND`` of
+        the leader, sd is probed at twice and half the lookahead too (``tune_lookahead``), and sd counts at its best
+        one, which the choice remembers. A lookahead the caller gave is respected: only it is probed."""
         if self.auto_choice is not None:
             return self.auto_choice
         if len(self.members) == 1:
-            self.auto_choice = ("ar", "one model: the target alone")
+            self.auto_choice = AutoChoice("ar", "one model: the target alone")
             return self.auto_choice
         room = (self.context or len(request.prompt) + PROBE_TOKENS) - len(request.prompt)
         n = max(1, min(PROBE_TOKENS, room))
+
+        async def rate(mode: Mode, lookahead: int) -> float:
+            probe = _replace_mode(request, mode, max_new_tokens=n, stop=(), lookahead=lookahead)
+            return (await self._run(probe, None)).stats.tokens_per_second
+
+        async def sd_rate(lookahead: int) -> float:  # another lookahead: its own PROBE_ROUNDS, the best counts
+            return max([await rate("sd", lookahead) for _ in range(PROBE_ROUNDS)])
+
         rates: dict[Mode, float] = {"ar": 0.0, "sd": 0.0, "pipe": 0.0}
         for _ in range(PROBE_ROUNDS):
             for mode in rates:
-                probe = _replace_mode(request, mode, max_new_tokens=n, stop=())
-                g = await self._run(probe, None)
-                rates[mode] = max(rates[mode], g.stats.tokens_per_second)
+                rates[mode] = max(rates[mode], await rate(mode, request.lookahead))
+        sd_rates = {request.lookahead: rates["sd"]}
+        if not request.lookahead_given and rates["sd"] >= SD_TUNE_BAND * max(rates["ar"], rates["pipe"]):
+            tuned = await tune_lookahead(sd_rate, request.lookahead, sd_rates)
+            rates["sd"] = sd_rates[tuned]
+        lookahead = max(sd_rates, key=lambda la: sd_rates[la])
         best = max(rates, key=lambda m: rates[m])
-        listing = ", ".join(f"{m} {r:.1f}" for m, r in rates.items())
-        self.auto_choice = (best, f"fastest in probes on this placement ({PROBE_ROUNDS} x {n} tokens per mode, "
-                                  f"best run each; tokens/s: {listing})")
-        log("debug", "mode chosen", mode=best, tokens_per_s=listing)  # debug: at -v it would land in a streamed reply
+        listing = ", ".join([f"ar {rates['ar']:.1f}"] + [f"sd:{la} {sd_rates[la]:.1f}" for la in sorted(sd_rates)]
+                            + [f"pipe {rates['pipe']:.1f}"])
+        what = f"sd (lookahead {lookahead})" if best == "sd" else best
+        self.auto_choice = AutoChoice(
+            best, f"{what}: fastest in probes on this placement ({PROBE_ROUNDS} x {n} tokens per mode, best run "
+                  f"each; tokens/s: {listing})", lookahead if best == "sd" else None)
+        log("debug", "mode chosen", mode=what, tokens_per_s=listing)  # debug: at -v it would land in a streamed reply
         return self.auto_choice
 
     async def _run(self, request: Request, on_piece: Callable[[str], Awaitable[None]] | None,
@@ -240,8 +293,14 @@ class Pipeline:
         if self._closed:
             raise PipelineClosed("this pipeline is closed")
         if request.mode == "auto":
-            chosen, reason = await self.choose_mode(request)
-            g = await self._run(_replace_mode(request, chosen), on_piece, trace)
+            chosen, reason, tuned = await self.choose_mode(request)
+            changes: dict[str, Any] = {}
+            if chosen == "sd" and tuned is not None and tuned != request.lookahead:
+                if request.lookahead_given:  # the caller's lookahead wins over one tuned on an earlier request
+                    reason += f"; lookahead {request.lookahead} as requested"
+                else:
+                    changes["lookahead"] = tuned
+            g = await self._run(_replace_mode(request, chosen, **changes), on_piece, trace)
             stats = replace(g.stats, mode_chosen=chosen, reason=reason)
             return Generation(text=g.text, token_ids=g.token_ids, stats=stats)
         tracer = trace if isinstance(trace, Tracer) or trace is None else Tracer()

@@ -40,6 +40,7 @@ class Request:
     verify_cap: int = 64  # pipe: most proposals checked per forward pass
     max_ahead: int = 64  # pipe: most tokens a stage may run past its successor
     lookahead: int = 8  # sd: tokens per lock-step round (drafts + the target's own token)
+    lookahead_given: bool = True  # auto: False where the caller left lookahead unset, so the probes may tune it
     draft_batch: int = 0  # pipe: drafts per call into the draft model; 0: adaptive (stages.draft.DraftPace)
     adaptive: bool = True  # pipe: adapt verify caps and run-ahead limits online
 

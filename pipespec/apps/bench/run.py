@@ -85,7 +85,7 @@ class BenchSettings:
     dtype: str = "auto"
     methods: tuple[str, ...] = METHODS
     warmup: int = 1
-    lookahead: int = 8
+    lookahead: int | None = None  # sd; None: 8, which the auto method may tune (Pipeline.choose_mode)
     verify_cap: int = 64
     adaptive: bool = True  # pipe: the adaptive runtime (caps, run-ahead, stage bypass); off for a static chain
     trust_remote_code: bool = False
@@ -101,8 +101,9 @@ class BenchSettings:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ConfigError(f"unknown method(s) {', '.join(unknown) or '(none given)'}: use {', '.join(METHODS)}")
+        lookahead = 8 if self.lookahead is None else self.lookahead
         for name, value, low in (("--n", self.n, 1), ("--max-new-tokens", self.max_new_tokens, 1),
-                                 ("--warmup", self.warmup, 0), ("--lookahead", self.lookahead, 1),
+                                 ("--warmup", self.warmup, 0), ("--lookahead", lookahead, 1),
                                  ("--verify-cap", self.verify_cap, 1), ("--repeats", self.repeats, 1)):
             if value < low:
                 raise ConfigError(f"{name} must be >= {low}, got {value}")
