@@ -36,15 +36,17 @@ async def _rounds(pipe, tokens: int, rates: dict[str, list[float]], rounds: int 
 
 
 async def _check_choice(pipe, tokens: int, **options) -> dict[str, float]:
-    """The chosen mode's median is at least 0.95x the best mode's. Stated rule for a loaded 2-core machine: 5 paired
+    """What auto runs (its own generations' median: the chosen mode, at the lookahead it tuned for sd) is at least
+    0.95x the best of ar, sd and pipe at the request's settings. Stated rule for a loaded 2-core machine: 5 paired
     rounds, and if the bound is missed, 5 more twice, the medians taken over every round so far (a near-tie between
     sd and pipe moved one 5-round median by more than 5 % in CI; a wrong choice stays below the bound however many
-    rounds are pooled). Returns the medians that decided."""
+    rounds are pooled). Returns the medians that decided. (Not the chosen mode's own row: since auto tunes sd's
+    lookahead, "sd" at the request's lookahead is not what auto runs; CI saw sd:16 chosen, the sd:8 row at 0.949x.)"""
     rates: dict[str, list[float]] = {}
     for _ in range(3):
         medians = await _rounds(pipe, tokens, rates, **options)
         best = max(medians[m] for m in ("ar", "sd", "pipe"))
-        if medians[pipe.auto_choice[0]] >= 0.95 * best:
+        if medians["auto"] >= 0.95 * best:
             return medians
     raise AssertionError((pipe.auto_choice, medians, {m: len(r) for m, r in rates.items()}))
 
