@@ -133,17 +133,23 @@ def time_forward(static: StaticLlama, n: int, device: torch.device) -> tuple[flo
             out = static.forward(ids, pos, CONTEXT)
         for _ in range(3):
             graph.replay()
-        times = []
-        for _ in range(REPLAYS):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+        ms = _median_replay_ms(graph)
         result = out.clone()
         del graph
-        return statistics.median(times), result
+        return ms, result
+
+
+def _median_replay_ms(graph: Any) -> float:
+    """Median ms of ``REPLAYS`` replays of ``graph``, each timed by CUDA events."""
+    times = []
+    for _ in range(REPLAYS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 def time_linear(x: torch.Tensor, w: Any, device: torch.device) -> float:
@@ -164,16 +170,9 @@ def time_linear(x: torch.Tensor, w: Any, device: torch.device) -> float:
             for _ in range(10):
                 quant.linear(x, w)
         graph.replay()
-        times = []
-        for _ in range(REPLAYS):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 10)
+        ms = _median_replay_ms(graph) / 10
         del graph
-        return statistics.median(times)
+        return ms
 
 
 def free(device: torch.device) -> None:

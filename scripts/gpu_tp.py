@@ -44,19 +44,7 @@ CONTEXT = 512  # tokens already in the cache
 NOMINAL_BW = 4.2e12  # bytes/s, H200 copy bandwidth (read + write) measured earlier; the measured one is reported too
 
 
-def copy_bandwidth(device: torch.device) -> float:
-    src = torch.randn(2 ** 28, device=device, dtype=torch.bfloat16)  # 512 MiB
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize(device)
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(20):
-        dst.copy_(src)
-    b.record()
-    torch.cuda.synchronize(device)
-    return 2 * src.numel() * src.element_size() / (a.elapsed_time(b) / 1e3 / 20)
+from gpu_latency import copy_bandwidth  # noqa: E402 - scripts/ is sys.path[0] when a script runs
 
 
 def read_bytes(static) -> int:
