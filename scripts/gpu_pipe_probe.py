@@ -11,7 +11,7 @@
 
 SYNTHETIC ACCEPTANCE: random-weight LLaMA models of real shapes (``workers.synthetic``: every forward costs what a
 real one does, bf16, batch 1, static KV cache and CUDA graphs) with token choices from a seeded oracle at rate
-alpha per neighbouring pair. Chains: {68m,7b} and {68m,7b,13b} on GPU 0; {68m,7b on GPU 0; 13b on GPU 1} when a
+alpha per neighbouring pair. Chains: {68m,7b}, {1b,8b} and {68m,7b,13b} on GPU 0; {68m,7b on GPU 0; 13b on GPU 1} when a
 second GPU exists; alpha 0.7 and 0.9.
 
 Protocol, per chain and alpha, all in one process on the same machine:
@@ -86,6 +86,7 @@ def chains_for(args: argparse.Namespace) -> list[tuple[str, list[tuple[str, str]
         d, m, t = "tiny-d", "tiny-m", "tiny-t"
         return [("2 stages, cpu", [(d, "cpu"), (t, "cpu")]), ("3 stages, cpu", [(d, "cpu"), (m, "cpu"), (t, "cpu")])]
     out = [("68m,7b on GPU 0", [("68m", "cuda:0"), ("7b", "cuda:0")]),
+           ("1b,8b on GPU 0", [("1b", "cuda:0"), ("8b", "cuda:0")]),
            ("68m,7b,13b on GPU 0", [("68m", "cuda:0"), ("7b", "cuda:0"), ("13b", "cuda:0")])]
     if torch.cuda.device_count() >= 2:
         out.append(("68m,7b on GPU 0; 13b on GPU 1", [("68m", "cuda:0"), ("7b", "cuda:0"), ("13b", "cuda:1")]))
