@@ -94,7 +94,7 @@ def load_tp_worker(spec: Any, name: str, devices: Sequence[str], dtype: torch.dt
         group = _group(store_path, 0, world, device)
         static = _build(spec, group, device, dtype, capacity)
     except BaseException:
-        _stop(followers, folder)
+        _stop(followers, folder, None)
         raise
 
     def mirror(header: tuple[Any, ...]) -> None:
@@ -105,7 +105,7 @@ def load_tp_worker(spec: Any, name: str, devices: Sequence[str], dtype: torch.dt
 
     worker = _worker(static, name, device, mirror, capacity)
     worker.follower_pids = [proc.pid for proc, _ in followers]  # diagnostics and tests
-    weakref.finalize(worker, _stop, followers, folder)
+    weakref.finalize(worker, _stop, followers, folder, group)
     return worker
 
 
@@ -136,10 +136,12 @@ def load_tp_stage(source: Any, name: str, devices: Sequence[str], dtype: Any, tr
     return load_tp_worker(str(folder), name, [str(d) for d in devices], dtype, capacity)
 
 
-def _stop(followers: list[tuple[subprocess.Popen[bytes], Connection]], folder: str) -> None:
-    """EOF to every follower, then SIGKILL for one still there after a few seconds."""
+def _stop(followers: list[tuple[subprocess.Popen[bytes], Connection]], folder: str, group: Any) -> None:
+    """EOF to every follower (each then aborts its side of the group and exits), abort rank 0's side, then SIGKILL
+    for a follower still there after a few seconds."""
     for _, conn in followers:
         conn.close()
+    _abort(group)
     for proc, _ in followers:
         try:
             proc.wait(timeout=5)
@@ -147,6 +149,26 @@ def _stop(followers: list[tuple[subprocess.Popen[bytes], Connection]], folder: s
             proc.kill()
             proc.wait(timeout=5)
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def _abort(group: Any, wait_s: float = 10.0) -> None:
+    """Tear down this rank's side of ``group`` now, every rank at about the same time. Left to the interpreter's
+    exit, NCCL's communicator is aborted in ProcessGroupNCCL's destructor, which waits for the other ranks' abort:
+    a follower that had already left by ``os._exit`` hung rank 0's process at exit (seen on two H200s: the
+    generation done, the process never ending). On a thread, bounded: a teardown must not hang a closing app."""
+    if group is None:
+        return
+    import threading
+
+    def abort() -> None:
+        try:
+            group.abort()
+        except Exception:  # noqa: BLE001 - best effort: the process is ending anyway
+            pass
+
+    t = threading.Thread(target=abort, name="pipespec-tp-abort", daemon=True)
+    t.start()
+    t.join(wait_s)
 
 
 def _follower(fd: int, rank: int, world: int, store_path: str, payload: bytes) -> None:
@@ -174,5 +196,6 @@ def _follower(fd: int, rank: int, world: int, store_path: str, payload: bytes) -
             except (EOFError, OSError):
                 break
             worker.replay(header)
+    _abort(group)  # paired with rank 0's abort in _stop (NCCL's abort waits for every rank's)
     sys.stdout.flush()
     os._exit(0)  # skip the interpreter's teardown of torch (and of a process group nobody else will use)

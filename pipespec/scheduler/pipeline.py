@@ -53,8 +53,9 @@ PROBE_ROUNDS = 2  # ... and probes per mode (the best counts)
 # 7b}, one GPU) the best lookahead was 16 at alpha 0.9 (sd:4 470, sd:8 669, sd:16 754 tokens/s) and 8 at 0.7.
 SD_LOOKAHEAD_MAX = 16
 SD_LOOKAHEAD_MIN = 2  # one draft per round
-SD_TUNE_BAND = 0.8  # tune only while sd at the request's lookahead is within this of the leader: the H200 tuning
-# gains were 7-13 %, so an sd further behind would not win and its extra probes would be wasted
+SD_TUNE_BAND = 0.6  # tune only while sd at the request's lookahead is within this of the leader. Not 0.8: on an
+# H200 ({68m,7b,13b} on one GPU, alpha 0.7) sd:8 ran at 0.75x ar while sd:4 beat ar by 8 % (sd:4 is 1.44x sd:8);
+# an sd further behind than 0.6 would need a tuning gain over 1.67x to win, and its extra probes would be wasted
 
 
 class AutoChoice(NamedTuple):
@@ -67,15 +68,21 @@ class AutoChoice(NamedTuple):
 
 async def tune_lookahead(measure: Callable[[int], Awaitable[float]], start: int, rates: dict[int, float], *,
                          low: int = SD_LOOKAHEAD_MIN, high: int = SD_LOOKAHEAD_MAX) -> int:
-    """The best lookahead of ``start`` (its rate already in ``rates``), ``2 * start`` and ``start // 2`` (each kept
-    within [low, high]), measured with ``measure`` (a lookahead -> tokens/s) into ``rates``. Twice first; half only
-    where twice did not win (so at most two more lookaheads are measured, often one)."""
-    for candidate in (min(2 * start, high), max(start // 2, low)):
-        if candidate in rates or not low <= candidate <= high:
-            continue
-        rates[candidate] = await measure(candidate)
-        if candidate > start and rates[candidate] > rates[start]:
-            break  # larger is ahead: a smaller one will not be
+    """The best lookahead found by doubling or halving from ``start`` (its rate already in ``rates``), each kept
+    within [low, high], measured with ``measure`` (a lookahead -> tokens/s) into ``rates``: twice first, and on while
+    doubling wins; where twice did not win, half, and on while halving wins. A hill climb in powers of two: the rate
+    over the lookahead has one peak (the analytical model's sd; each step measured, not assumed)."""
+    best = start
+    for grow in (True, False):
+        candidate = min(2 * best, high) if grow else max(best // 2, low)
+        while low <= candidate <= high and candidate not in rates:
+            rates[candidate] = await measure(candidate)
+            if rates[candidate] <= rates[best]:
+                break
+            best = candidate
+            candidate = min(2 * best, high) if grow else max(best // 2, low)
+        if best != start:
+            break  # doubling won: halving will not
     return max(rates, key=lambda la: rates[la])
 
 
@@ -252,7 +259,7 @@ class Pipeline:
         every mode (lossless), so which one runs changes only the speed.
 
         sd's lookahead: where the request left it unset (``lookahead_given``) and sd is within ``SD_TUNE_BAND`` of
-        the leader, sd is probed at twice and half the lookahead too (``tune_lookahead``), and sd counts at its best
+        the leader, sd is probed at doubled or halved lookaheads too (``tune_lookahead``), and sd counts at its best
         one, which the choice remembers. A lookahead the caller gave is respected: only it is probed."""
         if self.auto_choice is not None:
             return self.auto_choice
