@@ -231,7 +231,7 @@ def run(out_dir: Path, shapes: list[str], device: torch.device, budget: Budget, 
         gemv_ok = triton_ok or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
                                 and not str(report["environment"]["triton"]).startswith("unavailable"))
         try:
-            gemv_part(report, GEMV_NAMES, device, budget, gemv_ok)
+            gemv_part(report, GEMV_NAMES, device, budget, gemv_ok, lambda: save(out_dir, report))
         except Exception as exc:  # noqa: BLE001 - e.g. no triton: the GEMV table is empty, the rest runs
             report["errors"].append({"shape": "gemv", "variant": "*", "error": _err(exc)})
         save(out_dir, report)
@@ -384,7 +384,7 @@ def time_fn(fn: Any, device: torch.device) -> float:
 
 
 def gemv_part(report: dict[str, Any], names: list[str], device: torch.device, budget: Budget,
-              triton_ok: bool) -> None:
+              triton_ok: bool, checkpoint: Any = lambda: None) -> None:
     """The weight-only GEMV alone, old (v1) against new (splitk: tuned; splitk-heur: its untuned config; splitk-cvt:
     int8 converted by cvt instead of the bit trick) and cuBLAS bf16, per (N, K) and token count: GB/s of weight read
     and the fraction of the measured copy bandwidth, the error against x @ dequant(q).T, and whether a repeat gives
@@ -456,6 +456,7 @@ def gemv_part(report: dict[str, Any], names: list[str], device: torch.device, bu
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory
                 report["errors"].append({"shape": f"gemv {name}", "variant": kind, "error": _err(exc)})
             free(device)
+            checkpoint()  # on disk per shape: an outer timeout keeps what was measured
 
 
 def _sms(device: torch.device) -> int:
