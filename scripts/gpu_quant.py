@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import statistics
 import sys
@@ -38,6 +39,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # gpu_latency's copy_bandwidth (also when imported)
 
 from pipespec.kernels import quant  # noqa: E402
 from pipespec.workers.static_llama import StaticLlama  # noqa: E402
@@ -52,6 +54,8 @@ BF16_FITS = {"7b", "13b", "smoke"}  # 70B in bf16 (129 GiB of weights) does not 
 VARIANTS = [(None, None, False), ("int8", "triton", False), ("fp8", "triton", False), ("int8", "int8pack", False),
             ("int8", "torch", False), ("fp8", "torch", False), ("int8", "torch", True)]
 TOKENS = (1, 8)
+GEMV_NAMES: list[str] = []  # --gemv
+GEMV_ONLY = False
 CONTEXT = 512
 REPLAYS = 30
 
@@ -210,8 +214,8 @@ def variant_name(kind: str | None, backend: str | None, compiled: bool) -> str:
 
 def run(out_dir: Path, shapes: list[str], device: torch.device, budget: Budget, bandwidth: float) -> dict[str, Any]:
     report: dict[str, Any] = {"environment": environment(device), "bandwidth_bytes_per_s": bandwidth,
-                              "context": CONTEXT, "replays": REPLAYS, "results": [], "linear": [], "skipped": [],
-                              "errors": []}
+                              "context": CONTEXT, "replays": REPLAYS, "results": [], "linear": [], "gemv": [],
+                              "skipped": [], "errors": []}
     save(out_dir, report)
     triton_ok = device.type == "cuda" and not str(report["environment"]["triton"]).startswith("unavailable")
     int8pack_ok = report["environment"]["int8pack"] == "available"
@@ -223,6 +227,16 @@ def run(out_dir: Path, shapes: list[str], device: torch.device, budget: Budget, 
             return f"torch._weight_int8pack_mm: {report['environment']['int8pack']}"
         return None
 
+    if GEMV_NAMES:
+        gemv_ok = triton_ok or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+                                and not str(report["environment"]["triton"]).startswith("unavailable"))
+        try:
+            gemv_part(report, GEMV_NAMES, device, budget, gemv_ok, lambda: save(out_dir, report))
+        except Exception as exc:  # noqa: BLE001 - e.g. no triton: the GEMV table is empty, the rest runs
+            report["errors"].append({"shape": "gemv", "variant": "*", "error": _err(exc)})
+        save(out_dir, report)
+        if GEMV_ONLY:
+            return report
     linear_part(report, shapes, device, budget, usable)
     save(out_dir, report)
     # every shape's eager-kernel variants first, the torch.compile variant (slow to compile) last, on the first shape
@@ -338,6 +352,117 @@ def linear_part(report: dict[str, Any], shapes: list[str], device: torch.device,
     free(device)
 
 
+GEMV_SHAPES = {  # name: (N, K) of q [N, K]
+    "7b.qkv/o": (4096, 4096), "7b.gate": (11008, 4096), "7b.down": (4096, 11008),
+    "70b.qkv": (10240, 8192), "70b.gate_up": (57344, 8192), "70b.down": (8192, 28672),
+    "smoke.a": (37, 300), "smoke.b": (96, 200),
+}
+GEMV_TOKENS = (1, 4, 8, 16)
+
+
+def time_fn(fn: Any, device: torch.device) -> float:
+    """Median ms of ``fn()`` (CUDA graph of 10 calls after 3 eager ones, which autotune; CPU: eager calls)."""
+    with torch.inference_mode():
+        if device.type != "cuda":
+            times = []
+            for _ in range(min(REPLAYS, 3)):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1000)
+            return statistics.median(times)
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(10):
+                fn()
+        graph.replay()
+        ms = _median_replay_ms(graph) / 10
+        del graph
+        return ms
+
+
+def gemv_part(report: dict[str, Any], names: list[str], device: torch.device, budget: Budget,
+              triton_ok: bool, checkpoint: Any = lambda: None) -> None:
+    """The weight-only GEMV alone, old (v1) against new (splitk: tuned; splitk-heur: its untuned config; splitk-cvt:
+    int8 converted by cvt instead of the bit trick) and cuBLAS bf16, per (N, K) and token count: GB/s of weight read
+    and the fraction of the measured copy bandwidth, the error against x @ dequant(q).T, and whether a repeat gives
+    the same bits. ``dispatcher`` says which GEMV quant.linear calls."""
+    if triton_ok:
+        from pipespec.kernels import triton_gemv as tg  # noqa: PLC0415 - needs triton
+    copy = None
+    if device.type == "cuda":
+        try:
+            from gpu_latency import copy_bandwidth  # noqa: PLC0415 - scripts/ is sys.path[0] when a script runs
+
+            copy = copy_bandwidth(device) / 2  # bytes read per second (the copy counts read + write)
+        except Exception as exc:  # noqa: BLE001
+            report["errors"].append({"shape": "gemv", "variant": "copy bandwidth", "error": _err(exc)})
+    report["gemv_copy_read_Bps"] = copy
+    report["gemv_dispatcher"] = f"{quant.gemv()} (PIPESPEC_WGEMV; quant.set_gemv)"
+    gen = torch.Generator(device=device).manual_seed(0)
+    for kind in quant.KINDS:
+        for name in names:
+            n, k = GEMV_SHAPES[name]
+            if budget.left() < 15:
+                report["skipped"].append({"shape": f"gemv {name}", "variant": kind,
+                                          "why": f"time budget: {budget.left():.0f} s left"})
+                continue
+            try:
+                w = (torch.randn(n, k, device=device, generator=gen) * 0.02).to(torch.bfloat16)
+                qw = quant.quantize(w, kind)
+                ref_w = quant.dequantize(qw)  # [N, K] fp32
+                if kind != "int8":
+                    del w  # bf16 rows: once per shape (int8 pass)
+                for m in GEMV_TOKENS:
+                    x = torch.randn(m, k, device=device, generator=gen).to(torch.bfloat16)
+                    want = x.float() @ ref_w.T
+                    kernels: list[tuple[str, Any]] = []
+                    if kind == "int8":
+                        kernels.append(("bf16 cuBLAS", lambda: torch.nn.functional.linear(x, w)))
+                    if triton_ok:
+                        kernels += [("v1", lambda: tg.wgemv(x, qw.q, qw.scale)),
+                                    ("splitk", lambda: tg.wgemv_splitk_impl(x, qw.q, qw.scale)),
+                                    ("splitk-heur", lambda: tg.launch(x, qw.q, qw.scale, None, tg.heuristic(
+                                        1 if m == 1 else 16, n, k, _sms(device)), True))]
+                        if kind == "int8":
+                            kernels.append(("splitk-cvt", lambda: tg.wgemv_splitk_impl(x, qw.q, qw.scale,
+                                                                                         magic=False)))
+                    for label, fn in kernels:
+                        try:
+                            ms = time_fn(fn, device)
+                            nbytes = n * k * 2 if label.startswith("bf16") else qw.nbytes
+                            with torch.inference_mode():
+                                y1, y2 = fn(), fn()
+                            row: dict[str, Any] = {
+                                "shape": name, "N": n, "K": k, "kind": kind if label != "bf16 cuBLAS" else "bf16",
+                                "kernel": label, "tokens": m, "ms": round(ms, 5),
+                                "GBps": round(nbytes / ms / 1e6, 1),
+                                "frac_copy": round(nbytes / ms * 1000 / copy, 3) if copy else None,
+                                "max_abs_err": float((y1.float() - want).abs().max()),
+                                "max_abs_want": float(want.abs().max()),
+                                "repeat_equal": bool(torch.equal(y1, y2))}
+                            if label == "splitk":
+                                cfg = tg.chosen_config(x, qw.q, qw.scale, None)
+                                row["config"] = (f"BN{cfg.block_n} BK{cfg.block_k} split{cfg.split} "
+                                                 f"w{cfg.num_warps} s{cfg.num_stages}")
+                            report["gemv"].append(row)
+                            print(json.dumps(row), flush=True)
+                        except Exception as exc:  # noqa: BLE001 - recorded, the next kernel runs
+                            report["errors"].append({"shape": f"gemv {name} M={m}", "variant": f"{kind}/{label}",
+                                                     "error": _err(exc)})
+                del qw, ref_w
+            except Exception as exc:  # noqa: BLE001 - e.g. out of memory
+                report["errors"].append({"shape": f"gemv {name}", "variant": kind, "error": _err(exc)})
+            free(device)
+            checkpoint()  # on disk per shape: an outer timeout keeps what was measured
+
+
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
 def add_speedups(report: dict[str, Any]) -> None:
     bf16 = {(r["shape"], r["tokens"]): r["ms"] for r in report["results"] if r["variant"] == "bf16" and r["ms"]}
     for r in report["results"]:
@@ -372,6 +497,18 @@ def markdown(report: dict[str, Any]) -> str:
         for r in report["linear"]:
             err = f"{r['max_abs_err']:.3g}" if "max_abs_err" in r else "-"
             out.append(f"| {r['variant']} | {r['tokens']} | {r['ms']:.4f} | {r['GBps']} | {err} |")
+    if report.get("gemv"):
+        copy = report.get("gemv_copy_read_Bps")
+        out += ["", f"GEMV alone (CUDA graph of 10 calls; CPU: eager). Copy bandwidth (bytes read/s): "
+                f"{copy / 1e9:.0f} GB/s" if copy else "GEMV alone (CPU: eager, no copy bandwidth)",
+                f"quant.linear's Triton GEMV: {report.get('gemv_dispatcher')}", "",
+                "| shape | N x K | kind | kernel | tokens | ms | GB/s | of copy | max abs err (max) | repeat equal | "
+                "config |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in report["gemv"]:
+            frac = f"{r['frac_copy']:.0%}" if r.get("frac_copy") else "-"
+            out.append(f"| {r['shape']} | {r['N']} x {r['K']} | {r['kind']} | {r['kernel']} | {r['tokens']} | "
+                       f"{r['ms']:.4f} | {r['GBps']} | {frac} | {r['max_abs_err']:.3g} ({r['max_abs_want']:.3g}) | "
+                       f"{r['repeat_equal']} | {r.get('config', '')} |")
     if report["skipped"]:
         out += ["", "Skipped:", ""] + [f"- {s['shape']} {s['variant']}: {s['why']}" for s in report["skipped"]]
     if report["errors"]:
@@ -394,10 +531,23 @@ def main() -> int:
                         "e.g. compile-layer; its compiled variants then run on top of it")
     parser.add_argument("--kernels", default=None, help="only these kernels, e.g. 'triton' (bf16 always runs)")
     parser.add_argument("--no-linear", action="store_true", help="skip the one-linear table")
+    parser.add_argument("--gemv", default=None, help="the GEMV table first, on these shapes (comma list of "
+                        f"{', '.join(k for k in GEMV_SHAPES if not k.startswith('smoke'))}, or 'all')")
+    parser.add_argument("--gemv-only", action="store_true", help="only the GEMV table (no forwards)")
     parser.add_argument("--bandwidth", type=float, default=4.2e12, help="bytes/s of the floor (H200: ~4.2e12)")
     args = parser.parse_args()
-    global LAYOUT, VARIANTS
+    global LAYOUT, VARIANTS, GEMV_NAMES, GEMV_ONLY
     LAYOUT = args.variant
+    GEMV_ONLY = args.gemv_only
+    if args.gemv or args.gemv_only:
+        spec = args.gemv or "all"
+        GEMV_NAMES = ([k for k in GEMV_SHAPES if k.startswith("smoke")] if args.smoke else
+                      [k for k in GEMV_SHAPES if not k.startswith("smoke")] if spec == "all" else
+                      [s.strip() for s in spec.split(",") if s.strip()])
+        unknown = [g for g in GEMV_NAMES if g not in GEMV_SHAPES]
+        if unknown:
+            print(f"unknown GEMV shape(s) {unknown}: use {', '.join(GEMV_SHAPES)}", file=sys.stderr)
+            return 2
     if args.kernels:
         keep = set(args.kernels.split(","))
         VARIANTS = [v for v in VARIANTS if v[1] is None or v[1] in keep]

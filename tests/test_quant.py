@@ -169,9 +169,82 @@ for kind in ("int8", "fp8"):
         assert err < 1e-3, (kind, m, dt, err)
 print("ok")
 """
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(Path(pipespec.__file__).parents[1])}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    out = _interpret(code)
     assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+# numpy >= 2.4 refuses int() of a 1-element array, which Triton 3.6's interpreter uses for a scalar's __index__
+# (``range(0, K, BLOCK_K)`` in a kernel): take the element
+_INTERPRETER_SHIM = """
+import triton.runtime.interpreter as _ti
+_orig_patch = _ti._patch_lang_tensor
+def _patch(tensor, scope):
+    _orig_patch(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+_ti._patch_lang_tensor = _patch
+"""
+
+
+def _interpret(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a child Python with TRITON_INTERPRET=1 (it must be set before triton is imported); this
+    checkout's pipespec first on the path, the parent's PYTHONPATH kept (a Triton installed outside the venv)."""
+    path = os.pathsep.join([str(Path(pipespec.__file__).parents[1])] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    return subprocess.run([sys.executable, "-c", _INTERPRETER_SHIM + code], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_splitk_kernel_in_the_interpreter() -> None:
+    """v2 (split-K) equals x @ dequant(q).T + b for odd shapes (K, N not multiples of the tiles), with 1, 2 and 3
+    splits and both int8 conversions, and gives the same bits on a repeat (the fixed-order reduction)."""
+    pytest.importorskip("triton")
+    code = """
+import torch
+from pipespec.kernels.quant import quantize, dequantize
+from pipespec.kernels.triton_gemv import SplitKConfig, launch, plan, wgemv_splitk
+torch.manual_seed(0)
+n, k = 21, 300  # N % 16 != 0, K % 64 != 0
+for kind in ("int8", "fp8"):
+    w = torch.randn(n, k)
+    qw = quantize(w, kind)
+    for m, dt in ((1, torch.bfloat16), (5, torch.float16), (16, torch.float32)):
+        x, b = torch.randn(m, k).to(dt), torch.randn(n).to(dt)
+        want = x.float() @ dequantize(qw).T + b.float()
+        runs = [(SplitKConfig(16, 64, 1), True), (SplitKConfig(32, 64, 3), True)]
+        runs += [(SplitKConfig(16, 64, 2), False)] if kind == "int8" else []  # the cvt conversion
+        for cfg, magic in runs:
+            assert plan(k, cfg.block_k, cfg.split)[1] == cfg.split
+            y = launch(x, qw.q, qw.scale, b, cfg, magic)
+            err = ((y.float() - want).abs() - 2**-7 * want.abs()).max().item()
+            assert err < 1e-3, (kind, m, dt, cfg, magic, err)
+            if cfg.split == 3:
+                assert torch.equal(y, launch(x, qw.q, qw.scale, b, cfg, magic)), "not deterministic"
+        y = wgemv_splitk(x, qw.q, qw.scale, None)  # the custom op, no bias, its heuristic config
+        assert ((y.float() - (want - b.float())).abs() - 2**-7 * want.abs()).max().item() < 1e-3 + 2**-7 * 8
+print("ok")
+"""
+    out = _interpret(code)
+    assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_splitk_plan_and_heuristic() -> None:
+    """The launcher's arithmetic, in pure Python: every split non-empty and BLOCK_K-aligned, the splits cover K,
+    and the heuristic gives the big 70B shapes >= ~4 programs per SM without splitting below 4 steps."""
+    triton_gemv = pytest.importorskip("pipespec.kernels.triton_gemv", exc_type=ImportError)
+    for k in (64, 300, 4096, 11008, 28672):
+        for bk in (64, 128, 256, 512):
+            for split in (1, 2, 3, 4, 7, 16, 64):
+                k_split, splits = triton_gemv.plan(k, bk, split)
+                assert k_split % bk == 0 and 1 <= splits <= split
+                assert (splits - 1) * k_split < k <= splits * k_split  # covers K, the last split not empty
+    assert triton_gemv.plan(11008, 512, 4) == (3072, 4) and triton_gemv.plan(1000, 512, 4) == (512, 2)
+    for m_bucket, n, k in [(1, 8192, 28672), (16, 8192, 28672), (1, 8192, 8192), (1, 57344, 8192),
+                           (16, 10240, 8192), (1, 4096, 4096)]:
+        cfg = triton_gemv.heuristic(m_bucket, n, k, sms=132)
+        programs = -(-n // cfg.block_n) * triton_gemv.plan(k, cfg.block_k, cfg.split)[1]
+        assert programs >= 4 * 132 or cfg.split == max(1, k // (4 * cfg.block_k)), (m_bucket, n, k, cfg)
+        assert k // cfg.split >= 4 * cfg.block_k or cfg.split == 1
+        assert cfg in triton_gemv.candidates(m_bucket, n, k, sms=132)
 
 
 def test_cli_refuses_a_bad_spec_in_one_line() -> None:

@@ -11,6 +11,7 @@ traced or captured:
 
 - ``auto``: ``triton`` on CUDA for up to 16 tokens when Triton imports, else ``torch``.
 - ``triton``: our GEMV (``triton_gemv``): reads each weight byte once, converts in registers, fp32 accumulation.
+  Two versions (``set_gemv`` or ``PIPESPEC_WGEMV``): ``splitk`` (default) and ``v1``.
   At 1-16 tokens a forward is bound by weight bytes, so halving them is the whole gain.
 - ``torch``: gpt-fast's ``F.linear(x, q.to(x.dtype)) * scale``. Eager it writes a bf16 copy of the weight first
   (slower than bf16 on a GPU); under torch.compile inductor may fuse the conversion. The CPU's path: the same math.
@@ -30,7 +31,8 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 
-__all__ = ["BACKENDS", "KINDS", "QuantWeight", "dequantize", "linear", "parse_quantize", "quantize", "set_backend"]
+__all__ = ["BACKENDS", "GEMVS", "KINDS", "QuantWeight", "dequantize", "gemv", "linear", "parse_quantize", "quantize",
+           "set_backend", "set_gemv"]
 
 KINDS = ("int8", "fp8")
 BACKENDS = ("auto", "triton", "torch", "int8pack")
@@ -38,6 +40,10 @@ _QMAX = {"int8": 127.0, "fp8": 448.0}  # the largest magnitude each format holds
 _TRITON_MAX_TOKENS = 16  # past this a GEMM (tensor cores over a dequantized tile) wins; our kernel is a GEMV
 
 _backend = os.environ.get("PIPESPEC_QLINEAR", "auto")
+# which Triton GEMV the ``triton`` backend calls: ``splitk`` (v2: split-K, deterministic two-pass reduction) or ``v1``
+# (one program per output tile over all of K). scripts/gpu_quant.py --gemv times both; switch back here if v2 loses.
+GEMVS = ("splitk", "v1")
+_gemv = os.environ.get("PIPESPEC_WGEMV", "splitk")
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -97,6 +103,19 @@ def set_backend(name: str) -> None:
     _backend = name
 
 
+def set_gemv(name: str) -> None:
+    """Choose the Triton GEMV (``GEMVS``) of the ``triton`` backend for this process (captured graphs keep theirs)."""
+    global _gemv
+    if name not in GEMVS:
+        raise ConfigError(f"unknown Triton GEMV {name!r}: use one of {', '.join(GEMVS)}")
+    _gemv = name
+
+
+def gemv() -> str:
+    """The Triton GEMV the ``triton`` backend calls now."""
+    return _gemv
+
+
 def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, b: torch.Tensor | None = None) -> torch.Tensor:
     """x: [n, in] -> [n, out]; ``F.linear`` unless ``w`` is quantized."""
     if not isinstance(w, QuantWeight):
@@ -105,9 +124,10 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, b: torch.Tensor | Non
     if backend == "auto":
         backend = "triton" if x.is_cuda and x.shape[0] <= _TRITON_MAX_TOKENS and _triton_ok() else "torch"
     if backend == "triton":
-        from .triton_gemv import wgemv
+        from . import triton_gemv
 
-        return wgemv(x, w.q, w.scale, b)
+        kernel = triton_gemv.wgemv if _gemv == "v1" else triton_gemv.wgemv_splitk
+        return kernel(x, w.q, w.scale, b)
     if backend == "int8pack" and w.kind == "int8":
         y = torch._weight_int8pack_mm(x.contiguous(), w.q, w.scale.to(x.dtype))  # [n, out]
         return y if b is None else y + b
