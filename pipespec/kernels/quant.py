@@ -11,7 +11,8 @@ traced or captured:
 
 - ``auto``: ``triton`` on CUDA for up to 16 tokens when Triton imports, else ``torch``.
 - ``triton``: our GEMV (``triton_gemv``): reads each weight byte once, converts in registers, fp32 accumulation.
-  Two versions (``set_gemv`` or ``PIPESPEC_WGEMV``): ``splitk`` (default) and ``v1``.
+  Two versions (``set_gemv`` or ``PIPESPEC_WGEMV``): ``v1`` (the default: the one measured on an H200) and
+  ``splitk`` (split-K, deterministic two-pass reduction; to become the default once a GPU run shows it faster).
   At 1-16 tokens a forward is bound by weight bytes, so halving them is the whole gain.
 - ``torch``: gpt-fast's ``F.linear(x, q.to(x.dtype)) * scale``. Eager it writes a bf16 copy of the weight first
   (slower than bf16 on a GPU); under torch.compile inductor may fuse the conversion. The CPU's path: the same math.
@@ -43,7 +44,7 @@ _backend = os.environ.get("PIPESPEC_QLINEAR", "auto")
 # which Triton GEMV the ``triton`` backend calls: ``splitk`` (v2: split-K, deterministic two-pass reduction) or ``v1``
 # (one program per output tile over all of K). scripts/gpu_quant.py --gemv times both; switch back here if v2 loses.
 GEMVS = ("splitk", "v1")
-_gemv = os.environ.get("PIPESPEC_WGEMV", "splitk")
+_gemv = os.environ.get("PIPESPEC_WGEMV", "v1")  # splitk: not yet run on a GPU
 
 
 @dataclass(frozen=True, slots=True, eq=False)
