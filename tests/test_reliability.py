@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import torch
 from click.testing import CliRunner
@@ -163,7 +164,13 @@ async def _assert_clean(pipe: pipespec.Pipeline, threads_before: int) -> None:
         assert await m.runner.drain(1.0), f"{m.name} still busy"
         # HF's dynamic cache is dropped; a static cache stays allocated for the next generation and holds nothing
         assert getattr(m.worker, "cache", None) is None and m.worker.cached == [], f"{m.name} kept its KV cache"
-    assert threading.active_count() == threads_before
+    # a thread that is ending (a worker's helper finishing its last call) may still count for a moment: wait for it
+    # briefly, and name the threads if the count stays off (one unexplained failure here under load)
+    for _ in range(40):
+        if threading.active_count() == threads_before:
+            break
+        await anyio.sleep(0.05)
+    assert threading.active_count() == threads_before, [t.name for t in threading.enumerate()]
 
 
 @pytest.mark.parametrize(("mode", "failing"), MODES_AND_STAGES)
@@ -183,7 +190,7 @@ async def test_stage_fault_stops_everything_and_names_the_stage(mode: str, faili
             assert bad.raised_at is not None
             print(f"\n{mode} stage {failing} fails at forward {fail_at}: error reached the caller after "
                   f"{(caught - bad.raised_at) * 1e3:.1f} ms")
-            assert caught - bad.raised_at < STOP_BUDGET
+            assert caught - bad.raised_at < STOP_BUDGET, f"{caught - bad.raised_at:.3f} s"
             err = info.value
             stage = failing if mode != "ar" else 0  # ar runs the target alone, as stage 0
             assert err.stage == stage
