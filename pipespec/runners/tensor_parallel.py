@@ -92,7 +92,7 @@ def load_tp_worker(spec: Any, name: str, devices: Sequence[str], dtype: torch.dt
     try:
         for rank in range(1, world):
             ours, theirs = socket.socketpair()
-            payload = pickle.dumps((spec, str(devices[rank]), dtype, capacity, name))
+            payload = pickle.dumps((spec, str(devices[rank]), dtype, capacity, name, torch.get_num_threads()))
             bootstrap = (f"import sys; sys.path[:] = {sys.path!r}; from pipespec.runners.tensor_parallel import "
                          f"_follower; _follower({theirs.fileno()}, {rank}, {world}, {store_path!r}, {payload!r})")
             proc = subprocess.Popen([sys.executable, "-c", bootstrap], pass_fds=[theirs.fileno()],
@@ -170,8 +170,12 @@ def _follower(fd: int, rank: int, world: int, store_path: str, payload: bytes) -
         pass
     os.set_inheritable(fd, False)
     conn = Connection(fd)
-    spec, device_name, dtype, capacity, name = pickle.loads(payload)
+    spec, device_name, dtype, capacity, name, threads = pickle.loads(payload)
     device = torch.device(device_name)
+    if device.type == "cpu":
+        # rank 0's CPU threads, no more: every all-reduce waits for both ranks, and a follower whose thread pool
+        # oversubscribes the cores (torch's default: all of them) makes each one wait for the scheduler
+        torch.set_num_threads(threads)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         # a stream of its own: CUDA graphs cannot be captured on the default stream (rank 0 runs on its runner's)
