@@ -12,7 +12,10 @@
 SYNTHETIC ACCEPTANCE: random-weight LLaMA models of real shapes (``workers.synthetic``: every forward costs what a
 real one does, bf16, batch 1, static KV cache and CUDA graphs) with token choices from a seeded oracle at rate
 alpha per neighbouring pair. Chains: {68m,7b}, {1b,8b} and {68m,7b,13b} on GPU 0; {68m,7b on GPU 0; 13b on GPU 1} when a
-second GPU exists; alpha 0.7 and 0.9.
+second GPU exists, and {1b,8b} and {68m,7b} on GPU 0 with a 70b target split tensor-parallel over GPUs 0+1
+(``build_synthetic_tp``: rank 0 on a runner thread of this process, a follower process on GPU 1, NCCL; thread backend
+only, refused by the process backend; ``--chains 70b`` runs just these two); alpha 0.7 and 0.9. ``--smoke`` adds a
+CPU chain whose target is split over "cpu+cpu" (gloo).
 
 Protocol, per chain and alpha, all in one process on the same machine:
 - warm: every graph bucket (tokens 1..64, contexts up to the longest sequence) and every multi-token draft graph
@@ -64,7 +67,7 @@ from pipespec.runners.process import ProcessRunner
 from pipespec.runners.thread import ThreadRunner
 from pipespec.scheduler import Member, Pipeline
 from pipespec.tracing import summarize
-from pipespec.workers.synthetic import build_synthetic
+from pipespec.workers.synthetic import build_synthetic, build_synthetic_tp
 
 SMOKE_SHAPES = {  # hidden, layers, heads, kv heads, ffn, vocab: tiny, for the CPU smoke test
     "tiny-d": (64, 1, 4, 4, 128, 512),
@@ -84,12 +87,20 @@ PIPE_VARIANTS: dict[str, dict[str, Any]] = {  # name -> generate options (+ "dev
 def chains_for(args: argparse.Namespace) -> list[tuple[str, list[tuple[str, str]]]]:
     if args.smoke:
         d, m, t = "tiny-d", "tiny-m", "tiny-t"
-        return [("2 stages, cpu", [(d, "cpu"), (t, "cpu")]), ("3 stages, cpu", [(d, "cpu"), (m, "cpu"), (t, "cpu")])]
+        # first, the tensor-parallel path end to end (rank 0 on a runner thread, one follower process, gloo): on
+        # shared CPU cores every all-reduce waits for the scheduler (~10 ms a forward), so it gets the budget first
+        return [("tensor-parallel target: cpu; cpu+cpu", [(d, "cpu"), (t, "cpu+cpu")]),
+                ("2 stages, cpu", [(d, "cpu"), (t, "cpu")]), ("3 stages, cpu", [(d, "cpu"), (m, "cpu"), (t, "cpu")])]
     out = [("68m,7b on GPU 0", [("68m", "cuda:0"), ("7b", "cuda:0")]),
            ("1b,8b on GPU 0", [("1b", "cuda:0"), ("8b", "cuda:0")]),
            ("68m,7b,13b on GPU 0", [("68m", "cuda:0"), ("7b", "cuda:0"), ("13b", "cuda:0")])]
     if torch.cuda.device_count() >= 2:
         out.append(("68m,7b on GPU 0; 13b on GPU 1", [("68m", "cuda:0"), ("7b", "cuda:0"), ("13b", "cuda:1")]))
+        # issues 14 and 16: a 70B target split tensor-parallel over both GPUs (NCCL; rank 0 shares GPU 0 with the
+        # drafts); --chains 70b runs only these
+        out.append(("1b,8b on GPU 0; 70b on GPUs 0+1", [("1b", "cuda:0"), ("8b", "cuda:0"), ("70b", "cuda:0+cuda:1")]))
+        out.append(("68m,7b on GPU 0; 70b on GPUs 0+1", [("68m", "cuda:0"), ("7b", "cuda:0"),
+                                                          ("70b", "cuda:0+cuda:1")]))
     return out
 
 
@@ -101,9 +112,20 @@ def all_methods() -> dict[str, dict[str, Any]]:
     return methods
 
 
+def split_devices(device: str) -> list[str]:
+    """A stage key's devices: ``"cuda:0+cuda:1"`` is one stage split tensor-parallel over both (rank r on the r-th)."""
+    return device.split("+")
+
+
 class Loaded:
     """Every (shape, device) loaded once, with its runner; chains share them. Workers are reached only through
-    named calls (``runner.call``), so the same code measures the thread and the process backend."""
+    named calls (``runner.call``), so the same code measures the thread and the process backend.
+
+    A key whose device joins several with ``+`` is a tensor-parallel stage (``build_synthetic_tp``): rank 0 on its
+    runner's thread, on the first device, a follower process per further device. Thread backend only: the process
+    backend refuses it (``failed``; the chains that use it report that, the others run), as rank 0 in a worker
+    process would start its followers from there, under MPS, with NCCL: a combination nothing here has tested.
+    A key that fails to load fails only the chains that use it."""
 
     def __init__(self, oracle: Oracle, backend: str, smoke: bool) -> None:
         self.oracle = oracle
@@ -111,32 +133,51 @@ class Loaded:
         self.smoke = smoke
         self.members: dict[tuple[str, str], Member] = {}
         self.starting: dict[tuple[str, str], Runner] = {}
+        self.failed: dict[tuple[str, str], str] = {}  # key -> why it did not load
         self.mps: dict[str, Any] = {"action": "none (thread backend)"}
 
     async def load(self, keys: list[tuple[str, str]]) -> None:
         """Start a runner per key and build its worker there (all at once in worker processes)."""
-        keys = [k for k in dict.fromkeys(keys) if k not in self.members]
-        devices = [torch.device(d) for _, d in keys]
+        keys = [k for k in dict.fromkeys(keys) if k not in self.members and k not in self.failed]
+        if self.backend == "process":
+            for key in [k for k in keys if "+" in k[1]]:
+                self.failed[key] = (f"{key[0]} on {key[1]}: a tensor-parallel stage runs on the thread backend only "
+                                    "(refused on --backend process)")
+                print(f"REFUSED {self.failed[key]}", flush=True)
+            keys = [k for k in keys if "+" not in k[1]]
         runners: list[Runner] = []
         if self.backend == "process":
             # before the children start: they inherit CUDA_MPS_PIPE_DIRECTORY when a daemon of ours was started
             action = ensure_mps([d for _, d in keys], "process")
             self.mps = {"action": action, "shared_gpus": shared_gpus([d for _, d in keys]),
                         "pipe_dir": os.environ.get("CUDA_MPS_PIPE_DIRECTORY")}
-            threads = cpu_threads(devices)
+            threads = cpu_threads([torch.device(d) for _, d in keys])  # one device each: no "+" keys left here
             for shape, device in keys:
                 runners.append(ProcessRunner(f"{shape}@{device}", torch.device(device), label=f"{shape} on {device}",
                                              threads=threads))
         else:
-            runners = [ThreadRunner(f"{shape}@{device}", torch.device(device)) for shape, device in keys]
+            # a tensor-parallel key's runner lives on its first device (rank 0's)
+            runners = [ThreadRunner(f"{shape}@{device}", torch.device(split_devices(device)[0]))
+                       for shape, device in keys]
         self.starting.update(zip(keys, runners))  # closed by close() whatever happens next
 
         async def start(key: tuple[str, str], runner: Runner) -> None:
             shape, device = key
             dims = SMOKE_SHAPES.get(shape) if self.smoke else None
-            info = await runner.start(build_synthetic, shape, device, self.oracle, 0, dims=dims, capacity=1024)
+            t0 = time.monotonic()
+            try:
+                if "+" in device:
+                    info = await runner.start(build_synthetic_tp, shape, split_devices(device), self.oracle, 0,
+                                              dims=dims, capacity=1024)
+                else:
+                    info = await runner.start(build_synthetic, shape, device, self.oracle, 0, dims=dims,
+                                              capacity=1024)
+            except Exception as exc:  # noqa: BLE001 - recorded; the chains without this key still run
+                self.failed[key] = f"loading {shape} on {device}: {type(exc).__name__}: {exc}"[:500]
+                print(f"FAILED {self.failed[key]}", flush=True)
+                return
             self.members[key] = Member(shape, runner, info)
-            print(f"loaded {shape} on {device} ({self.backend})", flush=True)
+            print(f"loaded {shape} on {device} ({self.backend}) in {time.monotonic() - t0:.0f} s", flush=True)
 
         if self.backend == "process":
             await asyncio.gather(*(start(k, r) for k, r in zip(keys, runners)))
@@ -145,6 +186,8 @@ class Loaded:
                 await start(k, r)
 
     async def get(self, shape: str, device: str, stage: int) -> Member:
+        if (shape, device) in self.failed:
+            raise RuntimeError(self.failed[(shape, device)])
         member = self.members[(shape, device)]
         await member.runner.call("configure", stage=stage)  # its index in the chain being measured
         return member
@@ -315,9 +358,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         context = -(-(args.prompt_len + args.tokens + 64 + 128) // 256) * 256
         drafters = {key for _, spec in chains for key in spec[:-1]}  # only these ever draft (pipe's stage 0, sd's)
         captures = 0
-        for key, m in loaded.members.items():
-            captures += await m.runner.call("warm_up", (1, 2, 4, 8, 16, 32, 64), context,
-                                            draft_steps=tuple(range(1, 16)) if key in drafters else ())
+        for key, m in list(loaded.members.items()):
+            try:
+                captures += await m.runner.call("warm_up", (1, 2, 4, 8, 16, 32, 64), context,
+                                                draft_steps=tuple(range(1, 16)) if key in drafters else ())
+            except Exception as exc:  # noqa: BLE001 - this key's chains fail, the others run
+                loaded.failed[key] = f"warming {key[0]} on {key[1]}: {type(exc).__name__}: {exc}"[:500]
+                print(f"FAILED {loaded.failed[key]}", flush=True)
         print(f"warm ({args.backend}): graphs captured ({captures}) after {time.monotonic() - started:.0f} s",
               flush=True)
         apps = gpu_apps() if not args.smoke else ""
@@ -328,7 +375,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             try:
                 members = [await loaded.get(shape, device, i) for i, (shape, device) in enumerate(spec)]
-                results.append(await measure_chain(label, members, prompt, args, deadline, out_dir))
+                result = await measure_chain(label, members, prompt, args, deadline, out_dir)
+                result["devices"] = [d for _, d in spec]  # a tensor-parallel stage's runner names only rank 0's
+                results.append(result)
             except Exception as exc:  # noqa: BLE001 - recorded; the next chain still runs
                 errors.append(f"{label}: {type(exc).__name__}: {exc}"[:500])
                 results.append({"chain": label, "models": [s for s, _ in spec], "standalone_ms": [], "alphas": [],
@@ -358,8 +407,8 @@ def select_chains(args: argparse.Namespace) -> list[tuple[str, list[tuple[str, s
     chains = chains_for(args)
     if args.chains:
         chains = [c for c in chains if any(part in c[0] for part in args.chains.split(","))]
-    if args.one_gpu:  # every stage on one device
-        chains = [c for c in chains if len({d for _, d in c[1]}) == 1]
+    if args.one_gpu:  # every stage on one device (a tensor-parallel stage's "cuda:0+cuda:1" is two)
+        chains = [c for c in chains if len({d for _, d in c[1]}) == 1 and "+" not in c[1][0][1]]
     return chains
 
 

@@ -19,7 +19,9 @@ def test_gpu_pipe_probe_smoke(tmp_path: Path) -> None:
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "probe.json").read_text())
-    assert [c["chain"] for c in report["chains"]] == ["2 stages, cpu", "3 stages, cpu"]
+    assert [c["chain"] for c in report["chains"]] == ["tensor-parallel target: cpu; cpu+cpu", "2 stages, cpu",
+                                                      "3 stages, cpu"]
+    assert report["chains"][0]["devices"] == ["cpu", "cpu+cpu"]  # the target split over two gloo ranks
     for chain in report["chains"]:
         entry = chain["alphas"][0]
         methods = [r["method"] for r in entry["rows"]]
@@ -31,19 +33,23 @@ def test_gpu_pipe_probe_smoke(tmp_path: Path) -> None:
 
 def test_gpu_pipe_probe_smoke_process_backend(tmp_path: Path) -> None:
     """``--backends``: one run per backend in a process of its own, merged side by side; the process backend builds
-    its workers in worker processes and reaches them by named calls only. (``--backends thread,process`` would add
+    its workers in worker processes and reaches them by named calls only, and refuses a tensor-parallel stage. (``--backends thread,process`` would add
     the thread run above, ~10 s more on two shared cores.)"""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_pipe_probe.py"), str(tmp_path), "--smoke",
-                           "--backends", "process", "--chains", "2 stages", "--methods", "sd:4,pipe",
+                           "--backends", "process", "--chains", "2 stages,tensor-parallel", "--methods", "sd:4,pipe",
                            "--alphas", "0.9", "--repeats", "1", "--tokens", "8"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "probe.json").read_text())
     assert [r["backend"] for r in report["runs"]] == ["process"]
     for run in report["runs"]:
-        assert run["errors"] == [] and run["parent_cuda_initialized"] is False
-        [chain] = run["chains"]
+        # a tensor-parallel stage is refused by the process backend, with one line; the other chain runs
+        [refused] = run["errors"]
+        assert "tensor-parallel target" in refused and "thread backend only" in refused
+        assert run["parent_cuda_initialized"] is False
+        tp, chain = run["chains"]
+        assert tp["error"] == refused and not tp["alphas"]
         entry = chain["alphas"][0]
         assert [r["method"] for r in entry["rows"]] == ["ar", "sd:4", "pipe"] and entry["all_identical"] is True
         assert all(ms > 0 for pair in chain["standalone_ms"] for ms in pair)

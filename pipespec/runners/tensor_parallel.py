@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from multiprocessing.connection import Connection
 from typing import Any
@@ -51,7 +51,9 @@ def _group(store_path: str, rank: int, world: int, device: torch.device) -> Any:
 
 
 def _build(spec: Any, group: Any, device: torch.device, dtype: torch.dtype, capacity: int) -> Any:
-    """This rank's shard: ``spec`` is a model folder (safetensors) or ``("random", shape)`` (``synthetic.SHAPES``)."""
+    """This rank's shard: ``spec`` is a model folder (safetensors) or ``("random", dims)``, ``dims`` a shape tuple
+    (hidden, layers, heads, kv heads, ffn, vocab; the values of ``synthetic.SHAPES``, not a name: a follower's
+    process has not registered a test's tiny shape)."""
     from ..workers.static import PAD
     from ..workers.tensor_parallel import tp_from_folder, tp_random
 
@@ -67,15 +69,21 @@ def _build(spec: Any, group: Any, device: torch.device, dtype: torch.dtype, capa
     return static
 
 
-def _worker(static: Any, name: str, device: torch.device, mirror: Any, capacity: int) -> Any:
+def _worker(static: Any, name: str, device: torch.device, mirror: Any, capacity: int,
+            make: Callable[..., Any] | None = None) -> Any:
     from ..workers.tensor_parallel import TPStaticWorker, model_facts
 
-    return TPStaticWorker(static, model_facts(static.config, static, static.generation_config), name, device, mirror,
-                          capacity)
+    return (make or TPStaticWorker)(static, model_facts(static.config, static, static.generation_config), name,
+                                    device, mirror, capacity)
 
 
-def load_tp_worker(spec: Any, name: str, devices: Sequence[str], dtype: torch.dtype, capacity: int = 2048) -> Any:
-    """Rank 0's worker of a stage split over ``devices`` (one per rank), its followers started and joined."""
+def load_tp_worker(spec: Any, name: str, devices: Sequence[str], dtype: torch.dtype, capacity: int = 2048,
+                   make_worker: Callable[..., Any] | None = None) -> Any:
+    """Rank 0's worker of a stage split over ``devices`` (one per rank), its followers started and joined.
+    ``make_worker``: rank 0's worker class (or factory) instead of ``TPStaticWorker``, called as ``TPStaticWorker``
+    is, ``(static, facts, name, device, mirror, capacity)``: a ``TPStaticWorker`` subclass that adds to what rank 0
+    does (the synthetic worker's oracle) without changing what it mirrors. The followers stay ``TPStaticWorker``s
+    (it never leaves this process: it need not pickle)."""
     world = len(devices)
     device = torch.device(devices[0])
     folder = tempfile.mkdtemp(prefix="pipespec-tp-")
@@ -84,7 +92,7 @@ def load_tp_worker(spec: Any, name: str, devices: Sequence[str], dtype: torch.dt
     try:
         for rank in range(1, world):
             ours, theirs = socket.socketpair()
-            payload = pickle.dumps((spec, str(devices[rank]), dtype, capacity, name))
+            payload = pickle.dumps((spec, str(devices[rank]), dtype, capacity, name, torch.get_num_threads()))
             bootstrap = (f"import sys; sys.path[:] = {sys.path!r}; from pipespec.runners.tensor_parallel import "
                          f"_follower; _follower({theirs.fileno()}, {rank}, {world}, {store_path!r}, {payload!r})")
             proc = subprocess.Popen([sys.executable, "-c", bootstrap], pass_fds=[theirs.fileno()],
@@ -103,7 +111,11 @@ def load_tp_worker(spec: Any, name: str, devices: Sequence[str], dtype: torch.dt
                 raise PipelineError(f"{name}: tensor-parallel follower (pid {proc.pid}) ended with {proc.returncode}")
             conn.send(header)
 
-    worker = _worker(static, name, device, mirror, capacity)
+    try:
+        worker = _worker(static, name, device, mirror, capacity, make_worker)
+    except BaseException:
+        _stop(followers, folder)
+        raise
     worker.follower_pids = [proc.pid for proc, _ in followers]  # diagnostics and tests
     weakref.finalize(worker, _stop, followers, folder, group)
     return worker
@@ -180,8 +192,12 @@ def _follower(fd: int, rank: int, world: int, store_path: str, payload: bytes) -
         pass
     os.set_inheritable(fd, False)
     conn = Connection(fd)
-    spec, device_name, dtype, capacity, name = pickle.loads(payload)
+    spec, device_name, dtype, capacity, name, threads = pickle.loads(payload)
     device = torch.device(device_name)
+    if device.type == "cpu":
+        # rank 0's CPU threads, no more: every all-reduce waits for both ranks, and a follower whose thread pool
+        # oversubscribes the cores (torch's default: all of them) makes each one wait for the scheduler
+        torch.set_num_threads(threads)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         # a stream of its own: CUDA graphs cannot be captured on the default stream (rank 0 runs on its runner's)

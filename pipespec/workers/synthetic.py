@@ -14,12 +14,14 @@ from typing import Any
 import torch
 
 from .static import StaticWorker
+from .tensor_parallel import TPStaticLlama, TPStaticWorker
 from .base import ProbRows, StepResult
 from ..analysis.oracle import Oracle
 from .simulated import OracleChoices
 from ..verify import SamplingParams
 
-__all__ = ["SyntheticWorker", "SHAPES", "build_synthetic", "forward_ms", "random_llama"]
+__all__ = ["SHAPES", "SyntheticChoices", "SyntheticTPWorker", "SyntheticWorker", "build_synthetic",
+           "build_synthetic_tp", "forward_ms", "random_llama"]
 
 SHAPES: dict[str, tuple[int, int, int, int, int, int]] = {  # hidden, layers, heads, kv heads, ffn, vocab
     "68m": (768, 2, 12, 12, 3072, 32000),
@@ -75,6 +77,30 @@ def build_synthetic(shape: str, device: str, oracle: Oracle, stage: int, *,
     return SyntheticWorker(random_llama(shape, [dev], dtype), shape, dev, oracle, stage, capacity=capacity)
 
 
+def build_synthetic_tp(shape: str, devices: Sequence[str], oracle: Oracle, stage: int, *,
+                       dims: tuple[int, int, int, int, int, int] | None = None, dtype: torch.dtype | None = None,
+                       capacity: int = 2048) -> SyntheticTPWorker:
+    """Rank 0's ``SyntheticTPWorker`` of a random-weight ``shape`` split tensor-parallel over ``devices`` (one rank
+    each: NCCL on CUDA, gloo on the CPU), its followers started (``runners.tensor_parallel.load_tp_worker``): the
+    factory a runner is handed, as ``build_synthetic`` (top-level, plain arguments). The followers are handed the
+    shape's dims, not its name (``dims`` registers a tiny shape in this process only). Rank 0 lives where the
+    runner calls this; dropping it (or ending the runner's thread) ends the followers. Weights: ``tp_random``'s,
+    not ``random_llama``'s (same shapes and scale, other values: the oracle decides the tokens either way)."""
+    from ..runners.tensor_parallel import load_tp_worker
+
+    if dims is not None:
+        SHAPES[shape] = dims
+    first = torch.device(devices[0])
+    dtype = dtype or (torch.bfloat16 if first.type == "cuda" else torch.float32)
+
+    def make(static: TPStaticLlama, facts: Any, name: str, device: torch.device, mirror: Any,
+             cap: int) -> SyntheticTPWorker:
+        return SyntheticTPWorker(static, facts, name, device, mirror, cap, oracle=oracle, stage=stage)
+
+    return load_tp_worker(("random", SHAPES[shape]), shape, [str(d) for d in devices], dtype, capacity,
+                          make_worker=make)
+
+
 def forward_ms(worker: StaticWorker, prompt: Sequence[int], sizes: Sequence[int] = (1, 8),
                repeats: int = 10) -> list[float]:
     """Median ms of one warm forward feeding each of ``sizes`` tokens after ``prompt``, host sync included (what a
@@ -100,33 +126,37 @@ def forward_ms(worker: StaticWorker, prompt: Sequence[int], sizes: Sequence[int]
     return out
 
 
-class SyntheticWorker(OracleChoices, StaticWorker):
-    """Real forward passes over the static path; token choices from the oracle (greedy only).
+class SyntheticChoices(OracleChoices):
+    """The synthetic worker's oracle logic over any ``StaticWorker`` (one model on its devices, or rank 0 of a
+    tensor-parallel stage): real forward passes, token choices from the oracle (greedy only).
 
     Besides the worker calls it serves ``extra_calls`` by name on every backend, for measuring tools (the GPU
-    probe): they set and read what a tool would otherwise reach into an in-process worker for."""
+    probe): they set and read what a tool would otherwise reach into an in-process worker for. ``_hashes[p]`` names
+    ``cached[:p]``: extended by every ``forward`` (on a tensor-parallel rank 0, after the forward was mirrored),
+    cut by ``rollback``, restarted by ``release`` and ``reset``; none of those need the followers (they keep no
+    hashes: their next mirrored forward names its position)."""
 
     extra_calls = ("configure", "warm_up", "standalone_ms")
+    device_draft_ok = True  # whether multi-token drafts may run on the device (a tensor-parallel stage's may not)
 
-    def __init__(self, model: Any, name: str, device: torch.device, oracle: Oracle, stage: int,
-                 capacity: int = 2048) -> None:
-        super().__init__(model, name, device, capacity=capacity)
+    def _init_choices(self, oracle: Oracle, stage: int) -> None:
         self.oracle = oracle
         self.stage = stage
         self._hashes = [oracle.root]  # _hashes[p] names cached[:p]
-        self._prompt_len: int | None = None
+        self._prompt_len = None
 
     def configure(self, *, oracle: Oracle | None = None, stage: int | None = None,
                   device_draft: bool | None = None) -> None:
         """Between generations: a new oracle (another alpha), this worker's index in the chain being measured, and
-        whether multi-token drafts run on the device. ``None`` keeps the current setting."""
+        whether multi-token drafts run on the device (never on a worker that cannot: asking is not an error, so a
+        tool can set it for every stage alike). ``None`` keeps the current setting."""
         if oracle is not None:
             self.oracle = oracle
             self.release()  # the cached tokens' hashes were the old oracle's
         if stage is not None:
             self.stage = stage
         if device_draft is not None:
-            self.device_draft = device_draft
+            self.device_draft = device_draft and self.device_draft_ok
 
     def warm_up(self, *args: Any, **kwargs: Any) -> int:
         """``StaticWorker.warm_up``; returns how many graphs this worker has captured so far."""
@@ -199,3 +229,26 @@ class SyntheticWorker(OracleChoices, StaticWorker):
             self._hashes.append(self.oracle.extend(self._hashes[-1], work[-1]))
             work.append(self._choice(len(work)))
         return work[len(seq):]
+
+
+class SyntheticWorker(SyntheticChoices, StaticWorker):
+    """``SyntheticChoices`` over a ``StaticWorker`` of one model (``random_llama``)."""
+
+    def __init__(self, model: Any, name: str, device: torch.device, oracle: Oracle, stage: int,
+                 capacity: int = 2048) -> None:
+        super().__init__(model, name, device, capacity=capacity)
+        self._init_choices(oracle, stage)
+
+
+class SyntheticTPWorker(SyntheticChoices, TPStaticWorker):
+    """``SyntheticChoices`` on rank 0 of a tensor-parallel stage (``build_synthetic_tp``). Its forwards, resets and
+    warm-ups are mirrored to the followers by ``TPStaticWorker`` (the followers stay plain ``TPStaticWorker``s: the
+    oracle and the hashes live on rank 0 only); multi-token device drafts stay off (a draft is one mirrored forward
+    per token), whatever ``configure`` is asked."""
+
+    device_draft_ok = False
+
+    def __init__(self, static: TPStaticLlama, facts: Any, name: str, device: torch.device, mirror: Any = None,
+                 capacity: int = 2048, *, oracle: Oracle, stage: int) -> None:
+        super().__init__(static, facts, name, device, mirror, capacity)
+        self._init_choices(oracle, stage)
