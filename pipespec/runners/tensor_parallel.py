@@ -114,7 +114,7 @@ def load_tp_worker(spec: Any, name: str, devices: Sequence[str], dtype: torch.dt
     try:
         worker = _worker(static, name, device, mirror, capacity, make_worker)
     except BaseException:
-        _stop(followers, folder)
+        _stop(followers, folder, group)
         raise
     worker.follower_pids = [proc.pid for proc, _ in followers]  # diagnostics and tests
     weakref.finalize(worker, _stop, followers, folder, group)
