@@ -149,11 +149,11 @@ def load_tp_stage(source: Any, name: str, devices: Sequence[str], dtype: Any, tr
 
 
 def _stop(followers: list[tuple[subprocess.Popen[bytes], Connection]], folder: str, group: Any) -> None:
-    """EOF to every follower (each then aborts its side of the group and exits), abort rank 0's side, then SIGKILL
-    for a follower still there after a few seconds."""
+    """EOF to every follower (each then exits without tearing its group down), then SIGKILL for a follower still
+    there after a few seconds. Rank 0's own group is kept (``_keep``)."""
+    _keep(group)
     for _, conn in followers:
         conn.close()
-    _abort(group)
     for proc, _ in followers:
         try:
             proc.wait(timeout=5)
@@ -163,24 +163,16 @@ def _stop(followers: list[tuple[subprocess.Popen[bytes], Connection]], folder: s
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def _abort(group: Any, wait_s: float = 10.0) -> None:
-    """Tear down this rank's side of ``group`` now, every rank at about the same time. Left to the interpreter's
-    exit, NCCL's communicator is aborted in ProcessGroupNCCL's destructor, which waits for the other ranks' abort:
-    a follower that had already left by ``os._exit`` hung rank 0's process at exit (seen on two H200s: the
-    generation done, the process never ending). On a thread, bounded: a teardown must not hang a closing app."""
-    if group is None:
-        return
-    import threading
-
-    def abort() -> None:
-        try:
-            group.abort()
-        except Exception:  # noqa: BLE001 - best effort: the process is ending anyway
-            pass
-
-    t = threading.Thread(target=abort, name="pipespec-tp-abort", daemon=True)
-    t.start()
-    t.join(wait_s)
+def _keep(group: Any) -> None:
+    """Never destroy an NCCL ``group`` in this process: its communicator is left for the process's exit to reclaim.
+    ProcessGroupNCCL's destructor aborts the communicator and that waits for every rank: left to the interpreter's
+    exit after the followers had gone (``os._exit``), it hung rank 0's process (two H200s: the generation done, the
+    process never ending); an explicit ``abort()`` of both sides at close, tried next, ended the process with
+    "terminate called without an active exception" (abort outlasting its bounded wait). A gloo group (the CPU)
+    tears down cleanly and is left to the garbage collector. Cost: a closed CUDA pipeline keeps its communicator's
+    buffers until the process ends."""
+    if group is not None and type(group).__name__ == "ProcessGroupNCCL":
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(group))
 
 
 def _follower(fd: int, rank: int, world: int, store_path: str, payload: bytes) -> None:
@@ -212,6 +204,5 @@ def _follower(fd: int, rank: int, world: int, store_path: str, payload: bytes) -
             except (EOFError, OSError):
                 break
             worker.replay(header)
-    _abort(group)  # paired with rank 0's abort in _stop (NCCL's abort waits for every rank's)
     sys.stdout.flush()
     os._exit(0)  # skip the interpreter's teardown of torch (and of a process group nobody else will use)
