@@ -27,17 +27,17 @@ rank never holds more than its shard plus the replicated parts.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .static import StaticWorker
-from .static_llama import (VARIANTS, FAMILIES, Family, StaticLlama, _layer, _pre_attention, _rms, choose_variant,
-                           layer_windows)
+from .static_llama import (VARIANTS, FAMILIES, Family, StaticLlama, _layer, _post_attention, _pre_attention,
+                           choose_variant, layer_windows)
 
 __all__ = ["Shard", "TPStaticLlama", "TPStaticWorker", "model_facts", "plan_shard", "refusal", "shard_fused", "split_refusal", "tp_from_model", "tp_from_folder",
            "tp_random"]
@@ -198,6 +198,8 @@ class TPStaticLlama(StaticLlama):
         # StaticLlama.ensure_capacity reads the RoPE module as ``self.model.model.rotary_emb``
         self.model = SimpleNamespace(model=SimpleNamespace(rotary_emb=copy.deepcopy(rotary).to(self.device)))
         self._pre = _pre_attention
+        # the unsplit post-attention, summing the ranks' partial o_proj and down_proj outputs
+        self._post = functools.partial(_post_attention, reduce=self._all_reduce)
         # the forward's layout as an unsplit worker on this device would run it (lean-math on CUDA), minus any
         # torch.compile: the all-reduces sit inside the layer, and compiled code would need functional collectives
         layout = VARIANTS[choose_variant(self.device)]
@@ -255,29 +257,13 @@ class TPStaticLlama(StaticLlama):
         for i, w in enumerate(self.layers):
             # the unsplit layer (static_llama._layer: this rank's heads, its cache [1, lkv, capacity, hd]) with a
             # post-attention that sums the ranks' partial o_proj and down_proj outputs
-            x = _layer(self._pre, self._post_tp, x, pos_d, cos, sin, masks[self.windows[i]], self.cache_k[i],
+            x = _layer(self._pre, self._post, x, pos_d, cos, sin, masks[self.windows[i]], self.cache_k[i],
                        self.cache_v[i], w, h, kvh, hd, self.eps, fused, math)
         return x
-
-    def _post_tp(self, x: torch.Tensor, att: torch.Tensor, o_w: torch.Tensor, o_b: torch.Tensor | None,
-                 ln: torch.Tensor, gate_up_w: torch.Tensor, gate_up_b: torch.Tensor | None, down_w: torch.Tensor,
-                 down_b: torch.Tensor | None, ffn: int, eps: float, fused: bool = False) -> torch.Tensor:
-        """``_post_attention`` over this rank's shard: att [1, lh, n, hd] -> x [n, hidden], one all-reduce after
-        o_proj (this rank's heads) and one after down_proj (its MLP columns); whole biases added once, after."""
-        n = x.shape[0]
-        partial = F.linear(att[0].transpose(0, 1).reshape(n, -1), o_w)  # [n, hidden]
-        x = x + _add_bias(self._all_reduce(partial), o_b)
-        gate, up = F.linear(_rms(x, ln, eps, fused), gate_up_w, gate_up_b).split(ffn, dim=-1)
-        partial = F.linear(F.silu(gate) * up, down_w)  # [n, hidden]
-        return x + _add_bias(self._all_reduce(partial), down_b)
 
     def compile(self) -> None:
         """Only the pre-attention element-wise work is compiled; the post-attention path holds the all-reduces."""
         self._pre = torch.compile(self._pre, dynamic=True, fullgraph=True)
-
-
-def _add_bias(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x if bias is None else x + bias
 
 
 # -- where the weights come from ------------------------------------------------------------------------------------
