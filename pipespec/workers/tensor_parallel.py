@@ -19,7 +19,9 @@ kv-head replication) or the MLP width. Two all-reduces per layer; the sums' orde
 so logits agree to rounding (exactly equal in exact arithmetic).
 
 The forward is ``StaticLlama``'s (same static cache, masks, RoPE tables, CUDA-graph friendly: no host syncs, the
-all-reduce is captured with the graph on NCCL); only the per-layer loop differs. It is built from weights read by
+all-reduce is captured with the graph on NCCL); only the per-layer loop differs: the unsplit layer with
+``_post_attention``'s reduce hook, or, in a compiled layout (``compile="layer"``), two compiled regions per layer with
+the all-reduces eager between them (``TPStaticLlama.set_variant``). It is built from weights read by
 name (an HF model's state dict, a safetensors folder read slice by slice, or random weights of a named shape), so a
 rank never holds more than its shard plus the replicated parts.
 """
@@ -274,9 +276,10 @@ class TPStaticLlama(StaticLlama):
         layer, ``_tp_attention`` (the previous layer's summed MLP output added, RMSNorm, qkv, RoPE, cache writes,
         attention, this rank's o_proj partial) and ``_tp_mlp`` (the summed o_proj output added, RMSNorm, gate_up,
         silu * up, this rank's down_proj partial), each compiled once for all layers; ``"parts"``: only the
-        pre-attention. ``backend``: torch.compile's (tests pass "aot_eager": inductor's CPU build takes ~15 s a
-        region). Not functional collectives inside one compiled layer: they need a registered group name, and the
-        runner's NCCL group is built directly."""
+        pre-attention. ``backend``: torch.compile's (the CPU test passes dynamo's "eager": inductor's CPU build takes
+        ~15 s a region). Not functional collectives inside one compiled layer: they need a registered group name
+        (a directly built ProcessGroupGloo is refused: "Unsupported group type"), and the runner builds its group
+        directly."""
         v = VARIANTS[variant] if isinstance(variant, str) else variant
         self.variant = v
         self._pre = _pre_attention
