@@ -1,7 +1,7 @@
 """Tensor-parallel forward latency on 2 GPUs (NCCL all-reduces captured in CUDA graphs) against the 2-GPU floor.
 
     python scripts/gpu_tp.py OUT_DIR [--smoke] [--budget-s 420] [--layouts lean-math,compile-layer-math]
-                                     [--shapes 70b,13b]
+                                     [--shapes 70b,13b] [--compile-backend inductor]
 
 Parts (each under try/except, its error recorded; the whole run under a time budget):
 1. check: a tiny model (float32), every rank holding the same weights, split over the ranks: the TP logits, eager
@@ -14,7 +14,9 @@ Parts (each under try/except, its error recorded; the whole run under a time bud
 Every part runs each of ``--layouts`` (``static_llama.VARIANTS``) on the same weights, one after the other:
 ``lean-math`` (CUDA's default, uncompiled) and ``compile-layer-math`` (on a rank: two torch.compile regions per layer,
 the all-reduces eager between them, all inside the captured graph); a layout's compile time is reported (the eager
-warm-up calls before its first capture, ``compile_s``).
+warm-up calls before its first capture, ``compile_s``). torch.compile's backend: inductor on the GPU; in --smoke
+dynamo's "eager" (each region captured whole, no C++ build: inductor takes ~90 s a shape on a busy 2-core CPU; pass
+``--compile-backend inductor`` to run it there too).
 
 Writes OUT_DIR/gpu_tp.json and OUT_DIR/gpu_tp.md. --smoke: gloo on the CPU, tiny shapes, no graphs (checks the
 script itself). NVLink multicast / symmetric-memory multimem stay off (required on the lent machines).
@@ -89,7 +91,7 @@ def _graph(fn, cuda: bool, pool):
     return g, out
 
 
-def check(group, device: torch.device, cuda: bool, layouts: list[str]) -> dict:
+def check(group, device: torch.device, cuda: bool, layouts: list[str], backend: str) -> dict:
     """TP logits of a tiny float32 LLaMA vs the unsplit static forward on the same device, per layout."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -113,7 +115,7 @@ def check(group, device: torch.device, cuda: bool, layouts: list[str]) -> dict:
         row = rows[layout] = {}
         try:
             _fresh_compiles()
-            tp.set_variant(layout)
+            tp.set_variant(layout, backend=backend)
             eager = tp.forward(ids, pos, 256)
             row.update({"eager_max_abs_diff": (want - eager).abs().max().item(),
                         "eager_argmax_equal": bool(torch.equal(want.argmax(-1), eager.argmax(-1)))})
@@ -132,7 +134,7 @@ def check(group, device: torch.device, cuda: bool, layouts: list[str]) -> dict:
 
 
 def measure(shape: str, group, device: torch.device, cuda: bool, reps: int, dtype: torch.dtype,
-            layouts: list[str], out: dict, save) -> None:
+            layouts: list[str], backend: str, out: dict, save) -> None:
     """Each layout's 1- and 8-token latency on one set of random weights, into ``out``; ``save()`` after each layout
     (a job killed at its time limit keeps what was done)."""
     from pipespec.workers.tensor_parallel import tp_random
@@ -143,7 +145,7 @@ def measure(shape: str, group, device: torch.device, cuda: bool, reps: int, dtyp
         row = out["layouts"][layout] = {}
         try:
             _fresh_compiles()
-            static.set_variant(layout)
+            static.set_variant(layout, backend=backend)
             _measure_layout(static, row, shape, group, device, cuda, reps)
         except Exception as exc:  # noqa: BLE001 - recorded, the next layout still runs
             row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
@@ -207,7 +209,7 @@ def _all_ready(group, device: torch.device) -> None:
 
 
 def rank_main(rank: int, world: int, store_path: str, parts: list[str], smoke: bool, out_file: str,
-              layouts: list[str]) -> None:
+              layouts: list[str], backend: str) -> None:
     import torch.distributed as dist
 
     cuda = not smoke
@@ -228,11 +230,11 @@ def rank_main(rank: int, world: int, store_path: str, parts: list[str], smoke: b
         for part in parts:
             try:
                 if part == "check":
-                    result["parts"][part] = check(group, device, cuda, layouts)
+                    result["parts"][part] = check(group, device, cuda, layouts, backend)
                 else:
                     result["parts"][part] = {}  # measure fills it in, saving after each layout
                     measure(part, group, device, cuda, 5 if smoke else 30, torch.float32 if smoke else torch.bfloat16,
-                            layouts, result["parts"][part], lambda: Path(out_file).write_text(json.dumps(result)))
+                            layouts, backend, result["parts"][part], lambda: Path(out_file).write_text(json.dumps(result)))
             except Exception as exc:  # noqa: BLE001
                 result["parts"][part] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}",
                                          "traceback": traceback.format_exc()[-2000:]}
@@ -248,7 +250,7 @@ def rank_main(rank: int, world: int, store_path: str, parts: list[str], smoke: b
 
 
 def run_job(out: Path, name: str, world: int, parts: list[str], smoke: bool, timeout: float,
-            layouts: list[str]) -> dict:
+            layouts: list[str], backend: str) -> dict:
     """Start ``world`` rank processes for ``parts``; rank 0's results (every rank's errors), or the timeout."""
     job = out / f"job_{name}"
     job.mkdir(parents=True, exist_ok=True)
@@ -256,7 +258,7 @@ def run_job(out: Path, name: str, world: int, parts: list[str], smoke: bool, tim
     store.unlink(missing_ok=True)
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=rank_main, args=(r, world, str(store), parts, smoke, str(job / f"rank{r}.json"),
-                                                 layouts)) for r in range(world)]
+                                                 layouts, backend)) for r in range(world)]
     started = time.monotonic()
     for p in procs:
         p.start()
@@ -280,7 +282,8 @@ def run_job(out: Path, name: str, world: int, parts: list[str], smoke: bool, tim
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# Tensor-parallel forward latency ({report['mode']})", "",
+    lines = [f"# Tensor-parallel forward latency ({report['mode']}; compiled layouts: "
+             f"{report.get('compile_backend')})", "",
              f"GPUs: {report.get('gpus')}; env: {report['env']}", ""]
     bw = report.get("copy_bandwidth_Bps")
     if bw:
@@ -315,7 +318,10 @@ def main() -> None:
     parser.add_argument("--layouts", default="lean-math,compile-layer-math",
                         help="static_llama.VARIANTS to time, in order, on the same weights")
     parser.add_argument("--shapes", default="70b,13b", help="TP=2 shapes, in order (TP=1 runs 13b if named)")
+    parser.add_argument("--compile-backend", default=None,
+                        help="torch.compile backend of compiled layouts (default: inductor; eager with --smoke)")
     args = parser.parse_args()
+    backend = args.compile_backend or ("eager" if args.smoke else "inductor")
     layouts = [v for v in args.layouts.split(",") if v]
     from pipespec.workers.static_llama import VARIANTS
 
@@ -331,7 +337,8 @@ def main() -> None:
     report: dict = {"mode": "smoke (gloo, CPU, tiny)" if args.smoke else "NCCL, CUDA graphs, bf16",
                     "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
                                                          "NVSHMEM_DISABLE_NVLS")},
-                    "torch": torch.__version__, "layouts": layouts, "rows": [], "errors": {}, "jobs": {}}
+                    "torch": torch.__version__, "layouts": layouts,
+                    "compile_backend": backend, "rows": [], "errors": {}, "jobs": {}}
     gpus = torch.cuda.device_count() if not args.smoke else 0
     report["gpus"] = [torch.cuda.get_device_name(i) for i in range(gpus)] if gpus else "none (CPU)"
     if not args.smoke and gpus < 2:
@@ -346,7 +353,7 @@ def main() -> None:
                 report["errors"][name] = "skipped: time budget spent"
                 continue
             try:
-                job = run_job(out, name, world, parts, args.smoke, left * share, layouts)
+                job = run_job(out, name, world, parts, args.smoke, left * share, layouts, backend)
             except Exception as exc:  # noqa: BLE001
                 report["errors"][name] = f"{type(exc).__name__}: {exc}"
                 continue
