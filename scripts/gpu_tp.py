@@ -1,6 +1,7 @@
 """Tensor-parallel forward latency on 2 GPUs (NCCL all-reduces captured in CUDA graphs) against the 2-GPU floor.
 
-    python scripts/gpu_tp.py OUT_DIR [--smoke] [--budget-s 200]
+    python scripts/gpu_tp.py OUT_DIR [--smoke] [--budget-s 420] [--layouts lean-math,compile-layer-math]
+                                     [--shapes 70b,13b] [--compile-backend inductor]
 
 Parts (each under try/except, its error recorded; the whole run under a time budget):
 1. check: a tiny model (float32), every rank holding the same weights, split over the ranks: the TP logits, eager
@@ -9,6 +10,13 @@ Parts (each under try/except, its error recorded; the whole run under a time bud
    directly on each GPU (only that rank's shard): 1- and 8-token forward latency, CUDA graphs, median of the
    replays (512 tokens of context), vs the floor = bytes one GPU reads per forward / its copy bandwidth.
 3. 13B shape TP=2 and TP=1 (the same, one GPU).
+
+Every part runs each of ``--layouts`` (``static_llama.VARIANTS``) on the same weights, one after the other:
+``lean-math`` (CUDA's default, uncompiled) and ``compile-layer-math`` (on a rank: two torch.compile regions per layer,
+the all-reduces eager between them, all inside the captured graph); a layout's compile time is reported (the eager
+warm-up calls before its first capture, ``compile_s``). torch.compile's backend: inductor on the GPU; in --smoke
+dynamo's "eager" (each region captured whole, no C++ build: inductor takes ~90 s a shape on a busy 2-core CPU; pass
+``--compile-backend inductor`` to run it there too).
 
 Writes OUT_DIR/gpu_tp.json and OUT_DIR/gpu_tp.md. --smoke: gloo on the CPU, tiny shapes, no graphs (checks the
 script itself). NVLink multicast / symmetric-memory multimem stay off (required on the lent machines).
@@ -83,8 +91,8 @@ def _graph(fn, cuda: bool, pool):
     return g, out
 
 
-def check(group, device: torch.device, cuda: bool) -> dict:
-    """TP logits of a tiny float32 LLaMA vs the unsplit static forward on the same device."""
+def check(group, device: torch.device, cuda: bool, layouts: list[str], backend: str) -> dict:
+    """TP logits of a tiny float32 LLaMA vs the unsplit static forward on the same device, per layout."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from pipespec.workers.static_llama import StaticLlama
@@ -102,25 +110,64 @@ def check(group, device: torch.device, cuda: bool) -> dict:
     ids = torch.randint(0, 512, (8,), device=device)
     pos = torch.arange(100, 108, device=device)
     want = ref.forward(ids, pos, 256)
-    eager = tp.forward(ids, pos, 256)
-    row = {"eager_max_abs_diff": (want - eager).abs().max().item(),
-           "eager_argmax_equal": bool(torch.equal(want.argmax(-1), eager.argmax(-1)))}
-    if cuda:
-        g, out = _graph(lambda: tp.forward(ids, pos, 256), cuda, None)
-        out.zero_()
-        g.replay()
-        torch.cuda.synchronize()
-        row["graph_max_abs_diff"] = (want - out).abs().max().item()
-        row["graph_argmax_equal"] = bool(torch.equal(want.argmax(-1), out.argmax(-1)))
-    return row
+    rows: dict = {}
+    for layout in layouts:
+        row = rows[layout] = {}
+        try:
+            _fresh_compiles()
+            tp.set_variant(layout, backend=backend)
+            eager = tp.forward(ids, pos, 256)
+            row.update({"eager_max_abs_diff": (want - eager).abs().max().item(),
+                        "eager_argmax_equal": bool(torch.equal(want.argmax(-1), eager.argmax(-1)))})
+            if cuda:
+                g, out = _graph(lambda: tp.forward(ids, pos, 256), cuda, None)
+                out.zero_()
+                g.replay()
+                torch.cuda.synchronize()
+                row["graph_max_abs_diff"] = (want - out).abs().max().item()
+                row["graph_argmax_equal"] = bool(torch.equal(want.argmax(-1), out.argmax(-1)))
+                del g
+        except Exception as exc:  # noqa: BLE001 - recorded, the next layout still runs
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            row["traceback"] = traceback.format_exc()[-2000:]
+    return rows
 
 
-def measure(shape: str, group, device: torch.device, cuda: bool, reps: int, dtype: torch.dtype) -> dict:
+def measure(shape: str, group, device: torch.device, cuda: bool, reps: int, dtype: torch.dtype,
+            layouts: list[str], backend: str, out: dict, save) -> None:
+    """Each layout's 1- and 8-token latency on one set of random weights, into ``out``; ``save()`` after each layout
+    (a job killed at its time limit keeps what was done)."""
     from pipespec.workers.tensor_parallel import tp_random
 
     static = tp_random(SHAPES[shape], group, device, dtype, CONTEXT + 512)
-    row: dict = {"shape": shape, "world": group.size(), "bytes_per_gpu": read_bytes(static)}
-    pool = torch.cuda.graph_pool_handle() if cuda else None
+    out.update({"shape": shape, "world": group.size(), "bytes_per_gpu": read_bytes(static), "layouts": {}})
+    for layout in layouts:
+        row = out["layouts"][layout] = {}
+        try:
+            _fresh_compiles()
+            static.set_variant(layout, backend=backend)
+            _measure_layout(static, row, shape, group, device, cuda, reps)
+        except Exception as exc:  # noqa: BLE001 - recorded, the next layout still runs
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            row["traceback"] = traceback.format_exc()[-2000:]
+        save()
+    del static
+    if cuda:
+        torch.cuda.empty_cache()
+
+
+def _fresh_compiles() -> None:
+    """Forget earlier compiles: dynamo's cache sits on the region's code, and a region compiled at another shape (the
+    check's tiny model, the 70B before the 13B) would make this one's sizes symbolic (automatic dynamic), which a
+    process serving one model never sees."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+
+
+def _measure_layout(static, row: dict, shape: str, group, device: torch.device, cuda: bool, reps: int) -> None:
+    pool = torch.cuda.graph_pool_handle() if cuda else None  # one per layout: the last layout's graphs are gone
+    graphs = []
     for n in (1, 8):
         ids = torch.randint(0, SHAPES[shape][5], (n,), device=device)
         pos = torch.arange(CONTEXT, CONTEXT + n, device=device)
@@ -130,11 +177,16 @@ def measure(shape: str, group, device: torch.device, cuda: bool, reps: int, dtyp
             return static.forward(ids, pos, kv_len)
 
         try:
+            started = time.perf_counter()
             if cuda:
-                g, _ = _graph(step, cuda, pool)
+                g, _ = _graph(step, cuda, pool)  # its two warm-up calls compile (a compiled layout's new shape)
+                graphs.append(g)
                 run = g.replay
             else:
+                for _ in range(2):  # as _graph's warm-up
+                    step()
                 run = step
+            row[f"compile_s_{n}"] = round(time.perf_counter() - started, 2)  # warm-up and capture, compiles
             _all_ready(group, device)
             _time(run, 3, cuda)  # settle clocks
             times = _time(run, reps, cuda)
@@ -144,10 +196,9 @@ def measure(shape: str, group, device: torch.device, cuda: bool, reps: int, dtyp
         except Exception as exc:  # noqa: BLE001 - recorded, the other sizes still run
             row[f"error_{n}"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
             row[f"traceback_{n}"] = traceback.format_exc()[-2000:]
-    del static
+    del graphs
     if cuda:
-        torch.cuda.empty_cache()
-    return row
+        torch.cuda.synchronize()
 
 
 def _all_ready(group, device: torch.device) -> None:
@@ -157,7 +208,8 @@ def _all_ready(group, device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def rank_main(rank: int, world: int, store_path: str, parts: list[str], smoke: bool, out_file: str) -> None:
+def rank_main(rank: int, world: int, store_path: str, parts: list[str], smoke: bool, out_file: str,
+              layouts: list[str], backend: str) -> None:
     import torch.distributed as dist
 
     cuda = not smoke
@@ -178,10 +230,11 @@ def rank_main(rank: int, world: int, store_path: str, parts: list[str], smoke: b
         for part in parts:
             try:
                 if part == "check":
-                    result["parts"][part] = check(group, device, cuda)
+                    result["parts"][part] = check(group, device, cuda, layouts, backend)
                 else:
-                    result["parts"][part] = measure(part, group, device, cuda, 5 if smoke else 30,
-                                                    torch.float32 if smoke else torch.bfloat16)
+                    result["parts"][part] = {}  # measure fills it in, saving after each layout
+                    measure(part, group, device, cuda, 5 if smoke else 30, torch.float32 if smoke else torch.bfloat16,
+                            layouts, backend, result["parts"][part], lambda: Path(out_file).write_text(json.dumps(result)))
             except Exception as exc:  # noqa: BLE001
                 result["parts"][part] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}",
                                          "traceback": traceback.format_exc()[-2000:]}
@@ -196,15 +249,16 @@ def rank_main(rank: int, world: int, store_path: str, parts: list[str], smoke: b
         pass
 
 
-def run_job(out: Path, name: str, world: int, parts: list[str], smoke: bool, timeout: float) -> dict:
+def run_job(out: Path, name: str, world: int, parts: list[str], smoke: bool, timeout: float,
+            layouts: list[str], backend: str) -> dict:
     """Start ``world`` rank processes for ``parts``; rank 0's results (every rank's errors), or the timeout."""
     job = out / f"job_{name}"
     job.mkdir(parents=True, exist_ok=True)
     store = job / "store"
     store.unlink(missing_ok=True)
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=rank_main, args=(r, world, str(store), parts, smoke, str(job / f"rank{r}.json")))
-             for r in range(world)]
+    procs = [ctx.Process(target=rank_main, args=(r, world, str(store), parts, smoke, str(job / f"rank{r}.json"),
+                                                 layouts, backend)) for r in range(world)]
     started = time.monotonic()
     for p in procs:
         p.start()
@@ -228,15 +282,16 @@ def run_job(out: Path, name: str, world: int, parts: list[str], smoke: bool, tim
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# Tensor-parallel forward latency ({report['mode']})", "",
+    lines = [f"# Tensor-parallel forward latency ({report['mode']}; compiled layouts: "
+             f"{report.get('compile_backend')})", "",
              f"GPUs: {report.get('gpus')}; env: {report['env']}", ""]
     bw = report.get("copy_bandwidth_Bps")
     if bw:
         lines.append(f"Measured copy bandwidth (read + write) on GPU 0: {bw / 1e12:.2f} TB/s; floors use "
                      f"{NOMINAL_BW / 1e12:.1f} TB/s (nominal) and the measured one.")
         lines.append("")
-    lines += ["| shape | GPUs | bytes/GPU | floor (4.2 TB/s) | 1 token | x floor | 8 tokens | x floor |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["| shape | GPUs | layout | bytes/GPU | floor (4.2 TB/s) | 1 token | x floor | 8 tokens | x floor | "
+              "warm-up s (1, 8) |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in report["rows"]:
         if "bytes_per_gpu" not in row:
             continue
@@ -245,8 +300,9 @@ def markdown(report: dict) -> str:
         for n in (1, 8):
             ms = row.get(f"graph_{n}_ms", row.get(f"eager_{n}_ms"))
             cells += [f"{ms:.2f} ms" if ms else row.get(f"error_{n}", "-")[:60], f"{ms / floor:.2f}x" if ms else "-"]
-        lines.append(f"| {row['shape']} | {row['world']} | {row['bytes_per_gpu'] / 2**30:.1f} GiB | {floor:.2f} ms | "
-                     + " | ".join(cells) + " |")
+        warm = f"{row.get('compile_s_1', '-')}, {row.get('compile_s_8', '-')}"
+        lines.append(f"| {row['shape']} | {row['world']} | {row.get('layout')} | {row['bytes_per_gpu'] / 2**30:.1f} GiB"
+                     f" | {floor:.2f} ms | " + " | ".join(cells) + f" | {warm} |")
     lines += ["", "Correctness check (tiny float32 model, TP vs unsplit on the same GPU):", "",
               f"```\n{json.dumps(report.get('check'), indent=1)}\n```", ""]
     if report.get("errors"):
@@ -258,30 +314,46 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--smoke", action="store_true", help="gloo on the CPU, tiny shapes (checks the script)")
-    parser.add_argument("--budget-s", type=float, default=200.0, help="wall-clock budget for all parts")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="wall-clock budget for all parts")
+    parser.add_argument("--layouts", default="lean-math,compile-layer-math",
+                        help="static_llama.VARIANTS to time, in order, on the same weights")
+    parser.add_argument("--shapes", default="70b,13b", help="TP=2 shapes, in order (TP=1 runs 13b if named)")
+    parser.add_argument("--compile-backend", default=None,
+                        help="torch.compile backend of compiled layouts (default: inductor; eager with --smoke)")
     args = parser.parse_args()
+    backend = args.compile_backend or ("eager" if args.smoke else "inductor")
+    layouts = [v for v in args.layouts.split(",") if v]
+    from pipespec.workers.static_llama import VARIANTS
+
+    unknown = [v for v in layouts if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown layouts {unknown}: use {', '.join(VARIANTS)}")
+    shapes = [v for v in args.shapes.split(",") if v]
+    if any(v not in SHAPES for v in shapes):
+        parser.error(f"unknown shapes {shapes}: use {', '.join(SHAPES)}")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     report: dict = {"mode": "smoke (gloo, CPU, tiny)" if args.smoke else "NCCL, CUDA graphs, bf16",
                     "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
                                                          "NVSHMEM_DISABLE_NVLS")},
-                    "torch": torch.__version__, "rows": [], "errors": {}, "jobs": {}}
+                    "torch": torch.__version__, "layouts": layouts,
+                    "compile_backend": backend, "rows": [], "errors": {}, "jobs": {}}
     gpus = torch.cuda.device_count() if not args.smoke else 0
     report["gpus"] = [torch.cuda.get_device_name(i) for i in range(gpus)] if gpus else "none (CPU)"
     if not args.smoke and gpus < 2:
         report["errors"]["setup"] = f"needs 2 GPUs, found {gpus}"
     else:
-        big, mid = ("tiny", "tiny") if args.smoke else ("70b", "13b")
+        tp2, tp1 = (["tiny"], ["tiny"]) if args.smoke else (shapes, ["13b"] if "13b" in shapes else [])
         # (name, world, parts, share of the budget left)
-        jobs = [("tp2", 2, ["check", big, mid], 0.75), ("tp1", 1, [mid], 1.0)]
+        jobs = [("tp2", 2, ["check", *tp2], 0.75 if tp1 else 1.0)] + ([("tp1", 1, tp1, 1.0)] if tp1 else [])
         for name, world, parts, share in jobs:
             left = args.budget_s - (time.monotonic() - started)
             if left < 10:
                 report["errors"][name] = "skipped: time budget spent"
                 continue
             try:
-                job = run_job(out, name, world, parts, args.smoke, left * share)
+                job = run_job(out, name, world, parts, args.smoke, left * share, layouts, backend)
             except Exception as exc:  # noqa: BLE001
                 report["errors"][name] = f"{type(exc).__name__}: {exc}"
                 continue
@@ -296,10 +368,17 @@ def main() -> None:
                     report["check"] = row
                 elif "error" in row:
                     report["errors"][f"{name}:{part}"] = row
-                else:
-                    report["rows"].append(row)
+                else:  # one row per layout
+                    base = {k: v for k, v in row.items() if k != "layouts"}
+                    for layout, timing in row.get("layouts", {}).items():
+                        report["rows"].append({**base, "layout": layout, **timing})
+                        if "error" in timing or any(k.startswith("error_") for k in timing):
+                            report["errors"][f"{name}:{part}:{layout}"] = {k: v for k, v in timing.items()
+                                                                          if "error" in k or "traceback" in k}
     bw = report.get("copy_bandwidth_Bps")
     for row in report["rows"]:
+        if "bytes_per_gpu" not in row:  # killed before its weights were made
+            continue
         floor = row["bytes_per_gpu"] / NOMINAL_BW * 1e3
         row["floor_ms_nominal"] = round(floor, 4)
         if bw:

@@ -253,13 +253,7 @@ class StaticLlama:
             self._pre = torch.compile(_pre_attention, dynamic=True, fullgraph=True)
             self._post = torch.compile(_post_attention, dynamic=True, fullgraph=True)
         elif v.compile == "layer":
-            # one compilation per bucket (static), or ~3 per model of a chain sharing this process (every model's
-            # layers are this one function): past dynamo's default 8 it would run eagerly, silently
-            import torch._dynamo.config as dynamo_config
-
-            for key in ("recompile_limit", "cache_size_limit"):
-                if hasattr(dynamo_config, key):
-                    setattr(dynamo_config, key, max(getattr(dynamo_config, key), 256))
+            _allow_recompiles()
             # dynamic=None ("automatic"): static at first, then symbolic in only what changed between calls (tokens,
             # context); dynamic=True would make the head counts symbolic too (and SDPA's enable_gqa a SymBool)
             self._layer = torch.compile(_layer, dynamic=None if v.dynamic else False, fullgraph=True, mode=v.mode)
@@ -313,11 +307,30 @@ class StaticLlama:
         self.set_variant(COMPILED_VARIANT)
 
 
+def _allow_recompiles() -> None:
+    # one compilation per bucket (static), or ~3 per model of a chain sharing this process (every model's layers
+    # are one function): past dynamo's default 8 it would run eagerly, silently
+    import torch._dynamo.config as dynamo_config
+
+    for key in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, key):
+            setattr(dynamo_config, key, max(getattr(dynamo_config, key), 256))
+
+
 def _layer(pre: Any, post: Any, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
            mask: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, w: dict[str, Any], h: int, kvh: int, hd: int,
            eps: float, fused: bool, math: bool) -> torch.Tensor:
     """One decoder layer over the static cache: x [n, hidden] at positions pos [n] -> x [n, hidden]; writes the
     layer's k/v at ``pos`` into ck, cv [1, kvh, capacity, hd] and attends over the first mask.shape[-1] slots."""
+    att = _attend(pre, x, pos, cos, sin, mask, ck, cv, w, h, kvh, hd, eps, fused, math)  # [1, h, n, hd]
+    return post(x, att, w["o"], w["o_b"], w["ln2"], w["gate_up"], w["gate_up_b"], w["down"], w["down_b"],
+                w["ffn"], eps, fused=fused)
+
+
+def _attend(pre: Any, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+            ck: torch.Tensor, cv: torch.Tensor, w: dict[str, Any], h: int, kvh: int, hd: int, eps: float, fused: bool,
+            math: bool) -> torch.Tensor:
+    """The first half of ``_layer``: x [n, hidden] -> the heads' outputs [1, h, n, hd] (k/v written to the cache)."""
     q, k, v = pre(x, cos, sin, w["ln1"], w["qkv"], w["qkv_b"], w["qk_norm"], h, kvh, hd, eps,
                   fused=fused)  # [h|kvh, n, hd]
     ck.index_copy_(2, pos, k.unsqueeze(0))
@@ -329,8 +342,7 @@ def _layer(pre: Any, post: Any, x: torch.Tensor, pos: torch.Tensor, cos: torch.T
     else:
         att = F.scaled_dot_product_attention(q.unsqueeze(0), keys, values, attn_mask=mask,
                                              enable_gqa=kvh != h)  # [1, h, n, hd]
-    return post(x, att, w["o"], w["o_b"], w["ln2"], w["gate_up"], w["gate_up_b"], w["down"], w["down_b"],
-                w["ffn"], eps, fused=fused)
+    return att
 
 
 def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -396,9 +408,21 @@ def _pre_attention(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ln: to
 
 def _post_attention(x: torch.Tensor, att: torch.Tensor, o_w: Any, o_b: torch.Tensor | None,
                     ln: torch.Tensor, gate_up_w: Any, gate_up_b: torch.Tensor | None, down_w: Any,
-                    down_b: torch.Tensor | None, ffn: int, eps: float, fused: bool = False) -> torch.Tensor:
-    """Residual stream after attention output and the MLP. att: [1, h, n, hd] -> x [n, hidden]."""
+                    down_b: torch.Tensor | None, ffn: int, eps: float, fused: bool = False,
+                    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Residual stream after attention output and the MLP. att: [1, h, n, hd] -> x [n, hidden]. ``reduce``: on a
+    tensor-parallel rank, the sum over the ranks of o_proj's and down_proj's partial outputs (None: one device)."""
     n = x.shape[0]
-    x = x + linear(att[0].transpose(0, 1).reshape(n, -1), o_w, o_b)
+    x = x + _out(att[0].transpose(0, 1).reshape(n, -1), o_w, o_b, reduce)
     gate, up = linear(_rms(x, ln, eps, fused), gate_up_w, gate_up_b).split(ffn, dim=-1)
-    return x + linear(F.silu(gate) * up, down_w, down_b)
+    return x + _out(F.silu(gate) * up, down_w, down_b, reduce)
+
+
+def _out(x: torch.Tensor, w: Any, b: torch.Tensor | None,
+         reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """``linear(x, w, b)``, or with ``reduce`` (tensor parallelism: x @ w.T is this rank's partial sum [n, out])
+    the partial summed over the ranks, then the whole bias added once."""
+    if reduce is None:
+        return linear(x, w, b)  # one device: the same kernels as ever (bias inside the GEMM)
+    y = reduce(linear(x, w))
+    return y if b is None else y + b

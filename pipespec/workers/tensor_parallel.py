@@ -19,7 +19,9 @@ kv-head replication) or the MLP width. Two all-reduces per layer; the sums' orde
 so logits agree to rounding (exactly equal in exact arithmetic).
 
 The forward is ``StaticLlama``'s (same static cache, masks, RoPE tables, CUDA-graph friendly: no host syncs, the
-all-reduce is captured with the graph on NCCL); only the per-layer loop differs. It is built from weights read by
+all-reduce is captured with the graph on NCCL); only the per-layer loop differs: the unsplit layer with
+``_post_attention``'s reduce hook, or, in a compiled layout (``compile="layer"``), two compiled regions per layer with
+the all-reduces eager between them (``TPStaticLlama.set_variant``). It is built from weights read by
 name (an HF model's state dict, a safetensors folder read slice by slice, or random weights of a named shape), so a
 rank never holds more than its shard plus the replicated parts.
 """
@@ -27,17 +29,19 @@ rank never holds more than its shard plus the replicated parts.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ..kernels.quant import linear
 from .static import StaticWorker
-from .static_llama import (VARIANTS, FAMILIES, Family, StaticLlama, _layer, _pre_attention, _rms, choose_variant,
-                           layer_windows)
+from .static_llama import (VARIANTS, FAMILIES, Family, StaticLlama, Variant, _allow_recompiles, _attend, _layer,
+                           _post_attention, _pre_attention, _rms, choose_variant, layer_windows)
 
 __all__ = ["Shard", "TPStaticLlama", "TPStaticWorker", "model_facts", "plan_shard", "refusal", "shard_fused", "split_refusal", "tp_from_model", "tp_from_folder",
            "tp_random"]
@@ -197,11 +201,9 @@ class TPStaticLlama(StaticLlama):
         self.lm_head = get("lm_head.weight")
         # StaticLlama.ensure_capacity reads the RoPE module as ``self.model.model.rotary_emb``
         self.model = SimpleNamespace(model=SimpleNamespace(rotary_emb=copy.deepcopy(rotary).to(self.device)))
-        self._pre = _pre_attention
-        # the forward's layout as an unsplit worker on this device would run it (lean-math on CUDA), minus any
-        # torch.compile: the all-reduces sit inside the layer, and compiled code would need functional collectives
-        layout = VARIANTS[choose_variant(self.device)]
-        self.variant = replace(layout, compile=None) if layout.compile else layout
+        # the forward's layout as an unsplit worker on this device would run it (lean-math on CUDA;
+        # PIPESPEC_STATIC_VARIANT=compile-layer-math: the compiled regions between the all-reduces)
+        self.set_variant(choose_variant(self.device))
         self.capacity = 0
         self.cache_k: list[torch.Tensor] = []
         self.cache_v: list[torch.Tensor] = []
@@ -252,32 +254,76 @@ class TPStaticLlama(StaticLlama):
         h, kvh, hd = self.n_heads, self.n_kv, self.head_dim  # this rank's heads
         pos_d, cos, sin, masks = per_device[self.device]
         fused, math = self.variant.fused, self.variant.attention == "math"
+        if self._regions is not None:  # compiled: per layer two regions, each followed by its all-reduce (eager)
+            attention, mlp = self._regions
+            delta, delta_b = None, None  # the previous layer's summed down_proj output [n, hidden] and its bias
+            for i, w in enumerate(self.layers):
+                x, partial = attention(x, delta, delta_b, pos_d, cos, sin, masks[self.windows[i]], self.cache_k[i],
+                                       self.cache_v[i], w, h, kvh, hd, self.eps, fused, math)
+                x, partial = mlp(x, self._all_reduce(partial), w, self.eps, fused)
+                delta, delta_b = self._all_reduce(partial), w["down_b"]
+            return _residual(x, delta, delta_b)
         for i, w in enumerate(self.layers):
             # the unsplit layer (static_llama._layer: this rank's heads, its cache [1, lkv, capacity, hd]) with a
             # post-attention that sums the ranks' partial o_proj and down_proj outputs
-            x = _layer(self._pre, self._post_tp, x, pos_d, cos, sin, masks[self.windows[i]], self.cache_k[i],
+            x = _layer(self._pre, self._post, x, pos_d, cos, sin, masks[self.windows[i]], self.cache_k[i],
                        self.cache_v[i], w, h, kvh, hd, self.eps, fused, math)
         return x
 
-    def _post_tp(self, x: torch.Tensor, att: torch.Tensor, o_w: torch.Tensor, o_b: torch.Tensor | None,
-                 ln: torch.Tensor, gate_up_w: torch.Tensor, gate_up_b: torch.Tensor | None, down_w: torch.Tensor,
-                 down_b: torch.Tensor | None, ffn: int, eps: float, fused: bool = False) -> torch.Tensor:
-        """``_post_attention`` over this rank's shard: att [1, lh, n, hd] -> x [n, hidden], one all-reduce after
-        o_proj (this rank's heads) and one after down_proj (its MLP columns); whole biases added once, after."""
-        n = x.shape[0]
-        partial = F.linear(att[0].transpose(0, 1).reshape(n, -1), o_w)  # [n, hidden]
-        x = x + _add_bias(self._all_reduce(partial), o_b)
-        gate, up = F.linear(_rms(x, ln, eps, fused), gate_up_w, gate_up_b).split(ffn, dim=-1)
-        partial = F.linear(F.silu(gate) * up, down_w)  # [n, hidden]
-        return x + _add_bias(self._all_reduce(partial), down_b)
+    def set_variant(self, variant: str | Variant, backend: str | Callable[..., Any] = "inductor") -> None:
+        """``StaticLlama.set_variant`` where the layer holds two all-reduces, which stay eager (a ProcessGroup call,
+        captured in our CUDA graphs as in the uncompiled layouts) between compiled regions. ``compile="layer"``: per
+        layer, ``_tp_attention`` (the previous layer's summed MLP output added, RMSNorm, qkv, RoPE, cache writes,
+        attention, this rank's o_proj partial) and ``_tp_mlp`` (the summed o_proj output added, RMSNorm, gate_up,
+        silu * up, this rank's down_proj partial), each compiled once for all layers; ``"parts"``: only the
+        pre-attention. ``backend``: torch.compile's (the CPU test passes dynamo's "eager": inductor's CPU build takes
+        ~15 s a region). Not functional collectives inside one compiled layer: they need a registered group name
+        (a directly built ProcessGroupGloo is refused: "Unsupported group type"), and the runner builds its group
+        directly."""
+        v = VARIANTS[variant] if isinstance(variant, str) else variant
+        self.variant = v
+        self._pre = _pre_attention
+        # the unsplit post-attention, summing the ranks' partial o_proj and down_proj outputs
+        self._post = functools.partial(_post_attention, reduce=self._all_reduce)
+        self._regions: tuple[Callable[..., Any], Callable[..., Any]] | None = None
+        if v.compile == "parts":
+            self._pre = torch.compile(_pre_attention, dynamic=True, fullgraph=True, backend=backend)
+        elif v.compile == "layer":
+            _allow_recompiles()
+            # dynamic=None as on one device: static at first, symbolic in what changes (tokens, context)
+            opts: dict[str, Any] = {"dynamic": None if v.dynamic else False, "fullgraph": True, "backend": backend}
+            if v.mode is not None:
+                opts["mode"] = v.mode
+            self._regions = (torch.compile(_tp_attention, **opts), torch.compile(_tp_mlp, **opts))
+        elif v.compile is not None:
+            raise ValueError(f"unknown compile {v.compile!r}")
 
-    def compile(self) -> None:
-        """Only the pre-attention element-wise work is compiled; the post-attention path holds the all-reduces."""
-        self._pre = torch.compile(self._pre, dynamic=True, fullgraph=True)
+
+def _residual(x: torch.Tensor, delta: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """x + (delta + bias): a summed o_proj or down_proj output and its whole bias (as ``static_llama._out``)."""
+    if delta is None:
+        return x
+    return x + (delta if bias is None else delta + bias)
 
 
-def _add_bias(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x if bias is None else x + bias
+def _tp_attention(x: torch.Tensor, delta: torch.Tensor | None, delta_b: torch.Tensor | None, pos: torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor,
+                  w: dict[str, Any], h: int, kvh: int, hd: int, eps: float, fused: bool,
+                  math: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compiled region 1 of a layer on a rank: x [n, hidden] + the previous layer's summed down_proj output (delta,
+    its bias; None in the first layer) -> (that x, this rank's o_proj partial [n, hidden], to be summed)."""
+    x = _residual(x, delta, delta_b)
+    att = _attend(_pre_attention, x, pos, cos, sin, mask, ck, cv, w, h, kvh, hd, eps, fused, math)  # [1, lh, n, hd]
+    return x, linear(att[0].transpose(0, 1).reshape(x.shape[0], -1), w["o"])
+
+
+def _tp_mlp(x: torch.Tensor, attended: torch.Tensor, w: dict[str, Any], eps: float,
+            fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compiled region 2: x [n, hidden] + the summed o_proj output (and its bias) -> (that x, this rank's
+    down_proj partial [n, hidden], to be summed): ``_post_attention``'s MLP over this rank's columns."""
+    x = _residual(x, attended, w["o_b"])
+    gate, up = linear(_rms(x, w["ln2"], eps, fused), w["gate_up"], w["gate_up_b"]).split(w["ffn"], dim=-1)
+    return x, linear(F.silu(gate) * up, w["down"])
 
 
 # -- where the weights come from ------------------------------------------------------------------------------------
