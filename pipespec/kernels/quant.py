@@ -11,8 +11,8 @@ traced or captured:
 
 - ``auto``: ``triton`` on CUDA for up to 16 tokens when Triton imports, else ``torch``.
 - ``triton``: our GEMV (``triton_gemv``): reads each weight byte once, converts in registers, fp32 accumulation.
-  Two versions (``set_gemv`` or ``PIPESPEC_WGEMV``): ``v1`` (the default: the one measured on an H200) and
-  ``splitk`` (split-K, deterministic two-pass reduction; to become the default once a GPU run shows it faster).
+  Two versions (``set_gemv`` or ``PIPESPEC_WGEMV``): ``v1`` (the default) and ``splitk`` (split-K, deterministic
+  two-pass reduction), or ``mixed`` (splitk for one token, where it measured faster on an H200; v1 for more).
   At 1-16 tokens a forward is bound by weight bytes, so halving them is the whole gain.
 - ``torch``: gpt-fast's ``F.linear(x, q.to(x.dtype)) * scale``. Eager it writes a bf16 copy of the weight first
   (slower than bf16 on a GPU); under torch.compile inductor may fuse the conversion. The CPU's path: the same math.
@@ -41,10 +41,14 @@ _QMAX = {"int8": 127.0, "fp8": 448.0}  # the largest magnitude each format holds
 _TRITON_MAX_TOKENS = 16  # past this a GEMM (tensor cores over a dequantized tile) wins; our kernel is a GEMV
 
 _backend = os.environ.get("PIPESPEC_QLINEAR", "auto")
-# which Triton GEMV the ``triton`` backend calls: ``splitk`` (v2: split-K, deterministic two-pass reduction) or ``v1``
-# (one program per output tile over all of K). scripts/gpu_quant.py --gemv times both; switch back here if v2 loses.
-GEMVS = ("splitk", "v1")
-_gemv = os.environ.get("PIPESPEC_WGEMV", "v1")  # splitk: not yet run on a GPU
+# which Triton GEMV the ``triton`` backend calls: ``splitk`` (v2: split-K, deterministic two-pass reduction; its own
+# tuner picks tiles once per shape), ``v1`` (one program per output tile over all of K), or ``mixed``: splitk for one
+# token, v1 for 2-16. Measured on an H200 (scripts/gpu_quant.py --gemv, int8, docs/benchmarks.md): splitk won at one
+# token on every shape timed (70B down 0.075 vs 0.090 ms, qkv 0.035 vs 0.039, gate_up 0.136 vs 0.140; 7B 8-27 %) and
+# lost at 4-16 tokens on all but 7B down (70B gate_up 0.150 vs 0.118 ms). Default v1 until a whole 8-bit forward
+# has been timed with ``mixed``.
+GEMVS = ("splitk", "v1", "mixed")
+_gemv = os.environ.get("PIPESPEC_WGEMV", "v1")
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -127,7 +131,8 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, b: torch.Tensor | Non
     if backend == "triton":
         from . import triton_gemv
 
-        kernel = triton_gemv.wgemv if _gemv == "v1" else triton_gemv.wgemv_splitk
+        use_v1 = _gemv == "v1" or (_gemv == "mixed" and x.shape[0] > 1)
+        kernel = triton_gemv.wgemv if use_v1 else triton_gemv.wgemv_splitk
         return kernel(x, w.q, w.scale, b)
     if backend == "int8pack" and w.kind == "int8":
         y = torch._weight_int8pack_mm(x.contiguous(), w.q, w.scale.to(x.dtype))  # [n, out]
