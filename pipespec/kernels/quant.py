@@ -11,8 +11,8 @@ traced or captured:
 
 - ``auto``: ``triton`` on CUDA for up to 16 tokens when Triton imports, else ``torch``.
 - ``triton``: our GEMV (``triton_gemv``): reads each weight byte once, converts in registers, fp32 accumulation.
-  Two versions (``set_gemv`` or ``PIPESPEC_WGEMV``): ``v1`` (the default) and ``splitk`` (split-K, deterministic
-  two-pass reduction), or ``mixed`` (splitk for one token, where it measured faster on an H200; v1 for more).
+  Two versions (``set_gemv`` or ``PIPESPEC_WGEMV``): ``v1`` and ``splitk`` (split-K, deterministic two-pass
+  reduction), and ``mixed``, the default: splitk for one token, where it measured faster on an H200, v1 for more.
   At 1-16 tokens a forward is bound by weight bytes, so halving them is the whole gain.
 - ``torch``: gpt-fast's ``F.linear(x, q.to(x.dtype)) * scale``. Eager it writes a bf16 copy of the weight first
   (slower than bf16 on a GPU); under torch.compile inductor may fuse the conversion. The CPU's path: the same math.
@@ -45,10 +45,11 @@ _backend = os.environ.get("PIPESPEC_QLINEAR", "auto")
 # tuner picks tiles once per shape), ``v1`` (one program per output tile over all of K), or ``mixed``: splitk for one
 # token, v1 for 2-16. Measured on an H200 (scripts/gpu_quant.py --gemv, int8, docs/benchmarks.md): splitk won at one
 # token on every shape timed (70B down 0.075 vs 0.090 ms, qkv 0.035 vs 0.039, gate_up 0.136 vs 0.140; 7B 8-27 %) and
-# lost at 4-16 tokens on all but 7B down (70B gate_up 0.150 vs 0.118 ms). Default v1 until a whole 8-bit forward
-# has been timed with ``mixed``.
+# lost at 4-16 tokens on all but 7B down (70B gate_up 0.150 vs 0.118 ms). The whole 70B forward on one H200
+# (compile-layer, CUDA graphs): int8 1 token 28.7 ms with v1 -> 26.0 with ``mixed`` (8 tokens 25.5 -> 25.4: v1 both
+# times), fp8 26.2 -> 24.9. So ``mixed`` is the default.
 GEMVS = ("splitk", "v1", "mixed")
-_gemv = os.environ.get("PIPESPEC_WGEMV", "v1")
+_gemv = os.environ.get("PIPESPEC_WGEMV", "mixed")
 
 
 @dataclass(frozen=True, slots=True, eq=False)
