@@ -323,6 +323,8 @@ def markdown(report: dict[str, Any]) -> str:
                           f"{entry['all_identical']})", "",
                       "| method | tok/s median | min-max | x best sd | identical | in-pipeline ms/forward per stage |",
                       "|---|---:|---:|---:|---|---|"]
+            if entry["auto_choice"]:  # the probes' rates: why auto ran what it ran
+                lines.append(f"auto's reason: {entry['auto_choice'][1]}\n")
             for r in entry["rows"]:
                 ratio = r["median_tokens_per_s"] / best_sd["median_tokens_per_s"] if best_sd else float("nan")
                 lines.append(f"| {r['method']} | {r['median_tokens_per_s']} | {r['min']}-{r['max']} | {ratio:.2f} | "
