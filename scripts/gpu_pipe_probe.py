@@ -13,8 +13,8 @@ SYNTHETIC ACCEPTANCE: random-weight LLaMA models of real shapes (``workers.synth
 real one does, bf16, batch 1, static KV cache and CUDA graphs) with token choices from a seeded oracle at rate
 alpha per neighbouring pair. Chains: {68m,7b}, {1b,8b} and {68m,7b,13b} on GPU 0; {68m,7b on GPU 0; 13b on GPU 1} when a
 second GPU exists, and {1b,8b} and {68m,7b} on GPU 0 with a 70b target split tensor-parallel over GPUs 0+1
-(``build_synthetic_tp``: rank 0 on a runner thread of this process, a follower process on GPU 1, NCCL; thread backend
-only, refused by the process backend; ``--chains 70b`` runs just these two); alpha 0.7 and 0.9. ``--smoke`` adds a
+(``build_synthetic_tp``: rank 0 on a runner thread of this process, or in its worker process with ``--backend
+process``; a follower process on GPU 1, NCCL; ``--chains 70b`` runs just these two); alpha 0.7 and 0.9. ``--smoke`` adds a
 CPU chain whose target is split over "cpu+cpu" (gloo).
 
 Protocol, per chain and alpha, all in one process on the same machine:
@@ -122,10 +122,9 @@ class Loaded:
     named calls (``runner.call``), so the same code measures the thread and the process backend.
 
     A key whose device joins several with ``+`` is a tensor-parallel stage (``build_synthetic_tp``): rank 0 on its
-    runner's thread, on the first device, a follower process per further device. Thread backend only: the process
-    backend refuses it (``failed``; the chains that use it report that, the others run), as rank 0 in a worker
-    process would start its followers from there, under MPS, with NCCL: a combination nothing here has tested.
-    A key that fails to load fails only the chains that use it."""
+    runner's thread (thread backend) or in its worker process (process backend: that process starts the followers,
+    under MPS where a daemon runs), on the first device, a follower process per further device. A key that fails to
+    load fails only the chains that use it."""
 
     def __init__(self, oracle: Oracle, backend: str, smoke: bool) -> None:
         self.oracle = oracle
@@ -139,22 +138,18 @@ class Loaded:
     async def load(self, keys: list[tuple[str, str]]) -> None:
         """Start a runner per key and build its worker there (all at once in worker processes)."""
         keys = [k for k in dict.fromkeys(keys) if k not in self.members and k not in self.failed]
-        if self.backend == "process":
-            for key in [k for k in keys if "+" in k[1]]:
-                self.failed[key] = (f"{key[0]} on {key[1]}: a tensor-parallel stage runs on the thread backend only "
-                                    "(refused on --backend process)")
-                print(f"REFUSED {self.failed[key]}", flush=True)
-            keys = [k for k in keys if "+" not in k[1]]
         runners: list[Runner] = []
         if self.backend == "process":
             # before the children start: they inherit CUDA_MPS_PIPE_DIRECTORY when a daemon of ours was started
-            action = ensure_mps([d for _, d in keys], "process")
-            self.mps = {"action": action, "shared_gpus": shared_gpus([d for _, d in keys]),
+            # (and so do a tensor-parallel stage's followers, which its rank-0 process starts)
+            every = [d for _, device in keys for d in split_devices(device)]
+            action = ensure_mps(every, "process")
+            self.mps = {"action": action, "shared_gpus": shared_gpus(every),
                         "pipe_dir": os.environ.get("CUDA_MPS_PIPE_DIRECTORY")}
-            threads = cpu_threads([torch.device(d) for _, d in keys])  # one device each: no "+" keys left here
-            for shape, device in keys:
-                runners.append(ProcessRunner(f"{shape}@{device}", torch.device(device), label=f"{shape} on {device}",
-                                             threads=threads))
+            threads = cpu_threads([torch.device(split_devices(d)[0]) for _, d in keys])
+            for shape, device in keys:  # a tensor-parallel stage's process is its rank 0, on its first device
+                runners.append(ProcessRunner(f"{shape}@{device}", torch.device(split_devices(device)[0]),
+                                             label=f"{shape} on {device}", threads=threads))
         else:
             # a tensor-parallel key's runner lives on its first device (rank 0's)
             runners = [ThreadRunner(f"{shape}@{device}", torch.device(split_devices(device)[0]))
