@@ -101,3 +101,19 @@ def target_alone(oracle: Any, prompt: list[int], n: int) -> list[int]:
         out.append(token)
         h = oracle.extend(h, token)
     return out
+
+
+def two_ranks(rank: Callable[[int, str, str], None], tmp_path: Path, timeout: float) -> None:
+    """Run ``rank(r, store_path, out_dir)`` as rank 1 in a spawned interpreter and as rank 0 here (this process has
+    torch and transformers imported already: a fresh interpreter's imports are most of a two-rank test's time)."""
+    import multiprocessing as mp
+
+    peer = mp.get_context("spawn").Process(target=rank, args=(1, str(tmp_path / "store"), str(tmp_path)))
+    peer.start()
+    try:
+        rank(0, str(tmp_path / "store"), str(tmp_path))
+        peer.join(timeout=timeout)
+        assert peer.exitcode == 0, f"rank 1 ended with {peer.exitcode}"
+    finally:
+        if peer.is_alive():
+            peer.kill()

@@ -13,6 +13,7 @@ import torch
 
 from pipespec.errors import PipelineError
 from pipespec.workers.tensor_parallel import Shard, plan_shard, refusal, shard_fused, tp_from_model
+from helpers import two_ranks
 
 WORLD = 2
 
@@ -141,21 +142,8 @@ def _compare(rank: int, store_path: str, out_dir: str) -> None:
 
 @pytest.mark.parametrize("layout", ["lean", "lean-math"])  # the CPU's default, and CUDA's (math attention)
 def test_two_ranks_match_the_unsharded_forward(tmp_path, monkeypatch, layout):
-    import multiprocessing as mp
-
     monkeypatch.setenv("PIPESPEC_STATIC_VARIANT", layout)  # both ranks (the spawned one inherits it) and the reference
-
-    # rank 1 in a spawned interpreter, rank 0 here (this process has torch and transformers imported already: a
-    # fresh interpreter's imports are most of this test's time)
-    peer = mp.get_context("spawn").Process(target=_rank, args=(1, str(tmp_path / "store"), str(tmp_path)))
-    peer.start()
-    try:
-        _rank(0, str(tmp_path / "store"), str(tmp_path))
-        peer.join(timeout=60)
-        assert peer.exitcode == 0, f"rank 1 ended with {peer.exitcode}"
-    finally:
-        if peer.is_alive():
-            peer.kill()
+    two_ranks(_rank, tmp_path, timeout=60)
     for rank in range(WORLD):
         worst = torch.load(tmp_path / f"rank{rank}.pt")
         assert set(worst) == {"llama", "qwen2", "qwen3"} and max(worst.values()) < 1e-9

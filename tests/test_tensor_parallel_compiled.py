@@ -13,6 +13,7 @@ import os
 
 import torch
 
+from helpers import two_ranks
 from test_tensor_parallel import _tiny
 
 WORLD = 2
@@ -51,17 +52,7 @@ def _rank(rank: int, store_path: str, out_dir: str) -> None:
 
 
 def test_compiled_ranks_match_the_unsplit_forward(tmp_path):
-    import multiprocessing as mp
-
-    peer = mp.get_context("spawn").Process(target=_rank, args=(1, str(tmp_path / "store"), str(tmp_path)))
-    peer.start()
-    try:
-        _rank(0, str(tmp_path / "store"), str(tmp_path))
-        peer.join(timeout=90)
-        assert peer.exitcode == 0, f"rank 1 ended with {peer.exitcode}"
-    finally:
-        if peer.is_alive():
-            peer.kill()
+    two_ranks(_rank, tmp_path, timeout=90)
     for rank in range(WORLD):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         for kind, row in result.items():
