@@ -177,6 +177,9 @@ class GenerationStats:
     stop_reason: str = "length"
     mode_chosen: Mode | None = None  # set when the caller asked for mode "auto": the mode it ran (== ``mode``)
     reason: str | None = None  # ... and why (the probes' tokens/s on this placement)
+    # tokens/s between the first commit and the last but one (scheduler.output.steady_rate): the decode rate
+    # without the start and the cut-off last round; None for a generation of fewer than three commits
+    steady_tokens_per_second: float | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -192,6 +195,8 @@ class GenerationStats:
             "stop_reason": self.stop_reason,
             "stages": list(self.stages),
         }
+        if self.steady_tokens_per_second is not None:
+            out["steady_tokens_per_second"] = round(self.steady_tokens_per_second, 3)
         if self.mode_chosen is not None:
             out["mode_chosen"] = self.mode_chosen
             out["reason"] = self.reason

@@ -67,7 +67,8 @@ from pipespec.runners.process import ProcessRunner
 from pipespec.runners.thread import ThreadRunner
 from pipespec.scheduler import Member, Pipeline
 from pipespec.tracing import summarize
-from pipespec.workers.synthetic import build_synthetic, build_synthetic_tp
+from pipespec.runners.tensor_parallel import build_synthetic_tp
+from pipespec.workers.synthetic import build_synthetic
 
 SMOKE_SHAPES = {  # hidden, layers, heads, kv heads, ffn, vocab: tiny, for the CPU smoke test
     "tiny-d": (64, 1, 4, 4, 128, 512),

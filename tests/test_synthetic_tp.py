@@ -18,8 +18,8 @@ from pipespec.analysis.oracle import Oracle
 from pipespec.runners.thread import ThreadRunner
 from pipespec.scheduler import Member, Pipeline
 from pipespec.verify import SamplingParams
-from pipespec.workers.synthetic import (SyntheticTPWorker, SyntheticWorker, build_synthetic, build_synthetic_tp,
-                                        random_llama)
+from pipespec.runners.tensor_parallel import build_synthetic_tp
+from pipespec.workers.synthetic import SyntheticTPWorker, SyntheticWorker, build_synthetic, random_llama
 
 TINY = {"tiny-d": (64, 1, 4, 4, 128, 512), "tiny-t": (128, 2, 4, 4, 256, 512)}  # hidden, layers, heads, kv, ffn, vocab
 CPU = torch.device("cpu")

@@ -34,7 +34,7 @@ import torch
 
 from ..errors import PipelineError
 
-__all__ = ["TIMEOUT", "load_tp_stage", "load_tp_worker"]
+__all__ = ["TIMEOUT", "build_synthetic_tp", "load_tp_stage", "load_tp_worker"]
 
 TIMEOUT = timedelta(seconds=120)  # a collective (or the rendezvous) waiting longer than this fails
 
@@ -146,6 +146,29 @@ def load_tp_stage(source: Any, name: str, devices: Sequence[str], dtype: Any, tr
         raise ConfigError(f"{name}: {reason}{hint}")
     dtype = resolve_dtype(dtype, torch.device(devices[0]))
     return load_tp_worker(str(folder), name, [str(d) for d in devices], dtype, capacity)
+
+
+def build_synthetic_tp(shape: str, devices: Sequence[str], oracle: Any, stage: int, *,
+                       dims: tuple[int, int, int, int, int, int] | None = None, dtype: torch.dtype | None = None,
+                       capacity: int = 2048) -> Any:
+    """Rank 0's ``workers.synthetic.SyntheticTPWorker`` of a random-weight ``shape`` (``synthetic.SHAPES``) split
+    tensor-parallel over ``devices`` (one rank each: NCCL on CUDA, gloo on the CPU), its followers started: the
+    factory a runner is handed, as ``synthetic.build_synthetic`` (top-level, plain arguments). The followers are
+    handed the shape's dims, not its name (``dims`` registers a tiny shape in this process only). Rank 0 lives where
+    the runner calls this; dropping it (or ending the runner's thread) ends the followers. Weights: ``tp_random``'s,
+    not ``random_llama``'s (same shapes and scale, other values: the oracle decides the tokens either way)."""
+    from ..workers.synthetic import SHAPES, SyntheticTPWorker
+
+    if dims is not None:
+        SHAPES[shape] = dims
+    first = torch.device(devices[0])
+    dtype = dtype or (torch.bfloat16 if first.type == "cuda" else torch.float32)
+
+    def make(static: Any, facts: Any, name: str, device: torch.device, mirror: Any, cap: int) -> Any:
+        return SyntheticTPWorker(static, facts, name, device, mirror, cap, oracle=oracle, stage=stage)
+
+    return load_tp_worker(("random", SHAPES[shape]), shape, [str(d) for d in devices], dtype, capacity,
+                          make_worker=make)
 
 
 def _stop(followers: list[tuple[subprocess.Popen[bytes], Connection]], folder: str, group: Any) -> None:

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
-__all__ = ["IncrementalDecoder", "Output"]
+__all__ = ["IncrementalDecoder", "Output", "steady_rate"]
+
+
+def steady_rate(commits: Sequence[tuple[float, int]]) -> float | None:
+    """Tokens per second between the first commit and the last but one, from ``commits`` ((time, tokens committed
+    so far) per commit): the decode rate without a generation's start (prefills, the first round) and its cut-off
+    last round, which weigh on a short generation differently in each mode (64-token probes on an H200 rated lock
+    step 13 % under its 128-token median and ``ar`` 2 %). None with fewer than three commits."""
+    if len(commits) < 3:
+        return None
+    (t0, n0), (t1, n1) = commits[0], commits[-2]
+    return (n1 - n0) / (t1 - t0) if t1 > t0 and n1 > n0 else None
 
 
 class IncrementalDecoder:
@@ -48,6 +60,7 @@ class Output:
         self.tokens: list[int] = []
         self.text = ""
         self.stop_reason: str | None = None
+        self.commits: list[tuple[float, int]] = []  # (time.perf_counter(), tokens so far) after each commit
         self._longest_stop = max((len(s) for s in self.stop), default=0)
 
     async def commit(self, tokens: tuple[int, ...]) -> bool:
@@ -67,6 +80,7 @@ class Output:
                 self.stop_reason = "stop"
             elif len(self.tokens) >= self.max_new_tokens:
                 self.stop_reason = "length"
+        self.commits.append((time.perf_counter(), len(self.tokens)))
         return self.stop_reason is not None
 
     def _completes_stop(self, new_chars: int) -> bool:

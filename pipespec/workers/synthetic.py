@@ -21,7 +21,7 @@ from .simulated import OracleChoices
 from ..verify import SamplingParams
 
 __all__ = ["SHAPES", "SyntheticChoices", "SyntheticTPWorker", "SyntheticWorker", "build_synthetic",
-           "build_synthetic_tp", "forward_ms", "random_llama"]
+           "forward_ms", "random_llama"]
 
 SHAPES: dict[str, tuple[int, int, int, int, int, int]] = {  # hidden, layers, heads, kv heads, ffn, vocab
     "68m": (768, 2, 12, 12, 3072, 32000),
@@ -75,30 +75,6 @@ def build_synthetic(shape: str, device: str, oracle: Oracle, stage: int, *,
     dev = torch.device(device)
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     return SyntheticWorker(random_llama(shape, [dev], dtype), shape, dev, oracle, stage, capacity=capacity)
-
-
-def build_synthetic_tp(shape: str, devices: Sequence[str], oracle: Oracle, stage: int, *,
-                       dims: tuple[int, int, int, int, int, int] | None = None, dtype: torch.dtype | None = None,
-                       capacity: int = 2048) -> SyntheticTPWorker:
-    """Rank 0's ``SyntheticTPWorker`` of a random-weight ``shape`` split tensor-parallel over ``devices`` (one rank
-    each: NCCL on CUDA, gloo on the CPU), its followers started (``runners.tensor_parallel.load_tp_worker``): the
-    factory a runner is handed, as ``build_synthetic`` (top-level, plain arguments). The followers are handed the
-    shape's dims, not its name (``dims`` registers a tiny shape in this process only). Rank 0 lives where the
-    runner calls this; dropping it (or ending the runner's thread) ends the followers. Weights: ``tp_random``'s,
-    not ``random_llama``'s (same shapes and scale, other values: the oracle decides the tokens either way)."""
-    from ..runners.tensor_parallel import load_tp_worker
-
-    if dims is not None:
-        SHAPES[shape] = dims
-    first = torch.device(devices[0])
-    dtype = dtype or (torch.bfloat16 if first.type == "cuda" else torch.float32)
-
-    def make(static: TPStaticLlama, facts: Any, name: str, device: torch.device, mirror: Any,
-             cap: int) -> SyntheticTPWorker:
-        return SyntheticTPWorker(static, facts, name, device, mirror, cap, oracle=oracle, stage=stage)
-
-    return load_tp_worker(("random", SHAPES[shape]), shape, [str(d) for d in devices], dtype, capacity,
-                          make_worker=make)
 
 
 def forward_ms(worker: StaticWorker, prompt: Sequence[int], sizes: Sequence[int] = (1, 8),
@@ -241,7 +217,7 @@ class SyntheticWorker(SyntheticChoices, StaticWorker):
 
 
 class SyntheticTPWorker(SyntheticChoices, TPStaticWorker):
-    """``SyntheticChoices`` on rank 0 of a tensor-parallel stage (``build_synthetic_tp``). Its forwards, resets and
+    """``SyntheticChoices`` on rank 0 of a tensor-parallel stage (``runners.tensor_parallel.build_synthetic_tp``). Its forwards, resets and
     warm-ups are mirrored to the followers by ``TPStaticWorker`` (the followers stay plain ``TPStaticWorker``s: the
     oracle and the hashes live on rank 0 only); multi-token device drafts stay off (a draft is one mirrored forward
     per token), whatever ``configure`` is asked."""
