@@ -90,9 +90,9 @@ def devices_for(n_models: int, device: str, placement: str | None, n_gpus: int) 
 def estimate_bytes(folder: str, dtype_bytes: int, quantize: str | None = None) -> int | None:
     """Weights' size once loaded: the safetensors files' size, rescaled from the stored dtype. None if unknown.
 
-    ``quantize`` ("int8", "fp8": weight-only, one byte a weight): everything but the embedding and lm_head (read off
-    config.json's vocab_size x hidden_size, once where tied) shrinks to one byte a weight; per-channel scales and
-    norms are lost in the rounding."""
+    ``quantize`` ("int8", "fp8": weight-only, one byte a weight; "int4": half a byte plus a float32 scale per 128
+    weights): everything but the embedding and lm_head (read off config.json's vocab_size x hidden_size, once where
+    tied) shrinks to that; int8's per-channel scales and norms are lost in the rounding."""
     import json
     from pathlib import Path
 
@@ -116,7 +116,12 @@ def estimate_bytes(folder: str, dtype_bytes: int, quantize: str | None = None) -
     except (KeyError, TypeError, ValueError):
         embed = 0
     embed = min(total, embed if config.get("tie_word_embeddings", False) else 2 * embed)
-    return embed + (total - embed) // dtype_bytes
+    weights = (total - embed) // dtype_bytes
+    if quantize == "int4":
+        from .kernels.quant import INT4_GROUP
+
+        return embed + weights // 2 + weights * 4 // INT4_GROUP
+    return embed + weights
 
 
 def check_fits(needs: Sequence[tuple[str, str, int | None]], free: dict[str, int]) -> None:

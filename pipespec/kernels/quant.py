@@ -1,10 +1,21 @@
-"""Weight-only 8-bit linears: bf16 weights quantized at load time, activations and accumulation stay wide.
+"""Weight-only 8- and 4-bit linears: bf16 weights quantized at load time, activations and accumulation stay wide.
 
 A ``QuantWeight`` holds ``q [out, in]`` (int8, or fp8 e4m3) and ``scale [out]`` (float32, one per output channel,
 symmetric: ``w ~= q * scale[:, None]``; int8 maps the row's max |w| to 127, fp8 to 448, e4m3's largest finite).
 ``linear(x, w, b)`` is ``F.linear`` for a plain tensor and the quantized product for a ``QuantWeight``:
 
     y[m, n] = (sum_k x[m, k] * q[n, k]) * scale[n] + b[n]
+
+int4 (weight-only, group-wise): ``q [out, in / 2]`` uint8, two weights a byte (even k in the low nibble, odd k in
+the high one, each stored as q + 8 in [1, 15]), and ``scale [out, ceil(in / group)]`` float32, one per ``group``
+(128) consecutive inputs of a row, the last group of a row shorter when ``in`` is not a multiple:
+
+    y[m, n] = sum_g (sum_{k in g} x[m, k] * q[n, k]) * scale[n, g] + b[n]
+
+The range is symmetric, [-7, 7] with scale = the group's max |w| / 7: the largest weight maps exactly and the
+round trip is within half a step; [-8, 7] would buy one level on the negative side only (a biased grid, or a clip of
+the largest positive weight). Scales stay float32 (exact, as for int8): 4 bytes / 128 weights is 0.03 byte a weight
+on top of 0.5 (bf16 scales would save 3 % of the bytes read; not worth a second rounding before it is measured).
 
 Which kernel computes it is a process-wide choice (``set_backend`` or ``PIPESPEC_QLINEAR``), read when a forward is
 traced or captured:
@@ -32,12 +43,13 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 
-__all__ = ["BACKENDS", "GEMVS", "KINDS", "QuantWeight", "dequantize", "gemv", "linear", "parse_quantize", "quantize",
-           "set_backend", "set_gemv"]
+__all__ = ["BACKENDS", "GEMVS", "INT4_GROUP", "KINDS", "QuantWeight", "dequantize", "gemv", "linear", "parse_quantize", "quantize",
+           "set_backend", "set_gemv", "unpack_int4"]
 
-KINDS = ("int8", "fp8")
+KINDS = ("int8", "fp8", "int4")
+INT4_GROUP = 128  # inputs per int4 scale (GPTQ/AWQ's usual size: 3 % of scale bytes over the 4-bit payload)
 BACKENDS = ("auto", "triton", "torch", "int8pack")
-_QMAX = {"int8": 127.0, "fp8": 448.0}  # the largest magnitude each format holds exactly (e4m3fn: 448)
+_QMAX = {"int8": 127.0, "fp8": 448.0, "int4": 7.0}  # the largest magnitude each format holds exactly (e4m3fn: 448)
 _TRITON_MAX_TOKENS = 16  # past this a GEMM (tensor cores over a dequantized tile) wins; our kernel is a GEMV
 
 _backend = os.environ.get("PIPESPEC_QLINEAR", "auto")
@@ -54,15 +66,18 @@ _gemv = os.environ.get("PIPESPEC_WGEMV", "mixed")
 
 @dataclass(frozen=True, slots=True, eq=False)
 class QuantWeight:
-    """One quantized weight matrix. q: [out, in] int8 or float8_e4m3fn; scale: [out] float32."""
+    """One quantized weight matrix. int8/fp8: q [out, in] int8 or float8_e4m3fn, scale [out] float32. int4: q
+    [out, in / 2] uint8 (two weights a byte), scale [out, ceil(in / group)] float32; ``group`` is 0 for int8/fp8."""
 
     q: torch.Tensor
     scale: torch.Tensor
     kind: str
+    group: int = 0
 
     @property
     def shape(self) -> torch.Size:
-        return self.q.shape
+        """The logical [out, in] (int4's q holds half as many columns)."""
+        return torch.Size((self.q.shape[0], 2 * self.q.shape[1])) if self.kind == "int4" else self.q.shape
 
     @property
     def device(self) -> torch.device:
@@ -74,10 +89,13 @@ class QuantWeight:
 
 
 @torch.no_grad()  # a scale that required grad would hold the float32 blocks and ``w`` alive through its graph
-def quantize(w: torch.Tensor, kind: str) -> QuantWeight:
-    """w: [out, in] floating -> QuantWeight, symmetric per output channel. Row by row blocks bound the fp32 copy."""
+def quantize(w: torch.Tensor, kind: str, group: int = INT4_GROUP) -> QuantWeight:
+    """w: [out, in] floating -> QuantWeight, symmetric per output channel (int8, fp8) or per ``group`` inputs of a
+    row (int4). Row by row blocks bound the fp32 copy."""
     if kind not in _QMAX:
         raise ValueError(f"unknown quantization {kind!r}: use one of {', '.join(KINDS)}")
+    if kind == "int4":
+        return _quantize_int4(w, group)
     qmax = _QMAX[kind]
     out_dtype = torch.int8 if kind == "int8" else torch.float8_e4m3fn
     q = torch.empty(w.shape, dtype=out_dtype, device=w.device)
@@ -95,9 +113,40 @@ def quantize(w: torch.Tensor, kind: str) -> QuantWeight:
     return QuantWeight(q, scale, kind)
 
 
+def _quantize_int4(w: torch.Tensor, group: int) -> QuantWeight:
+    """int4 of ``quantize``: scale [out, groups] = the group's max |w| / 7, q = round(w / scale) in [-7, 7], packed."""
+    out, k = w.shape
+    if k % 2 or group < 2 or group % 2:
+        raise ValueError(f"int4 packs two weights a byte: in ({k}) and group ({group}) must be even")
+    groups = -(-k // group)
+    q = torch.empty((out, k // 2), dtype=torch.uint8, device=w.device)
+    scale = torch.empty((out, groups), dtype=torch.float32, device=w.device)
+    step = max(1, (1 << 24) // max(1, k))  # ~64 MiB of fp32 at a time
+    for r in range(0, out, step):
+        block = w[r:r + step].float()  # [rows, in]
+        rows = block.shape[0]
+        padded = F.pad(block, (0, groups * group - k)).view(rows, groups, group)  # the tail group padded with zeros
+        s = padded.abs().amax(dim=2).clamp(min=1e-12) / 7.0  # [rows, groups]; an all-zero group: q = 0
+        qi = (padded / s[:, :, None]).round().clamp(-7, 7).view(rows, groups * group)[:, :k].to(torch.int16) + 8
+        q[r:r + step] = (qi[:, 0::2] | (qi[:, 1::2] << 4)).to(torch.uint8)  # [rows, in / 2]: even k low, odd high
+        scale[r:r + step] = s
+    return QuantWeight(q, scale, "int4", group)
+
+
+def unpack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[out, in / 2] uint8 -> [out, in] int8 in [-8, 7] (quantize writes [-7, 7])."""
+    lo = (q & 0xF).to(torch.int8) - 8
+    hi = (q >> 4).to(torch.int8) - 8
+    return torch.stack((lo, hi), dim=2).view(q.shape[0], 2 * q.shape[1])
+
+
 def dequantize(w: QuantWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[out, in] in ``dtype``: q * scale, computed in float32 (float64 when asked for: exact)."""
     wide = torch.float64 if dtype == torch.float64 else torch.float32
+    if w.kind == "int4":
+        q = unpack_int4(w.q).to(wide)  # [out, in]
+        scale = w.scale.to(wide).repeat_interleave(w.group, dim=1)[:, :q.shape[1]]  # [out, in]: each group's
+        return (q * scale).to(dtype)
     return (w.q.to(wide) * w.scale.to(wide)[:, None]).to(dtype)
 
 
@@ -132,12 +181,18 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, b: torch.Tensor | Non
     if backend == "triton":
         from . import triton_gemv
 
+        if w.kind == "int4":
+            return triton_gemv.wgemv4(x, w.q, w.scale, b, w.group)
         use_v1 = _gemv == "v1" or (_gemv == "mixed" and x.shape[0] > 1)
         kernel = triton_gemv.wgemv if use_v1 else triton_gemv.wgemv_splitk
         return kernel(x, w.q, w.scale, b)
     if backend == "int8pack" and w.kind == "int8":
         y = torch._weight_int8pack_mm(x.contiguous(), w.q, w.scale.to(x.dtype))  # [n, out]
         return y if b is None else y + b
+    if w.kind == "int4":  # torch (and int8pack's fallback): unpack, apply the group scales, one matmul. The weight is
+        # rounded to x's dtype once (as a model holding dequantize(w, x.dtype) would be); a wide copy per call: the
+        # CPU's path and a reference, not a fast one
+        return F.linear(x, dequantize(w, x.dtype), b)
     # torch (and int8pack's fallback for fp8): exact conversion of q to x's dtype (|q| <= 127 fits bf16's 8-bit
     # significand; e4m3 values are bf16 values), one matmul, then the per-channel scale on the output
     y = F.linear(x, w.q.to(x.dtype)) * w.scale.to(x.dtype)
@@ -173,8 +228,6 @@ def parse_quantize(spec: str | None, n_models: int) -> list[str | None]:
         word = word.strip()
         if word in ("none", "bf16", "-", ""):
             return None
-        if word == "int4":
-            raise ConfigError("--quantize int4 is not supported yet: use int8 or fp8")
         if word not in KINDS:
             raise ConfigError(f"--quantize: unknown kind {word!r}: use {', '.join(KINDS)} or none")
         return word

@@ -14,7 +14,7 @@ through a mask ``slot <= pos`` (and ``slot > pos - window`` on sliding-window la
 may hold junk from padding or from tokens since rolled back; the mask never lets a position see a slot it has not
 itself written, so a rollback only moves a length. The whole history stays in the cache: a window is only a mask.
 
-With ``quantize`` ("int8" or "fp8", weight-only: ``pipespec.kernels.quant``) the fused qkv, o, gate_up and down
+With ``quantize`` ("int8", "fp8" or "int4", weight-only: ``pipespec.kernels.quant``) the fused qkv, o, gate_up and down
 weights are quantized as each layer is fused, and the HF modules' copies are dropped (re-pointed at meta tensors:
 the HF model no longer runs on its own). Embeddings, norms and lm_head stay in the model's dtype.
 """
