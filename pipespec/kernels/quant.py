@@ -27,6 +27,8 @@ traced or captured:
   At 1-16 tokens a forward is bound by weight bytes, so halving them is the whole gain.
 - ``torch``: gpt-fast's ``F.linear(x, q.to(x.dtype)) * scale``. Eager it writes a bf16 copy of the weight first
   (slower than bf16 on a GPU); under torch.compile inductor may fuse the conversion. The CPU's path: the same math.
+- int4: ``triton`` is ``triton_gemv.wgemv4`` (v1's structure, nibbles unpacked in registers, group scales per
+  step); ``torch`` (and ``int8pack``) dequantizes to x's dtype and calls ``F.linear``: correct, not fast.
 - ``int8pack``: ``torch._weight_int8pack_mm`` (int8 only). Torch's CUDA kernel (added in 2.9-ish) gives one output
   element to one thread, uncoalesced (pytorch#190529 rewrites it); measured by scripts/gpu_quant.py, not the default.
 
@@ -43,8 +45,8 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 
-__all__ = ["BACKENDS", "GEMVS", "INT4_GROUP", "KINDS", "QuantWeight", "dequantize", "gemv", "linear", "parse_quantize", "quantize",
-           "set_backend", "set_gemv", "unpack_int4"]
+__all__ = ["BACKENDS", "GEMVS", "INT4_GROUP", "KINDS", "QuantWeight", "dequantize", "gemv", "linear", "parse_quantize",
+           "quantize", "set_backend", "set_gemv", "unpack_int4"]
 
 KINDS = ("int8", "fp8", "int4")
 INT4_GROUP = 128  # inputs per int4 scale (GPTQ/AWQ's usual size: 3 % of scale bytes over the 4-bit payload)
@@ -178,11 +180,14 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, b: torch.Tensor | Non
     backend = _backend
     if backend == "auto":
         backend = "triton" if x.is_cuda and x.shape[0] <= _TRITON_MAX_TOKENS and _triton_ok() else "torch"
-    if backend == "triton":
+    if backend == "triton" and w.kind == "int4":
         from . import triton_gemv
 
-        if w.kind == "int4":
+        if triton_gemv.int4_block_k(w.group):  # else (a group not a multiple of 32) the torch path below
             return triton_gemv.wgemv4(x, w.q, w.scale, b, w.group)
+    elif backend == "triton":
+        from . import triton_gemv
+
         use_v1 = _gemv == "v1" or (_gemv == "mixed" and x.shape[0] > 1)
         kernel = triton_gemv.wgemv if use_v1 else triton_gemv.wgemv_splitk
         return kernel(x, w.q, w.scale, b)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["SplitKConfig", "heuristic", "launch", "plan", "wgemv", "wgemv_splitk"]
+__all__ = ["SplitKConfig", "heuristic", "launch", "plan", "wgemv", "wgemv4", "wgemv_splitk"]
 
 _CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
             for bn, bk, w in [(16, 256, 4), (16, 512, 4), (32, 256, 4), (32, 512, 8), (64, 128, 4), (64, 256, 8),
@@ -94,6 +94,109 @@ def wgemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Ten
 
 @wgemv.register_fake
 def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return x.new_empty((x.shape[0], q.shape[0]))
+
+
+# --- int4: v1's structure over packed nibbles with group scales ---------------------------------------------------
+#
+# q [N, K / 2] uint8 holds k = 2j in byte j's low nibble and k = 2j + 1 in its high one, each as q + 8; scale
+# [N, GROUPS] float32, one per GROUP inputs of a row. A step covers BLOCK_K inputs (BLOCK_K / 2 bytes a row) inside
+# one group (GROUP % BLOCK_K == 0, so a step never straddles two scales; the tail group is just masked): the nibbles
+# are unpacked in registers (and, shift, subtract 8: exact in any float), the step's partial sums are taken against
+# the even and the odd inputs of x, then scaled by the group's scale and added to an fp32 accumulator. No atomics
+# and one fixed loop order: the same bits on every run for one config (the tuner keys on the shape, as v1's does).
+
+
+@triton.jit
+def _wgemv4_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, GROUPS, stride_xm, stride_wn, stride_ym,
+                   M_BUCKET: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, PREC: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output channels of this program
+    rb = tl.arange(0, BLOCK_K // 2)  # byte columns of a step
+    n_ok = rn < N
+    kb_end = K // 2
+    w_rows = w_ptr + rn.to(tl.int64) * stride_wn  # [BLOCK_N] row starts (int64: N * K / 2 may pass 2^31)
+    s_rows = s_ptr + rn * GROUPS  # [BLOCK_N] this program's rows of scales
+    if M_BUCKET == 1:
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kb = k0 // 2 + rb  # [BLOCK_K / 2] byte index; inputs 2 kb and 2 kb + 1
+            b_ok = kb < kb_end
+            xe = tl.load(x_ptr + 2 * kb, mask=b_ok, other=0.0).to(tl.float32)  # [BLOCK_K / 2] even inputs
+            xo = tl.load(x_ptr + 2 * kb + 1, mask=b_ok, other=0.0).to(tl.float32)  # odd inputs
+            byte = tl.load(w_rows[:, None] + kb[None, :], mask=n_ok[:, None] & b_ok[None, :], other=0x88)
+            lo = (byte & 0xF).to(tl.float32) - 8.0  # [BLOCK_N, BLOCK_K / 2]
+            hi = (byte >> 4).to(tl.float32) - 8.0
+            s = tl.load(s_rows + k0 // GROUP, mask=n_ok, other=0.0)  # [BLOCK_N] this step's group scale
+            acc += tl.sum(lo * xe[None, :] + hi * xo[None, :], axis=1) * s
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        rm = tl.arange(0, M_BUCKET)
+        m_ok = rm < M
+        acc2 = tl.zeros((M_BUCKET, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kb = k0 // 2 + rb
+            b_ok = kb < kb_end
+            x_at = x_ptr + rm[:, None] * stride_xm + 2 * kb[None, :]
+            x_ok = m_ok[:, None] & b_ok[None, :]
+            xe = tl.load(x_at, mask=x_ok, other=0.0)  # [M_BUCKET, BLOCK_K / 2], x's dtype
+            xo = tl.load(x_at + 1, mask=x_ok, other=0.0)
+            byte = tl.load(w_rows[None, :] + kb[:, None], mask=n_ok[None, :] & b_ok[:, None], other=0x88)
+            lo = ((byte & 0xF).to(tl.int32) - 8).to(xe.dtype)  # [BLOCK_K / 2, BLOCK_N]: exact (|q| <= 8)
+            hi = ((byte >> 4).to(tl.int32) - 8).to(xe.dtype)
+            part = tl.dot(xe, lo, input_precision=PREC)  # [M_BUCKET, BLOCK_N] fp32: this step's group only
+            part = tl.dot(xo, hi, part, input_precision=PREC)
+            acc2 += part * tl.load(s_rows + k0 // GROUP, mask=n_ok, other=0.0)[None, :]
+        if HAS_BIAS:
+            acc2 += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc2.to(y_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+
+_CONFIGS4 = [triton.Config({"BLOCK_N": bn}, num_warps=w) for bn, w in [(16, 4), (32, 4), (64, 4), (64, 8), (128, 8)]]
+_tuned4 = (_wgemv4_kernel if _INTERPRET
+           else triton.autotune(configs=_CONFIGS4, key=["M_BUCKET", "N", "K", "GROUP", "BLOCK_K"])(_wgemv4_kernel))
+
+
+def int4_block_k(group: int) -> int:
+    """Inputs per step of the int4 kernel: the largest of 128, 64, 32 that divides ``group`` (a step stays inside
+    one group; tl.dot needs >= 16 bytes a row), 32 in the interpreter (several steps per group get tested); 0 when
+    ``group`` is not a multiple of 32 (no Triton path: the caller takes the torch one)."""
+    if group % 32:
+        return 0
+    if _INTERPRET:
+        return 32
+    return next(bk for bk in (128, 64, 32) if group % bk == 0)
+
+
+@torch.library.custom_op("pipespec::wgemv4", mutates_args=())
+def wgemv4(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+           group: int) -> torch.Tensor:
+    """x: [n, K] (n <= 16; bf16/fp16/fp32), q: [N, K / 2] uint8 (packed int4), scale: [N, ceil(K / group)] float32,
+    bias: [N] or None -> [n, N] in x's dtype. ``group`` a multiple of 32."""
+    x = x.contiguous()
+    m, k = x.shape
+    n = q.shape[0]
+    block_k = int4_block_k(group)
+    if m > 16:
+        raise ValueError(f"wgemv4 serves up to 16 tokens, got {m}")
+    if not block_k or q.shape[1] * 2 != k or scale.shape != (n, -(-k // group)):
+        raise ValueError(f"wgemv4: x {tuple(x.shape)}, q {tuple(q.shape)}, scale {tuple(scale.shape)}, group {group}")
+    scale = scale.contiguous()
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731 - triton's grid idiom
+    _tuned4[grid](x, q, scale, bias if bias is not None else scale, y, m, n, k, scale.shape[1], x.stride(0),
+                  q.stride(0), y.stride(0), M_BUCKET=1 if m == 1 else 16, HAS_BIAS=bias is not None, GROUP=group,
+                  PREC="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_K=block_k,
+                  **({"BLOCK_N": 16} if _INTERPRET else {}))
+    return y
+
+
+@wgemv4.register_fake
+def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, group: int) -> torch.Tensor:
     return x.new_empty((x.shape[0], q.shape[0]))
 
 
