@@ -200,8 +200,8 @@ def chat_sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 quantize_option = click.option(
     "--quantize", default=None, metavar="KIND|target=KIND|K,K,K",
-    help="Weight-only 8-bit weights on the static path: int8 or fp8 for every model, target=KIND for the target "
-         "only, or one KIND (or none) per model in chain order. The output is then the quantized target's.")
+    help="Weight-only quantized weights on the static path: int8, fp8 or int4 for every model, target=KIND for the "
+         "target only, or one KIND (or none) per model in chain order. The output is then the quantized target's.")
 
 
 def check_quantize(spec: str | None, n_models: int) -> None:

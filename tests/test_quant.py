@@ -15,7 +15,7 @@ import torch
 
 import pipespec
 from conftest import noisy_copy, tiny_llama
-from helpers import hf_greedy, limit
+from helpers import byte_tokenizer, hf_greedy, limit, save_folder
 from pipespec.errors import ConfigError
 from pipespec.kernels.quant import (QuantWeight, dequantize, linear, parse_quantize, quantize, set_backend,
                                     unpack_int4)
@@ -354,6 +354,30 @@ def test_cli_refuses_a_bad_spec_in_one_line() -> None:
         assert result.exit_code != 0
         lines = [ln for ln in result.output.splitlines() if ln.strip()]
         assert len(lines) == 1 and match in lines[0], result.output
+
+
+def test_cli_runs_int4_on_the_cpu(tmp_path: Path) -> None:
+    """``pipespec run --quantize int4`` (every model) and ``target=int4`` on the CPU (torch backend): both print the
+    int4 target's greedy decoding alone, which differs from the float target's."""
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM
+
+    from pipespec.cli import main
+
+    tok = byte_tokenizer(300)
+    target = tiny_llama(0, hidden=64, vocab=len(tok), dtype=torch.float32, scale=4.0)
+    chain = ",".join([save_folder(noisy_copy(target, 0.4, 1), tok, tmp_path / "draft"),
+                      save_folder(target, tok, tmp_path / "target")])
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "target", dtype="float32")
+    prompt = tok("def add(a, b):")["input_ids"]
+    want = hf_greedy(_dequantized_copy(loaded, "int4"), prompt, 16)
+    assert want != hf_greedy(loaded, prompt, 16)
+    for spec in ("int4", "target=int4"):
+        result = CliRunner().invoke(main, ["run", "--models", chain, "--prompt", "def add(a, b):", "--max-new-tokens",
+                                           "16", "--device", "cpu", "--dtype", "float32", "--quantize", spec, "--json"])
+        assert result.exit_code == 0, result.stderr
+        got = json.loads(result.stdout)["token_ids"]
+        assert got == want, spec
 
 
 def test_bench_refuses_hf_baselines_with_quantize() -> None:
