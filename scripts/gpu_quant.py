@@ -1,5 +1,6 @@
-"""Weight-only 8-bit forwards on one GPU: latency of pipespec's static forward (CUDA graphs) in bf16 and with int8 /
-fp8 weights under every quantized-linear kernel available, against the weight-bandwidth floor, plus the logit error.
+"""Weight-only quantized forwards on one GPU: latency of pipespec's static forward (CUDA graphs) in bf16 and with int8 /
+fp8 / int4 weights under every quantized-linear kernel available, against the weight-bandwidth floor, plus the logit
+error.
 
     python scripts/gpu_quant.py OUT_DIR [--smoke] [--budget 240] [--shapes 7b,13b,70b] [--bandwidth 4.2e12]
 
@@ -14,8 +15,10 @@ bytes of weights one forward reads (every linear, lm_head; 8-bit: scales include
 (H200 ~4.2 TB/s, lower than the 4.8 TB/s datasheet); max |logit difference| and top-1 agreement against bf16.
 Variants: ``bf16``; ``int8/fp8 x triton`` (pipespec.kernels.triton_gemv); ``int8/fp8 x torch`` (gpt-fast's
 F.linear(x, q.to(bf16)) * scale, eager); ``int8 x int8pack`` (torch._weight_int8pack_mm); ``int8 x torch+compile``
-(the torch variant with StaticLlama.compile(): does inductor fuse the conversion?). Also one linear alone (the 7B
-gate_up, the largest weight) per kernel: GB/s of weight read.
+(the torch variant with StaticLlama.compile(): does inductor fuse the conversion?); ``int4 x triton``
+(triton_gemv.wgemv4: packed nibbles, a float32 scale per 128 inputs; its torch path dequantizes per call, too slow to
+be worth a forward here, so it appears in the one-linear table only). Also one linear alone (the 7B gate_up, the
+largest weight) per kernel: GB/s of weight read; and with ``--gemv`` the GEMV alone per (N, K), int4 included.
 
 Every part runs under try/except (the error is recorded), a time budget skips what would not fit (and says so), and
 results go to OUT_DIR/gpu_quant.json and gpu_quant.md as they come. ``--smoke`` runs tiny shapes on the CPU (eager
@@ -51,8 +54,8 @@ SHAPES = {  # hidden, layers, heads, kv heads, ffn, vocab (LLaMA-2)
     "smoke": (64, 2, 4, 2, 128, 256),
 }
 BF16_FITS = {"7b", "13b", "smoke"}  # 70B in bf16 (129 GiB of weights) does not fit one H200 with anything else
-VARIANTS = [(None, None, False), ("int8", "triton", False), ("fp8", "triton", False), ("int8", "int8pack", False),
-            ("int8", "torch", False), ("fp8", "torch", False), ("int8", "torch", True)]
+VARIANTS = [(None, None, False), ("int8", "triton", False), ("fp8", "triton", False), ("int4", "triton", False),
+            ("int8", "int8pack", False), ("int8", "torch", False), ("fp8", "torch", False), ("int8", "torch", True)]
 TOKENS = (1, 8)
 GEMV_NAMES: list[str] = []  # --gemv
 GEMV_ONLY = False
@@ -104,7 +107,7 @@ def build(shape: str, device: torch.device, kind: str | None) -> StaticLlama:
 
 
 def weight_bytes(static: StaticLlama) -> int:
-    """Bytes one forward reads from weights: every layer's linears (8-bit: with scales) and lm_head."""
+    """Bytes one forward reads from weights: every layer's linears (quantized: with scales) and lm_head."""
     total = static.lm_head.numel() * static.lm_head.element_size()
     for w in static.layers:
         for key in ("qkv", "o", "gate_up", "down"):
@@ -421,7 +424,9 @@ def gemv_part(report: dict[str, Any], names: list[str], device: torch.device, bu
                     kernels: list[tuple[str, Any]] = []
                     if kind == "int8":
                         kernels.append(("bf16 cuBLAS", lambda: torch.nn.functional.linear(x, w)))
-                    if triton_ok:
+                    if triton_ok and kind == "int4":  # one kernel (v1's structure); q is [N, K / 2]
+                        kernels.append(("int4", lambda: tg.wgemv4(x, qw.q, qw.scale, None, qw.group)))
+                    elif triton_ok:
                         kernels += [("v1", lambda: tg.wgemv(x, qw.q, qw.scale)),
                                     ("splitk", lambda: tg.wgemv_splitk_impl(x, qw.q, qw.scale)),
                                     ("splitk-heur", lambda: tg.launch(x, qw.q, qw.scale, None, tg.heuristic(
@@ -478,7 +483,7 @@ def _err(exc: BaseException) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
-    out = ["# Weight-only 8-bit forwards (scripts/gpu_quant.py)", "",
+    out = ["# Weight-only quantized forwards (scripts/gpu_quant.py)", "",
            f"{env.get('gpu', env['device'])}; layout {env.get('layout', 'base')}; torch {env['torch']}; triton {env['triton']}; "
            f"_weight_int8pack_mm: {env['int8pack']}; floor = weight bytes / "
            f"{report['bandwidth_bytes_per_s'] / 1e12:.1f} TB/s; context {report['context']} slots; median of "
@@ -559,6 +564,8 @@ def main() -> int:
     budget = Budget(args.budget)
     if args.smoke:
         device, shapes = torch.device("cpu"), ["smoke"]
+        if not args.kernels or "torch" in args.kernels:  # int4's build and logit error on the CPU (no Triton here)
+            VARIANTS.append(("int4", "torch", False))
         global REPLAYS
         REPLAYS = 5
     else:
