@@ -145,10 +145,15 @@ def unpack_int4(q: torch.Tensor) -> torch.Tensor:
 def dequantize(w: QuantWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[out, in] in ``dtype``: q * scale, computed in float32 (float64 when asked for: exact)."""
     wide = torch.float64 if dtype == torch.float64 else torch.float32
-    if w.kind == "int4":
-        q = unpack_int4(w.q).to(wide)  # [out, in]
-        scale = w.scale.to(wide).repeat_interleave(w.group, dim=1)[:, :q.shape[1]]  # [out, in]: each group's
-        return (q * scale).to(dtype)
+    if w.kind == "int4":  # row blocks of ~16M weights: the wide temporaries stay ~200 MiB whatever the matrix
+        out, k = w.shape
+        result = torch.empty((out, k), dtype=dtype, device=w.q.device)
+        step = max(1, (1 << 24) // max(1, k))
+        for r in range(0, out, step):
+            q = unpack_int4(w.q[r:r + step]).to(wide)  # [rows, in]
+            scale = w.scale[r:r + step].to(wide).repeat_interleave(w.group, dim=1)[:, :k]  # [rows, in]: each group's
+            result[r:r + step] = q * scale
+        return result
     return (w.q.to(wide) * w.scale.to(wide)[:, None]).to(dtype)
 
 
