@@ -117,10 +117,8 @@ def estimate_bytes(folder: str, dtype_bytes: int, quantize: str | None = None) -
         embed = 0
     embed = min(total, embed if config.get("tie_word_embeddings", False) else 2 * embed)
     weights = (total - embed) // dtype_bytes
-    if quantize == "int4":
-        from .kernels.quant import INT4_GROUP
-
-        return embed + weights // 2 + weights * 4 // INT4_GROUP
+    if quantize == "int4":  # 128: kernels.quant.INT4_GROUP (placement is vocabulary: it may not import kernels)
+        return embed + weights // 2 + weights * 4 // 128
     return embed + weights
 
 

@@ -17,7 +17,7 @@ import pipespec
 from conftest import noisy_copy, tiny_llama
 from helpers import byte_tokenizer, hf_greedy, limit, save_folder
 from pipespec.errors import ConfigError
-from pipespec.kernels.quant import (QuantWeight, dequantize, linear, parse_quantize, quantize, set_backend,
+from pipespec.kernels.quant import (INT4_GROUP, QuantWeight, dequantize, linear, parse_quantize, quantize, set_backend,
                                     unpack_int4)
 from pipespec.placement import estimate_bytes
 from pipespec.workers import make_worker
@@ -205,6 +205,7 @@ def test_memory_estimate_accounts_for_quantized_weights(tmp_path: Path) -> None:
     assert estimate_bytes(str(tmp_path), 2, quantize="fp8") == 200_000 + 400_000
     # int4: 400k weights at half a byte, plus a float32 scale per 128 of them
     assert estimate_bytes(str(tmp_path), 2, quantize="int4") == 200_000 + 200_000 + 400_000 * 4 // 128
+    assert INT4_GROUP == 128  # the group size the estimate counts (placement may not import kernels)
 
 
 def test_triton_kernel_in_the_interpreter() -> None:
