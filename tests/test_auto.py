@@ -10,6 +10,7 @@ differ by up to ~8 % on this loaded machine."""
 
 from __future__ import annotations
 
+import re
 import statistics
 
 import pytest
@@ -164,6 +165,12 @@ async def test_auto_tunes_down_where_sd_trails_at_its_default_lookahead() -> Non
         g = await pipe.generate(PROMPT, max_new_tokens=64, mode="auto", **slow_pipe)
         choice = pipe.auto_choice
         assert "sd:16 " in choice.reason and "sd:4 " in choice.reason, choice  # twice lost, then half was probed
-        assert choice.mode == "sd" and choice.lookahead <= 4, choice
+        # sd at its best probed lookahead is a lookahead <= 4, and ar (what the 0.8 band left) is not chosen; pipe,
+        # even held back, can come within a few % of sd here (CI: pipe 248.7, sd:4 245.3 tokens/s), so either may win
+        sd_rates = {int(la): float(r) for la, r in re.findall(r"sd:(\d+) ([\d.]+)", choice.reason)}
+        assert max(sd_rates, key=sd_rates.get) <= 4, choice
+        assert choice.mode in ("sd", "pipe"), choice
+        if choice.mode == "sd":
+            assert choice.lookahead <= 4, choice
         want = await pipe.generate(PROMPT, max_new_tokens=64, mode="ar")
         assert g.token_ids == want.token_ids
