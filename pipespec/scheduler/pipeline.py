@@ -432,9 +432,7 @@ def _stage_dict(stats: StageStats, busy: float) -> dict[str, Any]:
 def _ar_stats_for_chain(stats: GenerationStats, members: Sequence[Member]) -> GenerationStats:
     """In ``ar`` mode only the target runs; still report one entry per model, in chain order."""
     idle = tuple(StageStats(model=m.name, device=m.device).to_dict() for m in members[:-1])
-    return GenerationStats(tokens=stats.tokens, seconds=stats.seconds, mode=stats.mode,
-                           stages=idle + stats.stages, prompt_tokens=stats.prompt_tokens,
-                           stop_reason=stats.stop_reason, steady_tokens_per_second=stats.steady_tokens_per_second)
+    return replace(stats, stages=idle + stats.stages)  # every other field as it was
 
 
 def _check_vocabularies(members: Sequence[Member], tokenizer: Any | None) -> None:
