@@ -137,30 +137,17 @@ def test_hf_forward_refuses_to_quantize() -> None:
         make_worker(tiny_llama(1), "m", torch.device("cpu"), fast=False, quantize="int8")
 
 
+@pytest.mark.parametrize(("kind", "spec", "per_model"), [("int8", "int8", ["int8"] * 3),
+                                                     ("int4", "target=int4", [None, None, "int4"])])
 @limit(120)
-async def test_quantized_chain_equals_quantized_target_alone(target: torch.nn.Module) -> None:
+async def test_quantized_chain_equals_quantized_target_alone(target: torch.nn.Module, kind: str, spec: str,
+                                                             per_model: list[str | None]) -> None:
     prompt, n = [5, 17, 33, 2, 9], 30
-    want = hf_greedy(_dequantized_copy(target, "int8"), prompt, n)  # the quantized target decoding alone
+    want = hf_greedy(_dequantized_copy(target, kind), prompt, n)  # the quantized target decoding alone
     assert want != hf_greedy(target, prompt, n)  # ... which is not the bf16 target's output here
     models = [noisy_copy(target, 0.5, 1), noisy_copy(target, 0.2, 2), noisy_copy(target, 0.0, 3)]
-    async with pipespec.Pipeline.load(models, device="cpu", fast=True, quantize="int8") as pipe:
-        assert all(m.worker.static.quantize == "int8" for m in pipe.members)
-        alone = await pipe.generate(prompt, max_new_tokens=n, mode="ar")
-        assert list(alone.token_ids) == want
-        for mode in ("pipe", "sd"):
-            g = await pipe.generate(prompt, max_new_tokens=n, mode=mode)
-            assert list(g.token_ids) == want, mode
-
-
-@limit(120)
-async def test_int4_chain_equals_int4_target_alone(target: torch.nn.Module) -> None:
-    """int4 mirrors the int8 test: the chain reproduces the int4 target decoding alone, in every mode."""
-    prompt, n = [5, 17, 33, 2, 9], 30
-    want = hf_greedy(_dequantized_copy(target, "int4"), prompt, n)  # the int4 target decoding alone
-    assert want != hf_greedy(target, prompt, n)  # ... which is not the bf16 target's output here
-    models = [noisy_copy(target, 0.5, 1), noisy_copy(target, 0.2, 2), noisy_copy(target, 0.0, 3)]
-    async with pipespec.Pipeline.load(models, device="cpu", fast=True, quantize="target=int4") as pipe:
-        assert [m.worker.static.quantize for m in pipe.members] == [None, None, "int4"]
+    async with pipespec.Pipeline.load(models, device="cpu", fast=True, quantize=spec) as pipe:
+        assert [m.worker.static.quantize for m in pipe.members] == per_model
         alone = await pipe.generate(prompt, max_new_tokens=n, mode="ar")
         assert list(alone.token_ids) == want
         for mode in ("pipe", "sd"):
