@@ -67,6 +67,7 @@ from pipespec.runners.process import ProcessRunner
 from pipespec.runners.thread import ThreadRunner
 from pipespec.scheduler import Member, Pipeline
 from pipespec.tracing import summarize
+from pipespec.placement import stage_devices
 from pipespec.runners.tensor_parallel import build_synthetic_tp
 from pipespec.workers.synthetic import build_synthetic
 
@@ -113,11 +114,6 @@ def all_methods() -> dict[str, dict[str, Any]]:
     return methods
 
 
-def split_devices(device: str) -> list[str]:
-    """A stage key's devices: ``"cuda:0+cuda:1"`` is one stage split tensor-parallel over both (rank r on the r-th)."""
-    return device.split("+")
-
-
 class Loaded:
     """Every (shape, device) loaded once, with its runner; chains share them. Workers are reached only through
     named calls (``runner.call``), so the same code measures the thread and the process backend.
@@ -143,17 +139,17 @@ class Loaded:
         if self.backend == "process":
             # before the children start: they inherit CUDA_MPS_PIPE_DIRECTORY when a daemon of ours was started
             # (and so do a tensor-parallel stage's followers, which its rank-0 process starts)
-            every = [d for _, device in keys for d in split_devices(device)]
+            every = [d for _, device in keys for d in stage_devices(device)]
             action = ensure_mps(every, "process")
             self.mps = {"action": action, "shared_gpus": shared_gpus(every),
                         "pipe_dir": os.environ.get("CUDA_MPS_PIPE_DIRECTORY")}
-            threads = cpu_threads([torch.device(split_devices(d)[0]) for _, d in keys])
+            threads = cpu_threads([torch.device(stage_devices(d)[0]) for _, d in keys])
             for shape, device in keys:  # a tensor-parallel stage's process is its rank 0, on its first device
-                runners.append(ProcessRunner(f"{shape}@{device}", torch.device(split_devices(device)[0]),
+                runners.append(ProcessRunner(f"{shape}@{device}", torch.device(stage_devices(device)[0]),
                                              label=f"{shape} on {device}", threads=threads))
         else:
             # a tensor-parallel key's runner lives on its first device (rank 0's)
-            runners = [ThreadRunner(f"{shape}@{device}", torch.device(split_devices(device)[0]))
+            runners = [ThreadRunner(f"{shape}@{device}", torch.device(stage_devices(device)[0]))
                        for shape, device in keys]
         self.starting.update(zip(keys, runners))  # closed by close() whatever happens next
 
@@ -163,7 +159,7 @@ class Loaded:
             t0 = time.monotonic()
             try:
                 if "+" in device:
-                    info = await runner.start(build_synthetic_tp, shape, split_devices(device), self.oracle, 0,
+                    info = await runner.start(build_synthetic_tp, shape, stage_devices(device), self.oracle, 0,
                                               dims=dims, capacity=1024)
                 else:
                     info = await runner.start(build_synthetic, shape, device, self.oracle, 0, dims=dims,
