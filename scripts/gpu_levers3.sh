@@ -3,11 +3,8 @@
 # teardown fix, and a chain with an int8 target (gpu_tp_chain.sh); (2) the 70B shape's TP=2 forward, uncompiled vs
 # compiled layout (gpu_tp.py); (3) the int8 GEMV, v1 vs split-K (gpu_quant.py --gemv-only). Results under $OUT.
 set -u
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/gpu_env.sh"
 O=${OUT:-/tmp/levers3}; mkdir -p "$O"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 \
-       TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 {
   echo "== tp chain $(date +%T)"
   OUT=/tmp/tpchain RUN_S=60 timeout 200 bash scripts/gpu_tp_chain.sh

@@ -5,11 +5,8 @@
 #     alpha 0.7 and 0.9 (gpu_pipe_probe.py, thread backend, medians of 3).
 # Results under $OUT: tpchain.txt, probe1.md, probe1.json, recheck.log.
 set -u
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/gpu_env.sh"
 O=${OUT:-/tmp/recheck}; mkdir -p "$O"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 \
-       TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 {
   echo "== tp chain $(date +%T)"
   OUT=/tmp/tpchain timeout 250 bash scripts/gpu_tp_chain.sh 2>&1 | tee "$O/tpchain.txt"

@@ -5,10 +5,7 @@
 # whether every run's ids equal the unsplit target's; then a chain with an int8 target (its ids against that int8
 # target alone: losslessness is relative to the quantized target). Needs 2 GPUs. RUN_S: seconds per run (default 120).
 set -u
-cd "$(dirname "$0")/.."
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 \
-       TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+source "$(dirname "$0")/gpu_env.sh"
 O=${OUT:-/tmp/tpchain}; mkdir -p "$O"
 F=/tmp/tpfam
 python3 scripts/make_random_family.py $F > "$O/family.txt" 2>&1
