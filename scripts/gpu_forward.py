@@ -42,6 +42,13 @@ SHAPES = {  # hidden, layers, heads, kv heads, ffn, vocab
     "7b": (4096, 32, 32, 32, 11008, 32000),
     "13b": (5120, 40, 40, 40, 13824, 32000),
     "8b": (4096, 32, 32, 8, 14336, 128256),  # Llama-3 8B: GQA (4 query heads per kv head)
+    # issue 16: the other families on the static path, at the middle size of their chains
+    "qwen2.5-7b": (3584, 28, 28, 4, 18944, 152064),  # q/k/v biases
+    "qwen3-8b": (4096, 36, 32, 8, 12288, 151936),  # q/k norms
+    "mistral-7b": (4096, 32, 32, 8, 14336, 32768),  # v0.3: no sliding window
+    "tiny-qwen2": (64, 2, 4, 2, 128, 256),
+    "tiny-qwen3": (64, 2, 4, 2, 128, 256),
+    "tiny-mistral": (64, 2, 4, 2, 128, 256),
 }
 # phase A on every shape first, then phase B: the cheap and the likeliest winners before the long compiles
 PHASES = (["base", "lean", "lean-math", "compile-layer"],
@@ -76,19 +83,30 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build(shape: str, device: torch.device, dtype: torch.dtype) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def model_classes(shape: str) -> tuple[Any, Any]:
+    """(config class, model class) of a shape: its family is the name's prefix (LLaMA where none is named)."""
+    import transformers
 
+    family = next((f for f in ("qwen2", "qwen3", "mistral") if f in shape), "llama")
+    name = {"qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "llama": "Llama"}[family]
+    return getattr(transformers, f"{name}Config"), getattr(transformers, f"{name}ForCausalLM")
+
+
+def build(shape: str, device: torch.device, dtype: torch.dtype) -> Any:
+    config_class, model_class = model_classes(shape)
     hidden, layers, heads, kv, ffn, vocab = SHAPES[shape]
-    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=kv, intermediate_size=ffn, vocab_size=vocab,
-                         max_position_embeddings=4096, tie_word_embeddings=False)
+    extra = {"head_dim": hidden // heads} if "qwen3" in shape else {}
+    if "mistral" in shape:
+        extra["sliding_window"] = None
+    config = config_class(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                          num_key_value_heads=kv, intermediate_size=ffn, vocab_size=vocab,
+                          max_position_embeddings=4096, tie_word_embeddings=False, **extra)
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in its dtype: no float32 copy of 13B first
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(config).to(dtype).eval()
+            model = model_class(config).to(dtype).eval()
     finally:
         torch.set_default_dtype(previous)
     with torch.no_grad():
@@ -248,6 +266,8 @@ def write(out_dir: Path, result: dict[str, Any]) -> None:
              f" used {result.get('elapsed_s', 0)} s; prompt {PROMPT} tokens, context bucket {CONTEXT}", ""]
     for shape, info in result["shapes"].items():
         lines += [f"## {shape}: weights {info.get('weights_gb')} GB, floor {info.get('floor_ms')} ms", ""]
+        if "vs_hf" in info:
+            lines += [f"static `base` vs HF's forward, the prompt's last logits: {info['vs_hf']}", ""]
         if "error" in info:
             lines += [f"error: {info['error']}", ""]
         lines += ["| variant | 1 tok ms (p10-p90) | x floor | 8 tok ms (p10-p90) | x floor | compile s | kernels/layer"
@@ -334,7 +354,13 @@ def main() -> None:
                         static = StaticLlama(model, 1024 + 128, "base")
                         kv_bytes = 2 * static.n_layers * static.n_kv * CONTEXT * static.head_dim * model.dtype.itemsize
                         prompt = torch.randint(0, SHAPES[shape][5], (PROMPT,), device=device)
-                        static.forward(prompt, torch.arange(PROMPT, device=device), CONTEXT)  # the prompt's K/V
+                        # the prompt's K/V; its last row checked against HF's own forward of the same model
+                        ours = static.forward(prompt, torch.arange(PROMPT, device=device), CONTEXT)[-1].float()
+                        hf = model(prompt[None]).logits[0, -1].float()
+                        info["vs_hf"] = {"max_abs_diff": float(f"{(ours - hf).abs().max().item():.3g}"),
+                                         "max_abs_logit": round(hf.abs().max().item(), 3),
+                                         "argmax_same": bool(ours.argmax().item() == hf.argmax().item())}
+                        del hf, ours
                         inputs = {n: (torch.randint(0, SHAPES[shape][5], (n,), device=device),
                                       torch.arange(PROMPT, PROMPT + n, device=device)) for n in (1, 8)}
                         sync(device)
