@@ -10,7 +10,10 @@ priority), 0.60 ms as separate processes under CUDA MPS. This script separates t
   GPU (block scheduling: the big GEMVs fill every SM); a short GPU span with a long host turn says the host side
   waits (a lock, the GIL, a synchronisation that covers the other stream);
 - how the host waits for the result: ``.tolist()`` (what the workers do), an event's ``synchronize()``, the stream's;
-- stream priority; eager instead of graph replay; ``CUDA_DEVICE_MAX_CONNECTIONS`` (a fresh process per value).
+- stream priority; eager instead of graph replay; ``CUDA_DEVICE_MAX_CONNECTIONS`` (a fresh process per value);
+- SM partitioning by CUDA green contexts (``torch.cuda.green_contexts``, a process of its own, last: a failure there
+  must not take the other rows with it): the big model's graph on a green context of all SMs but 16, so 16 SMs stay
+  free of its blocks; or the small model's on a 16-SM green context.
 
 Random bf16 weights of real shapes, pipespec's static forward (CUDA's default layout) captured as CUDA graphs,
 512 tokens of context. Results: share.json and share.md in the output folder. ``--smoke`` runs tiny shapes on the
@@ -56,7 +59,11 @@ VARIANTS = [
     ("both, small eager", "tolist", "tolist", False, False, True),
     ("both, small eager + high priority", "tolist", "tolist", True, False, True),
     ("both eager", "tolist", "tolist", False, False, False),
+    ("both, green: big on all SMs but 16", "tolist", "tolist", False, True, True),
+    ("both, green: big on all SMs but 16, small high priority", "tolist", "tolist", True, True, True),
+    ("both, green: small on 16 SMs", "tolist", "tolist", False, True, True),
 ]
+GREEN_FREE_SMS = 16
 
 
 class Model:
@@ -72,6 +79,8 @@ class Model:
                             torch.arange(prompt_len, device=device), self.context)
         self.ids = torch.randint(0, vocab, (1,), device=device)
         self.pos = torch.arange(prompt_len, prompt_len + 1, device=device)
+        if device.type == "cuda":  # written on the default stream: done before another stream reads them
+            torch.cuda.synchronize(device)
         self.graph: Any = None
         self.out: Any = None
         if device.type == "cuda":
@@ -84,11 +93,33 @@ class Model:
             with torch.cuda.graph(self.graph, stream=stream):
                 self.out = self.eager()
             torch.cuda.synchronize(device)
+        self.green: tuple[Any, Any, Any] | None = None  # (green context, its stream, a graph captured there)
+
+    def on_green(self, num_sms: int) -> Any:
+        """A green context of ``num_sms`` SMs, its stream, and this model's graph captured on that stream (once)."""
+        if self.green is None:
+            from torch.cuda.green_contexts import GreenContext
+
+            ctx = GreenContext.create(num_sms=num_sms, device_id=self.device.index or 0)
+            stream = ctx.Stream()
+            with torch.cuda.stream(stream):
+                self.eager()
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                out = self.eager()
+            torch.cuda.synchronize(self.device)
+            self.green = (ctx, stream, graph)
+            self.out_green = out
+        return self.green
 
     def eager(self) -> torch.Tensor:
         return self.static.forward(self.ids, self.pos, self.context)
 
-    def call(self, graph: bool) -> torch.Tensor:
+    def call(self, graph: bool, green: bool = False) -> torch.Tensor:
+        if green and self.green is not None:
+            self.green[2].replay()
+            return self.out_green
         if graph and self.graph is not None:
             self.graph.replay()
             return self.out
@@ -96,7 +127,7 @@ class Model:
 
 
 def loop(model: Model, wait: str, graph: bool, stream: Any, start: threading.Barrier, seconds: float,
-         rec: dict[str, Any]) -> None:
+         rec: dict[str, Any], green: bool = False) -> None:
     """Forward after forward for ``seconds``: host time per turn and (CUDA) the GPU span of each forward."""
     cuda = model.device.type == "cuda"
     turns: list[float] = []
@@ -109,7 +140,7 @@ def loop(model: Model, wait: str, graph: bool, stream: Any, start: threading.Bar
                 if cuda:
                     e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     e0.record()
-                out = model.call(graph)
+                out = model.call(graph, green)
                 choice = out[-1].argmax()
                 if cuda:
                     e1.record()
@@ -152,15 +183,31 @@ def run_pair(small: Model, big: Model, seconds: float, only: list[str] | None) -
     for name, small_wait, big_wait, prio, small_graph, big_graph in VARIANTS:
         if only and not any(o in name for o in only):
             continue
+        if "green" in name and not (only and any("green" in o for o in only)):
+            continue  # only in a process of its own (main)
         row: dict[str, Any] = {"variant": name, "small": {}, "big": {}}
-        jobs = [(small, small_wait, small_graph, prio, row["small"]), (big, big_wait, big_graph, False, row["big"])]
+        green_big, green_small = "green: big" in name, "green: small" in name
+        jobs = [(small, small_wait, small_graph, prio, row["small"], green_small),
+                (big, big_wait, big_graph, False, row["big"], green_big)]
         jobs = [j for j in jobs if j[1] is not None]
         barrier = threading.Barrier(len(jobs))
         threads = []
-        for model, wait, graph, high, rec in jobs:
-            # a priority of -1 is the highest of torch's two (lower number = higher priority)
-            stream = torch.cuda.Stream(model.device, priority=-1 if high else 0) if cuda else None
-            threads.append(threading.Thread(target=loop, args=(model, wait, graph, stream, barrier, seconds, rec)))
+        try:
+            streams = []
+            for model, _, _, high, _, green in jobs:
+                if green and cuda:
+                    sms = torch.cuda.get_device_properties(model.device).multi_processor_count
+                    streams.append(model.on_green(sms - GREEN_FREE_SMS if model is big else GREEN_FREE_SMS)[1])
+                else:  # a priority of -1 is the highest of torch's two (lower number = higher priority)
+                    streams.append(torch.cuda.Stream(model.device, priority=-1 if high else 0) if cuda else None)
+        except Exception as e:  # noqa: BLE001 - recorded; the next variant goes on
+            row["error"] = f"{type(e).__name__}: {e}"[:400]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            continue
+        for (model, wait, graph, _, rec, green), stream in zip(jobs, streams):
+            threads.append(threading.Thread(target=loop, args=(model, wait, graph, stream, barrier, seconds, rec,
+                                                               green and cuda)))
         for t in threads:
             t.start()
         for t in threads:
@@ -213,6 +260,9 @@ def markdown(report: dict[str, Any]) -> str:
                       "|---|---:|---:|---:|---:|---:|"]
             for row in entry.get("rows", []):
                 cells = [row["variant"]]
+                if "error" in row:
+                    lines.append(f"| {row['variant']} | error: {row['error'][:200]} | | | | |")
+                    continue
                 for side, keys in (("small", ("host", "gpu", "n")), ("big", ("host", "gpu"))):
                     rec = row[side]
                     for k in keys:
@@ -241,6 +291,7 @@ def main() -> None:
     parser.add_argument("--connections", default="8,1,32",
                         help="CUDA_DEVICE_MAX_CONNECTIONS values, a fresh process each (8 is CUDA's default); the "
                              "first runs every variant, the others only the 'tolist' ones")
+    parser.add_argument("--no-green", action="store_true", help="skip the green-context process")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.pairs = args.pairs or ("tiny:tiny" if args.smoke else "68m:7b,1b:8b")
@@ -255,13 +306,15 @@ def main() -> None:
     ).stdout.strip()
     report: dict[str, Any] = {"commit": commit, "torch": torch.__version__, "runs": [],
                               "device": "cpu (smoke)" if args.smoke else "cuda"}
-    for i, connections in enumerate(args.connections.split(",")):
-        label = f"CUDA_DEVICE_MAX_CONNECTIONS={connections}"
+    runs = [(c, args.only if i == 0 else "tolist") for i, c in enumerate(args.connections.split(","))]
+    if not args.no_green:
+        runs.append(("8", "green"))
+    for connections, only in runs:
+        label = f"CUDA_DEVICE_MAX_CONNECTIONS={connections}" + (", green contexts" if only == "green" else "")
         env = dict(os.environ, CUDA_DEVICE_MAX_CONNECTIONS=connections)
         cmd = [sys.executable, __file__, str(out), "--child", "--pairs", args.pairs, "--seconds", str(args.seconds)]
         if args.smoke:
             cmd.append("--smoke")
-        only = args.only if i == 0 else "tolist"
         if only:
             cmd += ["--only", only]
         run: dict[str, Any] = {"label": label}
