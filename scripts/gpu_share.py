@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_forward import SHAPES, build  # noqa: E402
 
+from pipespec.workers.readback import HostReader  # noqa: E402
 from pipespec.workers.static_llama import CPU_VARIANT, CUDA_VARIANT, StaticLlama  # noqa: E402
 
 SHAPES.setdefault("68m", (768, 2, 12, 12, 3072, 32000))
@@ -55,13 +56,14 @@ VARIANTS = [
     ("both, tolist", "tolist", "tolist", False, True, True),
     ("both, small high priority", "tolist", "tolist", True, True, True),
     ("both, event.synchronize", "event", "event", False, True, True),
+    ("both, HostReader (the workers' read-back)", "reader", "reader", False, True, True),
     ("both, stream.synchronize", "stream", "stream", False, True, True),
     ("both, small eager", "tolist", "tolist", False, False, True),
     ("both, small eager + high priority", "tolist", "tolist", True, False, True),
     ("both eager", "tolist", "tolist", False, False, False),
-    ("both, green: big on all SMs but 16", "tolist", "tolist", False, True, True),
-    ("both, green: big on all SMs but 16, small high priority", "tolist", "tolist", True, True, True),
-    ("both, green: small on 16 SMs", "tolist", "tolist", False, True, True),
+    ("both, green: big on all SMs but 16 (HostReader)", "reader", "reader", False, True, True),
+    ("both, green: big on all SMs but 16, small high priority (HostReader)", "reader", "reader", True, True, True),
+    ("both, green: small on 16 SMs (HostReader)", "reader", "reader", False, True, True),
 ]
 GREEN_FREE_SMS = 16
 
@@ -131,6 +133,7 @@ def loop(model: Model, wait: str, graph: bool, stream: Any, start: threading.Bar
     """Forward after forward for ``seconds``: host time per turn and (CUDA) the GPU span of each forward."""
     cuda = model.device.type == "cuda"
     turns: list[float] = []
+    reader = HostReader()
     events: list[tuple[Any, Any]] = []
     try:
         with torch.inference_mode(), (torch.cuda.stream(stream) if cuda else _Null()):
@@ -147,6 +150,8 @@ def loop(model: Model, wait: str, graph: bool, stream: Any, start: threading.Bar
                     events.append((e0, e1))
                 if wait == "tolist" or not cuda:
                     choice.tolist()
+                elif wait == "reader":
+                    reader.ints(choice)
                 elif wait == "event":
                     e1.synchronize()
                 else:
@@ -197,7 +202,8 @@ def run_pair(small: Model, big: Model, seconds: float, only: list[str] | None) -
             for model, _, _, high, _, green in jobs:
                 if green and cuda:
                     sms = torch.cuda.get_device_properties(model.device).multi_processor_count
-                    streams.append(model.on_green(sms - GREEN_FREE_SMS if model is big else GREEN_FREE_SMS)[1])
+                    with torch.inference_mode():
+                        streams.append(model.on_green(sms - GREEN_FREE_SMS if model is big else GREEN_FREE_SMS)[1])
                 else:  # a priority of -1 is the highest of torch's two (lower number = higher priority)
                     streams.append(torch.cuda.Stream(model.device, priority=-1 if high else 0) if cuda else None)
         except Exception as e:  # noqa: BLE001 - recorded; the next variant goes on
@@ -306,7 +312,8 @@ def main() -> None:
     ).stdout.strip()
     report: dict[str, Any] = {"commit": commit, "torch": torch.__version__, "runs": [],
                               "device": "cpu (smoke)" if args.smoke else "cuda"}
-    runs = [(c, args.only if i == 0 else "tolist") for i, c in enumerate(args.connections.split(","))]
+    runs = [(c, args.only if i == 0 else "tolist") for i, c in enumerate(args.connections.split(",") if
+                                                                        args.connections else [])]
     if not args.no_green:
         runs.append(("8", "green"))
     for connections, only in runs:

@@ -23,6 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from ..verify import SamplingParams, choose, count_accepted, rejection_verify
+from .readback import HostReader
 
 __all__ = ["Worker", "WorkerInfo", "StepResult", "ProbRows", "LogitsWorker", "common_prefix", "gather_rows"]
 
@@ -119,6 +120,7 @@ class LogitsWorker(ABC):
         self.cached: list[int] = []
         self.forwards = 0
         self.generator: torch.Generator | None = None
+        self.reader = HostReader()  # read-backs that wait for this worker's stream only (readback.py says why)
 
     def describe(self) -> WorkerInfo:
         gen = getattr(self.model, "generation_config", None)
@@ -250,7 +252,7 @@ class LogitsWorker(ABC):
         positions = torch.arange(start, len(seq) + 1, device=logits.device)  # [n + 1]
         if params.rule != "rejection" or n == 0:
             own, q = choose(logits, params, positions, self.generator)  # [n + 1], [n + 1, vocab] | None
-            choices = own.tolist()
+            choices = self.reader.ints(own)
             accepted = count_accepted(seq[start:], choices)
             tokens = tuple(seq[start:start + accepted]) + (choices[accepted],)
             rows = q[: accepted + 1] if q is not None else None
@@ -274,7 +276,7 @@ class LogitsWorker(ABC):
             logits = self.logits(work, len(work))  # [1, vocab]
             positions = torch.tensor([len(work)], device=logits.device)
             own, q = choose(logits, params, positions, self.generator)
-            token = int(own[0])
+            token = self.reader.ints(own[:1])[0]
             tokens.append(token)
             work.append(token)
             if q is not None:

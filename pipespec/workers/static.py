@@ -195,7 +195,7 @@ class StaticWorker(LogitsWorker):
             rest = out
         self._gpu_span_end(span, n)
         self.forwards += steps
-        return torch.cat((first, rest)).tolist()  # the one host sync of the call
+        return self.reader.ints(torch.cat((first, rest)))  # the one host sync of the call
 
     def _draft_steps(self, tok: torch.Tensor, pos: torch.Tensor, steps: int, kv_len: int, params: SamplingParams,
                      seed_h: torch.Tensor) -> torch.Tensor:

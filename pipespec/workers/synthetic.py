@@ -94,7 +94,7 @@ def forward_ms(worker: StaticWorker, prompt: Sequence[int], sizes: Sequence[int]
         for i in range(repeats + 2):
             worker.rollback(base)
             t0 = time.perf_counter()
-            worker.forward([7] * n, base, 1)[-1, :1].tolist()  # [1, vocab] -> one value: waits for the device
+            worker.reader.ints(worker.forward([7] * n, base, 1)[-1, :1].argmax(-1))  # waits for the device
             if i >= 2:
                 times.append(time.perf_counter() - t0)
         out.append(1000 * sorted(times)[len(times) // 2])
@@ -166,8 +166,8 @@ class SyntheticChoices(OracleChoices):
 
     def _wait(self, logits: torch.Tensor) -> None:
         # the oracle does not read the logits, but the stage must not get ahead of its device: wait as the real
-        # worker's .tolist() would
-        logits[-1, :1].tolist()
+        # worker's read-back would (one value through its reader)
+        self.reader.ints(logits[-1, :1].argmax(-1))
 
     def prefill(self, prompt: Sequence[int]) -> bool:
         self._learn_prompt(len(prompt))
