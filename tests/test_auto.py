@@ -19,7 +19,7 @@ from helpers import limit
 from pipespec.analysis.model import predict_throughput
 from pipespec.apps.simulate import simulated_pipeline
 from pipespec.scheduler import pipeline as pipeline_module
-from pipespec.scheduler.pipeline import tune_lookahead
+from pipespec.scheduler.pipeline import probe_until_settled, tune_lookahead
 from pipespec.errors import ConfigError
 
 PROMPT = list(range(3, 19))
@@ -174,3 +174,25 @@ async def test_auto_tunes_down_where_sd_trails_at_its_default_lookahead() -> Non
             assert choice.lookahead <= 4, choice
         want = await pipe.generate(PROMPT, max_new_tokens=64, mode="ar")
         assert g.token_ids == want.token_ids
+
+
+@limit(10)
+async def test_pipe_is_probed_again_while_its_runtime_is_still_learning() -> None:
+    def measures(rates):
+        it = iter(rates)
+
+        async def measure() -> float:
+            return next(it)
+        return measure
+
+    # gaining more than 5 % a probe: probed up to PIPE_PROBES_MAX (4) in all, the best counts
+    runs = [100.0, 130.0]
+    assert await probe_until_settled(measures([170.0, 175.0, 999.0]), runs) == 175.0
+    assert runs == [100.0, 130.0, 170.0, 175.0]
+    # settled (the last gained under 5 %) or slower: no more probes
+    for first in ([100.0, 104.0], [130.0, 100.0]):
+        runs = list(first)
+        assert await probe_until_settled(measures([]), runs) == max(first) and runs == first
+    # a probe that gains, then one that does not: stops there
+    runs = [100.0, 110.0]
+    assert await probe_until_settled(measures([112.0, 999.0]), runs) == 112.0 and len(runs) == 3

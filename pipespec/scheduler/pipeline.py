@@ -56,6 +56,11 @@ SD_LOOKAHEAD_MIN = 2  # one draft per round
 SD_TUNE_BAND = 0.6  # tune only while sd at the request's lookahead is within this of the leader. Not 0.8: on an
 # H200 ({68m,7b,13b} on one GPU, alpha 0.7) sd:8 ran at 0.75x ar while sd:4 beat ar by 8 % (sd:4 is 1.44x sd:8);
 # an sd further behind than 0.6 would need a tuning gain over 1.67x to win, and its extra probes would be wasted
+PIPE_PROBES_MAX = 4  # pipe's probes in all: past PROBE_ROUNDS, more while the last one still gained ...
+PIPE_SETTLED_GAIN = 1.05  # ... over the one before by more than this. The adaptive runtime (ChainMonitor, kept
+# across generations) tries taking out a stage that shares its GPU after 64 committed tokens and judges it over 32
+# more, so two 64-token probes rate a 3-stage pipe mostly before it settles: on an H200 ({68m,7b,13b} on one GPU,
+# alpha 0.9) pipe's probes gave 158.5 tokens/s, its timed 128-token runs 217.6, and auto ran sd:4 (176.6): 0.81x
 
 
 class AutoChoice(NamedTuple):
@@ -84,6 +89,15 @@ async def tune_lookahead(measure: Callable[[int], Awaitable[float]], start: int,
         if best != start:
             break  # doubling won: halving will not
     return max(rates, key=lambda la: rates[la])
+
+
+async def probe_until_settled(measure: Callable[[], Awaitable[float]], runs: list[float], *,
+                              most: int = PIPE_PROBES_MAX, gain: float = PIPE_SETTLED_GAIN) -> float:
+    """Pipe's probes after its first ones (their rates in ``runs``, appended to): another while the last one gained
+    more than ``gain`` over the one before (its runtime was still learning), ``most`` probes in all; the best rate."""
+    while 2 <= len(runs) < most and runs[-1] > gain * runs[-2]:
+        runs.append(await measure())
+    return max(runs)
 
 
 class Pipeline:
@@ -255,7 +269,8 @@ class Pipeline:
 
         Every mode runs ``PROBE_ROUNDS`` short generations of the request's own prompt and sampling options
         (``PROBE_TOKENS`` tokens, interleaved ar, sd, pipe, ar, ...), and the best rate of each mode counts, so a
-        first run that pays for warm-up (graph captures, caches) does not decide. Greedy outputs are identical in
+        first run that pays for warm-up (graph captures, caches) does not decide. Pipe is probed again while its
+        last probe still gained (``probe_until_settled``): its adaptive runtime learns across generations. Greedy outputs are identical in
         every mode (lossless), so which one runs changes only the speed.
 
         sd's lookahead: where the request left it unset (``lookahead_given``) and sd is within ``SD_TUNE_BAND`` of
@@ -281,9 +296,15 @@ class Pipeline:
             return max([await rate("sd", lookahead) for _ in range(PROBE_ROUNDS)])
 
         rates: dict[Mode, float] = {"ar": 0.0, "sd": 0.0, "pipe": 0.0}
+        pipe_runs: list[float] = []
         for _ in range(PROBE_ROUNDS):
             for mode in rates:
-                rates[mode] = max(rates[mode], await rate(mode, request.lookahead))
+                measured = await rate(mode, request.lookahead)
+                rates[mode] = max(rates[mode], measured)
+                if mode == "pipe":
+                    pipe_runs.append(measured)
+        if rates["pipe"] >= SD_TUNE_BAND * max(rates["ar"], rates["sd"]):
+            rates["pipe"] = await probe_until_settled(lambda: rate("pipe", request.lookahead), pipe_runs)
         sd_rates = {request.lookahead: rates["sd"]}
         if not request.lookahead_given and rates["sd"] >= SD_TUNE_BAND * max(rates["ar"], rates["pipe"]):
             tuned = await tune_lookahead(sd_rate, request.lookahead, sd_rates)
@@ -294,8 +315,9 @@ class Pipeline:
                             + [f"pipe {rates['pipe']:.1f}"])
         what = f"sd (lookahead {lookahead})" if best == "sd" else best
         self.auto_choice = AutoChoice(
-            best, f"{what}: fastest in probes on this placement ({PROBE_ROUNDS} x {n} tokens per mode, best run "
-                  f"each; tokens/s: {listing})", lookahead if best == "sd" else None)
+            best, f"{what}: fastest in probes on this placement ({PROBE_ROUNDS} x {n} tokens per mode"
+                  + (f", pipe {len(pipe_runs)}" if len(pipe_runs) > PROBE_ROUNDS else "")
+                  + f", best run each; tokens/s: {listing})", lookahead if best == "sd" else None)
         log("debug", "mode chosen", mode=what, tokens_per_s=listing)  # debug: at -v it would land in a streamed reply
         return self.auto_choice
 
