@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["SplitKConfig", "heuristic", "launch", "plan", "wgemv", "wgemv4", "wgemv_splitk"]
+__all__ = ["SplitKConfig", "heuristic", "launch", "plan", "wgemv", "wgemv4", "wgemv4_splitk", "wgemv_splitk"]
 
 _CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
             for bn, bk, w in [(16, 256, 4), (16, 512, 4), (32, 256, 4), (32, 512, 8), (64, 128, 4), (64, 256, 8),
@@ -223,6 +223,36 @@ def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor 
 
 
 @triton.jit
+def _splitk_epilogue(acc, rn, n_ok, pid_k, M, N, s_ptr, b_ptr, y_ptr, p_ptr, stride_ym, M_BUCKET: tl.constexpr,
+                     DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE: tl.constexpr):
+    """Where a split-K program's fp32 sums go: ``acc`` is [BLOCK_N] (one token) or the y.T tile [BLOCK_N, M_BUCKET].
+    DIRECT (one split): y = acc * scale[n] (SCALE: int8/fp8's per-channel scale; int4 applied its group scales in the
+    loop) + b[n], in y's dtype; else acc as it is to the workspace p [SPLIT, M, N] for ``_splitk_reduce``."""
+    if M_BUCKET == 1:
+        if DIRECT:
+            y = acc
+            if SCALE:
+                y = y * tl.load(s_ptr + rn, mask=n_ok, other=0.0)
+            if HAS_BIAS:
+                y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+            tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+        else:
+            tl.store(p_ptr + pid_k * N + rn, acc, mask=n_ok)
+    else:
+        rm = tl.arange(0, M_BUCKET)
+        ok = (rm < M)[None, :] & n_ok[:, None]
+        if DIRECT:
+            y2 = acc
+            if SCALE:
+                y2 = y2 * tl.load(s_ptr + rn, mask=n_ok, other=0.0)[:, None]
+            if HAS_BIAS:
+                y2 += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            tl.store(y_ptr + rm[None, :] * stride_ym + rn[:, None], y2.to(y_ptr.dtype.element_ty), mask=ok)
+        else:
+            tl.store(p_ptr + pid_k * M * N + rm[None, :] * N + rn[:, None], acc, mask=ok)
+
+
+@triton.jit
 def _splitk_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn, stride_ym,
                    M_BUCKET: tl.constexpr, DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr, MAGIC: tl.constexpr,
                    PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -248,14 +278,8 @@ def _splitk_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, K_SPLIT, s
             else:
                 w = wq.to(tl.float32)
             acc += w * x[None, :]  # [BLOCK_N, BLOCK_K]
-        part = tl.sum(acc, axis=1)  # [BLOCK_N]
-        if DIRECT:
-            y = part * tl.load(s_ptr + rn, mask=n_ok, other=0.0)
-            if HAS_BIAS:
-                y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-            tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
-        else:
-            tl.store(p_ptr + pid_k * N + rn, part, mask=n_ok)
+        _splitk_epilogue(tl.sum(acc, axis=1), rn, n_ok, pid_k, M, N, s_ptr, b_ptr, y_ptr, p_ptr, stride_ym,
+                         M_BUCKET, DIRECT, HAS_BIAS, True)
     else:
         rm = tl.arange(0, M_BUCKET)
         m_ok = rm < M
@@ -272,27 +296,98 @@ def _splitk_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, K_SPLIT, s
             else:
                 w = wq.to(xt.dtype)  # exact (|q| <= 127, e4m3 in bf16)
             acc2 = tl.dot(w, xt, acc2, input_precision=PREC)  # [BLOCK_N, M_BUCKET]
-        if DIRECT:
-            y2 = acc2 * tl.load(s_ptr + rn, mask=n_ok, other=0.0)[:, None]
-            if HAS_BIAS:
-                y2 += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            tl.store(y_ptr + rm[None, :] * stride_ym + rn[:, None], y2.to(y_ptr.dtype.element_ty),
-                     mask=m_ok[None, :] & n_ok[:, None])
-        else:
-            tl.store(p_ptr + pid_k * M * N + rm[None, :] * N + rn[:, None], acc2, mask=m_ok[None, :] & n_ok[:, None])
+        _splitk_epilogue(acc2, rn, n_ok, pid_k, M, N, s_ptr, b_ptr, y_ptr, p_ptr, stride_ym, M_BUCKET, DIRECT,
+                         HAS_BIAS, True)
+
+
+# int4 split-K (``wgemv4_splitk``): v2's grid, tuner and reduction over v1-int4's packed nibbles. What differs:
+# - a step (BLOCK_K inputs, BLOCK_K / 2 bytes a row) is a whole number of groups (BLOCK_K % GROUP == 0; K_SPLIT is a
+#   multiple of BLOCK_K, so a split starts on a group boundary too). Chosen over BLOCK_K | GROUP because a step then
+#   keeps 4-16 KiB of weight in flight whatever the group, and the loop body is one group at a time (static_range
+#   over the step's groups): each group's bytes are loaded once, unpacked once, and serve every token of the M rows.
+# - one token: the element-wise fp32 accumulator [BLOCK_N, GROUP / 2] takes each group's products times that
+#   group's scale (one FFMA a byte, no per-group warp reduction); reduced to [BLOCK_N] once after the loop.
+# - 2-16 tokens: per group, dot(lo [BLOCK_N, GROUP / 2], x_even.T) + dot(hi, x_odd.T) -> [BLOCK_N, M_BUCKET] fp32,
+#   times the group's scale into the y.T accumulator (swap-AB, as v2: the weight is the left operand).
+# - nibble -> float: (nibble | 0x4B000000) is the float 2^23 + nibble; minus 2^23 + 8 gives q exactly (one LOP3 and
+#   one FADD, both full rate, instead of a quarter-rate I2F; v2's MAGIC for int8).
+# - scales are applied in the loop, so the epilogue and the reduction take none (SCALE=False); the bias as v2.
+# The same determinism as v2: fixed loop order, fixed-order reduction, one config per key in a process.
+
+
+@triton.jit
+def _nibbles(byte):
+    """byte: uint8 tile -> (lo, hi) float32 tiles of the even and odd inputs' q in [-8, 7], exact."""
+    b = byte.to(tl.int32)
+    lo = ((b & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8
+    hi = ((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+    return lo, hi
+
+
+@triton.jit
+def _splitk4_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn, stride_sn,
+                    stride_ym, M_BUCKET: tl.constexpr, DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    GROUP: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output channels of this program
+    rb = tl.arange(0, GROUP // 2)  # byte columns of one group
+    n_ok = rn < N
+    kb_end = K // 2
+    k_lo = pid_k * K_SPLIT  # this program's inputs: [k_lo, k_lo + K_SPLIT) & [0, K), whole groups
+    w_rows = w_ptr + rn.to(tl.int64) * stride_wn  # [BLOCK_N] row starts (int64: N * K / 2 may pass 2^31)
+    s_rows = s_ptr + rn * stride_sn  # [BLOCK_N] this program's rows of group scales
+    if M_BUCKET == 1:
+        acc = tl.zeros((BLOCK_N, GROUP // 2), dtype=tl.float32)
+        for i in range(0, K_SPLIT, BLOCK_K):
+            for j in tl.static_range(BLOCK_K // GROUP):
+                k0 = k_lo + i + j * GROUP  # this group's first input
+                kb = k0 // 2 + rb  # [GROUP / 2] bytes: inputs 2 kb (low nibble) and 2 kb + 1 (high)
+                b_ok = kb < kb_end
+                xe = tl.load(x_ptr + 2 * kb, mask=b_ok, other=0.0).to(tl.float32)  # [GROUP / 2] even inputs
+                xo = tl.load(x_ptr + 2 * kb + 1, mask=b_ok, other=0.0).to(tl.float32)  # odd inputs
+                lo, hi = _nibbles(tl.load(w_rows[:, None] + kb[None, :], mask=n_ok[:, None] & b_ok[None, :],
+                                          other=0x88))  # [BLOCK_N, GROUP / 2] each
+                s = tl.load(s_rows + k0 // GROUP, mask=n_ok & (k0 < K), other=0.0)  # [BLOCK_N] the group's scale
+                acc += (lo * xe[None, :] + hi * xo[None, :]) * s[:, None]
+        _splitk_epilogue(tl.sum(acc, axis=1), rn, n_ok, pid_k, M, N, s_ptr, b_ptr, y_ptr, p_ptr, stride_ym,
+                         M_BUCKET, DIRECT, HAS_BIAS, False)
+    else:
+        rm = tl.arange(0, M_BUCKET)
+        m_ok = rm < M
+        acc2 = tl.zeros((BLOCK_N, M_BUCKET), dtype=tl.float32)  # y.T tile
+        for i in range(0, K_SPLIT, BLOCK_K):
+            for j in tl.static_range(BLOCK_K // GROUP):
+                k0 = k_lo + i + j * GROUP
+                kb = k0 // 2 + rb
+                b_ok = kb < kb_end
+                x_at = x_ptr + rm[None, :] * stride_xm + 2 * kb[:, None]
+                x_ok = m_ok[None, :] & b_ok[:, None]
+                xe = tl.load(x_at, mask=x_ok, other=0.0)  # [GROUP / 2, M_BUCKET] even inputs of x.T, x's dtype
+                xo = tl.load(x_at + 1, mask=x_ok, other=0.0)
+                lo, hi = _nibbles(tl.load(w_rows[:, None] + kb[None, :], mask=n_ok[:, None] & b_ok[None, :],
+                                          other=0x88))
+                part = tl.dot(lo.to(xe.dtype), xe, input_precision=PREC)  # [BLOCK_N, M_BUCKET]; q exact in x's dtype
+                part = tl.dot(hi.to(xe.dtype), xo, part, input_precision=PREC)
+                acc2 += part * tl.load(s_rows + k0 // GROUP, mask=n_ok & (k0 < K), other=0.0)[:, None]
+        _splitk_epilogue(acc2, rn, n_ok, pid_k, M, N, s_ptr, b_ptr, y_ptr, p_ptr, stride_ym, M_BUCKET, DIRECT,
+                         HAS_BIAS, False)
 
 
 @triton.jit
 def _splitk_reduce(p_ptr, s_ptr, b_ptr, y_ptr, M, N, stride_ym, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   BLOCK: tl.constexpr):
-    """y[m, n] = (sum_{s = 0..SPLIT-1, in order} p[s, m, n]) * scale[n] + b[n]; p: [SPLIT, M, N] fp32."""
+                   SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    """y[m, n] = (sum_{s = 0..SPLIT-1, in order} p[s, m, n]) * scale[n] (SCALE; int4's partial sums come scaled)
+    + b[n]; p: [SPLIT, M, N] fp32."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat over [M, N]
     ok = offs < M * N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in tl.static_range(SPLIT):  # fixed order: deterministic
         acc += tl.load(p_ptr + s * M * N + offs, mask=ok, other=0.0)
     n = offs % N
-    y = acc * tl.load(s_ptr + n, mask=ok, other=0.0)
+    y = acc
+    if SCALE:
+        y = y * tl.load(s_ptr + n, mask=ok, other=0.0)
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + (offs // N) * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=ok)
@@ -300,7 +395,8 @@ def _splitk_reduce(p_ptr, s_ptr, b_ptr, y_ptr, M, N, stride_ym, SPLIT: tl.conste
 
 @dataclass(frozen=True)
 class SplitKConfig:
-    """One launch of v2: tiles, K split (requested; ``plan`` derives the split actually used), warps, stages."""
+    """One launch of v2: tiles, K split (requested; ``plan`` derives the split actually used), warps, stages.
+    ``block_k`` counts inputs (int4: a multiple of the group; half as many bytes a row)."""
 
     block_n: int
     block_k: int
@@ -317,10 +413,19 @@ def plan(k: int, block_k: int, split: int) -> tuple[int, int]:
     return k_split, triton.cdiv(k, k_split)
 
 
-def heuristic(m_bucket: int, n: int, k: int, sms: int = 132) -> SplitKConfig:
-    """The untuned config: a tile of 8-16 KiB of weight per step, and a K split that gives >= ~4 programs per SM
-    (each split keeps >= 4 steps of BLOCK_K). E.g. M = 1, 8192 x 28672 (70B down): 256 tiles x split 3."""
-    if m_bucket == 1:
+def _whole_groups(block_k: int, group: int) -> int:
+    """int4's BLOCK_K: ``block_k`` rounded down to whole groups, at least one (``group`` 0: int8/fp8, unchanged)."""
+    return max(group, block_k // group * group) if group else block_k
+
+
+def heuristic(m_bucket: int, n: int, k: int, sms: int = 132, group: int = 0) -> SplitKConfig:
+    """The untuned config: a tile of 8-16 KiB of weight per step (int4, ``group`` > 0: 8 KiB, twice the inputs), and
+    a K split that gives >= ~4 programs per SM (each split keeps >= 4 steps of BLOCK_K). E.g. M = 1, 8192 x 28672
+    (70B down): 256 tiles x split 3."""
+    if group:
+        bn, bk, warps = (32, 512, 4) if m_bucket == 1 else (64, 256, 4)
+        bk = _whole_groups(bk, group)
+    elif m_bucket == 1:
         bn, bk, warps = 32, 256, 4
     else:
         bn, bk, warps = 64, 128, 4
@@ -330,11 +435,18 @@ def heuristic(m_bucket: int, n: int, k: int, sms: int = 132) -> SplitKConfig:
     return SplitKConfig(bn, bk, max(1, min(want, most, 16)), warps, 3)
 
 
-def candidates(m_bucket: int, n: int, k: int, sms: int = 132) -> list[SplitKConfig]:
+def candidates(m_bucket: int, n: int, k: int, sms: int = 132, group: int = 0) -> list[SplitKConfig]:
     """What the tuner times: tiles x warps x stages around the heuristic's split (x1/2, x1, x2) and no split."""
-    base = heuristic(m_bucket, n, k, sms)
-    tiles = ([(16, 512, 4), (32, 256, 4), (32, 512, 8), (64, 256, 8), (16, 1024, 8), (64, 128, 4)] if m_bucket == 1
-             else [(64, 128, 4), (64, 256, 4), (128, 128, 8), (64, 256, 8), (32, 256, 4), (128, 256, 8)])
+    base = heuristic(m_bucket, n, k, sms, group)
+    if group:  # int4: the same bytes a step as int8's tiles hold twice the inputs
+        tiles = ([(32, 512, 4), (16, 1024, 4), (32, 256, 4), (64, 512, 8), (32, 1024, 8), (64, 256, 4)]
+                 if m_bucket == 1 else
+                 [(64, 256, 4), (64, 128, 4), (128, 128, 8), (64, 512, 8), (32, 512, 4), (128, 256, 8)])
+        tiles = list(dict.fromkeys((bn, _whole_groups(bk, group), w) for bn, bk, w in tiles))
+    elif m_bucket == 1:
+        tiles = [(16, 512, 4), (32, 256, 4), (32, 512, 8), (64, 256, 8), (16, 1024, 8), (64, 128, 4)]
+    else:
+        tiles = [(64, 128, 4), (64, 256, 4), (128, 128, 8), (64, 256, 8), (32, 256, 4), (128, 256, 8)]
     out: list[SplitKConfig] = []
     for bn, bk, warps in tiles:
         want = max(1, triton.cdiv(4 * sms, triton.cdiv(n, bn)))
@@ -347,52 +459,62 @@ def candidates(m_bucket: int, n: int, k: int, sms: int = 132) -> list[SplitKConf
 
 
 _TUNE = os.environ.get("PIPESPEC_WGEMV_TUNE", "1") != "0" and not _INTERPRET
-_chosen: dict[tuple, SplitKConfig] = {}  # (m_bucket, N, K, q dtype, x dtype, has bias) -> the config this process uses
+_chosen: dict[tuple, SplitKConfig] = {}  # (m_bucket, N, K, dtypes, bias, magic, group) -> the config this process uses
 
 
 def launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, cfg: SplitKConfig,
-           magic: bool = True) -> torch.Tensor:
-    """One v2 product with an explicit config: x [m, K] (contiguous), q [N, K] -> y [m, N] in x's dtype."""
+           magic: bool = True, group: int = 0) -> torch.Tensor:
+    """One v2 product with an explicit config: x [m, K] (contiguous), q [N, K] -> y [m, N] in x's dtype. ``group`` > 0:
+    int4, q [N, K / 2] uint8 and scale [N, K / group] (contiguous rows), ``cfg.block_k`` a multiple of ``group``."""
     m, k = x.shape
     n = q.shape[0]
     m_bucket = 1 if m == 1 else 16
+    if group and (cfg.block_k % group or group % 32):
+        raise ValueError(f"int4 split-K: block_k {cfg.block_k} must be whole groups of {group} (a multiple of 32)")
     k_split, splits = plan(k, cfg.block_k, cfg.split)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     part = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else y
     b = bias if bias is not None else scale
     opts = {} if _INTERPRET else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    _splitk_kernel[(triton.cdiv(n, cfg.block_n), splits)](
-        x, q, scale, b, y, part, m, n, k, k_split, x.stride(0), q.stride(0), y.stride(0),
-        M_BUCKET=m_bucket, DIRECT=splits == 1, HAS_BIAS=bias is not None, MAGIC=magic and q.dtype == torch.int8,
-        PREC="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **opts)
+    grid = (triton.cdiv(n, cfg.block_n), splits)
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"
+    if group:
+        _splitk4_kernel[grid](x, q, scale, b, y, part, m, n, k, k_split, x.stride(0), q.stride(0), scale.stride(0),
+                              y.stride(0), M_BUCKET=m_bucket, DIRECT=splits == 1, HAS_BIAS=bias is not None,
+                              GROUP=group, PREC=prec, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **opts)
+    else:
+        _splitk_kernel[grid](x, q, scale, b, y, part, m, n, k, k_split, x.stride(0), q.stride(0), y.stride(0),
+                             M_BUCKET=m_bucket, DIRECT=splits == 1, HAS_BIAS=bias is not None,
+                             MAGIC=magic and q.dtype == torch.int8, PREC=prec, BLOCK_N=cfg.block_n,
+                             BLOCK_K=cfg.block_k, **opts)
     if splits > 1:
         block = 1024
         _splitk_reduce[(triton.cdiv(m * n, block),)](part, scale, b, y, m, n, y.stride(0), SPLIT=splits,
-                                                     HAS_BIAS=bias is not None, BLOCK=block,
+                                                     HAS_BIAS=bias is not None, SCALE=not group, BLOCK=block,
                                                      **({} if _INTERPRET else {"num_warps": 4}))
     return y
 
 
 def chosen_config(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                  magic: bool = True) -> SplitKConfig:
+                  magic: bool = True, group: int = 0) -> SplitKConfig:
     """The config for this call's key: cached; else timed over ``candidates`` (eager only: a CUDA-graph capture
     cannot benchmark, it takes the heuristic and keeps it), or the heuristic when tuning is off."""
     m, k = x.shape
     n = q.shape[0]
     m_bucket = 1 if m == 1 else 16
-    key = (m_bucket, n, k, q.dtype, x.dtype, bias is not None, magic)
+    key = (m_bucket, n, k, q.dtype, x.dtype, bias is not None, magic, group)
     cfg = _chosen.get(key)
     if cfg is not None:
         return cfg
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
-    cfg = heuristic(m_bucket, n, k, sms)
+    cfg = heuristic(m_bucket, n, k, sms, group)
     if _TUNE and x.is_cuda and not torch.cuda.is_current_stream_capturing():
         from triton.testing import do_bench
 
         best = float("inf")
-        for c in candidates(m_bucket, n, k, sms):
+        for c in candidates(m_bucket, n, k, sms, group):
             try:
-                t = do_bench(lambda c=c: launch(x, q, scale, bias, c, magic), warmup=5, rep=20)
+                t = do_bench(lambda c=c: launch(x, q, scale, bias, c, magic, group), warmup=5, rep=20)
             except Exception:  # noqa: BLE001 - a config that does not compile / fit (shared memory) is skipped
                 continue
             if t < best:
@@ -417,4 +539,30 @@ def wgemv_splitk(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: to
 
 @wgemv_splitk.register_fake
 def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return x.new_empty((x.shape[0], q.shape[0]))
+
+
+def wgemv4_splitk_impl(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                       group: int) -> torch.Tensor:
+    m, k = x.shape
+    n = q.shape[0]
+    if m > 16:
+        raise ValueError(f"wgemv4_splitk serves up to 16 tokens, got {m}")
+    if group % 32 or q.shape[1] * 2 != k or scale.shape != (n, -(-k // group)):
+        raise ValueError(f"wgemv4_splitk: x {tuple(x.shape)}, q {tuple(q.shape)}, scale {tuple(scale.shape)}, "
+                         f"group {group} (a multiple of 32)")
+    x, scale = x.contiguous(), scale.contiguous()
+    return launch(x, q, scale, bias, chosen_config(x, q, scale, bias, group=group), group=group)
+
+
+@torch.library.custom_op("pipespec::wgemv4_splitk", mutates_args=())
+def wgemv4_splitk(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                  group: int) -> torch.Tensor:
+    """int4 split-K (``wgemv4``'s contract): one load and unpack of each weight group for all tokens, group scales in
+    the loop, v2's deterministic reduction and tuner (first eager call per shape; a capture takes the heuristic)."""
+    return wgemv4_splitk_impl(x, q, scale, bias, group)
+
+
+@wgemv4_splitk.register_fake
+def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, group: int) -> torch.Tensor:
     return x.new_empty((x.shape[0], q.shape[0]))
