@@ -191,7 +191,7 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, b: torch.Tensor | Non
         from . import triton_gemv
 
         if triton_gemv.int4_block_k(w.group):  # else (a group not a multiple of 32) the torch path below
-            if _gemv == "v1":
+            if _gemv == "v1" or not triton_gemv.int4_splitk_ok(x.shape[-1], w.group):
                 return triton_gemv.wgemv4(x, w.q, w.scale, b, w.group)
             return triton_gemv.wgemv4_splitk(x, w.q, w.scale, b, w.group)
     elif backend == "triton":

@@ -305,71 +305,83 @@ def _splitk_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, K_SPLIT, s
 #   multiple of BLOCK_K, so a split starts on a group boundary too). Chosen over BLOCK_K | GROUP because a step then
 #   keeps 4-16 KiB of weight in flight whatever the group, and the loop body is one group at a time (static_range
 #   over the step's groups): each group's bytes are loaded once, unpacked once, and serve every token of the M rows.
-# - one token: the element-wise fp32 accumulator [BLOCK_N, GROUP / 2] takes each group's products times that
-#   group's scale (one FFMA a byte, no per-group warp reduction); reduced to [BLOCK_N] once after the loop.
-# - 2-16 tokens: per group, dot(lo [BLOCK_N, GROUP / 2], x_even.T) + dot(hi, x_odd.T) -> [BLOCK_N, M_BUCKET] fp32,
-#   times the group's scale into the y.T accumulator (swap-AB, as v2: the weight is the left operand).
-# - nibble -> float: (nibble | 0x4B000000) is the float 2^23 + nibble; minus 2^23 + 8 gives q exactly (one LOP3 and
-#   one FADD, both full rate, instead of a quarter-rate I2F; v2's MAGIC for int8).
+# - one token: each group's products summed per row (FFMAs within a thread, then 2 shuffles), times the group's
+#   scale, into an fp32 accumulator [BLOCK_N] (an element-wise [BLOCK_N, GROUP] one compiled to an extra FMUL a
+#   weight).
+# - 2-16 tokens: per group, dot(q [BLOCK_N, GROUP], x.T [GROUP, M_BUCKET]) -> [BLOCK_N, M_BUCKET] fp32, times the
+#   group's scale into the y.T accumulator (swap-AB, as v2: the weight is the left operand).
+# - q is read as int32 words (8 inputs); nibble -> float: (nibble | 0x4B000000) is the float 2^23 + nibble, minus
+#   2^23 + 8 gives q exactly (full-rate integer ops and one FADD instead of a quarter-rate I2F; v2's MAGIC for int8).
+#   Compiled for sm_90 (no GPU: triton.compile to SASS) the one-token loop is ~8 instructions a weight (byte tiles
+#   unpacked byte by byte: ~9); instruction issue, not bandwidth, may bound it: measure before tuning further.
 # - scales are applied in the loop, so the epilogue and the reduction take none (SCALE=False); the bias as v2.
 # The same determinism as v2: fixed loop order, fixed-order reduction, one config per key in a process.
 
 
 @triton.jit
-def _nibbles(byte):
-    """byte: uint8 tile -> (lo, hi) float32 tiles of the even and odd inputs' q in [-8, 7], exact."""
-    b = byte.to(tl.int32)
-    lo = ((b & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # 2^23 + 8
-    hi = ((b >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-    return lo, hi
+def _nibble(word, SHIFT: tl.constexpr):
+    """The nibble at bit SHIFT of each int32 word as float32 q in [-8, 7]: (nibble | 0x4B000000) is the float
+    2^23 + nibble, minus 2^23 + 8 is q, exact (a shift, one LOP3, one FADD: no I2F)."""
+    return (((word >> SHIFT) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
 
 
 @triton.jit
-def _splitk4_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn, stride_sn,
+def _unpack4(word):
+    """word [BLOCK_N, GROUP / 8] int32 (4 packed bytes, little-endian: nibble j is input 8 i + j) -> q [BLOCK_N, GROUP]
+    float32 in input order. The interleaves only place registers (each thread's 8 nibbles stay in that thread)."""
+    evens = tl.interleave(tl.interleave(_nibble(word, 0), _nibble(word, 16)),
+                          tl.interleave(_nibble(word, 8), _nibble(word, 24)))  # nibbles 0 2 4 6 of each word
+    odds = tl.interleave(tl.interleave(_nibble(word, 4), _nibble(word, 20)),
+                         tl.interleave(_nibble(word, 12), _nibble(word, 28)))  # 1 3 5 7
+    return tl.interleave(evens, odds)
+
+
+@triton.jit
+def _splitk4_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, K, KW, KW_SPLIT, stride_xm, stride_wn, stride_sn,
                     stride_ym, M_BUCKET: tl.constexpr, DIRECT: tl.constexpr, HAS_BIAS: tl.constexpr,
                     GROUP: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # q is read as int32 words (8 inputs each; w_ptr is q.view(int32), stride_wn in words) and the loops walk words:
+    # KW (= K / 8, words a row) and KW_SPLIT (words a split) are arguments, so Triton sees their divisibility by 16
+    # and proves the tiles aligned and their masks uniform (16-byte loads), and a nibble is one shift and one LOP3 of
+    # a word already in a register (unpacking bytes cost ~8 integer ops a byte in the compiled sm_90 code)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output channels of this program
-    rb = tl.arange(0, GROUP // 2)  # byte columns of one group
+    rw = tl.arange(0, GROUP // 8)  # word columns of one group
+    rk = tl.arange(0, GROUP)  # its inputs
     n_ok = rn < N
-    kb_end = K // 2
-    k_lo = pid_k * K_SPLIT  # this program's inputs: [k_lo, k_lo + K_SPLIT) & [0, K), whole groups
-    w_rows = w_ptr + rn.to(tl.int64) * stride_wn  # [BLOCK_N] row starts (int64: N * K / 2 may pass 2^31)
+    kw_lo = pid_k * KW_SPLIT  # this program's words: [kw_lo, kw_lo + KW_SPLIT) & [0, KW), whole groups
+    w_rows = w_ptr + rn.to(tl.int64) * stride_wn  # [BLOCK_N] row starts (int64: N * K / 8 words may pass 2^31 bytes)
     s_rows = s_ptr + rn * stride_sn  # [BLOCK_N] this program's rows of group scales
     if M_BUCKET == 1:
-        acc = tl.zeros((BLOCK_N, GROUP // 2), dtype=tl.float32)
-        for i in range(0, K_SPLIT, BLOCK_K):
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for i in range(0, KW_SPLIT, BLOCK_K // 8):
             for j in tl.static_range(BLOCK_K // GROUP):
-                k0 = k_lo + i + j * GROUP  # this group's first input
-                kb = k0 // 2 + rb  # [GROUP / 2] bytes: inputs 2 kb (low nibble) and 2 kb + 1 (high)
-                b_ok = kb < kb_end
-                xe = tl.load(x_ptr + 2 * kb, mask=b_ok, other=0.0).to(tl.float32)  # [GROUP / 2] even inputs
-                xo = tl.load(x_ptr + 2 * kb + 1, mask=b_ok, other=0.0).to(tl.float32)  # odd inputs
-                lo, hi = _nibbles(tl.load(w_rows[:, None] + kb[None, :], mask=n_ok[:, None] & b_ok[None, :],
-                                          other=0x88))  # [BLOCK_N, GROUP / 2] each
-                s = tl.load(s_rows + k0 // GROUP, mask=n_ok & (k0 < K), other=0.0)  # [BLOCK_N] the group's scale
-                acc += (lo * xe[None, :] + hi * xo[None, :]) * s[:, None]
-        _splitk_epilogue(tl.sum(acc, axis=1), rn, n_ok, pid_k, M, N, s_ptr, b_ptr, y_ptr, p_ptr, stride_ym,
-                         M_BUCKET, DIRECT, HAS_BIAS, False)
+                w0 = kw_lo + i + j * (GROUP // 8)  # this group's first word; inputs from 8 w0
+                kw = w0 + rw
+                kk = 8 * w0 + rk
+                x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)  # [GROUP]
+                w = _unpack4(tl.load(w_rows[:, None] + kw[None, :], mask=n_ok[:, None] & (kw < KW)[None, :],
+                                     other=0))  # [BLOCK_N, GROUP]; masked words meet x = 0 or are not stored
+                s = tl.load(s_rows + w0 // (GROUP // 8), mask=n_ok & (w0 < KW), other=0.0)  # [BLOCK_N] its scale
+                acc += tl.sum(w * x[None, :], axis=1) * s  # the group's sum (FFMAs in a thread, 2 shuffles)
+        _splitk_epilogue(acc, rn, n_ok, pid_k, M, N, s_ptr, b_ptr, y_ptr, p_ptr, stride_ym, M_BUCKET, DIRECT,
+                         HAS_BIAS, False)
     else:
         rm = tl.arange(0, M_BUCKET)
         m_ok = rm < M
         acc2 = tl.zeros((BLOCK_N, M_BUCKET), dtype=tl.float32)  # y.T tile
-        for i in range(0, K_SPLIT, BLOCK_K):
+        for i in range(0, KW_SPLIT, BLOCK_K // 8):
             for j in tl.static_range(BLOCK_K // GROUP):
-                k0 = k_lo + i + j * GROUP
-                kb = k0 // 2 + rb
-                b_ok = kb < kb_end
-                x_at = x_ptr + rm[None, :] * stride_xm + 2 * kb[:, None]
-                x_ok = m_ok[None, :] & b_ok[:, None]
-                xe = tl.load(x_at, mask=x_ok, other=0.0)  # [GROUP / 2, M_BUCKET] even inputs of x.T, x's dtype
-                xo = tl.load(x_at + 1, mask=x_ok, other=0.0)
-                lo, hi = _nibbles(tl.load(w_rows[:, None] + kb[None, :], mask=n_ok[:, None] & b_ok[None, :],
-                                          other=0x88))
-                part = tl.dot(lo.to(xe.dtype), xe, input_precision=PREC)  # [BLOCK_N, M_BUCKET]; q exact in x's dtype
-                part = tl.dot(hi.to(xe.dtype), xo, part, input_precision=PREC)
-                acc2 += part * tl.load(s_rows + k0 // GROUP, mask=n_ok & (k0 < K), other=0.0)[:, None]
+                w0 = kw_lo + i + j * (GROUP // 8)
+                kw = w0 + rw
+                kk = 8 * w0 + rk
+                xt = tl.load(x_ptr + rm[None, :] * stride_xm + kk[:, None], mask=m_ok[None, :] & (kk < K)[:, None],
+                             other=0.0)  # [GROUP, M_BUCKET] x.T, x's dtype
+                w = _unpack4(tl.load(w_rows[:, None] + kw[None, :], mask=n_ok[:, None] & (kw < KW)[None, :],
+                                     other=0))
+                part = tl.dot(w.to(xt.dtype), xt, input_precision=PREC)  # [BLOCK_N, M_BUCKET]: q exact in x's dtype
+                acc2 += part * tl.load(s_rows + w0 // (GROUP // 8), mask=n_ok & (w0 < KW), other=0.0)[:, None]
         _splitk_epilogue(acc2, rn, n_ok, pid_k, M, N, s_ptr, b_ptr, y_ptr, p_ptr, stride_ym, M_BUCKET, DIRECT,
                          HAS_BIAS, False)
 
@@ -469,8 +481,8 @@ def launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Te
     m, k = x.shape
     n = q.shape[0]
     m_bucket = 1 if m == 1 else 16
-    if group and (cfg.block_k % group or group % 32):
-        raise ValueError(f"int4 split-K: block_k {cfg.block_k} must be whole groups of {group} (a multiple of 32)")
+    if group and (cfg.block_k % group or not int4_splitk_ok(k, group)):
+        raise ValueError(f"int4 split-K: K {k}, group {group}, block_k {cfg.block_k} (see int4_splitk_ok)")
     k_split, splits = plan(k, cfg.block_k, cfg.split)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     part = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else y
@@ -479,8 +491,8 @@ def launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Te
     grid = (triton.cdiv(n, cfg.block_n), splits)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
     if group:
-        _splitk4_kernel[grid](x, q, scale, b, y, part, m, n, k, k_split, x.stride(0), q.stride(0), scale.stride(0),
-                              y.stride(0), M_BUCKET=m_bucket, DIRECT=splits == 1, HAS_BIAS=bias is not None,
+        _splitk4_kernel[grid](x, q.view(torch.int32), scale, b, y, part, m, n, k, k // 8, k_split // 8,
+                              x.stride(0), q.stride(0) // 4, scale.stride(0), y.stride(0), M_BUCKET=m_bucket, DIRECT=splits == 1, HAS_BIAS=bias is not None,
                               GROUP=group, PREC=prec, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **opts)
     else:
         _splitk_kernel[grid](x, q, scale, b, y, part, m, n, k, k_split, x.stride(0), q.stride(0), y.stride(0),
@@ -542,15 +554,21 @@ def _(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor 
     return x.new_empty((x.shape[0], q.shape[0]))
 
 
+def int4_splitk_ok(k: int, group: int) -> bool:
+    """Whether ``wgemv4_splitk`` serves int4 rows of ``k`` inputs in groups of ``group``: the group a power of two
+    >= 32 (tl.arange over its words; tl.dot needs >= 16 inputs), K a multiple of 8 (whole int32 words a row)."""
+    return group >= 32 and group & (group - 1) == 0 and k % 8 == 0
+
+
 def wgemv4_splitk_impl(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                        group: int) -> torch.Tensor:
     m, k = x.shape
     n = q.shape[0]
     if m > 16:
         raise ValueError(f"wgemv4_splitk serves up to 16 tokens, got {m}")
-    if group % 32 or q.shape[1] * 2 != k or scale.shape != (n, -(-k // group)):
+    if not int4_splitk_ok(k, group) or q.shape[1] * 2 != k or scale.shape != (n, -(-k // group)):
         raise ValueError(f"wgemv4_splitk: x {tuple(x.shape)}, q {tuple(q.shape)}, scale {tuple(scale.shape)}, "
-                         f"group {group} (a multiple of 32)")
+                         f"group {group} (a power of two >= 32, K a multiple of 8)")
     x, scale = x.contiguous(), scale.contiguous()
     return launch(x, q, scale, bias, chosen_config(x, q, scale, bias, group=group), group=group)
 
