@@ -16,9 +16,11 @@ bytes of weights one forward reads (every linear, lm_head; 8-bit: scales include
 Variants: ``bf16``; ``int8/fp8 x triton`` (pipespec.kernels.triton_gemv); ``int8/fp8 x torch`` (gpt-fast's
 F.linear(x, q.to(bf16)) * scale, eager); ``int8 x int8pack`` (torch._weight_int8pack_mm); ``int8 x torch+compile``
 (the torch variant with StaticLlama.compile(): does inductor fuse the conversion?); ``int4 x triton``
-(triton_gemv.wgemv4: packed nibbles, a float32 scale per 128 inputs; its torch path dequantizes per call, too slow to
-be worth a forward here, so it appears in the one-linear table only). Also one linear alone (the 7B gate_up, the
-largest weight) per kernel: GB/s of weight read; and with ``--gemv`` the GEMV alone per (N, K), int4 included.
+(quant.linear's int4 GEMV: triton_gemv.wgemv4_splitk under the default GEMV, packed nibbles, a float32 scale per 128
+inputs; its torch path dequantizes per call, too slow to be worth a forward here, so it appears in the one-linear
+table only). Also one linear alone (the 7B gate_up, the largest weight) per kernel: GB/s of weight read; and with
+``--gemv`` the GEMV alone per (N, K), int4 included: ``int4`` (wgemv4, v1's structure) against ``int4-splitk``
+(tuned; its config in the last column) and ``int4-splitk-heur`` (its untuned config).
 
 Every part runs under try/except (the error is recorded), a time budget skips what would not fit (and says so), and
 results go to OUT_DIR/gpu_quant.json and gpu_quant.md as they come. ``--smoke`` runs tiny shapes on the CPU (eager
@@ -424,8 +426,11 @@ def gemv_part(report: dict[str, Any], names: list[str], device: torch.device, bu
                     kernels: list[tuple[str, Any]] = []
                     if kind == "int8":
                         kernels.append(("bf16 cuBLAS", lambda: torch.nn.functional.linear(x, w)))
-                    if triton_ok and kind == "int4":  # one kernel (v1's structure); q is [N, K / 2]
-                        kernels.append(("int4", lambda: tg.wgemv4(x, qw.q, qw.scale, None, qw.group)))
+                    if triton_ok and kind == "int4":  # v1's structure (int4), split-K tuned / heuristic; q [N, K / 2]
+                        kernels += [("int4", lambda: tg.wgemv4(x, qw.q, qw.scale, None, qw.group)),
+                                    ("int4-splitk", lambda: tg.wgemv4_splitk_impl(x, qw.q, qw.scale, None, qw.group)),
+                                    ("int4-splitk-heur", lambda: tg.launch(x, qw.q, qw.scale, None, tg.heuristic(
+                                        1 if m == 1 else 16, n, k, _sms(device), qw.group), group=qw.group))]
                     elif triton_ok:
                         kernels += [("v1", lambda: tg.wgemv(x, qw.q, qw.scale)),
                                     ("splitk", lambda: tg.wgemv_splitk_impl(x, qw.q, qw.scale)),
@@ -448,8 +453,8 @@ def gemv_part(report: dict[str, Any], names: list[str], device: torch.device, bu
                                 "max_abs_err": float((y1.float() - want).abs().max()),
                                 "max_abs_want": float(want.abs().max()),
                                 "repeat_equal": bool(torch.equal(y1, y2))}
-                            if label == "splitk":
-                                cfg = tg.chosen_config(x, qw.q, qw.scale, None)
+                            if label in ("splitk", "int4-splitk"):
+                                cfg = tg.chosen_config(x, qw.q, qw.scale, None, group=qw.group)
                                 row["config"] = (f"BN{cfg.block_n} BK{cfg.block_k} split{cfg.split} "
                                                  f"w{cfg.num_warps} s{cfg.num_stages}")
                             report["gemv"].append(row)

@@ -275,7 +275,7 @@ print("ok")
 def test_int4_kernel_in_the_interpreter() -> None:
     """The int4 GEMV equals x @ dequantize(q).T + b: K a multiple of the group (4 steps of 32 per group of 128) and a
     tail group (K = 320 = 2 x 128 + 64), N not a multiple of BLOCK_N, bf16/fp16/fp32, 1-16 tokens; the same bits on
-    a repeat; and linear() routes int4 to it under the triton backend."""
+    a repeat; and linear() routes int4 to it under the triton backend with the v1 GEMV."""
     pytest.importorskip("triton")
     code = """
 import torch
@@ -301,11 +301,53 @@ for n, k, group in ((21, 256, 128), (37, 320, 128), (5, 96, 32)):
         y0 = wgemv4(x, qw.q, qw.scale, None, group)  # no bias
         assert ((y0.float() - (want - b.float())).abs() - 2**-7 * want.abs()).max().item() < 1e-3 + 2**-7 * 8
 quant.set_backend("triton")
+quant.set_gemv("v1")
 x = torch.randn(2, 96)
 qw = quantize(torch.randn(5, 96), "int4", 32)
 assert torch.equal(quant.linear(x, qw), wgemv4(x, qw.q, qw.scale, None, 32))
 qw = quantize(torch.randn(5, 96), "int4", 48)  # not a multiple of 32: the torch path serves it
 assert torch.equal(quant.linear(x, qw), torch.nn.functional.linear(x, dequantize(qw)))
+print("ok")
+"""
+    out = _interpret(code)
+    assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_int4_splitk_kernel_in_the_interpreter() -> None:
+    """int4 split-K equals x @ dequantize(q).T + b at 1, 3, 8 and 16 tokens, N odd (21, 37), K whole groups (256 in
+    groups of 32) and a tail group (320 in groups of 128), 1-3 splits and 1-4 groups a step, with and without bias;
+    the same bits on a repeat (fixed-order reduction); linear() routes int4 to it by default."""
+    pytest.importorskip("triton")
+    code = """
+import torch
+from pipespec.kernels import quant
+from pipespec.kernels.quant import quantize, dequantize
+from pipespec.kernels.triton_gemv import SplitKConfig, launch, plan, wgemv4_splitk
+torch.manual_seed(0)
+for n, k, group in ((21, 256, 32), (37, 320, 128)):
+    w = torch.randn(n, k) * torch.logspace(-1, 1, k)[None, :]  # groups of very different magnitude
+    qw = quantize(w, "int4", group)
+    ref = dequantize(qw, torch.float64)  # [N, K]
+    # bf16 only at one token: Triton 3.6's interpreter gets tl.dot on bf16 wrong (see the v1 test above)
+    for m, dt in ((1, torch.bfloat16), (3, torch.float16), (8, torch.float32), (16, torch.float16)):
+        x, b = torch.randn(m, k).to(dt), torch.randn(n).to(dt)
+        # fp32 accumulation (1e-6 of sum |x| |w|), one rounding to x's dtype (2^-7: the interpreter truncates bf16)
+        want = x.double() @ ref.T + b.double()
+        tol = 1e-6 * (x.double().abs() @ ref.abs().T) + (0 if dt == torch.float32 else 2**-7 * want.abs()) + 1e-6
+        # one split of 4 groups a step or 1 (group 128); 3 splits (2 for K = 256: 128 a split) of 1-4 groups a step
+        for cfg in (SplitKConfig(16, 128, 1), SplitKConfig(32, 128, 3)):
+            y = launch(x, qw.q, qw.scale, b, cfg, group=group)
+            assert y.dtype == dt and y.shape == (m, n)
+            assert ((y.double() - want).abs() <= tol).all(), (n, k, group, m, dt, cfg)
+        assert plan(k, 128, 3)[1] > 1 and torch.equal(y, launch(x, qw.q, qw.scale, b, cfg, group=group)), "not deterministic"
+        if m in (3, 8):
+            continue
+        y = wgemv4_splitk(x, qw.q, qw.scale, None, group)  # the custom op (its heuristic config), no bias
+        assert ((y.double() - want + b.double()).abs() <= tol + 2**-7 * b.double().abs()).all(), (n, k, group, m, dt)
+quant.set_backend("triton")  # the default GEMV (mixed) takes int4 to split-K at every token count
+x = torch.randn(3, 96)
+qw = quantize(torch.randn(5, 96), "int4", 32)
+assert torch.equal(quant.linear(x, qw), wgemv4_splitk(x, qw.q, qw.scale, None, 32))
 print("ok")
 """
     out = _interpret(code)
@@ -330,6 +372,11 @@ def test_splitk_plan_and_heuristic() -> None:
         assert programs >= 4 * 132 or cfg.split == max(1, k // (4 * cfg.block_k)), (m_bucket, n, k, cfg)
         assert k // cfg.split >= 4 * cfg.block_k or cfg.split == 1
         assert cfg in triton_gemv.candidates(m_bucket, n, k, sms=132)
+        for group in (32, 128, 256, 1024):  # int4: every step whole groups
+            for c in triton_gemv.candidates(m_bucket, n, k, sms=132, group=group):
+                assert c.block_k % group == 0 and c.block_k >= group, (group, c)
+            assert triton_gemv.heuristic(m_bucket, n, k, 132, group) in triton_gemv.candidates(m_bucket, n, k, 132,
+                                                                                               group)
 
 
 def test_cli_refuses_a_bad_spec_in_one_line() -> None:

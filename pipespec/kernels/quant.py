@@ -27,8 +27,10 @@ traced or captured:
   At 1-16 tokens a forward is bound by weight bytes, so halving them is the whole gain.
 - ``torch``: gpt-fast's ``F.linear(x, q.to(x.dtype)) * scale``. Eager it writes a bf16 copy of the weight first
   (slower than bf16 on a GPU); under torch.compile inductor may fuse the conversion. The CPU's path: the same math.
-- int4: ``triton`` is ``triton_gemv.wgemv4`` (v1's structure, nibbles unpacked in registers, group scales per
-  step); ``torch`` (and ``int8pack``) dequantizes to x's dtype and calls ``F.linear``: correct, not fast.
+- int4: ``triton`` is ``triton_gemv.wgemv4_splitk`` (split-K, each weight group unpacked once for every token,
+  group scales in the loop) under ``splitk`` and ``mixed``, for 1-16 tokens: the older ``wgemv4`` (v1's structure)
+  measured 600-1400 GB/s at one token and 2-3x slower at 4-16 on an H200, so it serves only ``v1``. ``torch`` (and
+  ``int8pack``) dequantizes to x's dtype and calls ``F.linear``: correct, not fast.
 - ``int8pack``: ``torch._weight_int8pack_mm`` (int8 only). Torch's CUDA kernel (added in 2.9-ish) gives one output
   element to one thread, uncoalesced (pytorch#190529 rewrites it); measured by scripts/gpu_quant.py, not the default.
 
@@ -189,7 +191,9 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, b: torch.Tensor | Non
         from . import triton_gemv
 
         if triton_gemv.int4_block_k(w.group):  # else (a group not a multiple of 32) the torch path below
-            return triton_gemv.wgemv4(x, w.q, w.scale, b, w.group)
+            if _gemv == "v1" or not triton_gemv.int4_splitk_ok(x.shape[-1], w.group):
+                return triton_gemv.wgemv4(x, w.q, w.scale, b, w.group)
+            return triton_gemv.wgemv4_splitk(x, w.q, w.scale, b, w.group)
     elif backend == "triton":
         from . import triton_gemv
 
