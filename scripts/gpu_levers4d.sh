@@ -16,7 +16,7 @@ T0=$(date +%s)
       --methods ar,sd:4,sd:8,pipe,auto --repeats 3 --budget-s 150 > /tmp/auto.log 2>&1 &
   AUTO=$!
   CUDA_VISIBLE_DEVICES=1 timeout 240 python3 scripts/gpu_quant.py /tmp/quant \
-      --gemv 7b.qkv/o,7b.down,70b.gate_up,70b.down --shapes 70b,7b --kernels triton --no-linear \
+      --gemv 7b.down,70b.down --shapes 70b,7b --kernels triton --no-linear \
       --variant compile-layer --budget 210 > /tmp/quant.log 2>&1
   echo "quant rc=$?"
   wait $AUTO; echo "auto rc=$?"
