@@ -241,3 +241,20 @@ def test_variant_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PIPESPEC_STATIC_VARIANT", "nope")
     with pytest.raises(ValueError, match="PIPESPEC_STATIC_VARIANT"):
         choose_variant(cpu)
+
+
+def test_compiled_layer_serves_two_models_with_other_head_counts_in_one_process() -> None:
+    # A chain compiles one layer function for every model in the process; after the first model, automatic dynamic
+    # shapes make the head counts symbolic. On an H200 every compiled 7B layout then failed after a 70B had compiled
+    # ("enable_gqa must be bool, not SymBool"). Inductor on the CPU: ~20 s.
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        for heads, kv_heads in ((8, 2), (4, 4)):  # grouped-query attention first, then one kv head per query head
+            config = LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=heads,
+                                 num_key_value_heads=kv_heads, intermediate_size=128, vocab_size=256,
+                                 max_position_embeddings=512)
+            model = LlamaForCausalLM(config).eval()
+            static = StaticLlama(model, 256 + 128, "compile-layer")
+            ids = torch.randint(0, 256, (8,))
+            got = static.forward(ids, torch.arange(8), 256)  # [8, vocab]
+            assert torch.allclose(got, model(ids[None]).logits[0], atol=1e-5), (heads, kv_heads)

@@ -339,9 +339,12 @@ def _attend(pre: Any, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin
     keys, values = ck[:, :, :kv_len], cv[:, :, :kv_len]
     if math:
         att = _math_attention(q, keys, values, mask)
+    elif kvh == h:  # a branch, not enable_gqa=(kvh != h): once a second model with other head counts compiles this
+        # layer in the process, automatic dynamic shapes make h and kvh symbolic, and SDPA refuses a SymBool there
+        # (H200: every compiled 7B variant failed after a 70B had compiled); a branch is a guard
+        att = F.scaled_dot_product_attention(q.unsqueeze(0), keys, values, attn_mask=mask)  # [1, h, n, hd]
     else:
-        att = F.scaled_dot_product_attention(q.unsqueeze(0), keys, values, attn_mask=mask,
-                                             enable_gqa=kvh != h)  # [1, h, n, hd]
+        att = F.scaled_dot_product_attention(q.unsqueeze(0), keys, values, attn_mask=mask, enable_gqa=True)
     return att
 
 
