@@ -19,7 +19,7 @@ from helpers import limit
 from pipespec.analysis.model import predict_throughput
 from pipespec.apps.simulate import simulated_pipeline
 from pipespec.scheduler import pipeline as pipeline_module
-from pipespec.scheduler.pipeline import probe_until_settled, tune_lookahead
+from pipespec.scheduler.pipeline import runoff_modes, tune_lookahead
 from pipespec.errors import ConfigError
 
 PROMPT = list(range(3, 19))
@@ -176,23 +176,21 @@ async def test_auto_tunes_down_where_sd_trails_at_its_default_lookahead() -> Non
         assert g.token_ids == want.token_ids
 
 
-@limit(10)
-async def test_pipe_is_probed_again_while_its_runtime_is_still_learning() -> None:
-    def measures(rates):
-        it = iter(rates)
 
-        async def measure() -> float:
-            return next(it)
-        return measure
+def test_runoff_takes_the_modes_near_the_leader() -> None:
+    assert runoff_modes({"ar": 108.0, "sd": 107.4, "pipe": 105.0}) == ["ar", "sd", "pipe"]
+    assert runoff_modes({"ar": 109.5, "sd": 166.6, "pipe": 161.4}) == ["sd", "pipe"]
+    assert runoff_modes({"ar": 170.0, "sd": 700.0, "pipe": 550.0}) == ["sd"]  # no runoff: pipe is 0.79x
+    assert runoff_modes({"ar": 1.0, "sd": 2.0, "pipe": 3.0}, band=0.0) == ["pipe", "ar", "sd"]
 
-    # gaining more than 5 % a probe: probed up to PIPE_PROBES_MAX (4) in all, the best counts
-    runs = [100.0, 130.0]
-    assert await probe_until_settled(measures([170.0, 175.0, 999.0]), runs) == 175.0
-    assert runs == [100.0, 130.0, 170.0, 175.0]
-    # settled (the last gained under 5 %) or slower: no more probes
-    for first in ([100.0, 104.0], [130.0, 100.0]):
-        runs = list(first)
-        assert await probe_until_settled(measures([]), runs) == max(first) and runs == first
-    # a probe that gains, then one that does not: stops there
-    runs = [100.0, 110.0]
-    assert await probe_until_settled(measures([112.0, 999.0]), runs) == 112.0 and len(runs) == 3
+
+@limit(60)
+async def test_a_near_tie_is_decided_by_longer_runs(monkeypatch) -> None:
+    monkeypatch.setattr(pipeline_module, "RUNOFF_BAND", 0.0)  # every mode is "near": all three run off
+    async with simulated_pipeline([0.3, 3.0], [0.9], seed=5, vocab=1000) as pipe:
+        g = await pipe.generate(PROMPT, max_new_tokens=32, mode="auto")
+        choice = pipe.auto_choice
+        runoff = dict(re.findall(r"(ar|sd|pipe)(?::\d+)? ([\d.]+)", choice.reason.split("runoff over 128 tokens: ")[1]))
+        assert set(runoff) == {"ar", "sd", "pipe"}, choice
+        assert choice.mode == max(runoff, key=lambda m: float(runoff[m])), choice  # the runoff decides
+        assert g.token_ids == (await pipe.generate(PROMPT, max_new_tokens=32, mode="ar")).token_ids

@@ -56,11 +56,12 @@ SD_LOOKAHEAD_MIN = 2  # one draft per round
 SD_TUNE_BAND = 0.6  # tune only while sd at the request's lookahead is within this of the leader. Not 0.8: on an
 # H200 ({68m,7b,13b} on one GPU, alpha 0.7) sd:8 ran at 0.75x ar while sd:4 beat ar by 8 % (sd:4 is 1.44x sd:8);
 # an sd further behind than 0.6 would need a tuning gain over 1.67x to win, and its extra probes would be wasted
-PIPE_PROBES_MAX = 4  # pipe's probes in all: past PROBE_ROUNDS, more while the last one still gained ...
-PIPE_SETTLED_GAIN = 1.05  # ... over the one before by more than this. The adaptive runtime (ChainMonitor, kept
-# across generations) tries taking out a stage that shares its GPU after 64 committed tokens and judges it over 32
-# more, so two 64-token probes rate a 3-stage pipe mostly before it settles: on an H200 ({68m,7b,13b} on one GPU,
-# alpha 0.9) pipe's probes gave 158.5 tokens/s, its timed 128-token runs 217.6, and auto ran sd:4 (176.6): 0.81x
+RUNOFF_BAND = 0.85  # after the short probes, every mode within this of the leader runs once more over ...
+RUNOFF_TOKENS = 128  # ... this many tokens, and that run decides. On an H200 64-token probes rated the speculative
+# modes low against their 128-token runs, and auto ran the wrong one of a near tie ({68m,7b,13b} on one GPU: alpha 0.9,
+# probes pipe 161.4 / sd:4 166.6 tokens/s, timed 220.0 / 175.5, auto ran sd, 0.80x; alpha 0.7, probes ar 108.0 / sd:4
+# 107.4, timed 105.3 / 114.8, auto ran ar, 0.92x). Probing again while pipe's probes gained (its adaptive runtime
+# learning across generations) was tried first: it probed pipe a third time and still rated it 161.4.
 
 
 class AutoChoice(NamedTuple):
@@ -91,13 +92,12 @@ async def tune_lookahead(measure: Callable[[int], Awaitable[float]], start: int,
     return max(rates, key=lambda la: rates[la])
 
 
-async def probe_until_settled(measure: Callable[[], Awaitable[float]], runs: list[float], *,
-                              most: int = PIPE_PROBES_MAX, gain: float = PIPE_SETTLED_GAIN) -> float:
-    """Pipe's probes after its first ones (their rates in ``runs``, appended to): another while the last one gained
-    more than ``gain`` over the one before (its runtime was still learning), ``most`` probes in all; the best rate."""
-    while 2 <= len(runs) < most and runs[-1] > gain * runs[-2]:
-        runs.append(await measure())
-    return max(runs)
+def runoff_modes(rates: dict[Mode, float], band: float | None = None) -> list[Mode]:
+    """The modes whose probe rate is within ``band`` (default ``RUNOFF_BAND``) of the best one, the leader first; a
+    runoff needs two."""
+    band = RUNOFF_BAND if band is None else band
+    leader = max(rates, key=lambda m: rates[m])
+    return [leader] + [m for m in rates if m != leader and rates[m] >= band * rates[leader]]
 
 
 class Pipeline:
@@ -269,8 +269,9 @@ class Pipeline:
 
         Every mode runs ``PROBE_ROUNDS`` short generations of the request's own prompt and sampling options
         (``PROBE_TOKENS`` tokens, interleaved ar, sd, pipe, ar, ...), and the best rate of each mode counts, so a
-        first run that pays for warm-up (graph captures, caches) does not decide. Pipe is probed again while its
-        last probe still gained (``probe_until_settled``): its adaptive runtime learns across generations. Greedy outputs are identical in
+        first run that pays for warm-up (graph captures, caches) does not decide. Modes within ``RUNOFF_BAND`` of the
+        leader then run once more over ``RUNOFF_TOKENS`` tokens, and that run decides (short probes rate the
+        speculative modes low, so a near tie is decided on longer runs). Greedy outputs are identical in
         every mode (lossless), so which one runs changes only the speed.
 
         sd's lookahead: where the request left it unset (``lookahead_given``) and sd is within ``SD_TUNE_BAND`` of
@@ -281,11 +282,11 @@ class Pipeline:
         if len(self.members) == 1:
             self.auto_choice = AutoChoice("ar", "one model: the target alone")
             return self.auto_choice
-        room = (self.context or len(request.prompt) + PROBE_TOKENS) - len(request.prompt)
+        room = self.context - len(request.prompt) if self.context else max(PROBE_TOKENS, RUNOFF_TOKENS)
         n = max(1, min(PROBE_TOKENS, room))
 
-        async def rate(mode: Mode, lookahead: int) -> float:
-            probe = _replace_mode(request, mode, max_new_tokens=n, stop=(), lookahead=lookahead)
+        async def rate(mode: Mode, lookahead: int, tokens: int = n) -> float:
+            probe = _replace_mode(request, mode, max_new_tokens=tokens, stop=(), lookahead=lookahead)
             stats = (await self._run(probe, None)).stats
             # the steady decode rate: a short probe's start (prefills, first round) and cut-off last round cost the
             # speculative modes more than ar, whose rounds are one token (H200, {68m,7b,13b}, alpha 0.7: 64-token
@@ -296,15 +297,9 @@ class Pipeline:
             return max([await rate("sd", lookahead) for _ in range(PROBE_ROUNDS)])
 
         rates: dict[Mode, float] = {"ar": 0.0, "sd": 0.0, "pipe": 0.0}
-        pipe_runs: list[float] = []
         for _ in range(PROBE_ROUNDS):
             for mode in rates:
-                measured = await rate(mode, request.lookahead)
-                rates[mode] = max(rates[mode], measured)
-                if mode == "pipe":
-                    pipe_runs.append(measured)
-        if rates["pipe"] >= SD_TUNE_BAND * max(rates["ar"], rates["sd"]):
-            rates["pipe"] = await probe_until_settled(lambda: rate("pipe", request.lookahead), pipe_runs)
+                rates[mode] = max(rates[mode], await rate(mode, request.lookahead))
         sd_rates = {request.lookahead: rates["sd"]}
         if not request.lookahead_given and rates["sd"] >= SD_TUNE_BAND * max(rates["ar"], rates["pipe"]):
             tuned = await tune_lookahead(sd_rate, request.lookahead, sd_rates)
@@ -313,11 +308,17 @@ class Pipeline:
         best = max(rates, key=lambda m: rates[m])
         listing = ", ".join([f"ar {rates['ar']:.1f}"] + [f"sd:{la} {sd_rates[la]:.1f}" for la in sorted(sd_rates)]
                             + [f"pipe {rates['pipe']:.1f}"])
+        close = runoff_modes(rates)
+        longer = max(1, min(RUNOFF_TOKENS, room))
+        if len(close) > 1 and longer > n:  # a near tie: one longer run each decides
+            final = {m: await rate(m, lookahead if m == "sd" else request.lookahead, longer) for m in close}
+            best = max(final, key=lambda m: final[m])
+            listing += "; runoff over {} tokens: {}".format(longer, ", ".join(
+                f"{m}:{lookahead} {final[m]:.1f}" if m == "sd" else f"{m} {final[m]:.1f}" for m in close))
         what = f"sd (lookahead {lookahead})" if best == "sd" else best
         self.auto_choice = AutoChoice(
-            best, f"{what}: fastest in probes on this placement ({PROBE_ROUNDS} x {n} tokens per mode"
-                  + (f", pipe {len(pipe_runs)}" if len(pipe_runs) > PROBE_ROUNDS else "")
-                  + f", best run each; tokens/s: {listing})", lookahead if best == "sd" else None)
+            best, f"{what}: fastest in probes on this placement ({PROBE_ROUNDS} x {n} tokens per mode, best run "
+                  f"each; tokens/s: {listing})", lookahead if best == "sd" else None)
         log("debug", "mode chosen", mode=what, tokens_per_s=listing)  # debug: at -v it would land in a streamed reply
         return self.auto_choice
 
