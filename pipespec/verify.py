@@ -46,6 +46,7 @@ __all__ = [
     "choose_on_device",
     "count_accepted",
     "rejection_verify",
+    "rejection_verify_device",
     "sample",
 ]
 
@@ -193,7 +194,17 @@ def rejection_verify(proposed: torch.Tensor, p: torch.Tensor, q: torch.Tensor,
     proposed: [n] int64 drafted tokens; p: [n, vocab] drafter rows; q: [n + 1, vocab] verifier rows.
     Returns (accepted, next_token): ``accepted`` leading proposals are kept; ``next_token`` (0-dim int64) is the
     correction drawn from norm(max(0, q - p)) at the first rejected position, or the bonus drawn from q[n].
+    (``rejection_verify_device`` without the read-back.)
     """
+    accepted, next_token = rejection_verify_device(proposed, p, q, generator).tolist()
+    return accepted, torch.tensor(next_token)
+
+
+def rejection_verify_device(proposed: torch.Tensor, p: torch.Tensor, q: torch.Tensor,
+                            generator: torch.Generator | None) -> torch.Tensor:
+    """``rejection_verify`` decided on the device: [2] int64 (accepted, next_token), read back once by the caller.
+    The same draws from ``generator`` (n uniforms, then one multinomial row) and the same rows as deciding on the
+    host, so the same tokens; every choice between rows is a ``torch.where``, never a host branch on device data."""
     n = proposed.shape[0]
     if n:
         idx = proposed.view(n, 1)
@@ -201,16 +212,18 @@ def rejection_verify(proposed: torch.Tensor, p: torch.Tensor, q: torch.Tensor,
         p_x = p.gather(1, idx).squeeze(1)  # [n]
         u = torch.rand(n, generator=generator, device=q.device, dtype=torch.float32)
         # accept when u * p(x) <= q(x): the same as u <= min(1, q/p) without dividing by p(x)
-        rejected = (u * p_x > q_x).nonzero()
-        accepted = int(rejected[0, 0]) if rejected.numel() else n
-    else:
-        accepted = 0
-    if accepted < n:
-        residual = torch.clamp(q[accepted] - p[accepted], min=0.0)
+        rejected = u * p_x > q_x  # [n]
+        # the first rejected position, n where none was: the first maximum of [rejected..., True]
+        accepted = torch.cat([rejected, rejected.new_ones(1)]).to(torch.int32).argmax()  # 0-dim int64
+        at = accepted.clamp(max=n - 1).view(1)  # a row of p (unused when accepted == n)
+        q_at = q.index_select(0, at)  # [1, vocab]
+        residual = torch.clamp(q_at - p.index_select(0, at), min=0.0)  # [1, vocab]
         total = residual.sum()
         # q == p (up to rounding) leaves no residual; any rejection then came from rounding, so fall back to q
-        row = residual / total if float(total) > 0 else q[accepted]
-        next_token = sample(row.unsqueeze(0), generator)[0]
+        correction = torch.where(total > 0, residual / total, q_at)
+        row = torch.where(accepted < n, correction, q[n:n + 1])  # [1, vocab]
     else:
-        next_token = sample(q[n].unsqueeze(0), generator)[0]
-    return accepted, next_token
+        accepted = torch.zeros((), dtype=torch.long, device=q.device)
+        row = q[:1]
+    next_token = sample(row, generator)  # [1]
+    return torch.cat([accepted.view(1), next_token])

@@ -241,12 +241,12 @@ async def test_five_token_distribution_on_the_default_worker_and_the_test_catche
     assert stat < critical, (stat, df)
     assert checked > 2 * LONG_N and rejected > LONG_N // 2, (checked, rejected)  # long windows, deep rejections
 
-    original = verify.rejection_verify
+    original = verify.rejection_verify_device
 
     def biased(proposed: torch.Tensor, p: torch.Tensor, q: torch.Tensor, generator: torch.Generator | None) -> Any:
         return original(proposed, p / BIAS, q, generator)  # accepts when u p / 1.2 <= q
 
-    monkeypatch.setattr(models_module, "rejection_verify", biased)
+    monkeypatch.setattr(models_module, "rejection_verify_device", biased)
     planted, df2, _, _, planted_tv = await long_window_statistic(long_window_chain(), exact, params)
     print(f"with the planted bias: chi2 {planted:.1f} (df {df2}, critical {chi_square_critical_001(df2):.1f}), "
           f"empirical TV {planted_tv:.3f}")

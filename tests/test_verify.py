@@ -131,3 +131,39 @@ def test_rejection_residual_distribution() -> None:
     assert torch.allclose(counts / n, q[0], atol=0.012)
     residual = torch.clamp(q[0] - p[0], min=0)
     assert torch.allclose(corrections / corrections.sum(), residual / residual.sum(), atol=0.015)
+
+
+def _host_rejection_verify(proposed, p, q, generator):
+    """The rule decided on the host (the implementation before rejection_verify_device): the reference."""
+    n = proposed.shape[0]
+    if n:
+        idx = proposed.view(n, 1)
+        q_x, p_x = q[:n].gather(1, idx).squeeze(1), p.gather(1, idx).squeeze(1)
+        u = torch.rand(n, generator=generator, dtype=torch.float32)
+        rejected = (u * p_x > q_x).nonzero()
+        accepted = int(rejected[0, 0]) if rejected.numel() else n
+    else:
+        accepted = 0
+    if accepted < n:
+        residual = torch.clamp(q[accepted] - p[accepted], min=0.0)
+        total = residual.sum()
+        row = residual / total if float(total) > 0 else q[accepted]
+        return accepted, int(sample(row.unsqueeze(0), generator)[0])
+    return accepted, int(sample(q[n].unsqueeze(0), generator)[0])
+
+
+def test_rejection_decided_on_the_device_draws_the_same_tokens_as_on_the_host() -> None:
+    cases = 0
+    for seed in range(300):
+        torch.manual_seed(seed)
+        n, vocab = seed % 6, 5 + seed % 7
+        p = torch.softmax(3 * torch.randn(n, vocab), -1)
+        q = torch.softmax(3 * torch.randn(n + 1, vocab), -1)
+        if seed % 5 == 0 and n:
+            q[:n] = p  # no residual at any position: accepted to the end
+        proposed = torch.multinomial(p, 1).squeeze(-1) if n else torch.zeros(0, dtype=torch.long)
+        got = rejection_verify(proposed, p, q, torch.Generator().manual_seed(seed))
+        want = _host_rejection_verify(proposed, p, q, torch.Generator().manual_seed(seed))
+        assert (got[0], int(got[1])) == want, (seed, got, want)
+        cases += 0 < want[0] < n
+    assert cases > 20  # partial acceptances were among the cases

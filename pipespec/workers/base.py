@@ -22,7 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from ..verify import SamplingParams, choose, count_accepted, rejection_verify
+from ..verify import SamplingParams, choose, count_accepted, rejection_verify_device
 from .readback import HostReader
 
 __all__ = ["Worker", "WorkerInfo", "StepResult", "ProbRows", "LogitsWorker", "common_prefix", "gather_rows"]
@@ -263,8 +263,9 @@ class LogitsWorker(ABC):
         p = gather_rows(proposal_probs, self.device)  # [n, proposer's vocab]
         proposed = torch.tensor(list(seq[start:]), dtype=torch.long, device=self.device)
         p_wide, q_wide = same_width(p, q)  # widths that differ by padding rows: zero probability there
-        accepted, nxt = rejection_verify(proposed, p_wide, q_wide, self.generator)
-        tokens = tuple(seq[start:start + accepted]) + (int(nxt),)
+        # decided on the device, read back once (readback.py: a host branch would wait for other stages' work)
+        accepted, nxt = self.reader.ints(rejection_verify_device(proposed, p_wide, q_wide, self.generator))
+        tokens = tuple(seq[start:start + accepted]) + (nxt,)
         return StepResult(accepted, tokens, q[: accepted + 1])
 
     def draft(self, seq: Sequence[int], n: int, params: SamplingParams) -> StepResult:
