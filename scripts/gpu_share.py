@@ -23,6 +23,7 @@ CPU (checks the script; CPU "GPU spans" are host times).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -95,7 +96,7 @@ class Model:
             with torch.cuda.graph(self.graph, stream=stream):
                 self.out = self.eager()
             torch.cuda.synchronize(device)
-        self.green: tuple[Any, Any, Any] | None = None  # (green context, its stream, a graph captured there)
+        self.green: tuple[Any, Any, Any, Any] | None = None  # green context, its stream, a graph there, its output
 
     def on_green(self, num_sms: int) -> Any:
         """A green context of ``num_sms`` SMs, its stream, and this model's graph captured on that stream (once)."""
@@ -111,8 +112,7 @@ class Model:
             with torch.cuda.graph(graph, stream=stream):
                 out = self.eager()
             torch.cuda.synchronize(self.device)
-            self.green = (ctx, stream, graph)
-            self.out_green = out
+            self.green = (ctx, stream, graph, out)
         return self.green
 
     def eager(self) -> torch.Tensor:
@@ -120,8 +120,9 @@ class Model:
 
     def call(self, graph: bool, green: bool = False) -> torch.Tensor:
         if green and self.green is not None:
-            self.green[2].replay()
-            return self.out_green
+            _, _, graph, out = self.green
+            graph.replay()
+            return out
         if graph and self.graph is not None:
             self.graph.replay()
             return self.out
@@ -136,7 +137,7 @@ def loop(model: Model, wait: str, graph: bool, stream: Any, start: threading.Bar
     reader = HostReader()
     events: list[tuple[Any, Any]] = []
     try:
-        with torch.inference_mode(), (torch.cuda.stream(stream) if cuda else _Null()):
+        with torch.inference_mode(), (torch.cuda.stream(stream) if cuda else contextlib.nullcontext()):
             start.wait()
             end_at = time.perf_counter() + seconds
             while (t0 := time.perf_counter()) < end_at:
@@ -172,14 +173,6 @@ def summary(values: list[float], prefix: str) -> dict[str, float]:
     q = statistics.quantiles(values, n=10, method="inclusive")
     return {f"{prefix}_median_ms": round(statistics.median(values), 4), f"{prefix}_p10_ms": round(q[0], 4),
             f"{prefix}_p90_ms": round(q[-1], 4)}
-
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def run_pair(small: Model, big: Model, seconds: float, only: list[str] | None) -> list[dict[str, Any]]:

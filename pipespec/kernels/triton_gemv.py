@@ -492,8 +492,9 @@ def launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Te
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
     if group:
         _splitk4_kernel[grid](x, q.view(torch.int32), scale, b, y, part, m, n, k, k // 8, k_split // 8,
-                              x.stride(0), q.stride(0) // 4, scale.stride(0), y.stride(0), M_BUCKET=m_bucket, DIRECT=splits == 1, HAS_BIAS=bias is not None,
-                              GROUP=group, PREC=prec, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **opts)
+                              x.stride(0), q.stride(0) // 4, scale.stride(0), y.stride(0), M_BUCKET=m_bucket,
+                              DIRECT=splits == 1, HAS_BIAS=bias is not None, GROUP=group, PREC=prec,
+                              BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **opts)
     else:
         _splitk_kernel[grid](x, q, scale, b, y, part, m, n, k, k_split, x.stride(0), q.stride(0), y.stride(0),
                              M_BUCKET=m_bucket, DIRECT=splits == 1, HAS_BIAS=bias is not None,
