@@ -139,7 +139,7 @@ def _host_rejection_verify(proposed, p, q, generator):
     if n:
         idx = proposed.view(n, 1)
         q_x, p_x = q[:n].gather(1, idx).squeeze(1), p.gather(1, idx).squeeze(1)
-        u = torch.rand(n, generator=generator, dtype=torch.float32)
+        u = torch.rand(n, generator=generator, device=q.device, dtype=torch.float32)
         rejected = (u * p_x > q_x).nonzero()
         accepted = int(rejected[0, 0]) if rejected.numel() else n
     else:
@@ -152,18 +152,24 @@ def _host_rejection_verify(proposed, p, q, generator):
     return accepted, int(sample(q[n].unsqueeze(0), generator)[0])
 
 
-def test_rejection_decided_on_the_device_draws_the_same_tokens_as_on_the_host() -> None:
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu,
+                                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]),
+])
+def test_rejection_decided_on_the_device_draws_the_same_tokens_as_on_the_host(device: str) -> None:
     cases = 0
     for seed in range(300):
         torch.manual_seed(seed)
         n, vocab = seed % 6, 5 + seed % 7
-        p = torch.softmax(3 * torch.randn(n, vocab), -1)
-        q = torch.softmax(3 * torch.randn(n + 1, vocab), -1)
+        p = torch.softmax(3 * torch.randn(n, vocab), -1).to(device)
+        q = torch.softmax(3 * torch.randn(n + 1, vocab), -1).to(device)
         if seed % 5 == 0 and n:
             q[:n] = p  # no residual at any position: accepted to the end
-        proposed = torch.multinomial(p, 1).squeeze(-1) if n else torch.zeros(0, dtype=torch.long)
-        got = rejection_verify(proposed, p, q, torch.Generator().manual_seed(seed))
-        want = _host_rejection_verify(proposed, p, q, torch.Generator().manual_seed(seed))
+        proposed = (torch.multinomial(p, 1).squeeze(-1) if n
+                    else torch.zeros(0, dtype=torch.long, device=device))
+        got = rejection_verify(proposed, p, q, torch.Generator(device=device).manual_seed(seed))
+        want = _host_rejection_verify(proposed, p, q, torch.Generator(device=device).manual_seed(seed))
         assert (got[0], int(got[1])) == want, (seed, got, want)
         cases += 0 < want[0] < n
     assert cases > 20  # partial acceptances were among the cases
