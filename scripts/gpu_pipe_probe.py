@@ -384,10 +384,17 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         loaded.close()
     # the process backend's point: CUDA untouched in this process (the workers own the GPU)
     cuda_here = torch.cuda.is_initialized()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = code_commit()
     return {**header(args, commit), "backend": args.backend, "mps": loaded.mps, "gpu_apps": apps,
             "parent_cuda_initialized": cuda_here, "errors": errors,
             "wall_s": round(time.monotonic() - started, 1), "chains": results}
+
+
+def code_commit() -> str:
+    """The commit the report names: PIPESPEC_COMMIT when set (a GPU copy's .git can be stale, and an A/B run imports
+    another tree's pipespec), else git's HEAD."""
+    return os.environ.get("PIPESPEC_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 
 
 def header(args: argparse.Namespace, commit: str) -> dict[str, Any]:
@@ -433,7 +440,7 @@ def run_backends(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             report = {"backend": backend, "errors": [f"{type(exc).__name__}: {exc}"[:500]], "chains": []}
         report["dir"] = report["backend"] = backend
         runs.append(report)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = code_commit()
     return {**header(args, commit), "backends": args.backends, "wall_s": round(time.monotonic() - started, 1),
             "runs": runs}
 
