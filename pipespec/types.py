@@ -61,12 +61,15 @@ class Verdict:
     verified: int
     rollback: tuple[int, ...] | None = None
     ahead: int | None = None  # adaptive runtime: how far stage i should draft past ``verified`` (None: its default)
+    # adaptive runtime, with a rollback: stage i+1 waits for this many of stage i's tokens before its next forward
+    # (``scheduler.policy.best_block``), so a draft makes them in its first call after adopting the rollback
+    block: int | None = None
 
     def merge(self, newer: Verdict) -> Verdict:
         """Combine two verdicts not yet read (the mailbox keeps one): a pending rollback survives a later plain
-        verdict of the same epoch; a newer rollback replaces an older one."""
+        verdict of the same epoch (with its block); a newer rollback replaces an older one."""
         if newer.rollback is None and self.rollback is not None and newer.epoch <= self.epoch:
-            return Verdict(self.epoch, max(self.verified, newer.verified), self.rollback, newer.ahead)
+            return Verdict(self.epoch, max(self.verified, newer.verified), self.rollback, newer.ahead, self.block)
         return newer
 
 

@@ -64,3 +64,6 @@ def test_mailbox_latest_wins_and_rollback_survives_plain_verdict() -> None:
     assert box.peek() == Verdict(1, 9, (1, 2, 3))
     box.put(Verdict(2, 4, (1, 2)))  # a newer rollback replaces the older one
     assert box.take() == Verdict(2, 4, (1, 2))
+    box.put(Verdict(3, 5, (1, 2, 4), block=9))
+    box.put(Verdict(3, 6, ahead=20))  # the block the successor waits for survives with the rollback
+    assert box.take() == Verdict(3, 6, (1, 2, 4), ahead=20, block=9)

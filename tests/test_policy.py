@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from pipespec.analysis.model import window_tokens
-from pipespec.scheduler.policy import ChainMonitor, LinkEstimator, best_verify_cap, useful_run_ahead
+from pipespec.scheduler.policy import ChainMonitor, LinkEstimator, best_block, best_verify_cap, useful_run_ahead
 
 
 def test_window_tokens() -> None:
@@ -19,6 +19,17 @@ def test_best_cap_is_long_when_tokens_are_free_and_short_when_they_cost() -> Non
     assert best_verify_cap(0.9, t0=10e-3, t1=0.0, ceiling=16) == 16
     assert best_verify_cap(0.5, t0=1e-3, t1=1e-3) <= 2  # CPU-like: each token costs as much as the pass
     assert best_verify_cap(0.0, t0=1e-3, t1=1e-4) == 1
+
+
+def test_best_block_waits_for_a_fast_draft_and_not_for_a_slow_one() -> None:
+    # a 0.25 ms draft before a 9 ms target at alpha 0.81 (the H200 chains): ~9 drafts, 0.40 tokens/ms against 0.11
+    g = best_block(0.81, t0=9e-3, t1=0.0, draft_s=0.25e-3, ceiling=64)
+    assert 7 <= g <= 12, g
+    assert window_tokens(0.81, g) / (9 + g * 0.25) > 3 * 1 / 9
+    assert best_block(0.81, 9e-3, 0.0, 0.25e-3, ceiling=4) == 4  # the ceiling holds
+    assert best_block(0.8, 5e-3, 0.0, 5e-3, ceiling=64) == 0  # as slow as the verifier: decode at once
+    assert best_block(0.0, 9e-3, 0.0, 0.25e-3, ceiling=64) == 0  # nothing it drafts is accepted
+    assert best_block(0.5, 9e-3, 0.0, 0.25e-3, 64) < best_block(0.9, 9e-3, 0.0, 0.25e-3, 64)
 
 
 def test_useful_run_ahead() -> None:
@@ -128,6 +139,16 @@ def test_monitor_answers_caps_per_pair() -> None:
     assert m.run_ahead(0, 1, 64) == useful_run_ahead(m.alpha(0, 1), 64)
     assert m.candidates() == [(1,), (0, 1)]
     assert ChainMonitor(1).decide(now=5.0) is None  # nothing to choose with one model
+
+
+def test_monitor_asks_for_a_block_only_from_the_draft() -> None:
+    m = fed([0.3, 6, 9], {(0, 1): 0.9, (1, 2): 0.9})
+    assert m.block(1, 64) == best_block(m.alpha(0, 1), *m.latency(1), 0.3e-3, useful_run_ahead(m.alpha(0, 1), 64)) > 0
+    assert m.block(2, 64) == 0  # the target's proposer is the 7B-like middle: its tokens come a forward at a time
+    m.active = (0, 2)  # the middle bypassed: the target checks the draft's tokens, relayed
+    assert m.block(2, 64) > 0
+    assert ChainMonitor(2).block(1, 64) == 0  # no latencies seen yet
+    assert m.draft_seconds() is not None and abs(m.draft_seconds() - 0.3e-3) < 1e-9
 
 
 def test_stages_on_devices_of_their_own_are_not_taken_out_on_trial() -> None:

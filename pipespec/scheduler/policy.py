@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from ..analysis.model import predict_throughput, window_tokens
 
-__all__ = ["best_verify_cap", "useful_run_ahead", "LinkEstimator", "ChainMonitor"]
+__all__ = ["best_verify_cap", "best_block", "useful_run_ahead", "LinkEstimator", "ChainMonitor"]
 
 CAPS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -42,6 +42,23 @@ def best_verify_cap(alpha: float, t0: float, t1: float, ceiling: int = 64) -> in
         rate = window_tokens(alpha, cap) / max(t0 + t1 * cap, 1e-9)
         if rate > best_rate * 1.01:  # a longer window must be clearly better: it also delays the next verdict
             best, best_rate = cap, rate
+    return best
+
+
+def best_block(alpha: float, t0: float, t1: float, draft_s: float, ceiling: int) -> int:
+    """How many of the draft's tokens a verifier with nothing to check should wait for before its next forward.
+
+    Waiting for ``g`` drafts costs ``g * draft_s`` (the draft's time per token) on top of the forward's
+    ``t0 + t1 * (g + 1)`` and yields ``window_tokens(alpha, g)``; decoding at once (``g = 0``) yields one token. The
+    ``g`` in 0..``ceiling`` with the most tokens per second of the two together: a draft much faster than its
+    verifier is worth waiting for (a 0.25 ms draft before a 9 ms verifier at alpha 0.8: ~10 tokens), one as slow as
+    its verifier is not (0). Without it a verifier decodes alone after every rejection, a whole forward for one
+    token, while the draft restarts: on GPUs half of a target's forwards went that way (docs/benchmarks.md)."""
+    best, best_rate = 0, 1.0 / max(t0 + t1, 1e-9)
+    for g in range(1, ceiling + 1):
+        rate = window_tokens(alpha, g) / max(t0 + t1 * (g + 1) + g * draft_s, 1e-9)
+        if rate > best_rate * 1.01:  # a longer wait must be clearly better: the estimates are noisy
+            best, best_rate = g, rate
     return best
 
 
@@ -226,6 +243,24 @@ class ChainMonitor:
 
     def run_ahead(self, proposer: int, verifier: int, ceiling: int) -> int:
         return useful_run_ahead(self.alpha(proposer, verifier), ceiling)
+
+    def block(self, verifier: int, ceiling: int) -> int:
+        """How many drafts ``verifier`` should wait for after it rolled the draft back (``best_block``); 0 unless its
+        proposer in the active chain is the draft (stage 0: a middle stage's tokens come a forward at a time) and
+        both stages' latencies have been seen."""
+        if verifier not in self.active or self.active.index(verifier) != 1 or self.active[0] != 0:
+            return 0
+        draft, mine = self._latency[0], self._latency[verifier]
+        if draft.sw == 0 or mine.sw == 0:
+            return 0
+        t0, t1 = mine.latency()
+        ceiling = min(ceiling, useful_run_ahead(self.alpha(0, verifier), ceiling))
+        return best_block(self.alpha(0, verifier), t0, t1, draft.st / draft.sw, ceiling)
+
+    def draft_seconds(self) -> float | None:
+        """The draft's (stage 0) mean seconds per drafted token in the pipeline; None before its first call."""
+        draft = self._latency[0]
+        return draft.st / draft.sw if draft.sw else None
 
     # -- which stages run --------------------------------------------------------------------------------------------
 

@@ -33,6 +33,12 @@ class Monitor(Protocol):
 
     def run_ahead(self, proposer: int, verifier: int, ceiling: int) -> int: ...
 
+    def block(self, verifier: int, ceiling: int) -> int: ...
+
+    def draft_seconds(self) -> float | None: ...
+
+    def step_seconds(self, stage: int) -> float: ...
+
 
 @dataclass(frozen=True, slots=True)
 class StageConfig:
@@ -63,6 +69,7 @@ class SuccessorView:
     verified: int
     max_ahead: int
     epoch: int = 0
+    block: int | None = None  # with the last rollback adopted: how many tokens the successor waits for (Verdict.block)
 
     def take(self, box: Mailbox[Verdict] | None) -> tuple[int, ...] | None:
         """Read the pending verdict, if any; return the sequence to adopt when it carries a newer rollback."""
@@ -75,6 +82,7 @@ class SuccessorView:
         if verdict.rollback is None or verdict.epoch <= self.epoch:
             return None
         self.epoch = verdict.epoch
+        self.block = verdict.block
         return verdict.rollback
 
 

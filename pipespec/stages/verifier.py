@@ -3,7 +3,10 @@
 Whenever it is free, a verifying stage takes everything its predecessor has proposed beyond its own verified
 sequence (at most ``verify_cap`` tokens) and checks it in ONE forward pass: it keeps the longest prefix that agrees
 with its own choices and appends its own next token (correction or bonus). With nothing new to check it decodes one
-token itself, so it never idles (a middle stage stops at ``max_ahead`` tokens past its own successor).
+token itself, so it never idles (a middle stage stops at ``max_ahead`` tokens past its own successor) -- except right
+after it rolled back a draft much faster than itself: then the adaptive runtime has it wait, briefly, for a block of
+the draft's new tokens (``scheduler.policy.best_block``; the rollback tells the draft how many), since decoding alone
+there spends a whole forward on one token while the draft restarts.
 
 Its verified tokens go downstream as proposals (the target commits them instead). When its predecessor's sequence
 disagrees with its verified one, it rolls the predecessor back: it bumps the link's epoch and sends its verified
@@ -21,6 +24,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import anyio
 import structlog
 
 from ..workers.base import common_prefix
@@ -103,6 +107,8 @@ class _Verifier:
         self.verify_cap = cfg.verify_cap  # adapted online when the adaptive runtime is on
         self.needs_rows = cfg.params.needs_probs
         self.relayed_up = (-1, -1)  # (verified, ahead) last relayed to the predecessor while bypassed
+        self.want = 0  # after rolling back a fast draft: proposals to wait for before the next forward (0: none)
+        self.want_until = 0.0  # ... but no longer than this (perf_counter seconds): then it goes with what it has
 
     async def run(self) -> None:
         stage, cfg, io = self.stage, self.stage.config, self.stage.io
@@ -125,6 +131,8 @@ class _Verifier:
                 continue
             n = max(0, min(len(self.up.tokens) - len(self.seq), self.verify_cap, room - 1))
             stage.in_flight = max(0, len(self.up.tokens) - len(self.seq))
+            if self.want > n and await self.wait_for_block():
+                continue
             if (n == 0 and not self.is_target
                     and len(self.seq) - self.successor.verified >= self.successor.max_ahead):
                 stage.set_state("waiting")
@@ -142,6 +150,32 @@ class _Verifier:
         await self.stage.io.doorbell.wait()
         trace.span("wait", waited, reason=reason)
 
+    async def wait_for_block(self) -> bool:
+        """Wait (bounded by ``want_until``) for the draft's block after a rollback; False once the time is up."""
+        left = self.want_until - time.perf_counter()
+        if left <= 0:
+            self.want = 0
+            return False
+        self.stage.set_state("waiting")
+        with anyio.move_on_after(left):
+            await self.wait("block")
+        return True
+
+    def expect_block(self) -> int:
+        """After rolling the predecessor back: how many of the draft's tokens to wait for (the adaptive runtime's
+        ``block``; 0 without it), and until when (twice their drafting time plus a quarter of this stage's step:
+        the draft first finishes the call it is in)."""
+        monitor, stage = self.stage.monitor, self.stage
+        if monitor is None:
+            return 0
+        self.want = monitor.block(stage.index, min(self.verify_cap, stage.config.max_len - len(self.seq) - 1))
+        draft_s = monitor.draft_seconds()
+        if self.want and draft_s is not None:
+            self.want_until = time.perf_counter() + 2 * self.want * draft_s + 0.25 * monitor.step_seconds(stage.index)
+        else:
+            self.want = 0
+        return self.want
+
     def take_verdict(self) -> None:
         """Verdicts from the successor: how far it got, and maybe a rollback to adopt."""
         rollback = self.successor.take(self.stage.io.verdicts_in)
@@ -156,13 +190,15 @@ class _Verifier:
             for proposal in inbox.drain():
                 self.up.apply(proposal)
             if self.up.conflicts_with(self.seq):
-                self.roll_back_predecessor()
+                # bypassed, this stage passes its successor's rollback on: with the block the successor waits for
+                block, self.successor.block = (self.successor.block if self.stage.bypassed else None), None
+                self.roll_back_predecessor(block)
 
-    def roll_back_predecessor(self) -> None:
+    def roll_back_predecessor(self, block: int | None = None) -> None:
         stage, up, seq = self.stage, self.up, self.seq
         up.reset_to(seq)
         assert stage.io.verdicts_out is not None
-        stage.io.verdicts_out.put(Verdict(up.epoch, len(seq), tuple(seq)))
+        stage.io.verdicts_out.put(Verdict(up.epoch, len(seq), tuple(seq), block=block or None))
         stage.stats.rollbacks_sent += 1
         if stage.trace is not None:
             stage.trace.instant("rollback sent", epoch=up.epoch, position=len(seq))
@@ -202,6 +238,7 @@ class _Verifier:
         proposed = up.tokens[len(seq):len(seq) + n]
         origin = up.origins[len(seq)] if n else up.predecessor
         stage.set_state("verifying" if n else "drafting")
+        self.want = 0
         started = time.perf_counter()
         result = await stage.runner.call("step", seq + proposed, len(seq), cfg.params, rows)
         if monitor is not None:
@@ -228,7 +265,7 @@ class _Verifier:
             io.verdicts_out.put(Verdict(up.epoch, len(seq), ahead=ahead))
             self.relayed_up = (-1, -1)
             if up.conflicts_with(seq):  # a rejected proposal (the correction differs from the predecessor's token)
-                self.roll_back_predecessor()
+                self.roll_back_predecessor(self.expect_block())
         if self.is_target:
             assert io.commit is not None
             if monitor is not None:
