@@ -113,7 +113,8 @@ class Pipeline:
         self._closed = False
         _check_vocabularies(self.members, tokenizer)
         # the adaptive runtime's knowledge of this chain; it carries over from one generation to the next
-        self.monitor = ChainMonitor(len(self.members), contended=_contended(self.members))
+        self.monitor = ChainMonitor(len(self.members), contended=_contended(self.members),
+                                    devices=_gpus(self.members))
         self.auto_choice: AutoChoice | None = None  # mode "auto": what the probes chose, and why
 
     # -- construction -------------------------------------------------------------------------------------------
@@ -441,6 +442,15 @@ def _contended(members: Sequence[Member]) -> tuple[bool, ...]:
     """Per stage: whether it shares its device with another stage that does real work there."""
     busy = [m.device if m.info.contends else None for m in members]
     return tuple(d is not None and busy.count(d) > 1 for d in busy)
+
+
+def _gpus(members: Sequence[Member]) -> tuple[frozenset[str] | None, ...]:
+    """Per stage: the CUDA devices it computes on (``cuda:0+cuda:1``: both), None where it does no real work there."""
+    out: list[frozenset[str] | None] = []
+    for m in members:
+        parts = frozenset(p for p in str(m.device).split("+") if p.startswith("cuda"))
+        out.append(parts if parts and m.info.contends else None)
+    return tuple(out)
 
 
 def _replace_mode(request: Request, mode: Mode, **changes: Any) -> Request:

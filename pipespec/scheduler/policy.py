@@ -187,6 +187,9 @@ class ChainMonitor:
     # per stage: whether it shares its device with another working stage (empty: assume every stage does). Only
     # such a stage is taken out on trial: elsewhere the model's prediction already counts what it costs.
     contended: tuple[bool, ...] = ()
+    # per stage: the CUDA devices it computes on where it contends for them (None: no such device, e.g. the CPU or a
+    # synthetic stage). A draft that shares one with the stage checking its tokens runs in lock step with it.
+    devices: tuple[frozenset[str] | None, ...] = ()
     tokens: int = 0  # committed tokens seen, all generations together
     switches: int = 0
     _latency: list[LinkEstimator] = field(default_factory=list)
@@ -256,6 +259,19 @@ class ChainMonitor:
         t0, t1 = mine.latency()
         ceiling = min(ceiling, useful_run_ahead(self.alpha(0, verifier), ceiling))
         return best_block(self.alpha(0, verifier), t0, t1, draft.st / draft.sw, ceiling)
+
+    def lock_step(self, verifier: int | None = None) -> bool:
+        """Whether ``verifier`` checks the draft's (stage 0's) tokens on a GPU the draft also computes on. Then
+        drafting while it verifies slows the verify (on an H200 a 68M draft beside a 7B costs each 7B forward 10-30 %)
+        for tokens that survive only when the whole block is accepted: the draft drafts the block the verifier asks
+        for and waits for its verdict, lock step inside the pipeline (two stages on one GPU measured 0.84-0.91x of
+        lock-step ``sd`` otherwise; docs/benchmarks.md). ``None``: the stage after the draft in the active chain."""
+        if verifier is None and len(self.active) >= 2:
+            verifier = self.active[1]
+        if len(self.active) < 2 or self.active[0] != 0 or self.active[1] != verifier or len(self.devices) <= verifier:
+            return False
+        mine, draft = self.devices[verifier], self.devices[0]
+        return mine is not None and draft is not None and bool(mine & draft)
 
     def draft_seconds(self) -> float | None:
         """The draft's (stage 0) mean seconds per drafted token in the pipeline; None before its first call."""

@@ -39,6 +39,8 @@ class Monitor(Protocol):
 
     def step_seconds(self, stage: int) -> float: ...
 
+    def lock_step(self, verifier: int | None = None) -> bool: ...
+
 
 @dataclass(frozen=True, slots=True)
 class StageConfig:
@@ -116,8 +118,13 @@ class Stage:
         verdict = box.peek() if box is not None else None
         return verdict is not None and verdict.rollback is not None and verdict.epoch > epoch
 
-    def adopt(self, rollback: tuple[int, ...], epoch: int) -> list[int]:
-        """Take the successor's sequence as this stage's own (a rollback); returns it as a new list."""
+    def adopt(self, rollback: tuple[int, ...], epoch: int, current: list[int] | None = None) -> list[int]:
+        """Take the successor's sequence as this stage's own (a rollback); returns it as a new list. When it only
+        extends ``current`` (a lock-step hand-over of the successor's bonus token), nothing was rolled back."""
+        if current is not None and len(rollback) >= len(current) and rollback[:len(current)] == tuple(current):
+            if self.trace is not None:
+                self.trace.instant("handed over", epoch=epoch, position=len(rollback))
+            return list(rollback)
         self.set_state("rolling back")
         self.stats.rollbacks += 1
         if self.trace is not None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import time
 
+import anyio
+
 from ..channels import Mailbox
 from ..types import Proposal, Verdict
 from .base import Stage, SuccessorView
@@ -91,12 +93,33 @@ async def run_draft(stage: Stage) -> None:
     seq = list(cfg.prompt)
     successor = SuccessorView(len(cfg.prompt), cfg.max_ahead)
     pace = DraftPace(io.verdicts_in) if cfg.draft_batch == 0 else None
+    # lock step (``ChainMonitor.lock_step``: the draft shares its GPU with the stage checking its blocks): after
+    # publishing a block, wait for the verdict on it (the count of verdicts then; None: not waiting)
+    awaited: int | None = None
     # every stage prefills at once, in its own thread, while the others prefill and draft
     stats.forwards += await stage.runner.call("prefill", cfg.prompt)
     while True:
         rollback = successor.take(io.verdicts_in)
         if rollback is not None:
-            seq = stage.adopt(rollback, successor.epoch)
+            seq = stage.adopt(rollback, successor.epoch, seq)
+        if awaited is not None:
+            if io.verdicts_in.puts == awaited and not stage.bypassed and stage.monitor is not None:
+                stage.set_state("waiting")
+                waited = time.perf_counter()
+                # bounded: a verdict that does not come (the successor moved on) must not stop the draft
+                until = waited + 3 * stage.monitor.step_seconds(stage.monitor.active[-1]) + 0.005
+                while io.verdicts_in.puts == awaited and not stage.bypassed:
+                    left = until - time.perf_counter()
+                    if left <= 0:
+                        break
+                    with anyio.move_on_after(left):
+                        await io.doorbell.wait()  # may return at once for a ring already read: then wait again
+                if trace is not None:
+                    trace.span("wait", waited, reason="verdict")
+                if io.verdicts_in.puts == awaited:
+                    awaited = None  # late: draft on
+                continue
+            awaited = None
         ahead = len(seq) - successor.verified
         room = min(cfg.max_len - len(seq), successor.max_ahead - ahead)
         if room <= 0 or stage.bypassed:
@@ -110,8 +133,9 @@ async def run_draft(stage: Stage) -> None:
             continue
         stage.set_state("drafting")
         started = time.perf_counter()
-        if successor.block:  # the successor waits for this many after its rollback: make them in one call
-            k, successor.block = min(successor.block, room), None
+        block = successor.block
+        if block:  # the successor waits for this many after its rollback: make them in one call
+            k, successor.block = min(block, room), None
             if pace is not None:
                 pace.observe_verdicts(started)
         elif pace is not None:
@@ -134,3 +158,5 @@ async def run_draft(stage: Stage) -> None:
         start = len(seq)
         seq.extend(result.tokens)
         await io.outbox.send(Proposal(successor.epoch, start, result.tokens, result.probs))
+        if block and stage.monitor is not None and stage.monitor.lock_step():
+            awaited = io.verdicts_in.puts

@@ -181,7 +181,7 @@ class _Verifier:
         rollback = self.successor.take(self.stage.io.verdicts_in)
         if rollback is not None:
             self.up.agreed = min(self.up.agreed, common_prefix(self.seq, rollback))
-            self.seq = self.stage.adopt(rollback, self.successor.epoch)
+            self.seq = self.stage.adopt(rollback, self.successor.epoch, self.seq)
 
     def take_proposals(self) -> None:
         """Proposals from the predecessor; roll it back if it disagrees with what this stage has verified."""
@@ -193,12 +193,19 @@ class _Verifier:
                 # bypassed, this stage passes its successor's rollback on: with the block the successor waits for
                 block, self.successor.block = (self.successor.block if self.stage.bypassed else None), None
                 self.roll_back_predecessor(block)
+            elif self.stage.bypassed and self.successor.block:  # a lock-step hand-over (``verify``), passed on
+                block, self.successor.block = self.successor.block, None
+                self.roll_back_predecessor(block, rejected=False)
 
-    def roll_back_predecessor(self, block: int | None = None) -> None:
+    def roll_back_predecessor(self, block: int | None = None, rejected: bool = True) -> None:
+        """Send the predecessor this stage's verified sequence to adopt (a new epoch). ``rejected``: it disagreed
+        (a rollback, counted); else a lock-step hand-over of the bonus token with the next block's size."""
         stage, up, seq = self.stage, self.up, self.seq
         up.reset_to(seq)
         assert stage.io.verdicts_out is not None
         stage.io.verdicts_out.put(Verdict(up.epoch, len(seq), tuple(seq), block=block or None))
+        if not rejected:
+            return
         stage.stats.rollbacks_sent += 1
         if stage.trace is not None:
             stage.trace.instant("rollback sent", epoch=up.epoch, position=len(seq))
@@ -266,6 +273,9 @@ class _Verifier:
             self.relayed_up = (-1, -1)
             if up.conflicts_with(seq):  # a rejected proposal (the correction differs from the predecessor's token)
                 self.roll_back_predecessor(self.expect_block())
+            elif n and monitor is not None and monitor.lock_step(stage.index):
+                # in lock step the draft waits for this verdict: hand it the bonus token and the next block's size
+                self.roll_back_predecessor(self.expect_block(), rejected=False)
         if self.is_target:
             assert io.commit is not None
             if monitor is not None:
