@@ -31,7 +31,6 @@ import random
 import statistics
 import time
 
-from pipespec.scheduler.policy import ChainMonitor
 from pipespec.apps.simulate import simulated_pipeline
 
 CONFIGS = [
@@ -54,7 +53,7 @@ async def rate(pipe, prompts: list[list[int]], tokens: int, repeats: int, cold: 
         committed, seconds = 0, 0.0
         for prompt in prompts:
             if cold:
-                pipe.monitor = ChainMonitor(len(pipe.members), contended=pipe.monitor.contended)
+                pipe.monitor = pipe.fresh_monitor()
             t0 = time.perf_counter()
             g = await pipe.generate(prompt, max_new_tokens=tokens, mode="pipe", **options)
             seconds += time.perf_counter() - t0

@@ -229,7 +229,7 @@ async def measure_chain(label: str, members: list[Member], prompt: list[int], ar
         for m in members:
             await m.runner.call("configure", oracle=oracle)
         pipe.auto_choice = None
-        pipe.monitor = type(pipe.monitor)(len(members), contended=pipe.monitor.contended)  # forget the last alpha
+        pipe.monitor = pipe.fresh_monitor()  # forget the last alpha (placement facts kept)
         rates: dict[str, list[float]] = {name: [] for name in methods}
         outputs: dict[str, tuple[int, ...]] = {}
         stage_ms: dict[str, list[float | None]] = {}

@@ -113,9 +113,13 @@ class Pipeline:
         self._closed = False
         _check_vocabularies(self.members, tokenizer)
         # the adaptive runtime's knowledge of this chain; it carries over from one generation to the next
-        self.monitor = ChainMonitor(len(self.members), contended=_contended(self.members),
-                                    devices=_gpus(self.members))
+        self.monitor = self.fresh_monitor()
         self.auto_choice: AutoChoice | None = None  # mode "auto": what the probes chose, and why
+
+    def fresh_monitor(self) -> ChainMonitor:
+        """An adaptive runtime that knows this chain's placement (who shares a device) and nothing it learned:
+        assign it to ``monitor`` to forget (benchmarks do, between settings)."""
+        return ChainMonitor(len(self.members), contended=_contended(self.members), devices=_gpus(self.members))
 
     # -- construction -------------------------------------------------------------------------------------------
 
