@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fifth session's fifth call, TWO H200s, <= ~6 minutes: lock step inside the pipeline where the draft shares its GPU
+# Fifth session's fifth call, TWO H200s, <= ~6.5 minutes: lock step inside the pipeline where the draft shares its GPU
 # with the stage checking its tokens (ChainMonitor.lock_step; issue 14), on the chains of gpu_levers6.sh (the block
 # rule alone; that script's second run, at e01e33e, did not engage lock step: the probe's fresh monitor per alpha
 # dropped the placement, fixed by Pipeline.fresh_monitor):
@@ -25,12 +25,12 @@ left() { echo $(( $1 - ($(date +%s) - T0) )); }
   echo "twostage rc=$?"
   wait $THREE; echo "three rc=$?"
   tail -n 3 "$W/three.log" "$W/twostage.log"
-  L=$(left 440)
+  L=$(left 250)
   echo "== two gpus $(date +%T), ${L} s"
   timeout $L python3 scripts/gpu_pipe_probe.py "$W/two" --chains "13b on GPU 1" --alphas 0.7,0.9 \
       --methods ar,sd:4,pipe,auto --repeats 3 --budget-s $(( L - 50 )) > "$W/two.log" 2>&1
   echo "two rc=$?"; tail -n 5 "$W/two.log"
-  L=$(left 555)
+  L=$(left 360)
   echo "== 70b chain $(date +%T), ${L} s"
   if [ "$L" -gt 100 ]; then
     timeout $L python3 scripts/gpu_pipe_probe.py "$W/tp" --chains "8b on GPU 0; 70b" --alphas 0.9 \
