@@ -8,7 +8,9 @@ successor then drafts on its own) until it is brought back.
 Tokens per call into the worker (``draft_batch``; 0 = adaptive, ``DraftPace``): one call per token costs a round
 trip through the runner (on the CPU ~100 us of event-loop time; on a GPU shared with a big stage, a wait behind
 that stage's graph). While the successor is busy with a step much longer than a draft token, drafting k tokens
-per call delivers them no later than it could use them, for one round trip instead of k.
+per call delivers them no later than it could use them, for one round trip instead of k. A rollback may say how many
+tokens the successor waits for (``Verdict.block``): the next call drafts exactly those. Where the draft shares its
+GPU with that successor (lock step), it then waits for the verdict before drafting more.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ with its own choices and appends its own next token (correction or bonus). With 
 token itself, so it never idles (a middle stage stops at ``max_ahead`` tokens past its own successor) -- except right
 after it rolled back a draft much faster than itself: then the adaptive runtime has it wait, briefly, for a block of
 the draft's new tokens (``scheduler.policy.best_block``; the rollback tells the draft how many), since decoding alone
-there spends a whole forward on one token while the draft restarts.
+there spends a whole forward on one token while the draft restarts. Where the draft shares this stage's GPU
+(``ChainMonitor.lock_step``), every verification ends that way: the verdict hands the draft the bonus token and the
+next block's size, and the draft waits for it instead of drafting past the block and slowing the verify.
 
 Its verified tokens go downstream as proposals (the target commits them instead). When its predecessor's sequence
 disagrees with its verified one, it rolls the predecessor back: it bumps the link's epoch and sends its verified
