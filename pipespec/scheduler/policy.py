@@ -253,12 +253,12 @@ class ChainMonitor:
         both stages' latencies have been seen."""
         if verifier not in self.active or self.active.index(verifier) != 1 or self.active[0] != 0:
             return 0
-        draft, mine = self._latency[0], self._latency[verifier]
-        if draft.sw == 0 or mine.sw == 0:
+        draft_s, mine = self.draft_seconds(), self._latency[verifier]
+        if draft_s is None or mine.sw == 0:
             return 0
         t0, t1 = mine.latency()
         ceiling = min(ceiling, useful_run_ahead(self.alpha(0, verifier), ceiling))
-        return best_block(self.alpha(0, verifier), t0, t1, draft.st / draft.sw, ceiling)
+        return best_block(self.alpha(0, verifier), t0, t1, draft_s, ceiling)
 
     def lock_step(self, verifier: int | None = None) -> bool:
         """Whether ``verifier`` checks the draft's (stage 0's) tokens on a GPU the draft also computes on. Then

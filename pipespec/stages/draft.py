@@ -135,13 +135,12 @@ async def run_draft(stage: Stage) -> None:
             continue
         stage.set_state("drafting")
         started = time.perf_counter()
+        if pace is not None:
+            pace.observe_verdicts(started)
         block = successor.block
         if block:  # the successor waits for this many after its rollback: make them in one call
             k, successor.block = min(block, room), None
-            if pace is not None:
-                pace.observe_verdicts(started)
         elif pace is not None:
-            pace.observe_verdicts(started)
             k = pace.batch(room)
         else:
             k = min(cfg.draft_batch, room)
