@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from pipespec.analysis.model import window_tokens
-from pipespec.scheduler.policy import ChainMonitor, LinkEstimator, best_block, best_verify_cap, useful_run_ahead
+from pipespec.scheduler.policy import COLD_BLOCK, ChainMonitor, LinkEstimator, best_block, best_verify_cap, useful_run_ahead
 
 
 def test_window_tokens() -> None:
@@ -148,6 +148,9 @@ def test_monitor_asks_for_a_block_only_from_the_draft() -> None:
     m.active = (0, 2)  # the middle bypassed: the target checks the draft's tokens, relayed
     assert m.block(2, 64) > 0
     assert ChainMonitor(2).block(1, 64) == 0  # no latencies seen yet
+    gpu0 = frozenset({"cuda:0"})
+    assert ChainMonitor(2, devices=(gpu0, gpu0)).block(1, 64) == COLD_BLOCK  # lock step names a first block at once
+    assert ChainMonitor(2, devices=(gpu0, gpu0)).block(1, 2) == 2
     assert m.draft_seconds() is not None and abs(m.draft_seconds() - 0.3e-3) < 1e-9
 
 

@@ -62,6 +62,10 @@ def best_block(alpha: float, t0: float, t1: float, draft_s: float, ceiling: int)
     return best
 
 
+# Lock step's first block, before the draft's and its verifier's latencies are known (one generation in, they are).
+COLD_BLOCK = 4
+
+
 def useful_run_ahead(alpha: float, ceiling: int, eps: float = 0.02, floor: int = 2) -> int:
     """How many tokens past the verifier's prefix are worth drafting: those that survive with probability >= eps."""
     if alpha >= 0.999:
@@ -249,13 +253,16 @@ class ChainMonitor:
 
     def block(self, verifier: int, ceiling: int) -> int:
         """How many drafts ``verifier`` should wait for after it rolled the draft back (``best_block``); 0 unless its
-        proposer in the active chain is the draft (stage 0: a middle stage's tokens come a forward at a time) and
-        both stages' latencies have been seen."""
+        proposer in the active chain is the draft (stage 0: a middle stage's tokens come a forward at a time). Until
+        both stages' latencies have been seen: 0, or in lock step ``COLD_BLOCK`` (there the draft waits for a block
+        size, and a draft left to run free beside its verifier measures its own time slowed by that verifier's
+        forwards, which kept the block at 0: on two H200s the 70B chain's target decoded alone for the first 40 %
+        of a generation)."""
         if verifier not in self.active or self.active.index(verifier) != 1 or self.active[0] != 0:
             return 0
         draft_s, mine = self.draft_seconds(), self._latency[verifier]
         if draft_s is None or mine.sw == 0:
-            return 0
+            return min(COLD_BLOCK, ceiling) if self.lock_step(verifier) else 0
         t0, t1 = mine.latency()
         ceiling = min(ceiling, useful_run_ahead(self.alpha(0, verifier), ceiling))
         return best_block(self.alpha(0, verifier), t0, t1, draft_s, ceiling)

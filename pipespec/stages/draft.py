@@ -25,6 +25,11 @@ from .base import Stage, SuccessorView
 
 __all__ = ["DraftPace", "run_draft"]
 
+# Seconds a draft in lock step waits at most, beyond its usual bound, for its verifier's first hand-over (sent before
+# that verifier's first forward, through a bypassed middle stage's relay once it has prefilled). Late, the draft
+# drafts on its own.
+START_WAIT = 0.5
+
 
 class DraftPace:
     """How many tokens the next draft call should draft (pure bookkeeping; times in seconds).
@@ -96,7 +101,9 @@ async def run_draft(stage: Stage) -> None:
     successor = SuccessorView(len(cfg.prompt), cfg.max_ahead)
     pace = DraftPace(io.verdicts_in) if cfg.draft_batch == 0 else None
     # lock step (``ChainMonitor.lock_step``: the draft shares its GPU with the stage checking its blocks): after
-    # publishing a block, wait for the verdict on it (the count of verdicts then; None: not waiting)
+    # publishing a block, wait for the verdict on it (the count of verdicts then; None: not waiting). From the
+    # start: the verifier's first hand-over names the first block, so nothing is drafted before it comes
+    start_wait = stage.monitor is not None and stage.monitor.lock_step()
     awaited: int | None = None
     # every stage prefills at once, in its own thread, while the others prefill and draft
     stats.forwards += await stage.runner.call("prefill", cfg.prompt)
@@ -104,12 +111,16 @@ async def run_draft(stage: Stage) -> None:
         rollback = successor.take(io.verdicts_in)
         if rollback is not None:
             seq = stage.adopt(rollback, successor.epoch, seq)
+        first_wait = START_WAIT if start_wait else 0.0
+        if start_wait and successor.epoch == 0:
+            awaited = io.verdicts_in.puts  # nothing handed over yet
+        start_wait = False
         if awaited is not None:
             if io.verdicts_in.puts == awaited and not stage.bypassed and stage.monitor is not None:
                 stage.set_state("waiting")
                 waited = time.perf_counter()
                 # bounded: a verdict that does not come (the successor moved on) must not stop the draft
-                until = waited + 3 * stage.monitor.step_seconds(stage.monitor.active[-1]) + 0.005
+                until = waited + 3 * stage.monitor.step_seconds(stage.monitor.active[-1]) + 0.005 + first_wait
                 while io.verdicts_in.puts == awaited and not stage.bypassed:
                     left = until - time.perf_counter()
                     if left <= 0:
@@ -148,7 +159,10 @@ async def run_draft(stage: Stage) -> None:
         elapsed = time.perf_counter() - started
         if pace is not None:
             pace.observe_call(len(result.tokens), elapsed)
-        if stage.monitor is not None and result.tokens:
+        if stage.monitor is not None and result.tokens and (block or not stage.monitor.lock_step()):
+            # in lock step only a block's call is timed: the verifier waits then, while a call made beside its
+            # forward waits behind it on the shared GPU (a 1B drafted 23 ms a token so beside a 70B's rank), and
+            # that time would make the blocks, and so lock step, stop (``ChainMonitor.block``)
             stage.monitor.observe_forward(stage.index, 1, elapsed / len(result.tokens))
         stats.forwards += len(result.tokens)
         stats.drafted += len(result.tokens)

@@ -34,6 +34,11 @@ from ..types import Proposal, RowRefs, Verdict
 from .base import Stage, SuccessorView, log
 
 
+# Seconds a verifier waits at most for a block whose drafting time nothing has measured yet (lock step's first; a
+# block's calls may also capture CUDA graphs then). Past it the verifier decodes alone, which is correct, only slower.
+COLD_WAIT = 0.25
+
+
 class _Upstream:
     """This stage's view of its predecessor's sequence in the current epoch, and the epoch itself."""
 
@@ -115,8 +120,14 @@ class _Verifier:
     async def run(self) -> None:
         stage, cfg, io = self.stage, self.stage.config, self.stage.io
         stage.set_state("drafting")
-        # every stage prefills at once, in its own thread, while the others prefill and draft
-        stage.stats.forwards += await stage.runner.call("prefill", cfg.prompt)
+        if stage.monitor is not None and io.verdicts_out is not None and stage.monitor.lock_step(stage.index):
+            # lock step from the first token: the draft waits for this hand-over (the prompt's end and the first
+            # block's size) instead of drafting beside this stage's forwards, and the first verification feeds the
+            # prompt too (one forward for prefill and verify, as lock-step sd does)
+            self.roll_back_predecessor(self.expect_block(), rejected=False)
+        else:
+            # every stage prefills at once, in its own thread, while the others prefill and draft
+            stage.stats.forwards += await stage.runner.call("prefill", cfg.prompt)
         while True:
             self.take_verdict()
             self.take_proposals()
@@ -166,16 +177,15 @@ class _Verifier:
     def expect_block(self) -> int:
         """After rolling the predecessor back: how many of the draft's tokens to wait for (the adaptive runtime's
         ``block``; 0 without it), and until when (twice their drafting time plus a quarter of this stage's step:
-        the draft first finishes the call it is in)."""
+        the draft first finishes the call it is in; ``COLD_WAIT`` before the draft's time is known)."""
         monitor, stage = self.stage.monitor, self.stage
         if monitor is None:
             return 0
         self.want = monitor.block(stage.index, min(self.verify_cap, stage.config.max_len - len(self.seq) - 1))
         draft_s = monitor.draft_seconds()
-        if self.want and draft_s is not None:
-            self.want_until = time.perf_counter() + 2 * self.want * draft_s + 0.25 * monitor.step_seconds(stage.index)
-        else:
-            self.want = 0
+        if self.want:
+            wait = COLD_WAIT if draft_s is None else 2 * self.want * draft_s + 0.25 * monitor.step_seconds(stage.index)
+            self.want_until = time.perf_counter() + wait
         return self.want
 
     def take_verdict(self) -> None:
