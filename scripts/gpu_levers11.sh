@@ -15,25 +15,25 @@ left() { echo $(( $1 - ($(date +%s) - T0) )); }
 tree() { echo "/tmp/site:$PWD/.ab/$1:$PWD"; }
 {
   echo "== one gpu: before (GPU 0) | cold (GPU 1) $(date +%T)"
-  PYTHONPATH=$(tree before) PIPESPEC_COMMIT=d7ecdd9 timeout 260 python3 scripts/gpu_pipe_probe.py "$W/one-before" \
+  PYTHONPATH=$(tree before) PIPESPEC_COMMIT=d7ecdd9 timeout 225 python3 scripts/gpu_pipe_probe.py "$W/one-before" \
       --chains "7b on GPU 0,8b on GPU 0,13b on GPU 0" --alphas 0.9,0.7 --methods sd:4,sd:8,sd:16,pipe --repeats 5 \
-      --budget-s 200 > "$W/one-before.log" 2>&1 &
+      --budget-s 165 > "$W/one-before.log" 2>&1 &
   B=$!
-  PYTHONPATH=$(tree cold) PIPESPEC_COMMIT=f14d42a CUDA_VISIBLE_DEVICES=1 timeout 260 python3 \
+  PYTHONPATH=$(tree cold) PIPESPEC_COMMIT=f14d42a CUDA_VISIBLE_DEVICES=1 timeout 225 python3 \
       scripts/gpu_pipe_probe.py "$W/one-cold" --chains "7b on GPU 0,8b on GPU 0,13b on GPU 0" --alphas 0.9,0.7 \
-      --methods sd:4,sd:8,sd:16,pipe --repeats 5 --budget-s 200 > "$W/one-cold.log" 2>&1
+      --methods sd:4,sd:8,sd:16,pipe --repeats 5 --budget-s 165 > "$W/one-cold.log" 2>&1
   echo "one-cold rc=$?"
   wait $B; echo "one-before rc=$?"
   grep alpha "$W/one-before.log" "$W/one-cold.log"
   for T in before cold; do
-    L=$(left 540)
+    L=$(left 575)
     echo "== 70b chain, $T $(date +%T), ${L} s"
     if [ "$L" -gt 110 ]; then
       C=d7ecdd9; [ $T = cold ] && C=f14d42a
       M=$(( L / 2 )); [ $T = cold ] && M=$L
       PYTHONPATH=$(tree $T) PIPESPEC_COMMIT=$C timeout $M python3 scripts/gpu_pipe_probe.py "$W/tp-$T" \
           --chains "8b on GPU 0; 70b" --alphas 0.9,0.7 --methods sd:4,sd:8,pipe --repeats 3 \
-          --budget-s $(( M - 75 )) > "$W/tp-$T.log" 2>&1
+          --budget-s $(( M - 25 )) > "$W/tp-$T.log" 2>&1
       echo "tp-$T rc=$?"; grep alpha "$W/tp-$T.log"
     fi
   done
