@@ -116,6 +116,7 @@ class _Verifier:
         self.relayed_up = (-1, -1)  # (verified, ahead) last relayed to the predecessor while bypassed
         self.want = 0  # after rolling back a fast draft: proposals to wait for before the next forward (0: none)
         self.want_until = 0.0  # ... but no longer than this (perf_counter seconds): then it goes with what it has
+        self.unprefilled = False  # lock step: the first forward feeds the prompt too (no separate prefill)
 
     async def run(self) -> None:
         stage, cfg, io = self.stage, self.stage.config, self.stage.io
@@ -125,6 +126,7 @@ class _Verifier:
             # block's size) instead of drafting beside this stage's forwards, and the first verification feeds the
             # prompt too (one forward for prefill and verify, as lock-step sd does)
             self.roll_back_predecessor(self.expect_block(), rejected=False)
+            self.unprefilled = True
         else:
             # every stage prefills at once, in its own thread, while the others prefill and draft
             stage.stats.forwards += await stage.runner.call("prefill", cfg.prompt)
@@ -260,8 +262,9 @@ class _Verifier:
         self.want = 0
         started = time.perf_counter()
         result = await stage.runner.call("step", seq + proposed, len(seq), cfg.params, rows)
-        if monitor is not None:
+        if monitor is not None and not self.unprefilled:
             monitor.observe_forward(stage.index, n + 1, time.perf_counter() - started)
+        self.unprefilled = False  # the prompt's forward (lock step's first) is no measure of a verify's time
         stats.forwards += 1
         if stage.pending_rollback(self.successor.epoch):
             return False  # the successor has moved on to another sequence; this result extends a dead one
