@@ -287,6 +287,10 @@ class ChainMonitor:
 
     # -- which stages run --------------------------------------------------------------------------------------------
 
+    def step_known(self, stage: int) -> bool:
+        """Whether a forward pass of ``stage`` has been timed (``step_seconds`` is a default until then)."""
+        return self._latency[stage].sw > 0
+
     def step_seconds(self, stage: int) -> float:
         """Mean seconds of one forward pass of ``stage`` at its usual number of tokens."""
         est = self._latency[stage]

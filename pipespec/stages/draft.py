@@ -25,7 +25,8 @@ from .base import Stage, SuccessorView
 
 __all__ = ["DraftPace", "run_draft"]
 
-# Seconds a draft in lock step waits at most, beyond its usual bound, for its verifier's first hand-over (sent before
+# Seconds a draft in lock step waits at most for a verdict before the target's forward has been timed (its first,
+# which feeds the prompt too, is not), and beyond its usual bound for its verifier's first hand-over (sent before
 # that verifier's first forward, through a bypassed middle stage's relay once it has prefilled). Late, the draft
 # drafts on its own.
 START_WAIT = 0.5
@@ -120,7 +121,9 @@ async def run_draft(stage: Stage) -> None:
                 stage.set_state("waiting")
                 waited = time.perf_counter()
                 # bounded: a verdict that does not come (the successor moved on) must not stop the draft
-                until = waited + 3 * stage.monitor.step_seconds(stage.monitor.active[-1]) + 0.005 + first_wait
+                target = stage.monitor.active[-1]
+                until = waited + first_wait + (3 * stage.monitor.step_seconds(target) + 0.005
+                                               if stage.monitor.step_known(target) else START_WAIT)
                 while io.verdicts_in.puts == awaited and not stage.bypassed:
                     left = until - time.perf_counter()
                     if left <= 0:
