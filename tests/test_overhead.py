@@ -62,11 +62,13 @@ def test_adaptive_draft_batching_cuts_runner_calls_not_speed() -> None:
 
 def test_event_loop_cpu_per_runner_call_is_near_a_bare_round_trip() -> None:
     """What the orchestrator adds to each round trip (stage logic, channels, stats) stays small next to the round
-    trip itself: at most 3x a bare one measured here, now (measured ~1.3-2x)."""
+    trip itself: at most 4x a bare one measured here, now. Measured ~1.3-2x when written; 2.0-2.8x on 2026-12-01 on
+    the same 2-core VM, for this code and for the code before the session's changes alike (five runs each), with a
+    3.06 among them: a 3x bound failed on noise, 4x still catches a doubling of the orchestrator's own work."""
     floor = _bare_round_trip_cpu_us()
     report = _report(0)
     per_call = report["orchestrator_cpu_us_per_token"] / report["runner_calls_per_token"]
-    assert per_call < 3 * floor, (per_call, floor, report["orchestrator_cpu_us_per_token"])
+    assert per_call < 4 * floor, (per_call, floor, report["orchestrator_cpu_us_per_token"])
 
 
 def _pace(c0: float, c1: float, interval: float, calls: int = 12) -> DraftPace:
