@@ -111,8 +111,9 @@ class _SharedGpu(SimulatedWorker):
         self.gpu = gpu
 
     def _sleep_until(self, deadline: float) -> None:
+        forward = deadline - time.perf_counter()  # this forward's own time, charged once the GPU is free
         with self.gpu:
-            super()._sleep_until(time.perf_counter() + (deadline - time.perf_counter()))
+            super()._sleep_until(time.perf_counter() + forward)
 
 
 def _shared_gpu_pipeline(latencies_ms: list[float], alpha: float) -> pipespec.Pipeline:
