@@ -117,3 +117,34 @@ def two_ranks(rank: Callable[[int, str, str], None], tmp_path: Path, timeout: fl
     finally:
         if peer.is_alive():
             peer.kill()
+
+
+# numpy >= 2.4 refuses int() of a 1-element array, which Triton 3.6's interpreter uses for a scalar's __index__
+# (``range(0, K, BLOCK_K)`` in a kernel): take the element
+_INTERPRETER_SHIM = """
+import triton.runtime.interpreter as _ti
+_orig_patch = _ti._patch_lang_tensor
+def _patch(tensor, scope):
+    _orig_patch(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+_ti._patch_lang_tensor = _patch
+"""
+
+
+def run_interpreted(code: str) -> "subprocess.CompletedProcess[str]":
+    """Run ``code`` in a child Python with TRITON_INTERPRET=1 (it must be set before triton is imported): our Triton
+    kernels' math on the CPU. This checkout's pipespec first on the path, the parent's PYTHONPATH kept (a Triton
+    installed outside the venv), the tests folder next (these helpers). Triton's interpreter computes bf16 dots
+    wrongly (Triton 3.6), so kernels with ``tl.dot`` are checked in float32 there."""
+    import os
+    import subprocess
+    import sys
+
+    import pipespec
+
+    here = str(Path(__file__).resolve().parent)
+    path = os.pathsep.join([str(Path(pipespec.__file__).parents[1]), here]
+                           + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    return subprocess.run([sys.executable, "-c", _INTERPRETER_SHIM + code], env=env, capture_output=True, text=True,
+                          timeout=300)

@@ -5,9 +5,6 @@ reproducing the same quantized target decoding alone (losslessness is relative t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,7 @@ import torch
 
 import pipespec
 from conftest import noisy_copy, tiny_llama
-from helpers import byte_tokenizer, hf_greedy, limit, save_folder
+from helpers import byte_tokenizer, hf_greedy, limit, run_interpreted, save_folder
 from pipespec.errors import ConfigError
 from pipespec.kernels.quant import (INT4_GROUP, QuantWeight, dequantize, linear, parse_quantize, quantize, set_backend,
                                     unpack_int4)
@@ -214,29 +211,8 @@ for kind in ("int8", "fp8"):
         assert err < 1e-3, (kind, m, dt, err)
 print("ok")
 """
-    out = _interpret(code)
+    out = run_interpreted(code)
     assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
-
-
-# numpy >= 2.4 refuses int() of a 1-element array, which Triton 3.6's interpreter uses for a scalar's __index__
-# (``range(0, K, BLOCK_K)`` in a kernel): take the element
-_INTERPRETER_SHIM = """
-import triton.runtime.interpreter as _ti
-_orig_patch = _ti._patch_lang_tensor
-def _patch(tensor, scope):
-    _orig_patch(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-_ti._patch_lang_tensor = _patch
-"""
-
-
-def _interpret(code: str) -> subprocess.CompletedProcess:
-    """Run ``code`` in a child Python with TRITON_INTERPRET=1 (it must be set before triton is imported); this
-    checkout's pipespec first on the path, the parent's PYTHONPATH kept (a Triton installed outside the venv)."""
-    path = os.pathsep.join([str(Path(pipespec.__file__).parents[1])] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    return subprocess.run([sys.executable, "-c", _INTERPRETER_SHIM + code], env=env, capture_output=True, text=True,
-                          timeout=300)
 
 
 def test_splitk_kernel_in_the_interpreter() -> None:
@@ -268,7 +244,7 @@ for kind in ("int8", "fp8"):
         assert ((y.float() - (want - b.float())).abs() - 2**-7 * want.abs()).max().item() < 1e-3 + 2**-7 * 8
 print("ok")
 """
-    out = _interpret(code)
+    out = run_interpreted(code)
     assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
@@ -309,7 +285,7 @@ qw = quantize(torch.randn(5, 96), "int4", 48)  # not a multiple of 32: the torch
 assert torch.equal(quant.linear(x, qw), torch.nn.functional.linear(x, dequantize(qw)))
 print("ok")
 """
-    out = _interpret(code)
+    out = run_interpreted(code)
     assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
@@ -350,7 +326,7 @@ qw = quantize(torch.randn(5, 96), "int4", 32)
 assert torch.equal(quant.linear(x, qw), wgemv4_splitk(x, qw.q, qw.scale, None, 32))
 print("ok")
 """
-    out = _interpret(code)
+    out = run_interpreted(code)
     assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 

@@ -49,7 +49,9 @@ class Variant:
 
     mask: str = "float"  # "bool": SDPA converts it in every layer; "float": additive 0/-inf, built once per forward
     fused: bool = True  # RMSNorm through F.rms_norm (one kernel on CUDA), RoPE as flip + addcmul (3 kernels, not 5)
-    attention: str = "sdpa"  # "sdpa" (the efficient kernel) or "math" (bmm, softmax, bmm: GQA without copies)
+    # "sdpa" (the efficient kernel), "math" (bmm, softmax, bmm: GQA without copies) or "triton" (one flash-decoding
+    # kernel that reads only the filled slots, kernels/triton_attention.py; CUDA; prefills take "math")
+    attention: str = "sdpa"
     # None: eager; "parts": _pre/_post_attention compiled with dynamic shapes (one compile serves every bucket);
     # "layer": the whole layer (norms, GEMMs, RoPE, cache writes, attention) compiled, our graphs capture it
     compile: str | None = None
@@ -66,6 +68,8 @@ VARIANTS: dict[str, Variant] = {
     "compile-layer-math": Variant(attention="math", compile="layer"),
     "compile-layer-static": Variant(compile="layer", dynamic=False),
     "compile-layer-autotune": Variant(compile="layer", dynamic=False, mode="max-autotune-no-cudagraphs"),
+    "lean-triton": Variant(attention="triton"),
+    "compile-layer-triton": Variant(attention="triton", compile="layer"),
 }
 # The variant a static worker runs: ``PIPESPEC_STATIC_VARIANT=<name>`` overrides all three. Measured on an H200
 # (scripts/gpu_forward.py, docs/benchmarks.md, 1-token forward, 512 tokens of context): 7B base 6.78 ms, lean 5.92,
@@ -76,6 +80,23 @@ VARIANTS: dict[str, Variant] = {
 CPU_VARIANT = "lean"
 CUDA_VARIANT = "lean-math"
 COMPILED_VARIANT = "compile-layer-math"  # fast="compile" (StaticWorker(compile=True))
+
+
+TRITON_ATTENTION_MAX_TOKENS = 16  # kernels/triton_attention.MAX_TOKENS (that module needs Triton: not imported here)
+
+
+def require_attention(variant: Variant, device: torch.device, head_dim: int) -> None:
+    """Raise ValueError where ``variant``'s attention cannot run here; registers the Triton kernel's op when used."""
+    if variant.attention != "triton":
+        return
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":  # the interpreter: CPU tests
+        raise ValueError(f"attention 'triton' runs on CUDA, not on {device}")
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"attention 'triton' needs a power-of-two head size, not {head_dim}")
+    try:
+        from ..kernels import triton_attention  # noqa: F401 - registers torch.ops.pipespec.decode_attention
+    except ImportError as exc:
+        raise ValueError(f"attention 'triton' needs Triton: {exc}") from exc
 
 
 def choose_variant(device: torch.device, compile: bool = False) -> str:
@@ -247,6 +268,7 @@ class StaticLlama:
         """Lay the forward out as ``variant`` (a name of ``VARIANTS`` or a ``Variant``). Graphs captured before
         must go: they replay the old kernels. Compiling happens lazily, at the next forward of each new shape."""
         v = VARIANTS[variant] if isinstance(variant, str) else variant
+        require_attention(v, self.device, self.head_dim)
         self.variant = v
         self._pre, self._post, self._layer = _pre_attention, _post_attention, _layer
         if v.compile == "parts":
@@ -291,7 +313,7 @@ class StaticLlama:
     def _layers(self, x: torch.Tensor, per_device: dict[torch.device, Any], kv_len: int) -> torch.Tensor:
         h, kvh, hd = self.n_heads, self.n_kv, self.head_dim
         pre, post, layer = self._pre, self._post, self._layer
-        fused, math = self.variant.fused, self.variant.attention == "math"
+        fused, attention = self.variant.fused, self.variant.attention
         for i, w in enumerate(self.layers):
             d = self.layer_devices[i]
             if x.device != d:  # crossing to the next GPU of a layer-wise split: only the hidden state moves
@@ -299,7 +321,7 @@ class StaticLlama:
             pos_d, cos, sin, masks = per_device[d]
             # the mask's width is kv_len: the layer reads the cache's first kv_len slots
             x = layer(pre, post, x, pos_d, cos, sin, masks[self.windows[i]], self.cache_k[i], self.cache_v[i], w,
-                      h, kvh, hd, self.eps, fused, math)
+                      h, kvh, hd, self.eps, fused, attention)
         return x
 
     def compile(self) -> None:
@@ -319,25 +341,29 @@ def _allow_recompiles() -> None:
 
 def _layer(pre: Any, post: Any, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
            mask: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, w: dict[str, Any], h: int, kvh: int, hd: int,
-           eps: float, fused: bool, math: bool) -> torch.Tensor:
+           eps: float, fused: bool, attention: str) -> torch.Tensor:
     """One decoder layer over the static cache: x [n, hidden] at positions pos [n] -> x [n, hidden]; writes the
     layer's k/v at ``pos`` into ck, cv [1, kvh, capacity, hd] and attends over the first mask.shape[-1] slots."""
-    att = _attend(pre, x, pos, cos, sin, mask, ck, cv, w, h, kvh, hd, eps, fused, math)  # [1, h, n, hd]
+    att = _attend(pre, x, pos, cos, sin, mask, ck, cv, w, h, kvh, hd, eps, fused, attention)  # [1, h, n, hd]
     return post(x, att, w["o"], w["o_b"], w["ln2"], w["gate_up"], w["gate_up_b"], w["down"], w["down_b"],
                 w["ffn"], eps, fused=fused)
 
 
 def _attend(pre: Any, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
             ck: torch.Tensor, cv: torch.Tensor, w: dict[str, Any], h: int, kvh: int, hd: int, eps: float, fused: bool,
-            math: bool) -> torch.Tensor:
-    """The first half of ``_layer``: x [n, hidden] -> the heads' outputs [1, h, n, hd] (k/v written to the cache)."""
+            attention: str) -> torch.Tensor:
+    """The first half of ``_layer``: x [n, hidden] -> the heads' outputs [1, h, n, hd] (k/v written to the cache).
+    ``attention``: the variant's (``Variant.attention``)."""
     q, k, v = pre(x, cos, sin, w["ln1"], w["qkv"], w["qkv_b"], w["qk_norm"], h, kvh, hd, eps,
                   fused=fused)  # [h|kvh, n, hd]
     ck.index_copy_(2, pos, k.unsqueeze(0))
     cv.index_copy_(2, pos, v.unsqueeze(0))
     kv_len = mask.shape[-1]
     keys, values = ck[:, :, :kv_len], cv[:, :, :kv_len]
-    if math:
+    if attention == "triton" and q.shape[1] <= TRITON_ATTENTION_MAX_TOKENS:  # decode and verify; prefills: math
+        # [n, h, hd] -> [1, h, n, hd]: a view; _post_attention's transpose back makes it contiguous again
+        att = torch.ops.pipespec.decode_attention(q, keys, values, mask, pos).transpose(0, 1).unsqueeze(0)
+    elif attention in ("math", "triton"):
         att = _math_attention(q, keys, values, mask)
     elif kvh == h:  # a branch, not enable_gqa=(kvh != h): once a second model with other head counts compiles this
         # layer in the process, automatic dynamic shapes make h and kvh symbolic, and SDPA refuses a SymBool there

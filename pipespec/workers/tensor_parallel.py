@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from ..kernels.quant import linear
 from .static import StaticWorker
 from .static_llama import (VARIANTS, FAMILIES, Family, StaticLlama, Variant, _allow_recompiles, _attend, _layer,
-                           _post_attention, _pre_attention, _rms, choose_variant, layer_windows)
+                           _post_attention, _pre_attention, _rms, choose_variant, layer_windows, require_attention)
 
 __all__ = ["Shard", "TPStaticLlama", "TPStaticWorker", "model_facts", "plan_shard", "refusal", "shard_fused", "split_refusal", "tp_from_model", "tp_from_folder",
            "tp_random"]
@@ -253,13 +253,13 @@ class TPStaticLlama(StaticLlama):
     def _layers(self, x: torch.Tensor, per_device: dict[torch.device, Any], kv_len: int) -> torch.Tensor:
         h, kvh, hd = self.n_heads, self.n_kv, self.head_dim  # this rank's heads
         pos_d, cos, sin, masks = per_device[self.device]
-        fused, math = self.variant.fused, self.variant.attention == "math"
+        fused, attention = self.variant.fused, self.variant.attention
         if self._regions is not None:  # compiled: per layer two regions, each followed by its all-reduce (eager)
             attention, mlp = self._regions
             delta, delta_b = None, None  # the previous layer's summed down_proj output [n, hidden] and its bias
             for i, w in enumerate(self.layers):
                 x, partial = attention(x, delta, delta_b, pos_d, cos, sin, masks[self.windows[i]], self.cache_k[i],
-                                       self.cache_v[i], w, h, kvh, hd, self.eps, fused, math)
+                                       self.cache_v[i], w, h, kvh, hd, self.eps, fused, attention)
                 x, partial = mlp(x, self._all_reduce(partial), w, self.eps, fused)
                 delta, delta_b = self._all_reduce(partial), w["down_b"]
             return _residual(x, delta, delta_b)
@@ -267,7 +267,7 @@ class TPStaticLlama(StaticLlama):
             # the unsplit layer (static_llama._layer: this rank's heads, its cache [1, lkv, capacity, hd]) with a
             # post-attention that sums the ranks' partial o_proj and down_proj outputs
             x = _layer(self._pre, self._post, x, pos_d, cos, sin, masks[self.windows[i]], self.cache_k[i],
-                       self.cache_v[i], w, h, kvh, hd, self.eps, fused, math)
+                       self.cache_v[i], w, h, kvh, hd, self.eps, fused, attention)
         return x
 
     def set_variant(self, variant: str | Variant, backend: str | Callable[..., Any] = "inductor") -> None:
@@ -281,6 +281,8 @@ class TPStaticLlama(StaticLlama):
         (a directly built ProcessGroupGloo is refused: "Unsupported group type"), and the runner builds its group
         directly."""
         v = VARIANTS[variant] if isinstance(variant, str) else variant
+        if v.attention == "triton":
+            require_attention(v, self.device, self.head_dim)
         self.variant = v
         self._pre = _pre_attention
         # the unsplit post-attention, summing the ranks' partial o_proj and down_proj outputs
@@ -309,11 +311,12 @@ def _residual(x: torch.Tensor, delta: torch.Tensor | None, bias: torch.Tensor | 
 def _tp_attention(x: torch.Tensor, delta: torch.Tensor | None, delta_b: torch.Tensor | None, pos: torch.Tensor,
                   cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor,
                   w: dict[str, Any], h: int, kvh: int, hd: int, eps: float, fused: bool,
-                  math: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                  attention: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Compiled region 1 of a layer on a rank: x [n, hidden] + the previous layer's summed down_proj output (delta,
     its bias; None in the first layer) -> (that x, this rank's o_proj partial [n, hidden], to be summed)."""
     x = _residual(x, delta, delta_b)
-    att = _attend(_pre_attention, x, pos, cos, sin, mask, ck, cv, w, h, kvh, hd, eps, fused, math)  # [1, lh, n, hd]
+    att = _attend(_pre_attention, x, pos, cos, sin, mask, ck, cv, w, h, kvh, hd, eps, fused,
+                  attention)  # [1, lh, n, hd]
     return x, linear(att[0].transpose(0, 1).reshape(x.shape[0], -1), w["o"])
 
 
