@@ -53,7 +53,7 @@ SHAPES = {  # hidden, layers, heads, kv heads, ffn, vocab
 # phase A on every shape first, then phase B: the cheap and the likeliest winners before the long compiles
 PHASES = (["base", "lean", "lean-math", "compile-layer"],
           ["compile-layer-math", "compile-parts", "compile-layer-static", "compile-layer-autotune"])
-ESTIMATE_S = {"base": 8, "lean": 8, "lean-math": 8, "compile-layer-autotune": 120}  # others: 45 (compiles)
+ESTIMATE_S = {"base": 8, "lean": 8, "lean-math": 8, "lean-triton": 8, "compile-layer-autotune": 120}  # others: 45 (compiles)
 PROMPT = 512
 CONTEXT = 768  # the context bucket of positions 512 .. 519 (multiples of 256)
 
@@ -377,7 +377,13 @@ def main() -> None:
                         write(out_dir, result)
                         continue
                 static, inputs, baseline = models[shape]
-                for name in phase:
+                for label in phase:
+                    # "NAME@sK": the layout NAME with the Triton attention's slot ranges forced to K
+                    name, _, splits = label.partition("@s")
+                    if splits:
+                        os.environ["PIPESPEC_ATTN_SPLITS"] = splits
+                    else:
+                        os.environ.pop("PIPESPEC_ATTN_SPLITS", None)
                     elapsed = now() - started
                     estimate = ESTIMATE_S.get(name, learned) * (0.1 if args.smoke else 1)
                     if name not in VARIANTS:
@@ -389,6 +395,7 @@ def main() -> None:
                     print(f"{shape} {name} ...", flush=True)
                     try:
                         row = measure_variant(static, name, device, reps, inputs, baseline, info["floor_ms"], tmp)
+                        row["variant"] = label
                     except Exception as e:  # noqa: BLE001
                         row = {"variant": name, "error": f"{type(e).__name__}: {e}"[:600],
                                "traceback": traceback.format_exc()[-2000:]}
