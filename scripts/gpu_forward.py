@@ -378,12 +378,14 @@ def main() -> None:
                         continue
                 static, inputs, baseline = models[shape]
                 for label in phase:
-                    # "NAME@sK": the layout NAME with the Triton attention's slot ranges forced to K
-                    name, _, splits = label.partition("@s")
-                    if splits:
-                        os.environ["PIPESPEC_ATTN_SPLITS"] = splits
-                    else:
-                        os.environ.pop("PIPESPEC_ATTN_SPLITS", None)
+                    # "NAME@SPLITS=4+BLOCK=32": the layout NAME with the Triton attention's settings forced
+                    # (PIPESPEC_ATTN_SPLITS, _BLOCK, _WARPS, _STAGES; kernels/triton_attention.py)
+                    name, _, forced = label.partition("@")
+                    for key in ("SPLITS", "BLOCK", "WARPS", "STAGES"):
+                        os.environ.pop(f"PIPESPEC_ATTN_{key}", None)
+                    for item in filter(None, forced.split("+")):
+                        key, _, value = item.partition("=")
+                        os.environ[f"PIPESPEC_ATTN_{key.upper()}"] = value
                     elapsed = now() - started
                     estimate = ESTIMATE_S.get(name, learned) * (0.1 if args.smoke else 1)
                     if name not in VARIANTS:

@@ -233,8 +233,14 @@ def test_variant_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     from pipespec.workers import static_llama
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert choose_variant(cpu) == static_llama.CPU_VARIANT and choose_variant(cuda) == static_llama.CUDA_VARIANT
-    assert choose_variant(cpu, compile=True) == static_llama.COMPILED_VARIANT
+    assert choose_variant(cpu) == static_llama.CPU_VARIANT
+    # CUDA's defaults take the Triton attention where Triton imports, else its math layout
+    monkeypatch.setattr(static_llama, "triton_attention_available", lambda: True)
+    assert choose_variant(cuda) == static_llama.CUDA_VARIANT == "lean-triton"
+    assert choose_variant(cuda, compile=True) == static_llama.COMPILED_VARIANT == "compile-layer-triton"
+    monkeypatch.setattr(static_llama, "triton_attention_available", lambda: False)
+    assert choose_variant(cuda) == "lean-math" and choose_variant(cuda, compile=True) == "compile-layer-math"
+    assert choose_variant(cpu, compile=True) == "compile-layer-math"  # no Triton attention off CUDA
     monkeypatch.setenv("PIPESPEC_STATIC_VARIANT", "lean-math")
     assert choose_variant(cuda, compile=True) == "lean-math"
     assert StaticWorker(tiny("qwen3", 0), "m", cpu, capacity=64).static.variant == VARIANTS["lean-math"]

@@ -29,7 +29,15 @@ __all__ = ["MAX_TOKENS", "decode_attention", "splits_for", "supports"]
 
 MAX_TOKENS = 16  # new tokens per call (decode and verify); a prefill takes the math layout
 BLOCK = 64  # slots per step
+WARPS = 4
+STAGES = 3  # Triton's software pipelining of the slot loop
 _SMS: dict[int, int] = {}
+
+
+def _setting(name: str, default: int) -> int:
+    """``PIPESPEC_ATTN_<NAME>`` or the default: measurements (scripts/gpu_forward.py) vary these per layout."""
+    value = os.environ.get(f"PIPESPEC_ATTN_{name}")
+    return int(value) if value else default
 
 
 def supports(n: int, head_dim: int) -> bool:
@@ -43,12 +51,19 @@ def _rows_block(rows: int) -> int:
 
 def splits_for(kv_heads: int, rows: int, kv: int, sms: int) -> int:
     """How many slot ranges per (kv head, row block): enough programs to fill the GPU's SMs once, at most one range
-    per ``BLOCK`` slots. ``PIPESPEC_ATTN_SPLITS`` overrides it (measurements)."""
-    forced = os.environ.get("PIPESPEC_ATTN_SPLITS")
+    per ``BLOCK`` slots. ``PIPESPEC_ATTN_SPLITS`` overrides it (as ``_BLOCK``, ``_WARPS``, ``_STAGES`` do theirs)."""
+    forced = _setting("SPLITS", 0)
     if forced:
-        return max(1, int(forced))
+        return forced
     programs = kv_heads * triton.cdiv(rows, _rows_block(rows))
-    return max(1, min(triton.cdiv(sms, programs), triton.cdiv(kv, BLOCK), 16))
+    return max(1, min(triton.cdiv(sms, programs), triton.cdiv(kv, _setting("BLOCK", BLOCK)), 16))
+
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # Triton's interpreter (CPU tests): no launch options
+
+
+def _launch_options() -> dict[str, int]:
+    return {} if _INTERPRET else {"num_warps": _setting("WARPS", WARPS), "num_stages": _setting("STAGES", STAGES)}
 
 
 @triton.jit
@@ -77,16 +92,17 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, out_ptr, ws_ptr, ml_ptr
     for start in range(lo, hi, BLOCK_S):
         slots = start + offs
         s_ok = slots < hi
+        # the step's three loads issued together: one memory latency a step, not three in a row
         k = tl.load(k_ptr + c * sk_h + slots[:, None] * sk_s + d[None, :], mask=s_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale  # [R, BLOCK_S] fp32
-        s += tl.load(mask_ptr + tok[:, None] * sm_n + slots[None, :], mask=rows_ok[:, None] & s_ok[None, :],
-                     other=float("-inf")).to(tl.float32)
+        v = tl.load(v_ptr + c * sv_h + slots[:, None] * sv_s + d[None, :], mask=s_ok[:, None], other=0.0)
+        bias = tl.load(mask_ptr + tok[:, None] * sm_n + slots[None, :], mask=rows_ok[:, None] & s_ok[None, :],
+                       other=float("-inf"))
+        s = tl.dot(q, tl.trans(k)) * scale + bias.to(tl.float32)  # [R, BLOCK_S] fp32
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet: no NaN
         alpha = tl.exp(m_i - m_ref)
         p = tl.exp(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + c * sv_h + slots[:, None] * sv_s + d[None, :], mask=s_ok[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     if SPLITS == 1:
@@ -133,7 +149,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         _SMS[dev] = torch.cuda.get_device_properties(q.device).multi_processor_count
     # a power of two (tl.arange in the combine); a range past the filled slots stores an empty partial
     splits = triton.next_power_of_2(splits_for(kvh, rows, kv, _SMS.get(dev, 1)))
-    span = triton.cdiv(triton.cdiv(kv, splits), BLOCK) * BLOCK
+    block = _setting("BLOCK", BLOCK)
+    span = triton.cdiv(triton.cdiv(kv, splits), block) * block
     ws = ml = out  # unused with one split
     if splits > 1:  # every (row, split) is written by exactly one program: no fill kernel
         ws = torch.empty((h * n, splits, hd), dtype=torch.float32, device=q.device)
@@ -143,7 +160,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     _attn_kernel[grid](q, k3, v3, m2, pos, out, ws, ml, n, kv, g, span, hd ** -0.5,
                        q.stride(0), q.stride(1), k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1), m2.stride(0),
                        out.stride(0), out.stride(1),
-                       HD=hd, R=r, BLOCK_S=BLOCK, N_POW=triton.next_power_of_2(n), SPLITS=splits, num_warps=4)
+                       HD=hd, R=r, BLOCK_S=block, N_POW=triton.next_power_of_2(n), SPLITS=splits, **_launch_options())
     if splits > 1:
         _combine_kernel[(h * n,)](ws, ml, out, n, out.stride(0), out.stride(1), HD=hd, SPLITS=splits)
     return out

@@ -74,25 +74,40 @@ VARIANTS: dict[str, Variant] = {
 # The variant a static worker runs: ``PIPESPEC_STATIC_VARIANT=<name>`` overrides all three. Measured on an H200
 # (scripts/gpu_forward.py, docs/benchmarks.md, 1-token forward, 512 tokens of context): 7B base 6.78 ms, lean 5.92,
 # lean-math 5.54, compile-layer 5.31, compile-layer-math 4.69 (floor 3.21); 13B 10.52 / 9.43 / 9.11 / 8.69 / 8.07
-# (floor 6.21). CUDA's default is the fastest layout that compiles nothing (lean-math: HF's eager attention math);
-# the compiled one saves another 15 % but compiles each layer on first use of a shape (5-10 s per model, more as
-# shapes vary), during the first generation: opt-in (fast="compile" or PIPESPEC_STATIC_VARIANT).
+# (floor 6.21). Then the Triton attention (seventh session): 7B lean-triton 5.09, compile-layer-triton 4.50; 13B
+# 8.40 / 7.64. CUDA's default is the fastest layout that compiles nothing (lean-triton; lean-math where Triton does
+# not import); the compiled one saves another 12 % but compiles each layer on first use of a shape (3-10 s per
+# model, more as shapes vary), during the first generation: opt-in (fast="compile" or PIPESPEC_STATIC_VARIANT).
 CPU_VARIANT = "lean"
-CUDA_VARIANT = "lean-math"
-COMPILED_VARIANT = "compile-layer-math"  # fast="compile" (StaticWorker(compile=True))
+CUDA_VARIANT = "lean-triton"
+COMPILED_VARIANT = "compile-layer-triton"  # fast="compile" (StaticWorker(compile=True))
+WITHOUT_TRITON = {"lean-triton": "lean-math", "compile-layer-triton": "compile-layer-math"}  # defaults' fallbacks
 
 
 TRITON_ATTENTION_MAX_TOKENS = 16  # kernels/triton_attention.MAX_TOKENS (that module needs Triton: not imported here)
 
 
-def require_attention(variant: Variant, device: torch.device, head_dim: int) -> None:
-    """Raise ValueError where ``variant``'s attention cannot run here; registers the Triton kernel's op when used."""
+def triton_attention_serves(n: int, head_dim: int) -> bool:
+    """Whether the Triton attention takes a forward of ``n`` tokens (decode and verify) at this head size (a power
+    of two >= 16, as its tl.arange and tl.dot need); otherwise the math layout computes it."""
+    return n <= TRITON_ATTENTION_MAX_TOKENS and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+def triton_attention_available() -> bool:
+    """Whether the Triton attention's module imports (registering ``torch.ops.pipespec.decode_attention``)."""
+    try:
+        from ..kernels import triton_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require_attention(variant: Variant, device: torch.device) -> None:
+    """Raise ValueError where ``variant``'s attention cannot run on ``device``; registers the Triton kernel's op."""
     if variant.attention != "triton":
         return
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":  # the interpreter: CPU tests
         raise ValueError(f"attention 'triton' runs on CUDA, not on {device}")
-    if head_dim < 16 or head_dim & (head_dim - 1):
-        raise ValueError(f"attention 'triton' needs a power-of-two head size, not {head_dim}")
     try:
         from ..kernels import triton_attention  # noqa: F401 - registers torch.ops.pipespec.decode_attention
     except ImportError as exc:
@@ -100,9 +115,14 @@ def require_attention(variant: Variant, device: torch.device, head_dim: int) -> 
 
 
 def choose_variant(device: torch.device, compile: bool = False) -> str:
-    """The variant's name for a worker on ``device``; ``compile``: the caller asked for torch.compile."""
-    name = os.environ.get("PIPESPEC_STATIC_VARIANT") or (
-        COMPILED_VARIANT if compile else CUDA_VARIANT if device.type == "cuda" else CPU_VARIANT)
+    """The variant's name for a worker on ``device``; ``compile``: the caller asked for torch.compile. A default
+    with the Triton attention falls back to its math layout where Triton does not import; a name the user set
+    (``PIPESPEC_STATIC_VARIANT``) is taken as it is."""
+    name = os.environ.get("PIPESPEC_STATIC_VARIANT")
+    if not name:
+        name = COMPILED_VARIANT if compile else CUDA_VARIANT if device.type == "cuda" else CPU_VARIANT
+        if name in WITHOUT_TRITON and not (device.type == "cuda" and triton_attention_available()):
+            name = WITHOUT_TRITON[name]
     if name not in VARIANTS:
         raise ValueError(f"PIPESPEC_STATIC_VARIANT={name!r}: use one of {', '.join(VARIANTS)}")
     return name
@@ -268,7 +288,7 @@ class StaticLlama:
         """Lay the forward out as ``variant`` (a name of ``VARIANTS`` or a ``Variant``). Graphs captured before
         must go: they replay the old kernels. Compiling happens lazily, at the next forward of each new shape."""
         v = VARIANTS[variant] if isinstance(variant, str) else variant
-        require_attention(v, self.device, self.head_dim)
+        require_attention(v, self.device)
         self.variant = v
         self._pre, self._post, self._layer = _pre_attention, _post_attention, _layer
         if v.compile == "parts":
@@ -325,8 +345,10 @@ class StaticLlama:
         return x
 
     def compile(self) -> None:
-        """torch.compile the forward (``COMPILED_VARIANT``: fused element-wise work, fewer kernels)."""
-        self.set_variant(COMPILED_VARIANT)
+        """torch.compile the forward (``COMPILED_VARIANT``, or its math layout without Triton or off CUDA: fused
+        element-wise work, fewer kernels)."""
+        usable = self.device.type == "cuda" and triton_attention_available()
+        self.set_variant(COMPILED_VARIANT if usable else WITHOUT_TRITON[COMPILED_VARIANT])
 
 
 def _allow_recompiles() -> None:
@@ -360,7 +382,7 @@ def _attend(pre: Any, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin
     cv.index_copy_(2, pos, v.unsqueeze(0))
     kv_len = mask.shape[-1]
     keys, values = ck[:, :, :kv_len], cv[:, :, :kv_len]
-    if attention == "triton" and q.shape[1] <= TRITON_ATTENTION_MAX_TOKENS:  # decode and verify; prefills: math
+    if attention == "triton" and triton_attention_serves(q.shape[1], hd):  # decode and verify; prefills: math
         # [n, h, hd] -> [1, h, n, hd]: a view; _post_attention's transpose back makes it contiguous again
         att = torch.ops.pipespec.decode_attention(q, keys, values, mask, pos).transpose(0, 1).unsqueeze(0)
     elif attention in ("math", "triton"):
@@ -442,9 +464,19 @@ def _post_attention(x: torch.Tensor, att: torch.Tensor, o_w: Any, o_b: torch.Ten
     """Residual stream after attention output and the MLP. att: [1, h, n, hd] -> x [n, hidden]. ``reduce``: on a
     tensor-parallel rank, the sum over the ranks of o_proj's and down_proj's partial outputs (None: one device)."""
     n = x.shape[0]
-    x = x + _out(att[0].transpose(0, 1).reshape(n, -1), o_w, o_b, reduce)
+    x = _add_before_norm(x, _out(att[0].transpose(0, 1).reshape(n, -1), o_w, o_b, reduce))
     gate, up = linear(_rms(x, ln, eps, fused), gate_up_w, gate_up_b).split(ffn, dim=-1)
     return x + _out(F.silu(gate) * up, down_w, down_b, reduce)
+
+
+def _add_before_norm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x + y`` (a residual add that a norm reads next). Under torch.compile a 16-bit sum is spelled through float32
+    (the same one rounding as ``x + y``): inductor would fold ``x + mm`` into an ``addmm`` that, out of place on
+    CUDA, first copies x into its output (a device-to-device copy per layer, seen in the H200 profile); spelled so,
+    the add joins the norm's kernel instead."""
+    if x.dtype in (torch.bfloat16, torch.float16) and torch.compiler.is_compiling():
+        return (x.float() + y.float()).to(x.dtype)
+    return x + y
 
 
 def _out(x: torch.Tensor, w: Any, b: torch.Tensor | None,

@@ -282,7 +282,7 @@ class TPStaticLlama(StaticLlama):
         directly."""
         v = VARIANTS[variant] if isinstance(variant, str) else variant
         if v.attention == "triton":
-            require_attention(v, self.device, self.head_dim)
+            require_attention(v, self.device)
         self.variant = v
         self._pre = _pre_attention
         # the unsplit post-attention, summing the ranks' partial o_proj and down_proj outputs
