@@ -264,3 +264,26 @@ def test_compiled_layer_serves_two_models_with_other_head_counts_in_one_process(
             ids = torch.randint(0, 256, (8,))
             got = static.forward(ids, torch.arange(8), 256)  # [8, vocab]
             assert torch.allclose(got, model(ids[None]).logits[0], atol=1e-5), (heads, kv_heads)
+
+
+def test_compiled_layer_runs_while_another_thread_traces() -> None:
+    # FX's "tracing now" flag is process-wide: on an H200 a chain under compile-layer-* failed when one stage's
+    # thread compiled a new shape (AOT tracing sets the flag) while another stage called its compiled layer. Here the
+    # flag is set by hand, as that other thread would, around a compiled forward.
+    import torch.fx._symbolic_trace as symbolic_trace
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                         intermediate_size=128, vocab_size=256, max_position_embeddings=512)
+    model = LlamaForCausalLM(config).eval()
+    with torch.inference_mode():
+        static = StaticLlama(model, 256, "compile-layer")
+        ids = torch.randint(0, 256, (8,))
+        first = static.forward(ids, torch.arange(8), 128)  # compiles
+        saved = symbolic_trace._is_fx_tracing_flag
+        symbolic_trace._is_fx_tracing_flag = True
+        try:
+            again = static.forward(ids, torch.arange(8), 128)
+        finally:
+            symbolic_trace._is_fx_tracing_flag = saved
+    assert torch.allclose(first, again, atol=1e-5)

@@ -11,7 +11,7 @@ Layout: program (c, r, s) owns kv head ``c``, a block of ``R`` rows of its group
 token ``row % n``: HF's repeat_kv grouping) and the ``s``-th of ``SPLITS`` equal ranges of slots. With one split it
 writes the output; with more, each writes its unnormalised partial (running max, sum, accumulator) to a workspace
 and a second kernel combines them in a fixed order (the same bits on every run). Same model as the math layout,
-other roundings: scores and probabilities stay in fp32 (the math layout rounds the scores to the model's dtype),
+other roundings: scores and probabilities stay in fp32 (float32 models: full-precision dots, not TF32) (the math layout rounds the scores to the model's dtype),
 the probabilities are rounded to the values' dtype for the second product, as the math layout does.
 
 ``decode_attention`` is a torch custom op, so torch.compile (the compiled layouts) treats it as one opaque call.
@@ -71,7 +71,7 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, out_ptr, ws_ptr, ml_ptr
                  N, KV, G, SPAN, scale,
                  sq_h, sq_n, sk_h, sk_s, sv_h, sv_s, sm_n, so_n, so_h,
                  HD: tl.constexpr, R: tl.constexpr, BLOCK_S: tl.constexpr, N_POW: tl.constexpr,
-                 SPLITS: tl.constexpr):
+                 SPLITS: tl.constexpr, PREC: tl.constexpr):
     c = tl.program_id(0)
     rb = tl.program_id(1)
     sp = tl.program_id(2)
@@ -97,13 +97,13 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, pos_ptr, out_ptr, ws_ptr, ml_ptr
         v = tl.load(v_ptr + c * sv_h + slots[:, None] * sv_s + d[None, :], mask=s_ok[:, None], other=0.0)
         bias = tl.load(mask_ptr + tok[:, None] * sm_n + slots[None, :], mask=rows_ok[:, None] & s_ok[None, :],
                        other=float("-inf"))
-        s = tl.dot(q, tl.trans(k)) * scale + bias.to(tl.float32)  # [R, BLOCK_S] fp32
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale + bias.to(tl.float32)  # [R, BLOCK_S] fp32
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet: no NaN
         alpha = tl.exp(m_i - m_ref)
         p = tl.exp(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     if SPLITS == 1:
         o = acc / l_i[:, None]
@@ -160,7 +160,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     _attn_kernel[grid](q, k3, v3, m2, pos, out, ws, ml, n, kv, g, span, hd ** -0.5,
                        q.stride(0), q.stride(1), k3.stride(0), k3.stride(1), v3.stride(0), v3.stride(1), m2.stride(0),
                        out.stride(0), out.stride(1),
-                       HD=hd, R=r, BLOCK_S=block, N_POW=triton.next_power_of_2(n), SPLITS=splits, **_launch_options())
+                       HD=hd, R=r, BLOCK_S=block, N_POW=triton.next_power_of_2(n), SPLITS=splits,
+                       PREC="ieee" if q.dtype == torch.float32 else "tf32", **_launch_options())
     if splits > 1:
         _combine_kernel[(h * n,)](ws, ml, out, n, out.stride(0), out.stride(1), HD=hd, SPLITS=splits)
     return out

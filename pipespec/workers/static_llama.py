@@ -359,6 +359,15 @@ def _allow_recompiles() -> None:
     for key in ("recompile_limit", "cache_size_limit"):
         if hasattr(dynamo_config, key):
             setattr(dynamo_config, key, max(getattr(dynamo_config, key), 256))
+    # FX's "tracing now" flag is a process-wide global: while one stage's thread compiles a new shape (AOT tracing
+    # sets it), another stage's call of a compiled layer took itself for a nested trace and raised "Detected that
+    # you are using FX to symbolically trace a dynamo-optimized function" (H200, a chain under compile-layer-*).
+    # Our compiled layers are never called inside an FX trace: run them compiled (or, on a torch without that
+    # switch, eagerly: the same model) instead of raising.
+    if hasattr(dynamo_config, "force_compile_during_fx_trace"):
+        dynamo_config.force_compile_during_fx_trace = True
+    if hasattr(dynamo_config, "error_on_nested_fx_trace"):
+        dynamo_config.error_on_nested_fx_trace = False
 
 
 def _layer(pre: Any, post: Any, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
