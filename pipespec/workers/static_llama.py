@@ -326,23 +326,29 @@ class StaticLlama:
                 sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
             per_device[d] = (pos_d, cos, sin, masks)
         with sdpa_kernel(_ATTENTION_BACKENDS):
-            x = self._layers(x, per_device, kv_len)
+            x, delta = self._layers(x, per_device, kv_len)
+            x = x + delta.to(x.device, non_blocking=True)  # the last layer's MLP output
         x = _rms(x.to(self.norm.device, non_blocking=True), self.norm, self.eps, v.fused)
         return F.linear(x.to(self.lm_head.device, non_blocking=True), self.lm_head).float().to(self.device)
 
-    def _layers(self, x: torch.Tensor, per_device: dict[torch.device, Any], kv_len: int) -> torch.Tensor:
+    def _layers(self, x: torch.Tensor, per_device: dict[torch.device, Any],
+                kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder layers: (the residual stream before the last MLP's output, that output) (``_layer``)."""
         h, kvh, hd = self.n_heads, self.n_kv, self.head_dim
         pre, post, layer = self._pre, self._post, self._layer
         fused, attention = self.variant.fused, self.variant.attention
+        delta: torch.Tensor | None = None
         for i, w in enumerate(self.layers):
             d = self.layer_devices[i]
             if x.device != d:  # crossing to the next GPU of a layer-wise split: only the hidden state moves
                 x = x.to(d, non_blocking=True)
+                delta = delta.to(d, non_blocking=True) if delta is not None else None
             pos_d, cos, sin, masks = per_device[d]
             # the mask's width is kv_len: the layer reads the cache's first kv_len slots
-            x = layer(pre, post, x, pos_d, cos, sin, masks[self.windows[i]], self.cache_k[i], self.cache_v[i], w,
-                      h, kvh, hd, self.eps, fused, attention)
-        return x
+            x, delta = layer(pre, post, x, delta, pos_d, cos, sin, masks[self.windows[i]], self.cache_k[i],
+                             self.cache_v[i], w, h, kvh, hd, self.eps, fused, attention)
+        assert delta is not None, "a model without layers"
+        return x, delta
 
     def compile(self) -> None:
         """torch.compile the forward (``COMPILED_VARIANT``, or its math layout without Triton or off CUDA: fused
@@ -370,14 +376,19 @@ def _allow_recompiles() -> None:
         dynamo_config.error_on_nested_fx_trace = False
 
 
-def _layer(pre: Any, post: Any, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-           mask: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, w: dict[str, Any], h: int, kvh: int, hd: int,
-           eps: float, fused: bool, attention: str) -> torch.Tensor:
-    """One decoder layer over the static cache: x [n, hidden] at positions pos [n] -> x [n, hidden]; writes the
-    layer's k/v at ``pos`` into ck, cv [1, kvh, capacity, hd] and attends over the first mask.shape[-1] slots."""
+def _layer(pre: Any, post: Any, x: torch.Tensor, delta: torch.Tensor | None, pos: torch.Tensor, cos: torch.Tensor,
+           sin: torch.Tensor, mask: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, w: dict[str, Any], h: int,
+           kvh: int, hd: int, eps: float, fused: bool, attention: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoder layer over the static cache at positions pos [n]: writes the layer's k/v at ``pos`` into ck, cv
+    [1, kvh, capacity, hd] and attends over the first mask.shape[-1] slots. The residual stream comes as x [n,
+    hidden] plus ``delta``, the previous layer's MLP output (None in the first layer), and leaves the same way:
+    (x after attention, this layer's MLP output). So the add joins this layer's first norm, and a compiled layer's
+    down_proj is a plain mm (``x + mm`` would be an addmm that copies x first: a device-to-device copy a layer)."""
+    if delta is not None:
+        x = _add_before_norm(x, delta)
     att = _attend(pre, x, pos, cos, sin, mask, ck, cv, w, h, kvh, hd, eps, fused, attention)  # [1, h, n, hd]
     return post(x, att, w["o"], w["o_b"], w["ln2"], w["gate_up"], w["gate_up_b"], w["down"], w["down_b"],
-                w["ffn"], eps, fused=fused)
+                w["ffn"], eps, fused=fused, defer=True)
 
 
 def _attend(pre: Any, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
@@ -469,13 +480,16 @@ def _pre_attention(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ln: to
 def _post_attention(x: torch.Tensor, att: torch.Tensor, o_w: Any, o_b: torch.Tensor | None,
                     ln: torch.Tensor, gate_up_w: Any, gate_up_b: torch.Tensor | None, down_w: Any,
                     down_b: torch.Tensor | None, ffn: int, eps: float, fused: bool = False,
-                    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    defer: bool = False) -> Any:
     """Residual stream after attention output and the MLP. att: [1, h, n, hd] -> x [n, hidden]. ``reduce``: on a
-    tensor-parallel rank, the sum over the ranks of o_proj's and down_proj's partial outputs (None: one device)."""
+    tensor-parallel rank, the sum over the ranks of o_proj's and down_proj's partial outputs (None: one device).
+    ``defer``: return (x after attention, the MLP's output) unsummed (``_layer``: the next layer adds them)."""
     n = x.shape[0]
     x = _add_before_norm(x, _out(att[0].transpose(0, 1).reshape(n, -1), o_w, o_b, reduce))
     gate, up = linear(_rms(x, ln, eps, fused), gate_up_w, gate_up_b).split(ffn, dim=-1)
-    return x + _out(F.silu(gate) * up, down_w, down_b, reduce)
+    mlp = _out(F.silu(gate) * up, down_w, down_b, reduce)
+    return (x, mlp) if defer else x + mlp
 
 
 def _add_before_norm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

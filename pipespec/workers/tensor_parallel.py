@@ -250,25 +250,30 @@ class TPStaticLlama(StaticLlama):
             self.group.allreduce([t]).wait()
         return t
 
-    def _layers(self, x: torch.Tensor, per_device: dict[torch.device, Any], kv_len: int) -> torch.Tensor:
+    def _layers(self, x: torch.Tensor, per_device: dict[torch.device, Any],
+                kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``StaticLlama._layers`` on this rank: (the residual stream before the last MLP's output, that output
+        summed over the ranks, its bias added)."""
         h, kvh, hd = self.n_heads, self.n_kv, self.head_dim  # this rank's heads
         pos_d, cos, sin, masks = per_device[self.device]
         fused, attention = self.variant.fused, self.variant.attention
         if self._regions is not None:  # compiled: per layer two regions, each followed by its all-reduce (eager)
-            attention, mlp = self._regions
+            attend_region, mlp_region = self._regions
             delta, delta_b = None, None  # the previous layer's summed down_proj output [n, hidden] and its bias
             for i, w in enumerate(self.layers):
-                x, partial = attention(x, delta, delta_b, pos_d, cos, sin, masks[self.windows[i]], self.cache_k[i],
-                                       self.cache_v[i], w, h, kvh, hd, self.eps, fused, attention)
-                x, partial = mlp(x, self._all_reduce(partial), w, self.eps, fused)
+                x, partial = attend_region(x, delta, delta_b, pos_d, cos, sin, masks[self.windows[i]],
+                                           self.cache_k[i], self.cache_v[i], w, h, kvh, hd, self.eps, fused, attention)
+                x, partial = mlp_region(x, self._all_reduce(partial), w, self.eps, fused)
                 delta, delta_b = self._all_reduce(partial), w["down_b"]
-            return _residual(x, delta, delta_b)
+            assert delta is not None, "a model without layers"
+            return x, delta if delta_b is None else delta + delta_b
+        delta = None
         for i, w in enumerate(self.layers):
             # the unsplit layer (static_llama._layer: this rank's heads, its cache [1, lkv, capacity, hd]) with a
             # post-attention that sums the ranks' partial o_proj and down_proj outputs
-            x = _layer(self._pre, self._post, x, pos_d, cos, sin, masks[self.windows[i]], self.cache_k[i],
-                       self.cache_v[i], w, h, kvh, hd, self.eps, fused, attention)
-        return x
+            x, delta = _layer(self._pre, self._post, x, delta, pos_d, cos, sin, masks[self.windows[i]],
+                              self.cache_k[i], self.cache_v[i], w, h, kvh, hd, self.eps, fused, attention)
+        return x, delta
 
     def set_variant(self, variant: str | Variant, backend: str | Callable[..., Any] = "inductor") -> None:
         """``StaticLlama.set_variant`` where the layer holds two all-reduces, which stay eager (a ProcessGroup call,
