@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Seventh session, sixth call, ONE H200, <= ~5 minutes (issue 16): the forwards after the residual hand-over
+# (a layer's MLP output added in the next layer's norm: no addmm copy under compile).
+#  1. 7B and 13B: compile-layer-triton, lean-triton (and compile-layer-math at 7B);
+#  2. the 70B shape in 8 and 4 bits on one H200, compile-layer-triton;
+#  3. the gpu-marked tests and gpu_check.py (default layout, compile-layer-triton).
+# Usage: PIPESPEC_COMMIT=<sha> bash scripts/gpu_levers18.sh. Results: $OUT/levers18.tgz (+ levers18.log).
+set -u
+source "$(dirname "$0")/gpu_env.sh"
+O=${OUT:-/tmp/levers18}; mkdir -p "$O"
+W=/tmp/levers18; rm -rf "$W"; mkdir -p "$W"
+{
+  echo "== forward 7b $(date +%T)"
+  timeout 70 python3 scripts/gpu_forward.py "$W/fwd7" --shapes 7b --budget-s 60 \
+      --variants compile-layer-triton,lean-triton,compile-layer-math > "$W/fwd7.log" 2>&1; echo "fwd7 rc=$?"
+  echo "== forward 13b $(date +%T)"
+  timeout 60 python3 scripts/gpu_forward.py "$W/fwd13" --shapes 13b --budget-s 50 \
+      --variants compile-layer-triton,lean-triton > "$W/fwd13.log" 2>&1; echo "fwd13 rc=$?"
+  echo "== quant 70b $(date +%T)"
+  timeout 110 python3 scripts/gpu_quant.py "$W/quant" --shapes 70b --variant compile-layer-triton --kernels triton \
+      --no-linear --budget 100 > "$W/quant.log" 2>&1; echo "quant rc=$?"
+  echo "== gpu tests $(date +%T)"
+  timeout 50 python3 -m pytest -q -m gpu tests/test_static.py tests/test_triton_attention.py > "$W/pytest.log" 2>&1
+  echo "pytest rc=$?"; tail -1 "$W/pytest.log"
+  echo "== check default $(date +%T)"
+  timeout 40 python3 scripts/gpu_check.py cuda:0,cuda:0,cuda:0 > "$W/check-default.log" 2>&1
+  echo "check default rc=$?"; grep -E "identical|ALL OK|MISMATCH|Error" "$W/check-default.log" | head -4
+  echo "== check compile-layer-triton $(date +%T)"
+  PIPESPEC_STATIC_VARIANT=compile-layer-triton timeout 90 python3 scripts/gpu_check.py cuda:0,cuda:0,cuda:0 \
+      > "$W/check-compiled.log" 2>&1
+  echo "check compiled rc=$?"; grep -E "identical|ALL OK|MISMATCH|Error" "$W/check-compiled.log" | head -4
+  echo "== end $(date +%T)"
+} > "$O/levers18.log" 2>&1
+cp "$O/levers18.log" "$W/"
+tar czf "$O/levers18.tgz" -C "$W" . 2>/dev/null
+cat "$O/levers18.log"
+grep -h "median_ms" "$W"/fwd*.log | cut -c1-200
+grep "70b" "$W/quant/gpu_quant.md" 2>/dev/null
