@@ -308,6 +308,9 @@ def main() -> None:
     parser.add_argument("--variants", default=None, help="default: all, cheap ones first")
     parser.add_argument("--reps", type=int, default=None, help="default 50 (smoke: 5)")
     parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--blas", default="default", choices=["default", "lt", "no-reduced"],
+                        help="cuBLAS settings for the whole run (scripts/gpu_blas.py): lt = prefer cuBLASLt, "
+                             "no-reduced = bf16 reductions in full precision")
     args = parser.parse_args()
     started = now()
     out_dir = Path(args.out_dir)
@@ -319,9 +322,12 @@ def main() -> None:
     phases = PHASES if args.variants is None else (args.variants.split(","),)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        if args.blas == "lt":
+            torch.backends.cuda.preferred_blas_library("cublaslt")
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = args.blas != "no-reduced"
     result: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                               "torch": torch.__version__, "budget_s": args.budget_s, "smoke": args.smoke,
-                              "shapes": {}, "reps": reps}
+                              "shapes": {}, "reps": reps, "blas": args.blas}
     try:
         import triton  # noqa: F401 - recorded only
 
