@@ -7,3 +7,28 @@ if [ -z "${PIPESPEC_GPU_ENV:-}" ]; then
 fi
 export PIPESPEC_GPU_ENV=1 PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 \
        TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+# The one-call scripts' frame (gpu_levers13.sh on): `levers_begin NAME` sets $O (what comes back: $OUT, or /tmp/NAME
+# elsewhere) and $W (a fresh work folder); `levers_end` copies the log ($O/NAME.log) into $W, packs $W into one tar
+# ($O/NAME.tgz: the device returns at most 8 files) and prints the log.
+levers_begin() {
+    LEVERS=$1; O=${OUT:-/tmp/$1}; W=/tmp/$1
+    mkdir -p "$O"; rm -rf "$W"; mkdir -p "$W"
+}
+levers_end() {
+    cp "$O/$LEVERS.log" "$W/"
+    tar czf "$O/$LEVERS.tgz" -C "$W" . 2>/dev/null
+    cat "$O/$LEVERS.log"
+}
+# `check_chain LABEL SECONDS [VAR=VALUE ...]`: gpu_check.py (the built-in family on cuda:0: ar, sd and pipe give the
+# same tokens, greedy and sampled) under those variables; its verdict lines into the log.
+check_chain() {
+    local label=$1 limit=$2; shift 2
+    env "$@" timeout "$limit" python3 scripts/gpu_check.py cuda:0,cuda:0,cuda:0 > "$W/check-$label.log" 2>&1
+    echo "check $label rc=$?"; grep -E "identical|ALL OK|MISMATCH|Error" "$W/check-$label.log" | head -6
+}
+# `gpu_tests SECONDS`: the gpu-marked tests of the static path and the Triton attention.
+gpu_tests() {
+    timeout "$1" python3 -m pytest -q -m gpu tests/test_static.py tests/test_triton_attention.py > "$W/pytest.log" 2>&1
+    echo "pytest rc=$?"; tail -2 "$W/pytest.log"
+}

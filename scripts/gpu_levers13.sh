@@ -7,8 +7,7 @@
 # Usage: PIPESPEC_COMMIT=<sha> bash scripts/gpu_levers13.sh. Results: $OUT/levers13.tgz (+ levers13.log).
 set -u
 source "$(dirname "$0")/gpu_env.sh"
-O=${OUT:-/tmp/levers13}; mkdir -p "$O"
-W=/tmp/levers13; rm -rf "$W"; mkdir -p "$W"
+levers_begin levers13
 {
   echo "== forward 7b $(date +%T)"
   timeout 200 python3 scripts/gpu_forward.py "$W/fwd" --shapes 7b --variants lean-math,compile-layer-math \
@@ -18,6 +17,5 @@ W=/tmp/levers13; rm -rf "$W"; mkdir -p "$W"
       --no-linear --budget 300 > "$W/quant.log" 2>&1; echo "quant rc=$?"
   echo "== end $(date +%T)"
 } > "$O/levers13.log" 2>&1
-cp "$O/levers13.log" "$W/"
-tar czf "$O/levers13.tgz" -C "$W" . 2>/dev/null
-cat "$O/levers13.log"; tail -5 "$W/fwd.log" "$W/quant.log"
+levers_end
+tail -n 5 "$W/fwd.log" "$W/quant.log"

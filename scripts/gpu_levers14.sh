@@ -9,12 +9,11 @@
 # Usage: PIPESPEC_COMMIT=<sha> bash scripts/gpu_levers14.sh. Results: $OUT/levers14.tgz (+ levers14.log).
 set -u
 source "$(dirname "$0")/gpu_env.sh"
-O=${OUT:-/tmp/levers14}; mkdir -p "$O"
-W=/tmp/levers14; rm -rf "$W"; mkdir -p "$W"
+levers_begin levers14
 {
   echo "== forward 7b $(date +%T)"
   timeout 200 python3 scripts/gpu_forward.py "$W/fwd7" --shapes 7b --budget-s 180 --variants \
-      lean-math,lean-triton@s1,lean-triton@s2,lean-triton@s4,lean-triton@s8,lean-triton,compile-layer-math,compile-layer-triton \
+      lean-math,lean-triton@SPLITS=1,lean-triton@SPLITS=2,lean-triton@SPLITS=4,lean-triton@SPLITS=8,lean-triton,compile-layer-math,compile-layer-triton \
       > "$W/fwd7.log" 2>&1; echo "fwd7 rc=$?"
   echo "== forward 13b $(date +%T)"
   timeout 130 python3 scripts/gpu_forward.py "$W/fwd13" --shapes 13b --budget-s 115 \
@@ -24,13 +23,10 @@ W=/tmp/levers14; rm -rf "$W"; mkdir -p "$W"
       --no-linear --budget 140 > "$W/quant.log" 2>&1; echo "quant rc=$?"
   for v in lean-triton compile-layer-triton; do
     echo "== check $v $(date +%T)"
-    PIPESPEC_STATIC_VARIANT=$v timeout 70 python3 scripts/gpu_check.py cuda:0,cuda:0,cuda:0 > "$W/check-$v.log" 2>&1
-    echo "check $v rc=$?"; grep -E "workers|identical|ALL OK|MISMATCH|Error" "$W/check-$v.log" | head -6
+    check_chain "$v" 70 PIPESPEC_STATIC_VARIANT="$v"
   done
   echo "== end $(date +%T)"
 } > "$O/levers14.log" 2>&1
-cp "$O/levers14.log" "$W/"
-tar czf "$O/levers14.tgz" -C "$W" . 2>/dev/null
-cat "$O/levers14.log"
+levers_end
 grep -h "median_ms" "$W"/fwd*.log | cut -c1-240
 cat "$W/quant/gpu_quant.md" 2>/dev/null | grep "70b"

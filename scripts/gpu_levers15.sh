@@ -10,8 +10,7 @@
 # Usage: PIPESPEC_COMMIT=<sha> bash scripts/gpu_levers15.sh. Results: $OUT/levers15.tgz (+ levers15.log).
 set -u
 source "$(dirname "$0")/gpu_env.sh"
-O=${OUT:-/tmp/levers15}; mkdir -p "$O"
-W=/tmp/levers15; rm -rf "$W"; mkdir -p "$W"
+levers_begin levers15
 {
   echo "== forward 7b $(date +%T)"
   timeout 110 python3 scripts/gpu_forward.py "$W/fwd7" --shapes 7b --budget-s 100 --variants \
@@ -21,15 +20,11 @@ W=/tmp/levers15; rm -rf "$W"; mkdir -p "$W"
   timeout 75 python3 scripts/gpu_forward.py "$W/fwd13" --shapes 13b --budget-s 65 \
       --variants compile-layer-triton,compile-layer-math,lean-triton,lean-math > "$W/fwd13.log" 2>&1; echo "fwd13 rc=$?"
   echo "== gpu tests $(date +%T)"
-  timeout 60 python3 -m pytest -q -m gpu tests/test_static.py tests/test_triton_attention.py > "$W/pytest.log" 2>&1
-  echo "pytest rc=$?"; tail -2 "$W/pytest.log"
+  gpu_tests 60
   echo "== check default $(date +%T)"
-  timeout 45 python3 scripts/gpu_check.py cuda:0,cuda:0,cuda:0 > "$W/check-default.log" 2>&1
-  echo "check default rc=$?"; grep -E "workers|identical|ALL OK|MISMATCH|Error" "$W/check-default.log" | head -6
+  check_chain default 45
   echo "== check compile-layer-triton $(date +%T)"
-  PIPESPEC_STATIC_VARIANT=compile-layer-triton timeout 100 python3 scripts/gpu_check.py cuda:0,cuda:0,cuda:0 \
-      > "$W/check-compiled.log" 2>&1
-  echo "check compiled rc=$?"; grep -E "identical|ALL OK|MISMATCH|Error" "$W/check-compiled.log" | head -6
+  check_chain compiled 100 PIPESPEC_STATIC_VARIANT=compile-layer-triton
   for v in lean-math default; do
     echo "== chain $v $(date +%T)"
     if [ "$v" = default ]; then unset PIPESPEC_STATIC_VARIANT; else export PIPESPEC_STATIC_VARIANT=$v; fi
@@ -40,7 +35,5 @@ W=/tmp/levers15; rm -rf "$W"; mkdir -p "$W"
   unset PIPESPEC_STATIC_VARIANT
   echo "== end $(date +%T)"
 } > "$O/levers15.log" 2>&1
-cp "$O/levers15.log" "$W/"
-tar czf "$O/levers15.tgz" -C "$W" . 2>/dev/null
-cat "$O/levers15.log"
+levers_end
 grep -h "median_ms" "$W"/fwd*.log | cut -c1-200

@@ -7,19 +7,14 @@
 # Usage: PIPESPEC_COMMIT=<sha> bash scripts/gpu_levers16.sh. Results: $OUT/levers16.tgz (+ levers16.log).
 set -u
 source "$(dirname "$0")/gpu_env.sh"
-O=${OUT:-/tmp/levers16}; mkdir -p "$O"
-W=/tmp/levers16; rm -rf "$W"; mkdir -p "$W"
+levers_begin levers16
 {
   echo "== gpu tests $(date +%T)"
-  timeout 60 python3 -m pytest -q -m gpu tests/test_static.py tests/test_triton_attention.py > "$W/pytest.log" 2>&1
-  echo "pytest rc=$?"; tail -2 "$W/pytest.log"
+  gpu_tests 60
   echo "== check default $(date +%T)"
-  timeout 45 python3 scripts/gpu_check.py cuda:0,cuda:0,cuda:0 > "$W/check-default.log" 2>&1
-  echo "check default rc=$?"; grep -E "workers|identical|ALL OK|MISMATCH|Error" "$W/check-default.log" | head -6
+  check_chain default 45
   echo "== check compile-layer-triton $(date +%T)"
-  PIPESPEC_STATIC_VARIANT=compile-layer-triton timeout 120 python3 scripts/gpu_check.py cuda:0,cuda:0,cuda:0 \
-      > "$W/check-compiled.log" 2>&1
-  echo "check compiled rc=$?"; grep -E "identical|ALL OK|MISMATCH|Error" "$W/check-compiled.log" | head -6
+  check_chain compiled 120 PIPESPEC_STATIC_VARIANT=compile-layer-triton
   for v in lean-math default; do
     echo "== chains $v $(date +%T)"
     if [ "$v" = default ]; then unset PIPESPEC_STATIC_VARIANT; else export PIPESPEC_STATIC_VARIANT=$v; fi
@@ -30,6 +25,4 @@ W=/tmp/levers16; rm -rf "$W"; mkdir -p "$W"
   unset PIPESPEC_STATIC_VARIANT
   echo "== end $(date +%T)"
 } > "$O/levers16.log" 2>&1
-cp "$O/levers16.log" "$W/"
-tar czf "$O/levers16.tgz" -C "$W" . 2>/dev/null
-cat "$O/levers16.log"
+levers_end

@@ -5,8 +5,7 @@
 # Usage: PIPESPEC_COMMIT=<sha> bash scripts/gpu_levers17.sh. Results: $OUT/levers17.tgz (+ levers17.log).
 set -u
 source "$(dirname "$0")/gpu_env.sh"
-O=${OUT:-/tmp/levers17}; mkdir -p "$O"
-W=/tmp/levers17; rm -rf "$W"; mkdir -p "$W"
+levers_begin levers17
 {
   for run in lean-math.1 default.1 lean-math.2 default.2; do
     v=${run%.*}
@@ -19,6 +18,4 @@ W=/tmp/levers17; rm -rf "$W"; mkdir -p "$W"
   unset PIPESPEC_STATIC_VARIANT
   echo "== end $(date +%T)"
 } > "$O/levers17.log" 2>&1
-cp "$O/levers17.log" "$W/"
-tar czf "$O/levers17.tgz" -C "$W" . 2>/dev/null
-cat "$O/levers17.log"
+levers_end

@@ -7,8 +7,7 @@
 # Usage: PIPESPEC_COMMIT=<sha> bash scripts/gpu_levers18.sh. Results: $OUT/levers18.tgz (+ levers18.log).
 set -u
 source "$(dirname "$0")/gpu_env.sh"
-O=${OUT:-/tmp/levers18}; mkdir -p "$O"
-W=/tmp/levers18; rm -rf "$W"; mkdir -p "$W"
+levers_begin levers18
 {
   echo "== forward 7b $(date +%T)"
   timeout 70 python3 scripts/gpu_forward.py "$W/fwd7" --shapes 7b --budget-s 60 \
@@ -20,19 +19,13 @@ W=/tmp/levers18; rm -rf "$W"; mkdir -p "$W"
   timeout 110 python3 scripts/gpu_quant.py "$W/quant" --shapes 70b --variant compile-layer-triton --kernels triton \
       --no-linear --budget 100 > "$W/quant.log" 2>&1; echo "quant rc=$?"
   echo "== gpu tests $(date +%T)"
-  timeout 50 python3 -m pytest -q -m gpu tests/test_static.py tests/test_triton_attention.py > "$W/pytest.log" 2>&1
-  echo "pytest rc=$?"; tail -1 "$W/pytest.log"
+  gpu_tests 50
   echo "== check default $(date +%T)"
-  timeout 40 python3 scripts/gpu_check.py cuda:0,cuda:0,cuda:0 > "$W/check-default.log" 2>&1
-  echo "check default rc=$?"; grep -E "identical|ALL OK|MISMATCH|Error" "$W/check-default.log" | head -4
+  check_chain default 40
   echo "== check compile-layer-triton $(date +%T)"
-  PIPESPEC_STATIC_VARIANT=compile-layer-triton timeout 90 python3 scripts/gpu_check.py cuda:0,cuda:0,cuda:0 \
-      > "$W/check-compiled.log" 2>&1
-  echo "check compiled rc=$?"; grep -E "identical|ALL OK|MISMATCH|Error" "$W/check-compiled.log" | head -4
+  check_chain compiled 90 PIPESPEC_STATIC_VARIANT=compile-layer-triton
   echo "== end $(date +%T)"
 } > "$O/levers18.log" 2>&1
-cp "$O/levers18.log" "$W/"
-tar czf "$O/levers18.tgz" -C "$W" . 2>/dev/null
-cat "$O/levers18.log"
+levers_end
 grep -h "median_ms" "$W"/fwd*.log | cut -c1-200
 grep "70b" "$W/quant/gpu_quant.md" 2>/dev/null

@@ -6,8 +6,7 @@
 # Usage: PIPESPEC_COMMIT=<sha> bash scripts/gpu_levers19.sh. Results: $OUT/levers19.tgz (+ levers19.log).
 set -u
 source "$(dirname "$0")/gpu_env.sh"
-O=${OUT:-/tmp/levers19}; mkdir -p "$O"
-W=/tmp/levers19; rm -rf "$W"; mkdir -p "$W"
+levers_begin levers19
 {
   echo "== blas $(date +%T)"
   timeout 60 python3 scripts/gpu_blas.py "$W/blas" > "$W/blas.log" 2>&1; echo "blas rc=$?"
@@ -19,7 +18,5 @@ W=/tmp/levers19; rm -rf "$W"; mkdir -p "$W"
   done
   echo "== end $(date +%T)"
 } > "$O/levers19.log" 2>&1
-cp "$O/levers19.log" "$W/"
-tar czf "$O/levers19.tgz" -C "$W" . 2>/dev/null
-cat "$O/levers19.log"
+levers_end
 cat "$W/blas/gpu_blas.md" 2>/dev/null
