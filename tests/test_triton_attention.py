@@ -20,8 +20,9 @@ def test_kernel_equals_math_attention_in_the_interpreter() -> None:
     code = """
 import os
 import torch
-from pipespec.kernels.triton_attention import decode_attention
-from pipespec.workers.static_llama import _math_attention
+from pipespec.kernels.triton_attention import MAX_TOKENS, decode_attention
+from pipespec.workers.static_llama import TRITON_ATTENTION_MAX_TOKENS, _math_attention
+assert MAX_TOKENS == TRITON_ATTENTION_MAX_TOKENS  # the layout routes by the one, the kernel checks the other
 torch.manual_seed(0)
 worst = 0.0
 for h, kvh, n, hd, kv, filled in ((4, 4, 1, 16, 100, 37), (4, 2, 3, 32, 130, 130), (8, 2, 16, 16, 200, 150),

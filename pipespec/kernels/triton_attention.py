@@ -11,8 +11,9 @@ Layout: program (c, r, s) owns kv head ``c``, a block of ``R`` rows of its group
 token ``row % n``: HF's repeat_kv grouping) and the ``s``-th of ``SPLITS`` equal ranges of slots. With one split it
 writes the output; with more, each writes its unnormalised partial (running max, sum, accumulator) to a workspace
 and a second kernel combines them in a fixed order (the same bits on every run). Same model as the math layout,
-other roundings: scores and probabilities stay in fp32 (float32 models: full-precision dots, not TF32) (the math layout rounds the scores to the model's dtype),
-the probabilities are rounded to the values' dtype for the second product, as the math layout does.
+other roundings: scores and probabilities stay in fp32 (the math layout rounds the scores to the model's dtype);
+the probabilities are rounded to the values' dtype for the second product, as the math layout does; float32
+models get full-precision dots, not TF32.
 
 ``decode_attention`` is a torch custom op, so torch.compile (the compiled layouts) treats it as one opaque call.
 """
@@ -25,9 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["MAX_TOKENS", "decode_attention", "splits_for", "supports"]
+__all__ = ["MAX_TOKENS", "decode_attention", "splits_for"]
 
-MAX_TOKENS = 16  # new tokens per call (decode and verify); a prefill takes the math layout
+MAX_TOKENS = 16  # new tokens a call (static_llama.TRITON_ATTENTION_MAX_TOKENS); a prefill takes the math layout
 BLOCK = 64  # slots per step
 WARPS = 4
 STAGES = 3  # Triton's software pipelining of the slot loop
@@ -38,11 +39,6 @@ def _setting(name: str, default: int) -> int:
     """``PIPESPEC_ATTN_<NAME>`` or the default: measurements (scripts/gpu_forward.py) vary these per layout."""
     value = os.environ.get(f"PIPESPEC_ATTN_{name}")
     return int(value) if value else default
-
-
-def supports(n: int, head_dim: int) -> bool:
-    """Whether the kernel serves ``n`` new tokens at this head size (a power of two, as tl.arange needs)."""
-    return 1 <= n <= MAX_TOKENS and head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 def _rows_block(rows: int) -> int:
@@ -140,6 +136,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     -> [n, h, hd] in q's dtype: softmax(q k^T / sqrt(hd) + mask) v, query head j reading kv head j // (h / kvh)."""
     h, n, hd = q.shape
     kvh, kv = k.shape[1], k.shape[2]
+    if not 1 <= n <= MAX_TOKENS or hd < 16 or hd & (hd - 1):  # static_llama.triton_attention_serves says the same
+        raise ValueError(f"decode_attention serves 1-{MAX_TOKENS} tokens at a power-of-two head size >= 16, "
+                         f"not {n} tokens of {hd}")
     g = h // kvh
     out = torch.empty((n, h, hd), dtype=q.dtype, device=q.device)
     rows = g * n

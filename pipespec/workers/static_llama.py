@@ -388,7 +388,7 @@ def _layer(pre: Any, post: Any, x: torch.Tensor, delta: torch.Tensor | None, pos
         x = _add_before_norm(x, delta)
     att = _attend(pre, x, pos, cos, sin, mask, ck, cv, w, h, kvh, hd, eps, fused, attention)  # [1, h, n, hd]
     return post(x, att, w["o"], w["o_b"], w["ln2"], w["gate_up"], w["gate_up_b"], w["down"], w["down_b"],
-                w["ffn"], eps, fused=fused, defer=True)
+                w["ffn"], eps, fused=fused)
 
 
 def _attend(pre: Any, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
@@ -480,16 +480,14 @@ def _pre_attention(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ln: to
 def _post_attention(x: torch.Tensor, att: torch.Tensor, o_w: Any, o_b: torch.Tensor | None,
                     ln: torch.Tensor, gate_up_w: Any, gate_up_b: torch.Tensor | None, down_w: Any,
                     down_b: torch.Tensor | None, ffn: int, eps: float, fused: bool = False,
-                    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                    defer: bool = False) -> Any:
-    """Residual stream after attention output and the MLP. att: [1, h, n, hd] -> x [n, hidden]. ``reduce``: on a
-    tensor-parallel rank, the sum over the ranks of o_proj's and down_proj's partial outputs (None: one device).
-    ``defer``: return (x after attention, the MLP's output) unsummed (``_layer``: the next layer adds them)."""
+                    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention output and the MLP. att: [1, h, n, hd] -> (x after attention [n, hidden], the MLP's output
+    [n, hidden]), unsummed: ``_layer``'s next layer adds them. ``reduce``: on a tensor-parallel rank, the sum over
+    the ranks of o_proj's and down_proj's partial outputs (None: one device)."""
     n = x.shape[0]
     x = _add_before_norm(x, _out(att[0].transpose(0, 1).reshape(n, -1), o_w, o_b, reduce))
     gate, up = linear(_rms(x, ln, eps, fused), gate_up_w, gate_up_b).split(ffn, dim=-1)
-    mlp = _out(F.silu(gate) * up, down_w, down_b, reduce)
-    return (x, mlp) if defer else x + mlp
+    return x, _out(F.silu(gate) * up, down_w, down_b, reduce)
 
 
 def _add_before_norm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
