@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -12,6 +15,8 @@ from typing import Any, TypeVar
 
 import torch
 from transformers import LlamaForCausalLM
+
+import pipespec
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -131,17 +136,11 @@ _ti._patch_lang_tensor = _patch
 """
 
 
-def run_interpreted(code: str) -> "subprocess.CompletedProcess[str]":
+def run_interpreted(code: str) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a child Python with TRITON_INTERPRET=1 (it must be set before triton is imported): our Triton
     kernels' math on the CPU. This checkout's pipespec first on the path, the parent's PYTHONPATH kept (a Triton
     installed outside the venv), the tests folder next (these helpers). Triton's interpreter computes bf16 dots
     wrongly (Triton 3.6), so kernels with ``tl.dot`` are checked in float32 there."""
-    import os
-    import subprocess
-    import sys
-
-    import pipespec
-
     here = str(Path(__file__).resolve().parent)
     path = os.pathsep.join([str(Path(pipespec.__file__).parents[1]), here]
                            + [p for p in [os.environ.get("PYTHONPATH")] if p])

@@ -26,9 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .decode_shapes import MAX_TOKENS, serves
+
 __all__ = ["MAX_TOKENS", "decode_attention", "splits_for"]
 
-MAX_TOKENS = 16  # new tokens a call (static_llama.TRITON_ATTENTION_MAX_TOKENS); a prefill takes the math layout
 BLOCK = 64  # slots per step
 WARPS = 4
 STAGES = 3  # Triton's software pipelining of the slot loop
@@ -45,14 +46,14 @@ def _rows_block(rows: int) -> int:
     return min(64, max(16, triton.next_power_of_2(rows)))  # tl.dot wants >= 16 rows
 
 
-def splits_for(kv_heads: int, rows: int, kv: int, sms: int) -> int:
+def splits_for(kv_heads: int, rows: int, kv: int, sms: int, block: int) -> int:
     """How many slot ranges per (kv head, row block): enough programs to fill the GPU's SMs once, at most one range
-    per ``BLOCK`` slots. ``PIPESPEC_ATTN_SPLITS`` overrides it (as ``_BLOCK``, ``_WARPS``, ``_STAGES`` do theirs)."""
+    per ``block`` slots. ``PIPESPEC_ATTN_SPLITS`` overrides it (as ``_BLOCK``, ``_WARPS``, ``_STAGES`` do theirs)."""
     forced = _setting("SPLITS", 0)
     if forced:
         return forced
     programs = kv_heads * triton.cdiv(rows, _rows_block(rows))
-    return max(1, min(triton.cdiv(sms, programs), triton.cdiv(kv, _setting("BLOCK", BLOCK)), 16))
+    return max(1, min(triton.cdiv(sms, programs), triton.cdiv(kv, block), 16))
 
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # Triton's interpreter (CPU tests): no launch options
@@ -136,7 +137,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     -> [n, h, hd] in q's dtype: softmax(q k^T / sqrt(hd) + mask) v, query head j reading kv head j // (h / kvh)."""
     h, n, hd = q.shape
     kvh, kv = k.shape[1], k.shape[2]
-    if not 1 <= n <= MAX_TOKENS or hd < 16 or hd & (hd - 1):  # static_llama.triton_attention_serves says the same
+    if not serves(n, hd):
         raise ValueError(f"decode_attention serves 1-{MAX_TOKENS} tokens at a power-of-two head size >= 16, "
                          f"not {n} tokens of {hd}")
     g = h // kvh
@@ -146,9 +147,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     dev = q.device.index if q.device.index is not None else 0
     if q.device.type == "cuda" and dev not in _SMS:
         _SMS[dev] = torch.cuda.get_device_properties(q.device).multi_processor_count
-    # a power of two (tl.arange in the combine); a range past the filled slots stores an empty partial
-    splits = triton.next_power_of_2(splits_for(kvh, rows, kv, _SMS.get(dev, 1)))
     block = _setting("BLOCK", BLOCK)
+    # a power of two (tl.arange in the combine); a range past the filled slots stores an empty partial
+    splits = triton.next_power_of_2(splits_for(kvh, rows, kv, _SMS.get(dev, 1), block))
     span = triton.cdiv(triton.cdiv(kv, splits), block) * block
     ws = ml = out  # unused with one split
     if splits > 1:  # every (row, split) is written by exactly one program: no fill kernel

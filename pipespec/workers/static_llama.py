@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..kernels.decode_shapes import MAX_TOKENS as TRITON_ATTENTION_MAX_TOKENS, serves as triton_attention_serves
 from ..kernels.quant import QuantWeight, linear, quantize as quantize_weight
 
 # Attention kernels allowed on the static path: both take an explicit mask, both are safe to capture in CUDA
@@ -84,15 +85,6 @@ COMPILED_VARIANT = "compile-layer-triton"  # fast="compile" (StaticWorker(compil
 WITHOUT_TRITON = {"lean-triton": "lean-math", "compile-layer-triton": "compile-layer-math"}  # defaults' fallbacks
 
 
-TRITON_ATTENTION_MAX_TOKENS = 16  # kernels/triton_attention.MAX_TOKENS (that module needs Triton: not imported here)
-
-
-def triton_attention_serves(n: int, head_dim: int) -> bool:
-    """Whether the Triton attention takes a forward of ``n`` tokens (decode and verify) at this head size (a power
-    of two >= 16, as its tl.arange and tl.dot need); otherwise the math layout computes it."""
-    return n <= TRITON_ATTENTION_MAX_TOKENS and head_dim >= 16 and head_dim & (head_dim - 1) == 0
-
-
 def triton_attention_available() -> bool:
     """Whether the Triton attention's module imports (registering ``torch.ops.pipespec.decode_attention``)."""
     try:
@@ -108,23 +100,26 @@ def require_attention(variant: Variant, device: torch.device) -> None:
         return
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":  # the interpreter: CPU tests
         raise ValueError(f"attention 'triton' runs on CUDA, not on {device}")
-    try:
-        from ..kernels import triton_attention  # noqa: F401 - registers torch.ops.pipespec.decode_attention
-    except ImportError as exc:
-        raise ValueError(f"attention 'triton' needs Triton: {exc}") from exc
+    if not triton_attention_available():
+        raise ValueError("attention 'triton' needs Triton, which does not import here")
 
 
 def choose_variant(device: torch.device, compile: bool = False) -> str:
     """The variant's name for a worker on ``device``; ``compile``: the caller asked for torch.compile. A default
     with the Triton attention falls back to its math layout where Triton does not import; a name the user set
     (``PIPESPEC_STATIC_VARIANT``) is taken as it is."""
-    name = os.environ.get("PIPESPEC_STATIC_VARIANT")
-    if not name:
-        name = COMPILED_VARIANT if compile else CUDA_VARIANT if device.type == "cuda" else CPU_VARIANT
-        if name in WITHOUT_TRITON and not (device.type == "cuda" and triton_attention_available()):
-            name = WITHOUT_TRITON[name]
+    name = os.environ.get("PIPESPEC_STATIC_VARIANT") or default_variant(device, compile)
     if name not in VARIANTS:
         raise ValueError(f"PIPESPEC_STATIC_VARIANT={name!r}: use one of {', '.join(VARIANTS)}")
+    return name
+
+
+def default_variant(device: torch.device, compile: bool = False) -> str:
+    """The layout pipespec picks for ``device`` (``compile``: torch.compile asked for): the Triton attention's on
+    CUDA where Triton imports, its math layout otherwise."""
+    name = COMPILED_VARIANT if compile else CUDA_VARIANT if device.type == "cuda" else CPU_VARIANT
+    if name in WITHOUT_TRITON and not (device.type == "cuda" and triton_attention_available()):
+        name = WITHOUT_TRITON[name]
     return name
 
 
@@ -353,8 +348,7 @@ class StaticLlama:
     def compile(self) -> None:
         """torch.compile the forward (``COMPILED_VARIANT``, or its math layout without Triton or off CUDA: fused
         element-wise work, fewer kernels)."""
-        usable = self.device.type == "cuda" and triton_attention_available()
-        self.set_variant(COMPILED_VARIANT if usable else WITHOUT_TRITON[COMPILED_VARIANT])
+        self.set_variant(default_variant(self.device, compile=True))
 
 
 def _allow_recompiles() -> None:
