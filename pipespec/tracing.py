@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LOOP_TID", "LoopProbe", "StageTrace", "Tracer", "gpu_tid", "stage_tid", "summarize"]
+__all__ = ["LOOP_TID", "LoopProbe", "StageTrace", "Tracer", "gpu_gaps", "gpu_tid", "stage_tid", "summarize"]
 
 LOOP_TID = 1
 
@@ -185,4 +185,50 @@ def summarize(doc: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
         for row in track.values():
             row["ms"] = round(row["ms"], 3)
             row["mean_ms"] = round(row["ms"] / row["count"], 4) if row["count"] else 0.0
+    return out
+
+
+def gpu_gaps(doc: dict[str, Any]) -> dict[str, Any]:
+    """Where the GPU waited, from a trace whose ``stage i GPU`` tracks share one device (a chain on one GPU; on
+    several, "busy" means any of them is): the generation's wall time (its first host span to its last GPU or host
+    span), the time covered by at least one GPU span, and every gap between GPU spans, grouped by the hand-over it
+    sits in (``"0->1"``: stage 1's forward waited after stage 0's ended; ``"1->1"``: the same stage twice in a row,
+    its own host work between two calls). In lock step every gap is host work: a runner's round trip, the stage
+    logic, the next call's launch. Returns {"wall_ms", "gpu_busy_ms", "gpu_busy_fraction", "gaps": {hand-over:
+    {"count", "ms", "median_us", "p90_us"}}}; empty when the trace has no GPU spans."""
+    names = {e["tid"]: e["args"]["name"] for e in doc["traceEvents"] if e["ph"] == "M" and e["name"] == "thread_name"}
+    spans: list[tuple[float, float, int]] = []  # (start us, end us, stage)
+    host: list[tuple[float, float]] = []
+    for e in doc["traceEvents"]:
+        if e["ph"] != "X":
+            continue
+        name = names.get(e["tid"], "")
+        if name.startswith("stage ") and name.endswith(" GPU"):
+            spans.append((e["ts"], e["ts"] + e.get("dur", 0.0), int(name.split()[1])))
+        elif name.startswith("stage "):
+            host.append((e["ts"], e["ts"] + e.get("dur", 0.0)))
+    if not spans:
+        return {}
+    spans.sort()
+    begin = min([s for s, _ in host] + [spans[0][0]])
+    end = max([e for _, e in host] + [e for _, e, _ in spans])
+    busy, reach, last_stage = 0.0, spans[0][0], spans[0][2]
+    cover_from = spans[0][0]
+    gaps: dict[str, list[float]] = {}
+    for start, stop, stage in spans:
+        if start > reach:  # the GPU idled from reach to start
+            busy += reach - cover_from
+            gaps.setdefault(f"{last_stage}->{stage}", []).append(start - reach)
+            cover_from = start
+        if stop >= reach:
+            reach, last_stage = stop, stage
+    busy += reach - cover_from
+    wall = max(end - begin, 1e-9)
+    out: dict[str, Any] = {"wall_ms": round(wall / 1000, 3), "gpu_busy_ms": round(busy / 1000, 3),
+                           "gpu_busy_fraction": round(busy / wall, 4), "gaps": {}}
+    for key, values in sorted(gaps.items()):
+        values.sort()
+        out["gaps"][key] = {"count": len(values), "ms": round(sum(values) / 1000, 3),
+                            "median_us": round(values[len(values) // 2], 1),
+                            "p90_us": round(values[min(len(values) - 1, int(0.9 * len(values)))], 1)}
     return out

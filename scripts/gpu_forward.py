@@ -39,6 +39,8 @@ from pipespec.workers.static_llama import VARIANTS, StaticLlama  # noqa: E402
 
 SHAPES = {  # hidden, layers, heads, kv heads, ffn, vocab
     "tiny": (64, 2, 4, 2, 128, 256),
+    "68m": (768, 2, 12, 12, 3072, 32000),  # the drafts of the GPU chains (workers.synthetic.SHAPES)
+    "1b": (2048, 16, 32, 8, 8192, 32000),
     "7b": (4096, 32, 32, 32, 11008, 32000),
     "13b": (5120, 40, 40, 40, 13824, 32000),
     "8b": (4096, 32, 32, 8, 14336, 128256),  # Llama-3 8B: GQA (4 query heads per kv head)

@@ -66,7 +66,7 @@ from pipespec.runners.mps import ensure_mps, shared_gpus
 from pipespec.runners.process import ProcessRunner
 from pipespec.runners.thread import ThreadRunner
 from pipespec.scheduler import Member, Pipeline
-from pipespec.tracing import summarize
+from pipespec.tracing import gpu_gaps, summarize
 from pipespec.placement import stage_devices
 from pipespec.runners.tensor_parallel import build_synthetic_tp
 from pipespec.workers.synthetic import build_synthetic
@@ -276,11 +276,17 @@ async def measure_chain(label: str, members: list[Member], prompt: list[int], ar
         if skipped:
             entry["skipped"] = "time budget: fewer repeats for some methods"
         if alpha == max(args.alphas):
-            path = out_dir / f"trace-{len(result['alphas'])}-{label.replace(' ', '_').replace(';', '').replace(',', '-')}.json"
             await members[0].runner.call("configure", device_draft=True)
-            await pipe.generate(prompt, max_new_tokens=args.tokens, mode="pipe", trace=str(path))
-            entry["trace"] = path.name
-            entry["trace_summary"] = summarize(json.loads(path.read_text()))
+            stem = f"trace-{len(result['alphas'])}-{label.replace(' ', '_').replace(';', '').replace(',', '-')}"
+            for name in args.trace_methods:
+                if name not in all_methods() or name == "auto":
+                    continue
+                path = out_dir / (f"{stem}.json" if name == "pipe" else f"{stem}-{name.replace(':', '')}.json")
+                await pipe.generate(prompt, max_new_tokens=args.tokens, trace=str(path), **all_methods()[name])
+                doc = json.loads(path.read_text())
+                if name == "pipe":  # the keys the earlier reports used
+                    entry["trace"], entry["trace_summary"] = path.name, summarize(doc)
+                entry.setdefault("traces", {})[name] = {"file": path.name, "gpu_gaps": gpu_gaps(doc)}
         result["alphas"].append(entry)
         best = max(rows, key=lambda r: r["median_tokens_per_s"])
         print(f"{label} alpha {alpha}: best {best['method']} {best['median_tokens_per_s']} tok/s; "
@@ -327,6 +333,13 @@ def markdown(report: dict[str, Any]) -> str:
                 for track, spans in entry["trace_summary"].items():
                     lines.append(f"- {track}: " + ", ".join(f"{n} {r['count']}x {r['ms']:.1f} ms"
                                                             for n, r in spans.items()))
+            for name, traced in entry.get("traces", {}).items():
+                gaps = traced["gpu_gaps"]
+                if gaps:
+                    lines.append(f"- GPU of {name} ({traced['file']}): busy {gaps['gpu_busy_ms']} of {gaps['wall_ms']} "
+                                 f"ms ({100 * gaps['gpu_busy_fraction']:.1f} %); gaps: " + ", ".join(
+                                     f"{k} {g['count']}x {g['ms']} ms (median {g['median_us']} us)"
+                                     for k, g in gaps["gaps"].items()))
         lines.append("")
     return "\n".join(lines)
 
@@ -522,6 +535,9 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chains", default=None, help="only the chains whose label contains one of these "
                                                          "comma-separated strings (e.g. '13b on GPU 0')")
+    parser.add_argument("--trace-methods", default="pipe",
+                        help="methods traced once at the highest alpha (trace files and the GPU's gaps: "
+                             "pipespec.tracing.gpu_gaps)")
     parser.add_argument("--one-gpu", action="store_true", help="only the chains whose stages all share one device")
     parser.add_argument("--methods", default=None, help="comma-separated subset of: " + ",".join(all_methods())
                                                         + " (ar is always run: outputs are compared with it)")
@@ -532,6 +548,7 @@ if __name__ == "__main__":
                                                          "process-nomps: worker processes without MPS")
     a = parser.parse_args()
     a.alphas = [float(x) for x in a.alphas.split(",")]
+    a.trace_methods = [m for m in a.trace_methods.split(",") if m]
     a.tokens = a.tokens or (24 if a.smoke else 128)
     a.prompt_len = a.prompt_len or (16 if a.smoke else 128)
     known = all_methods()

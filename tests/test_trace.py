@@ -10,7 +10,7 @@ from pathlib import Path
 
 from helpers import limit
 from pipespec.apps.simulate import simulated_pipeline
-from pipespec.tracing import LOOP_TID, Tracer, stage_tid
+from pipespec.tracing import LOOP_TID, Tracer, gpu_gaps, gpu_tid, stage_tid
 
 PROMPT = list(range(3, 19))
 
@@ -111,3 +111,24 @@ def test_run_trace_cli_writes_a_loadable_trace(tmp_path: Path) -> None:
     tracks = _check_schema_and_nesting(doc["traceEvents"])
     assert doc["otherData"]["generations"][0]["tokens"] == stats["tokens"] == 12
     assert len(tracks) >= 2  # the event loop and at least the target's track
+
+
+def test_gpu_gaps_measures_the_hand_overs_between_forwards_on_one_gpu() -> None:
+    """Lock step on one GPU, hand-made: draft 0-3 ms, target 3.5-9 ms, draft 10-13, target 13.2-20 (an overlapping
+    draft span 19-21 extends the busy time), then the target alone again at 22-25: gaps 0->1 of 500 and 200 us,
+    1->0 of 1000 us, 0->1 after the overlap of 1000 us."""
+    t = Tracer(clock=lambda: 0.0)
+    host = t.stage(0, "draft")
+    t.stage(1, "target")
+    t.name_track(gpu_tid(0), "stage 0 GPU")
+    t.name_track(gpu_tid(1), "stage 1 GPU")
+    ms = 1e-3
+    host.span("draft", 0.0, 3 * ms)
+    for stage, a, b in ((0, 0, 3), (1, 3.5, 9), (0, 10, 13), (1, 13.2, 20), (0, 19, 21), (1, 22, 25)):
+        t.span(gpu_tid(stage), "forward", a * ms, b * ms)
+    out = gpu_gaps(t.to_json())
+    assert out["wall_ms"] == 25.0
+    assert abs(out["gpu_busy_ms"] - (3 + 5.5 + 3 + 7.8 + 3)) < 1e-6  # 0-3, 3.5-9, 10-13, 13.2-21, 22-25
+    assert out["gaps"]["0->1"]["count"] == 3 and abs(out["gaps"]["0->1"]["ms"] - 1.7) < 1e-6
+    assert out["gaps"]["1->0"] == {"count": 1, "ms": 1.0, "median_us": 1000.0, "p90_us": 1000.0}
+    assert gpu_gaps(Tracer().to_json()) == {}  # no GPU spans (a CPU run): nothing to say
