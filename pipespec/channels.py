@@ -12,6 +12,7 @@ All of these are used from the event loop thread only.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -24,21 +25,52 @@ __all__ = ["Doorbell", "Channel", "Mailbox"]
 
 
 class Doorbell:
-    """A re-armable wake-up. ``ring`` never blocks; ``wait`` returns once rung since the last ``wait``.
+    """A re-armable wake-up. ``ring`` never blocks; ``wait`` returns once rung since the last ``wait`` returned.
 
     Callers always drain their inputs after ``wait`` returns, so a ring that lands between the wake-up and the
-    re-arm is never lost: its message is drained anyway.
+    re-arm is never lost: its message is drained anyway (the next ``wait`` may then return at once, for nothing).
+    One waiter at a time (a stage waits on its own doorbell). Built on a bare loop future, allocated only when
+    someone waits, and ``wait(timeout)`` on a loop timer: a lock-step hand-over passes through a doorbell twice per
+    round, on the critical path (anyio's Event and cancel scopes cost the hand-over several loop turns).
     """
 
+    __slots__ = ("_rung", "_waiter")
+
     def __init__(self) -> None:
-        self._event = anyio.Event()
+        self._rung = False
+        self._waiter: asyncio.Future[bool] | None = None
 
     def ring(self) -> None:
-        self._event.set()
+        waiter, self._waiter = self._waiter, None
+        if waiter is None or waiter.done():  # done: timed out, its task not yet resumed; the next wait returns
+            self._rung = True
+        else:
+            waiter.set_result(True)
 
-    async def wait(self) -> None:
-        await self._event.wait()
-        self._event = anyio.Event()
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Wait for a ring (True), or until ``timeout`` seconds have passed (False)."""
+        if self._rung:
+            self._rung = False
+            return True
+        if timeout is not None and timeout <= 0:
+            return False
+        assert self._waiter is None, "a doorbell has one waiter"
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiter = waiter
+        timer = loop.call_later(timeout, _expire, waiter) if timeout is not None else None
+        try:
+            return await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if self._waiter is waiter:  # timed out or cancelled: nobody waits now
+                self._waiter = None
+
+
+def _expire(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
 
 
 class Channel(Generic[T]):
@@ -54,7 +86,12 @@ class Channel(Generic[T]):
         self._doorbell = doorbell
 
     async def send(self, item: T) -> None:
-        await self._send.send(item)
+        """Send ``item``, waiting while the buffer is full (back-pressure). With room, it goes at once, without a
+        turn of the loop: the receiver, rung now, can take it in the same loop iteration."""
+        try:
+            self._send.send_nowait(item)
+        except anyio.WouldBlock:
+            await self._send.send(item)
         self._doorbell.ring()
 
     def drain(self) -> list[T]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import anyio
 import pytest
 
@@ -51,6 +53,25 @@ async def test_doorbell_wakes_a_waiter() -> None:
         assert not woke
         bell.ring()
     assert woke == [True]
+
+
+@limit(5)
+async def test_doorbell_wait_with_a_timeout() -> None:
+    """``wait(timeout)``: True when rung, False when the time passed first; a ring before the wait, or while a
+    timed-out waiter has not yet resumed, makes the next wait return at once (nothing rung is lost)."""
+    bell = Doorbell()
+    assert await bell.wait(0.01) is False
+    assert await bell.wait(0) is False
+    bell.ring()
+    assert await bell.wait(10) is True  # rung before: at once
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.01, bell.ring)
+    assert await bell.wait(10) is True
+    waiter = asyncio.ensure_future(bell.wait(0.001))
+    await asyncio.sleep(0.02)  # expired by now; ring before the waiting task looks
+    bell.ring()
+    assert await waiter is False
+    assert await bell.wait(10) is True  # the ring was kept
 
 
 def test_mailbox_latest_wins_and_rollback_survives_plain_verdict() -> None:

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import time
 
-import anyio
-
 from ..channels import Mailbox
 from ..types import Proposal, Verdict
 from .base import Stage, SuccessorView
@@ -126,10 +124,8 @@ async def run_draft(stage: Stage) -> None:
                                                if stage.monitor.step_known(target) else START_WAIT)
                 while io.verdicts_in.puts == awaited and not stage.bypassed:
                     left = until - time.perf_counter()
-                    if left <= 0:
+                    if left <= 0 or not await io.doorbell.wait(left):  # a ring already read: wait again
                         break
-                    with anyio.move_on_after(left):
-                        await io.doorbell.wait()  # may return at once for a ring already read: then wait again
                 if trace is not None:
                     trace.span("wait", waited, reason="verdict")
                 if io.verdicts_in.puts == awaited:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import anyio
 import structlog
 
 from ..workers.base import common_prefix
@@ -156,13 +155,13 @@ class _Verifier:
             if await self.verify(n):
                 return
 
-    async def wait(self, reason: str) -> None:
+    async def wait(self, reason: str, timeout: float | None = None) -> None:
         trace = self.stage.trace
         if trace is None:
-            await self.stage.io.doorbell.wait()
+            await self.stage.io.doorbell.wait(timeout)
             return
         waited = time.perf_counter()
-        await self.stage.io.doorbell.wait()
+        await self.stage.io.doorbell.wait(timeout)
         trace.span("wait", waited, reason=reason)
 
     async def wait_for_block(self) -> bool:
@@ -172,8 +171,7 @@ class _Verifier:
             self.want = 0
             return False
         self.stage.set_state("waiting")
-        with anyio.move_on_after(left):
-            await self.wait("block")
+        await self.wait("block", left)
         return True
 
     def expect_block(self) -> int:
