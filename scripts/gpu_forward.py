@@ -55,7 +55,7 @@ SHAPES = {  # hidden, layers, heads, kv heads, ffn, vocab
 # phase A on every shape first, then phase B: the cheap and the likeliest winners before the long compiles
 PHASES = (["base", "lean", "lean-math", "compile-layer"],
           ["compile-layer-math", "compile-parts", "compile-layer-static", "compile-layer-autotune"])
-ESTIMATE_S = {"base": 8, "lean": 8, "lean-math": 8, "lean-triton": 8, "compile-layer-autotune": 120}  # others: 25 (compiles)
+ESTIMATE_S = {"base": 8, "lean": 8, "lean-math": 8, "lean-triton": 8, "lean-fused": 8, "compile-layer-autotune": 120}  # others: 25 (compiles)
 PROMPT = 512
 CONTEXT = 768  # the context bucket of positions 512 .. 519 (multiples of 256)
 

@@ -58,6 +58,10 @@ class Variant:
     compile: str | None = None
     dynamic: bool = True  # "layer": shapes turn dynamic where they change (~3 compiles in all) or one per bucket
     mode: str | None = None  # "layer": torch.compile's mode (None: default; "max-autotune-no-cudagraphs")
+    # "torch": the element-wise work in torch's kernels; "triton": residual add + RMSNorm, RoPE + the cache write and
+    # SiLU * up in three Triton kernels (kernels/triton_elementwise.py; CUDA; eager layouts only, and not for
+    # families with q/k norms, which keep the torch path)
+    elementwise: str = "torch"
 
 
 VARIANTS: dict[str, Variant] = {
@@ -71,6 +75,7 @@ VARIANTS: dict[str, Variant] = {
     "compile-layer-autotune": Variant(compile="layer", dynamic=False, mode="max-autotune-no-cudagraphs"),
     "lean-triton": Variant(attention="triton"),
     "compile-layer-triton": Variant(attention="triton", compile="layer"),
+    "lean-fused": Variant(attention="triton", elementwise="triton"),
 }
 # The variant a static worker runs: ``PIPESPEC_STATIC_VARIANT=<name>`` overrides all three. Measured on an H200
 # (scripts/gpu_forward.py, docs/benchmarks.md, 1-token forward, 512 tokens of context): 7B base 6.78 ms, lean 5.92,
@@ -82,7 +87,8 @@ VARIANTS: dict[str, Variant] = {
 CPU_VARIANT = "lean"
 CUDA_VARIANT = "lean-triton"
 COMPILED_VARIANT = "compile-layer-triton"  # fast="compile" (StaticWorker(compile=True))
-WITHOUT_TRITON = {"lean-triton": "lean-math", "compile-layer-triton": "compile-layer-math"}  # defaults' fallbacks
+WITHOUT_TRITON = {"lean-triton": "lean-math", "lean-fused": "lean-math",
+                  "compile-layer-triton": "compile-layer-math"}  # fallbacks of the layouts that need Triton
 
 
 def triton_attention_available() -> bool:
@@ -95,13 +101,19 @@ def triton_attention_available() -> bool:
 
 
 def require_attention(variant: Variant, device: torch.device) -> None:
-    """Raise ValueError where ``variant``'s attention cannot run on ``device``; registers the Triton kernel's op."""
-    if variant.attention != "triton":
+    """Raise ValueError where ``variant``'s Triton kernels (attention, element-wise) cannot run on ``device``;
+    registers their ops."""
+    if variant.elementwise not in ("torch", "triton"):
+        raise ValueError(f"unknown elementwise {variant.elementwise!r}")
+    if variant.attention != "triton" and variant.elementwise != "triton":
         return
+    what = "attention 'triton'" if variant.attention == "triton" else "elementwise 'triton'"
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":  # the interpreter: CPU tests
-        raise ValueError(f"attention 'triton' runs on CUDA, not on {device}")
+        raise ValueError(f"{what} runs on CUDA, not on {device}")
     if not triton_attention_available():
-        raise ValueError("attention 'triton' needs Triton, which does not import here")
+        raise ValueError(f"{what} needs Triton, which does not import here")
+    if variant.elementwise == "triton":
+        from ..kernels import triton_elementwise  # noqa: F401 - registers torch.ops.pipespec.rms_norm etc.
 
 
 def choose_variant(device: torch.device, compile: bool = False) -> str:
@@ -296,6 +308,11 @@ class StaticLlama:
             self._layer = torch.compile(_layer, dynamic=None if v.dynamic else False, fullgraph=True, mode=v.mode)
         elif v.compile is not None:
             raise ValueError(f"unknown compile {v.compile!r}")
+        if v.elementwise == "triton":
+            if v.compile is not None:
+                raise ValueError("elementwise 'triton' is an eager layout: torch.compile fuses the same work itself")
+            if not self.family.qk_norm:  # q/k norms (Qwen3) sit between the projection and RoPE: the torch path
+                self._layer = _layer_fused
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         """ids, pos: [n] int64 on the model's device; returns logits [n, vocab] float32."""
@@ -383,6 +400,32 @@ def _layer(pre: Any, post: Any, x: torch.Tensor, delta: torch.Tensor | None, pos
     att = _attend(pre, x, pos, cos, sin, mask, ck, cv, w, h, kvh, hd, eps, fused, attention)  # [1, h, n, hd]
     return post(x, att, w["o"], w["o_b"], w["ln2"], w["gate_up"], w["gate_up_b"], w["down"], w["down_b"],
                 w["ffn"], eps, fused=fused)
+
+
+def _layer_fused(pre: Any, post: Any, x: torch.Tensor, delta: torch.Tensor | None, pos: torch.Tensor,
+                 cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor,
+                 w: dict[str, Any], h: int, kvh: int, hd: int, eps: float, fused: bool,
+                 attention: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_layer`` with its element-wise work in Triton kernels (``Variant.elementwise == "triton"``): the same
+    arithmetic and roundings as the fused torch layout, about half the kernels. ``pre`` and ``post`` are unused
+    (the layer is written out here); cos and sin come [n, 1, hd] as ``_layer`` takes them."""
+    ops = torch.ops.pipespec
+    n = x.shape[0]
+    if delta is None:
+        normed = ops.rms_norm(x, w["ln1"], eps)
+    else:
+        x, normed = ops.add_rms_norm(x, delta, w["ln1"], eps)
+    qkv = linear(normed, w["qkv"], w["qkv_b"])  # [n, (h + 2 kvh) * hd]
+    q = ops.rope_cache(qkv, cos[:, 0], sin[:, 0], pos, ck, cv, h, kvh)  # [h, n, hd]; k, v into the cache
+    kv_len = mask.shape[-1]
+    keys, values = ck[:, :, :kv_len], cv[:, :, :kv_len]
+    if attention == "triton" and triton_attention_serves(n, hd):
+        att = ops.decode_attention(q, keys, values, mask, pos).reshape(n, h * hd)  # [n, h, hd] -> [n, h * hd]
+    else:
+        att = _math_attention(q, keys, values, mask)[0].transpose(0, 1).reshape(n, h * hd)
+    x, normed = ops.add_rms_norm(x, linear(att, w["o"], w["o_b"]), w["ln2"], eps)
+    act = ops.silu_mul(linear(normed, w["gate_up"], w["gate_up_b"]), w["ffn"])  # [n, ffn]
+    return x, linear(act, w["down"], w["down_b"])
 
 
 def _attend(pre: Any, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
