@@ -23,6 +23,9 @@ levers_begin "levers22-$PART"
     echo "== check $(date +%T)"
     check_chain fused 100 PIPESPEC_STATIC_VARIANT=lean-fused
   else
+    echo "== tests $(date +%T)"
+    timeout 60 python3 -m pytest -q -m gpu tests/test_triton_elementwise.py > "$W/pytest.log" 2>&1
+    echo "pytest rc=$?"; tail -3 "$W/pytest.log"
     for v in lean-triton lean-fused; do
       echo "== chains $v $(date +%T)"
       PIPESPEC_STATIC_VARIANT=$v timeout 150 python3 scripts/gpu_pipe_probe.py "$W/$v" \

@@ -109,10 +109,10 @@ def test_lean_fused_on_cuda_in_bf16() -> None:
     cfg = LlamaConfig(vocab_size=1000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=2,
                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=1024)
     model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    ids = torch.randint(0, 1000, (140,), device="cuda")
     outs = {}
     for variant in ("lean-triton", "lean-fused"):
         static = StaticLlama(model, 1024, variant)
-        ids = torch.randint(0, 1000, (140,), device="cuda")
         with torch.inference_mode():
             static.forward(ids[:128], torch.arange(128, device="cuda"), 256)
             one = static.forward(ids[128:129], torch.arange(128, 129, device="cuda"), 256)
