@@ -234,9 +234,9 @@ def test_variant_choice(monkeypatch: pytest.MonkeyPatch) -> None:
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert choose_variant(cpu) == static_llama.CPU_VARIANT
-    # CUDA's defaults take the Triton attention where Triton imports, else its math layout
+    # CUDA's defaults take the Triton kernels where Triton imports, else the math layout
     monkeypatch.setattr(static_llama, "triton_attention_available", lambda: True)
-    assert choose_variant(cuda) == static_llama.CUDA_VARIANT == "lean-triton"
+    assert choose_variant(cuda) == static_llama.CUDA_VARIANT == "lean-fused"
     assert choose_variant(cuda, compile=True) == static_llama.COMPILED_VARIANT == "compile-layer-triton"
     monkeypatch.setattr(static_llama, "triton_attention_available", lambda: False)
     assert choose_variant(cuda) == "lean-math" and choose_variant(cuda, compile=True) == "compile-layer-math"

@@ -2,8 +2,9 @@
 
 ``quant`` (weight-only 8-bit weights: quantize at load time, ``linear`` that dispatches on a quantized weight, the
 CPU's eager fallback), ``triton_gemv`` (the CUDA kernel for few-token forwards: int8 or fp8 weights, per-output-
-channel scales, fp32 accumulation), ``triton_attention`` (attention of 1-16 new tokens over the filled cache) and
-``decode_shapes`` (what that kernel serves, importable without Triton). Kernels are pure functions of tensors: no
+channel scales, fp32 accumulation), ``triton_attention`` (attention of 1-16 new tokens over the filled cache),
+``triton_elementwise`` (a layer's residual add + RMSNorm, RoPE + cache write, SiLU * up) and ``decode_shapes``
+(what the attention kernel serves, importable without Triton). Kernels are pure functions of tensors: no
 threads, no model objects.
 """
 

@@ -81,11 +81,13 @@ VARIANTS: dict[str, Variant] = {
 # (scripts/gpu_forward.py, docs/benchmarks.md, 1-token forward, 512 tokens of context): 7B base 6.78 ms, lean 5.92,
 # lean-math 5.54, compile-layer 5.31, compile-layer-math 4.69 (floor 3.21); 13B 10.52 / 9.43 / 9.11 / 8.69 / 8.07
 # (floor 6.21). Then the Triton attention (seventh session): 7B lean-triton 5.09, compile-layer-triton 4.50; 13B
-# 8.40 / 7.64. CUDA's default is the fastest layout that compiles nothing (lean-triton; lean-math where Triton does
-# not import); the compiled one saves another 12 % but compiles each layer on first use of a shape (3-10 s per
+# 8.40 / 7.64. Then the element-wise kernels (eighth session, 1 / 8 tokens): lean-fused 7B 4.30 / 4.41 (lean-triton
+# 5.01 / 5.35), 13B 7.54 / 7.72 (8.31 / 9.00), the drafts 68M 0.112 / 0.126 (0.148 / 0.174) and 1B 0.98 / 1.03
+# (1.31 / 1.47). CUDA's default is the fastest layout that compiles nothing (lean-fused; lean-math where Triton does
+# not import); it is as fast as the compiled one, which compiles each layer on first use of a shape (3-10 s per
 # model, more as shapes vary), during the first generation: opt-in (fast="compile" or PIPESPEC_STATIC_VARIANT).
 CPU_VARIANT = "lean"
-CUDA_VARIANT = "lean-triton"
+CUDA_VARIANT = "lean-fused"
 COMPILED_VARIANT = "compile-layer-triton"  # fast="compile" (StaticWorker(compile=True))
 WITHOUT_TRITON = {"lean-triton": "lean-math", "lean-fused": "lean-math",
                   "compile-layer-triton": "compile-layer-math"}  # fallbacks of the layouts that need Triton

@@ -201,8 +201,9 @@ class TPStaticLlama(StaticLlama):
         self.lm_head = get("lm_head.weight")
         # StaticLlama.ensure_capacity reads the RoPE module as ``self.model.model.rotary_emb``
         self.model = SimpleNamespace(model=SimpleNamespace(rotary_emb=copy.deepcopy(rotary).to(self.device)))
-        # the forward's layout as an unsplit worker on this device would run it (lean-triton on CUDA;
-        # PIPESPEC_STATIC_VARIANT=compile-layer-math: the compiled regions between the all-reduces)
+        # the forward's layout as an unsplit worker on this device would run it (lean-fused on CUDA: its attention;
+        # the element-wise work stays torch's around the all-reduces; PIPESPEC_STATIC_VARIANT=compile-layer-math:
+        # the compiled regions between the all-reduces)
         self.set_variant(choose_variant(self.device))
         self.capacity = 0
         self.cache_k: list[torch.Tensor] = []
