@@ -168,11 +168,16 @@ class LoopProbe:
             del selector.select
 
 
+def _track_names(doc: dict[str, Any]) -> dict[int, str]:
+    """A trace file's track names by ``tid`` (its ``thread_name`` metadata events)."""
+    return {e["tid"]: e["args"]["name"] for e in doc["traceEvents"] if e["ph"] == "M" and e["name"] == "thread_name"}
+
+
 def summarize(doc: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
     """Where the time went, per track: {track name: {span name: {"count", "ms", "mean_ms"}}} over the top-level
     spans and the nested ones alike (a ``verify`` span's ``step`` is counted under ``step`` too). Instants are
     counted with ``ms`` 0. ``doc``: a trace file's JSON (``Tracer.to_json()``)."""
-    names = {e["tid"]: e["args"]["name"] for e in doc["traceEvents"] if e["ph"] == "M" and e["name"] == "thread_name"}
+    names = _track_names(doc)
     out: dict[str, dict[str, dict[str, float]]] = {}
     for e in doc["traceEvents"]:
         if e["ph"] not in ("X", "i"):
@@ -196,7 +201,7 @@ def gpu_gaps(doc: dict[str, Any]) -> dict[str, Any]:
     its own host work between two calls). In lock step every gap is host work: a runner's round trip, the stage
     logic, the next call's launch. Returns {"wall_ms", "gpu_busy_ms", "gpu_busy_fraction", "gaps": {hand-over:
     {"count", "ms", "median_us", "p90_us"}}}; empty when the trace has no GPU spans."""
-    names = {e["tid"]: e["args"]["name"] for e in doc["traceEvents"] if e["ph"] == "M" and e["name"] == "thread_name"}
+    names = _track_names(doc)
     spans: list[tuple[float, float, int]] = []  # (start us, end us, stage)
     host: list[tuple[float, float]] = []
     for e in doc["traceEvents"]:

@@ -147,3 +147,33 @@ def run_interpreted(code: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
     return subprocess.run([sys.executable, "-c", _INTERPRETER_SHIM + code], env=env, capture_output=True, text=True,
                           timeout=300)
+
+
+def interpreted_forward_matches_hf(variant: str, check: str = "") -> None:
+    """In Triton's interpreter, float32, every family of ``test_static_families``: the static forward in layout
+    ``variant`` over a 20-token prompt (past the attention kernel's 16 tokens: the math attention), then 1 and 3 tokens
+    over a 32-slot bucket, equal to HF's forward (each call's last rows). ``check``: one more line of code run per
+    family, with ``static`` and ``family`` in scope."""
+    code = f"""
+import copy
+import torch
+from test_static_families import FAMILIES, VOCAB, tiny
+from pipespec.workers.static_llama import StaticLlama, _layer_fused
+for family in FAMILIES:
+    model = tiny(family, 4, hidden=64, dtype=torch.float32)
+    reference = copy.deepcopy(model)
+    static = StaticLlama(model, 64, {variant!r})
+    {check}
+    seq = torch.randint(0, VOCAB, (24,), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        prefill = static.forward(seq[:20], torch.arange(20), 32)
+        one = static.forward(seq[20:21], torch.arange(20, 21), 32)
+        three = static.forward(seq[21:24], torch.arange(21, 24), 32)
+        want = reference(seq[None]).logits[0]
+    for got, rows in ((prefill, slice(19, 20)), (one, slice(20, 21)), (three, slice(21, 24))):
+        err = (got[-(rows.stop - rows.start):] - want[rows]).abs().max().item()
+        assert err < 1e-4, (family, err)
+print("ok")
+"""
+    out = run_interpreted(code)
+    assert "ok" in out.stdout, out.stderr[-3000:]

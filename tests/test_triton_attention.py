@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import run_interpreted
+from helpers import interpreted_forward_matches_hf, run_interpreted
 from pipespec.workers.static_llama import StaticLlama
 from test_static_families import tiny
 
@@ -55,30 +55,9 @@ print("ok", worst)
 def test_layout_matches_hf_forward_in_the_interpreter() -> None:
     """The whole static forward with ``lean-triton``, every family (GQA, biases, q/k norms, sliding windows), float32:
     a 20-token prompt (past the kernel's 16 tokens: the math layout), then 1 and 3 tokens (the kernel) over a
-    32-slot bucket, equal to HF's forward."""
+    32-slot bucket, equal to HF's forward (``helpers.interpreted_forward_matches_hf``)."""
     pytest.importorskip("triton")
-    code = """
-import copy
-import torch
-from test_static_families import FAMILIES, VOCAB, tiny
-from pipespec.workers.static_llama import StaticLlama
-for family in FAMILIES:
-    model = tiny(family, 4, hidden=64, dtype=torch.float32)
-    reference = copy.deepcopy(model)
-    static = StaticLlama(model, 64, "lean-triton")
-    seq = torch.randint(0, VOCAB, (24,), generator=torch.Generator().manual_seed(4))
-    with torch.inference_mode():
-        static.forward(seq[:20], torch.arange(20), 32)
-        one = static.forward(seq[20:21], torch.arange(20, 21), 32)
-        three = static.forward(seq[21:24], torch.arange(21, 24), 32)
-        want = reference(seq[None]).logits[0]
-    for got, rows in ((one, slice(20, 21)), (three, slice(21, 24))):
-        err = (got - want[rows]).abs().max().item()
-        assert err < 1e-4, (family, err)
-print("ok")
-"""
-    out = run_interpreted(code)
-    assert "ok" in out.stdout, out.stderr[-3000:]
+    interpreted_forward_matches_hf("lean-triton")
 
 
 def test_layout_is_refused_off_cuda() -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import run_interpreted
+from helpers import interpreted_forward_matches_hf, run_interpreted
 from pipespec.workers.static_llama import StaticLlama, default_variant
 from test_static_families import tiny
 
@@ -63,29 +63,8 @@ def test_lean_fused_matches_hf_forward_in_the_interpreter() -> None:
     torch path), float32: a 20-token prompt (the math attention, fused element-wise work), then 1 and 3 tokens (both
     kernels) over a 32-slot bucket, equal to HF's forward."""
     pytest.importorskip("triton")
-    code = """
-import copy
-import torch
-from test_static_families import FAMILIES, VOCAB, tiny
-from pipespec.workers.static_llama import StaticLlama, _layer_fused
-for family in FAMILIES:
-    model = tiny(family, 4, hidden=64, dtype=torch.float32)
-    reference = copy.deepcopy(model)
-    static = StaticLlama(model, 64, "lean-fused")
-    assert (static._layer is _layer_fused) == (not static.family.qk_norm), family
-    seq = torch.randint(0, VOCAB, (24,), generator=torch.Generator().manual_seed(4))
-    with torch.inference_mode():
-        prefill = static.forward(seq[:20], torch.arange(20), 32)
-        one = static.forward(seq[20:21], torch.arange(20, 21), 32)
-        three = static.forward(seq[21:24], torch.arange(21, 24), 32)
-        want = reference(seq[None]).logits[0]
-    for got, rows in ((prefill, slice(19, 20)), (one, slice(20, 21)), (three, slice(21, 24))):
-        err = (got[-(rows.stop - rows.start):] - want[rows]).abs().max().item()
-        assert err < 1e-4, (family, err)
-print("ok")
-"""
-    out = run_interpreted(code)
-    assert "ok" in out.stdout, out.stderr[-3000:]
+    interpreted_forward_matches_hf(
+        "lean-fused", check="assert (static._layer is _layer_fused) == (not static.family.qk_norm), family")
 
 
 def test_lean_fused_is_refused_off_cuda_and_not_compiled() -> None:
