@@ -69,7 +69,7 @@ from pipespec.scheduler import Member, Pipeline
 from pipespec.tracing import gpu_gaps, summarize
 from pipespec.placement import stage_devices
 from pipespec.runners.tensor_parallel import build_synthetic_tp
-from pipespec.workers.synthetic import build_synthetic
+from pipespec.workers.synthetic import build_synthetic, split_quantized
 
 SMOKE_SHAPES = {  # hidden, layers, heads, kv heads, ffn, vocab: tiny, for the CPU smoke test
     "tiny-d": (64, 1, 4, 4, 128, 512),
@@ -92,7 +92,8 @@ def chains_for(args: argparse.Namespace) -> list[tuple[str, list[tuple[str, str]
         # first, the tensor-parallel path end to end (rank 0 on a runner thread, one follower process, gloo): on
         # shared CPU cores every all-reduce waits for the scheduler (~10 ms a forward), so it gets the budget first
         return [("tensor-parallel target: cpu; cpu+cpu", [(d, "cpu"), (t, "cpu+cpu")]),
-                ("2 stages, cpu", [(d, "cpu"), (t, "cpu")]), ("3 stages, cpu", [(d, "cpu"), (m, "cpu"), (t, "cpu")])]
+                ("2 stages, cpu", [(d, "cpu"), (t, "cpu")]), ("3 stages, cpu", [(d, "cpu"), (m, "cpu"), (t, "cpu")]),
+                ("int8 target, cpu", [(d, "cpu"), (f"{t}:int8", "cpu")])]
     out = [("68m,7b on GPU 0", [("68m", "cuda:0"), ("7b", "cuda:0")]),
            ("1b,8b on GPU 0", [("1b", "cuda:0"), ("8b", "cuda:0")]),
            ("68m,7b,13b on GPU 0", [("68m", "cuda:0"), ("7b", "cuda:0"), ("13b", "cuda:0")])]
@@ -103,6 +104,12 @@ def chains_for(args: argparse.Namespace) -> list[tuple[str, list[tuple[str, str]
         out.append(("1b,8b on GPU 0; 70b on GPUs 0+1", [("1b", "cuda:0"), ("8b", "cuda:0"), ("70b", "cuda:0+cuda:1")]))
         out.append(("68m,7b on GPU 0; 70b on GPUs 0+1", [("68m", "cuda:0"), ("7b", "cuda:0"),
                                                           ("70b", "cuda:0+cuda:1")]))
+        # the other placement of a 70B target on two GPUs: its weights in 8 bits on GPU 1 alone (~70 GB), so the
+        # drafts have GPU 0 to themselves and no stage shares a GPU with the target (the TP target's rank 0 shares
+        # GPU 0 with them and both ranks wait for it at every all-reduce); "--chains 70b" runs these too
+        out.append(("1b,8b on GPU 0; 70b int8 on GPU 1", [("1b", "cuda:0"), ("8b", "cuda:0"), ("70b:int8", "cuda:1")]))
+        out.append(("68m,7b on GPU 0; 70b int8 on GPU 1", [("68m", "cuda:0"), ("7b", "cuda:0"),
+                                                            ("70b:int8", "cuda:1")]))
     return out
 
 
@@ -155,7 +162,7 @@ class Loaded:
 
         async def start(key: tuple[str, str], runner: Runner) -> None:
             shape, device = key
-            dims = SMOKE_SHAPES.get(shape) if self.smoke else None
+            dims = SMOKE_SHAPES.get(split_quantized(shape)[0]) if self.smoke else None
             t0 = time.monotonic()
             try:
                 if "+" in device:

@@ -20,8 +20,9 @@ def test_gpu_pipe_probe_smoke(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "probe.json").read_text())
     assert [c["chain"] for c in report["chains"]] == ["tensor-parallel target: cpu; cpu+cpu", "2 stages, cpu",
-                                                      "3 stages, cpu"]
+                                                      "3 stages, cpu", "int8 target, cpu"]
     assert report["chains"][0]["devices"] == ["cpu", "cpu+cpu"]  # the target split over two gloo ranks
+    assert report["chains"][3]["models"][-1] == "tiny-t:int8"  # built layer by layer, weights in 8 bits
     for chain in report["chains"]:
         entry = chain["alphas"][0]
         methods = [r["method"] for r in entry["rows"]]

@@ -135,3 +135,21 @@ def _call_by_call(tmp_path: Path) -> None:
             del tp, w  # the loops' name holds it too
             gc.collect()
     assert _gone(pid)
+
+
+def test_a_quantized_synthetic_target_is_built_layer_by_layer() -> None:
+    """``"tiny-t:int8"``: the layers are materialised, fused and quantized one at a time (how a 70B in 8 bits is
+    built on one H200); the HF modules keep no full-width copy, and the worker decodes the oracle's tokens."""
+    from pipespec.kernels.quant import QuantWeight
+
+    oracle = Oracle([0.9], seed=0, vocab=512)
+    worker = build_synthetic("tiny-t:int8", "cpu", oracle, 1, dims=TINY["tiny-t"], capacity=64)
+    assert worker.static.quantize == "int8"
+    assert all(isinstance(layer[w], QuantWeight) for layer in worker.static.layers for w in ("qkv", "o", "down"))
+    assert worker.model.model.layers[0].mlp.down_proj.weight.device.type == "meta"
+    plain = build_synthetic("tiny-t", "cpu", oracle, 1, dims=TINY["tiny-t"], capacity=64)
+    prompt = list(range(1, 9))
+    for w in (worker, plain):
+        w.prefill(prompt)
+    params = SamplingParams()
+    assert worker.step(prompt, len(prompt) - 1, params).tokens == plain.step(prompt, len(prompt) - 1, params).tokens

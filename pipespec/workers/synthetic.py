@@ -8,7 +8,7 @@ for a given alpha, not how well any real draft model agrees with any real target
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from .simulated import OracleChoices
 from ..verify import SamplingParams
 
 __all__ = ["SHAPES", "SyntheticChoices", "SyntheticTPWorker", "SyntheticWorker", "build_synthetic",
-           "forward_ms", "random_llama"]
+           "fill_layer", "forward_ms", "random_llama", "split_quantized"]
 
 SHAPES: dict[str, tuple[int, int, int, int, int, int]] = {  # hidden, layers, heads, kv heads, ffn, vocab
     "68m": (768, 2, 12, 12, 3072, 32000),
@@ -34,8 +34,12 @@ SHAPES: dict[str, tuple[int, int, int, int, int, int]] = {  # hidden, layers, he
 }
 
 
-def random_llama(shape: str, devices: Sequence[str | torch.device], dtype: torch.dtype = torch.bfloat16) -> Any:
-    """A LlamaForCausalLM of a real shape with random weights, its layers split evenly over ``devices``."""
+def random_llama(shape: str, devices: Sequence[str | torch.device], dtype: torch.dtype = torch.bfloat16, *,
+                 layers_later: bool = False) -> Any:
+    """A LlamaForCausalLM of a real shape with random weights, its layers split evenly over ``devices``.
+
+    ``layers_later``: the decoder layers stay on the meta device; ``fill_layer`` materialises one (StaticLlama's
+    ``prepare_layer`` hook, so a quantized 70B is built one layer at a time and its bf16 weights never all exist)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -48,19 +52,30 @@ def random_llama(shape: str, devices: Sequence[str | torch.device], dtype: torch
     devs = [torch.device(d) for d in devices]
     per = -(-layers // len(devs))
     placement = {"model.embed_tokens": devs[0], "model.norm": devs[-1], "lm_head": devs[-1]}
-    for i in range(layers):
-        placement[f"model.layers.{i}"] = devs[min(i // per, len(devs) - 1)]
+    if not layers_later:
+        for i in range(layers):
+            placement[f"model.layers.{i}"] = devs[min(i // per, len(devs) - 1)]
     for name, device in placement.items():
-        module = model.get_submodule(name)
-        module.to_empty(device=device)
-        for p in module.parameters():  # random, not zeros: zeros can run faster than real data
-            if p.dim() > 1:
-                p.data.normal_(0, 0.02)
-            else:
-                p.data.fill_(1.0)
+        fill_layer(model.get_submodule(name), device)
     model.model.rotary_emb = LlamaRotaryEmbedding(config=config).to(devs[0])  # meta buffers -> real ones
     model.eval()
     return model
+
+
+def fill_layer(module: torch.nn.Module, device: torch.device) -> None:
+    """Materialise ``module`` on ``device`` with random weights (norms 1)."""
+    module.to_empty(device=device)
+    for p in module.parameters():  # random, not zeros: zeros can run faster than real data
+        if p.dim() > 1:
+            p.data.normal_(0, 0.02)
+        else:
+            p.data.fill_(1.0)
+
+
+def split_quantized(shape: str) -> tuple[str, str | None]:
+    """``"70b:int8"`` -> ("70b", "int8"): a shape with weight-only quantized layers (``kernels.quant``)."""
+    base, _, kind = shape.partition(":")
+    return base, kind or None
 
 
 def build_synthetic(shape: str, device: str, oracle: Oracle, stage: int, *,
@@ -69,12 +84,19 @@ def build_synthetic(shape: str, device: str, oracle: Oracle, stage: int, *,
     """A ``SyntheticWorker`` over a fresh ``random_llama`` on ``device``: the factory a runner of any backend is
     handed (``runner.start(build_synthetic, ...)``; top-level and plain arguments, so it pickles into a worker
     process). ``dims``: a shape not in ``SHAPES`` (tiny test shapes), registered where the worker is built.
-    ``dtype``: bf16 on CUDA, fp32 on the CPU by default."""
+    ``dtype``: bf16 on CUDA, fp32 on the CPU by default. ``shape`` may name a weight-only quantization after a
+    colon (``"70b:int8"``): the layers are then built, fused and quantized one at a time (a 70B in 8 bits fits one
+    H200; its bf16 weights would not)."""
+    base, kind = split_quantized(shape)
     if dims is not None:
-        SHAPES[shape] = dims
+        SHAPES[base] = dims
     dev = torch.device(device)
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    return SyntheticWorker(random_llama(shape, [dev], dtype), shape, dev, oracle, stage, capacity=capacity)
+    if kind is None:
+        return SyntheticWorker(random_llama(base, [dev], dtype), shape, dev, oracle, stage, capacity=capacity)
+    model = random_llama(base, [dev], dtype, layers_later=True)
+    return SyntheticWorker(model, shape, dev, oracle, stage, capacity=capacity, quantize=kind,
+                           prepare_layer=lambda layer: fill_layer(layer, dev))
 
 
 def forward_ms(worker: StaticWorker, prompt: Sequence[int], sizes: Sequence[int] = (1, 8),
@@ -211,8 +233,9 @@ class SyntheticWorker(SyntheticChoices, StaticWorker):
     """``SyntheticChoices`` over a ``StaticWorker`` of one model (``random_llama``)."""
 
     def __init__(self, model: Any, name: str, device: torch.device, oracle: Oracle, stage: int,
-                 capacity: int = 2048) -> None:
-        super().__init__(model, name, device, capacity=capacity)
+                 capacity: int = 2048, *, quantize: str | None = None,
+                 prepare_layer: Callable[[Any], None] | None = None) -> None:
+        super().__init__(model, name, device, capacity=capacity, quantize=quantize, prepare_layer=prepare_layer)
         self._init_choices(oracle, stage)
 
 
