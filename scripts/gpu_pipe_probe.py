@@ -297,7 +297,9 @@ async def measure_chain(label: str, members: list[Member], prompt: list[int], ar
         result["alphas"].append(entry)
         best = max(rows, key=lambda r: r["median_tokens_per_s"])
         print(f"{label} alpha {alpha}: best {best['method']} {best['median_tokens_per_s']} tok/s; "
-              + ", ".join(f"{r['method']} {r['median_tokens_per_s']}" for r in rows), flush=True)
+              + ", ".join(f"{r['method']} {r['median_tokens_per_s']} [{r['min']}-{r['max']}]" for r in rows)
+              + f"; identical {entry['all_identical']}; auto {entry['auto_choice'][0] if auto_choice else '-'}; "
+              + f"pipe stage ms {stage_ms.get('pipe')}; standalone {result['standalone_ms']}", flush=True)
     return result
 
 
