@@ -17,6 +17,8 @@ from pipespec.errors import ConfigError, PipelineError
 from pipespec.analysis.simulation import simulate
 from pipespec.analysis.oracle import Oracle
 from pipespec.apps.simulate import run_on_clock, simulate_report, simulated_pipeline
+from pipespec.runners.thread import ThreadRunner
+from pipespec.scheduler import Member, Pipeline
 from pipespec.workers.simulated import SimulatedWorker
 from pipespec.verify import SamplingParams
 
@@ -141,6 +143,29 @@ async def test_every_mode_commits_the_target_alone_tokens() -> None:
     # the discrete-event simulation replays the same models: same tokens
     sim = simulate([1e-4, 5e-4, 1.5e-3], [0.7, 0.6], 80, "pipe", models=oracle_check.with_prompt(PROMPT))
     assert list(sim.output[:80]) == want
+
+
+@limit(60)
+async def test_a_stage_never_verifies_more_than_its_workers_fast_window() -> None:
+    """A worker that says its forwards past 1 + max_window tokens are slow (a quantized model: its GEMV kernel serves
+    16 rows) is never given a bigger verification, whatever the request's cap, in pipe with and without the
+    adaptive runtime; the tokens are still the target's. The first of those real forwards (the draft ran ahead
+    during the target's prefill) once taught the adaptive runtime a 10x cost per token, and it kept the windows at 3
+    or 4 for the rest of a 70B generation (docs/benchmarks.md)."""
+    oracle = Oracle([0.95], seed=5, vocab=1000)
+    draft = SimulatedWorker(oracle, 0, lambda n: 1e-4, "sim0")
+    target = SimulatedWorker(oracle, 1, lambda n: 2e-3, "sim1", max_window=5)
+    members = [Member(w.name, ThreadRunner(f"{i}-{w.name}", torch.device("cpu"), w), w.describe())
+               for i, w in enumerate((draft, target))]
+    want = target_alone(oracle, PROMPT, 60)
+    async with Pipeline(members, None) as pipe:
+        for adaptive in (True, False):
+            g = await pipe.generate(PROMPT, max_new_tokens=60, mode="pipe", verify_cap=64, adaptive=adaptive)
+            assert list(g.token_ids) == want
+            assert g.stats.stages[1]["proposed"] > 0
+            assert max(target.fed[1:]) <= 6, target.fed  # after the prefill: 1 + at most 5 proposals per forward
+            if not adaptive:  # the draft (20x faster, alpha 0.95) would fill ~20 (the adaptive cap: 4 after a start at 5)
+                assert max(target.fed[1:]) == 6, target.fed
 
 
 @limit(60)

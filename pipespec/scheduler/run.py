@@ -71,7 +71,7 @@ def build_stages(members: Sequence[Member], request: Request, output: Output,
         ios[i].verdicts_in, ios[i + 1].verdicts_out = up, up
     ios[-1].commit = output.commit
     return [Stage(index=i, runner=m.runner, io=io, config=config,
-                  stats=StageStats(model=m.name, device=m.device), monitor=monitor)
+                  stats=StageStats(model=m.name, device=m.device), monitor=monitor, max_window=m.info.max_window)
             for i, (m, io) in enumerate(zip(members, ios))]
 
 

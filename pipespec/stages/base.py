@@ -101,6 +101,7 @@ class Stage:
     monitor: Monitor | None = None  # the adaptive runtime (pipe mode with adaptive on), indexed like the chain
     bypassed: bool = False  # set by the controller: a draft pauses, a middle stage relays its predecessor's tokens
     trace: StageTrace | None = None  # this stage's track of a trace (None: no tracing, no cost)
+    max_window: int | None = None  # its worker's ``WorkerInfo.max_window``: its verify windows stay within it
 
     def bypass(self, on: bool) -> None:
         """Take this stage out of the chain or bring it back (the controller's call); wakes it to notice."""

@@ -110,7 +110,11 @@ class _Verifier:
         self.seq = list(cfg.prompt)  # this stage's verified sequence (a bypassed stage: what it has relayed)
         self.up = _Upstream(cfg.prompt, stage.index - 1)
         self.successor = SuccessorView(len(cfg.prompt), cfg.max_ahead)
-        self.verify_cap = cfg.verify_cap  # adapted online when the adaptive runtime is on
+        # the most proposals one forward may check: the request's cap, within the worker's fast window (a quantized
+        # model's kernel serves up to 16 rows; past them a forward costs ~10x, and the adaptive runtime's linear
+        # latency fit, shown one such forward, would keep the windows small for the rest of the generation)
+        self.ceiling = min(cfg.verify_cap, stage.max_window or cfg.verify_cap)
+        self.verify_cap = self.ceiling  # adapted online when the adaptive runtime is on
         self.needs_rows = cfg.params.needs_probs
         self.relayed_up = (-1, -1)  # (verified, ahead) last relayed to the predecessor while bypassed
         self.want = 0  # after rolling back a fast draft: proposals to wait for before the next forward (0: none)
@@ -280,7 +284,7 @@ class _Verifier:
             ahead = None
             if monitor is not None and n:
                 monitor.observe_verification(origin, stage.index, n, result.accepted)
-                self.verify_cap = monitor.verify_cap(origin, stage.index, cfg.verify_cap)
+                self.verify_cap = monitor.verify_cap(origin, stage.index, self.ceiling)
                 ahead = monitor.run_ahead(origin, stage.index, cfg.max_ahead)
             io.verdicts_out.put(Verdict(up.epoch, len(seq), ahead=ahead))
             self.relayed_up = (-1, -1)

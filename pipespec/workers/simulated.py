@@ -65,8 +65,10 @@ class SimulatedWorker(OracleChoices):
 
     contends = False  # sleeping takes nothing from the other stages
 
-    def __init__(self, oracle: Oracle, stage: int, latency_s: Callable[[int], float], name: str) -> None:
+    def __init__(self, oracle: Oracle, stage: int, latency_s: Callable[[int], float], name: str, *,
+                 max_window: int | None = None) -> None:
         self.name = name
+        self.max_window = max_window  # reported by ``describe``: stands in for a quantized model's kernel limit
         self.device = torch.device("cpu")
         self.cached: list[int] = []
         self.forwards = 0
@@ -80,7 +82,8 @@ class SimulatedWorker(OracleChoices):
         self._overshoot = 0.0  # running estimate of how late time.sleep wakes up, subtracted from later sleeps
 
     def describe(self) -> WorkerInfo:
-        return WorkerInfo(self.name, str(self.device), self.oracle.vocab, None, self.contends)
+        return WorkerInfo(self.name, str(self.device), self.oracle.vocab, None, self.contends,
+                          max_window=self.max_window)
 
     # -- cache primitives ---------------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ captured at the next ``reset``; captures are serialised across workers by a proc
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import threading
@@ -22,7 +23,8 @@ from typing import Any
 import torch
 
 from ..verify import SamplingParams, choose_on_device, seed_hash
-from .base import LogitsWorker, StepResult
+from ..kernels.quant import fast_rows
+from .base import LogitsWorker, StepResult, WorkerInfo
 from .static_llama import StaticLlama, Variant, choose_variant
 
 __all__ = ["StaticWorker", "TOKEN_BUCKETS"]
@@ -82,6 +84,12 @@ class StaticWorker(LogitsWorker):
         self._seed_h: tuple[int, torch.Tensor] | None = None
 
     # -- cache primitives ---------------------------------------------------------------------------------------
+
+    def describe(self) -> WorkerInfo:
+        info = super().describe()
+        rows = fast_rows(self.device) if self.static.quantize is not None else None
+        # a verification of n proposals feeds 1 + n tokens (the last verified one, then the proposals)
+        return info if rows is None else dataclasses.replace(info, max_window=rows - 1)
 
     def reset(self, seed: int | None = None, capacity: int | None = None) -> None:
         self.cached = []
