@@ -96,7 +96,9 @@ def chains_for(args: argparse.Namespace) -> list[tuple[str, list[tuple[str, str]
                 ("int8 target, cpu", [(d, "cpu"), (f"{t}:int8", "cpu")])]
     out = [("68m,7b on GPU 0", [("68m", "cuda:0"), ("7b", "cuda:0")]),
            ("1b,8b on GPU 0", [("1b", "cuda:0"), ("8b", "cuda:0")]),
-           ("68m,7b,13b on GPU 0", [("68m", "cuda:0"), ("7b", "cuda:0"), ("13b", "cuda:0")])]
+           ("68m,7b,13b on GPU 0", [("68m", "cuda:0"), ("7b", "cuda:0"), ("13b", "cuda:0")]),
+           # a 70B on ONE H200 needs 8-bit weights (~70 GB); with its drafts beside it, every link in lock step
+           ("1b,8b,70b int8 on GPU 0", [("1b", "cuda:0"), ("8b", "cuda:0"), ("70b:int8", "cuda:0")])]
     if torch.cuda.device_count() >= 2:
         out.append(("68m,7b on GPU 0; 13b on GPU 1", [("68m", "cuda:0"), ("7b", "cuda:0"), ("13b", "cuda:1")]))
         # issues 14 and 16: a 70B target split tensor-parallel over both GPUs (NCCL; rank 0 shares GPU 0 with the
@@ -226,7 +228,8 @@ async def measure_chain(label: str, members: list[Member], prompt: list[int], ar
     stand = [await m.runner.call("standalone_ms", prompt) for m in members]
     result: dict[str, Any] = {"chain": label, "models": [m.name for m in members],
                               "devices": [m.device for m in members],
-                              "standalone_ms": [[round(a, 3), round(b, 3)] for a, b in stand], "alphas": []}
+                              "standalone_ms": [[round(a, 3), round(b, 3)] for a, b in stand], "alphas": [],
+                              "max_window": [m.info.max_window for m in members]}
     methods = {name: opts for name, opts in all_methods().items() if name in args.methods}
     for alpha in args.alphas:
         if time.monotonic() > deadline:
