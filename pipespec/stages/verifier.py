@@ -23,6 +23,7 @@ every token it commits.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -288,11 +289,16 @@ class _Verifier:
                 ahead = monitor.run_ahead(origin, stage.index, cfg.max_ahead)
             io.verdicts_out.put(Verdict(up.epoch, len(seq), ahead=ahead))
             self.relayed_up = (-1, -1)
+            locked = monitor is not None and monitor.lock_step(stage.index)
             if up.conflicts_with(seq):  # a rejected proposal (the correction differs from the predecessor's token)
                 self.roll_back_predecessor(self.expect_block())
-            elif n and monitor is not None and monitor.lock_step(stage.index):
+            elif n and locked:
                 # in lock step the draft waits for this verdict: hand it the bonus token and the next block's size
                 self.roll_back_predecessor(self.expect_block(), rejected=False)
+            if locked:
+                # the draft, woken by that verdict, takes it and starts its block (a runner call) before this stage
+                # commits and looks for work: on a shared GPU the GPU idles until the draft's call is made
+                await asyncio.sleep(0)
         if self.is_target:
             assert io.commit is not None
             if monitor is not None:
