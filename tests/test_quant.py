@@ -215,6 +215,50 @@ print("ok")
     assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
+def test_by_rows_hands_the_kernel_at_most_16_rows() -> None:
+    """``quant.by_rows``: how ``linear`` serves 17..64 rows with a 16-row GEMV (one launch per 16 rows, not the torch
+    path's whole-weight conversion per call). Every slice is at most 16 rows and the result is the whole product."""
+    from pipespec.kernels.quant import by_rows
+
+    w, seen = torch.randn(7, 5), []
+
+    def gemv16(part: torch.Tensor) -> torch.Tensor:
+        seen.append(part.shape[0])
+        assert part.shape[0] <= 16
+        return part @ w.T
+
+    for n in (1, 16, 17, 40, 64):
+        seen.clear()
+        x = torch.randn(n, 5)
+        assert torch.allclose(by_rows(gemv16, x, 16), x @ w.T)
+        assert sum(seen) == n and len(seen) == -(-n // 16)
+
+
+def test_chunked_linear_in_the_interpreter() -> None:
+    """``linear`` on the ``triton`` backend past 16 rows (40: three launches) equals x @ dequant(W).T + b, int8 and
+    fp8 (float32 in the interpreter), and int4 through its own GEMV (v1: the split-K int4 kernel's masks fail in
+    Triton 3.9's interpreter, as ``test_int4_splitk_kernel_in_the_interpreter`` shows there)."""
+    pytest.importorskip("triton")
+    code = """
+import torch
+from pipespec.kernels import quant
+torch.manual_seed(0)
+quant.set_backend("triton")
+for kind in ("int8", "fp8", "int4"):
+    quant.set_gemv("v1" if kind == "int4" else "mixed")
+    w, b = torch.randn(40, 256), torch.randn(40)
+    qw = quant.quantize(w, kind)
+    for m in (17, 40):
+        x = torch.randn(m, 256)
+        want = x @ quant.dequantize(qw).T + b
+        err = (quant.linear(x, qw, b) - want).abs().max().item()
+        assert err < 1e-3 * (1 + want.abs().max().item()), (kind, m, err)
+print("ok")
+"""
+    out = run_interpreted(code)
+    assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
 def test_splitk_kernel_in_the_interpreter() -> None:
     """v2 (split-K) equals x @ dequant(q).T + b for odd shapes (K, N not multiples of the tiles), with 1, 2 and 3
     splits and both int8 conversions, and gives the same bits on a repeat (the fixed-order reduction)."""

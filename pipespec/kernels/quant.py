@@ -40,6 +40,7 @@ Losslessness is relative to the quantized target: the chain's output equals the 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,14 +48,19 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 
-__all__ = ["BACKENDS", "GEMVS", "INT4_GROUP", "KINDS", "QuantWeight", "dequantize", "fast_rows", "gemv", "linear", "parse_quantize",
-           "quantize", "set_backend", "set_gemv", "unpack_int4"]
+__all__ = ["BACKENDS", "CHUNKED_MAX_TOKENS", "GEMVS", "INT4_GROUP", "KINDS", "QuantWeight", "by_rows", "dequantize",
+           "fast_rows", "gemv", "linear", "parse_quantize", "quantize", "set_backend", "set_gemv", "unpack_int4"]
 
 KINDS = ("int8", "fp8", "int4")
 INT4_GROUP = 128  # inputs per int4 scale (GPTQ/AWQ's usual size: 3 % of scale bytes over the 4-bit payload)
 BACKENDS = ("auto", "triton", "torch", "int8pack")
 _QMAX = {"int8": 127.0, "fp8": 448.0, "int4": 7.0}  # the largest magnitude each format holds exactly (e4m3fn: 448)
-_TRITON_MAX_TOKENS = 16  # past this a GEMM (tensor cores over a dequantized tile) wins; our kernel is a GEMV
+_TRITON_MAX_TOKENS = 16  # the GEMV kernels serve 1..16 rows (tokens) per launch
+# Up to this many rows ``auto`` runs the GEMV once per 16 rows rather than the torch path: that path converts the
+# whole weight to x's dtype per call (5 bytes moved per weight against the GEMV's 1), so a 70B forward of 17-128 rows
+# cost ~215 ms on an H200 against ~23 ms per 16 rows by GEMV. Past it the torch path's matmul wins (a long prompt).
+# Settable for measurements (scripts/gpu_quant_rows.py); 16 is the behaviour before chunking.
+CHUNKED_MAX_TOKENS = 64
 
 _backend = os.environ.get("PIPESPEC_QLINEAR", "auto")
 # which Triton GEMV the ``triton`` backend calls: ``splitk`` (v2: split-K, deterministic two-pass reduction; its own
@@ -186,20 +192,11 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, b: torch.Tensor | Non
         return F.linear(x, w, b)
     backend = _backend
     if backend == "auto":
-        backend = "triton" if x.is_cuda and x.shape[0] <= _TRITON_MAX_TOKENS and _triton_ok() else "torch"
-    if backend == "triton" and w.kind == "int4":
-        from . import triton_gemv
-
-        if triton_gemv.int4_block_k(w.group):  # else (a group not a multiple of 32) the torch path below
-            if _gemv == "v1" or not triton_gemv.int4_splitk_ok(x.shape[-1], w.group):
-                return triton_gemv.wgemv4(x, w.q, w.scale, b, w.group)
-            return triton_gemv.wgemv4_splitk(x, w.q, w.scale, b, w.group)
-    elif backend == "triton":
-        from . import triton_gemv
-
-        use_v1 = _gemv == "v1" or (_gemv == "mixed" and x.shape[0] > 1)
-        kernel = triton_gemv.wgemv if use_v1 else triton_gemv.wgemv_splitk
-        return kernel(x, w.q, w.scale, b)
+        backend = "triton" if x.is_cuda and x.shape[0] <= CHUNKED_MAX_TOKENS and _triton_ok() else "torch"
+    if backend == "triton" and _gemv_serves(w):
+        if x.shape[0] > _TRITON_MAX_TOKENS:
+            return by_rows(lambda part: _gemv_linear(part, w, b), x, _TRITON_MAX_TOKENS)
+        return _gemv_linear(x, w, b)
     if backend == "int8pack" and w.kind == "int8":
         y = torch._weight_int8pack_mm(x.contiguous(), w.q, w.scale.to(x.dtype))  # [n, out]
         return y if b is None else y + b
@@ -213,10 +210,38 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, b: torch.Tensor | Non
     return y if b is None else y + b
 
 
+def by_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``fn`` over ``x`` in slices of at most ``rows`` rows, concatenated (``fn`` maps [m, in] -> [m, out] row-wise)."""
+    return torch.cat([fn(x[i:i + rows]) for i in range(0, x.shape[0], rows)])
+
+
+def _gemv_serves(w: QuantWeight) -> bool:
+    """Whether a Triton GEMV serves ``w`` (int4 needs groups that are a multiple of 32; else the torch path)."""
+    if w.kind != "int4":
+        return True
+    from . import triton_gemv
+
+    return bool(triton_gemv.int4_block_k(w.group))
+
+
+def _gemv_linear(x: torch.Tensor, w: QuantWeight, b: torch.Tensor | None) -> torch.Tensor:
+    """One Triton GEMV launch for 1..16 rows of ``x``."""
+    from . import triton_gemv
+
+    if w.kind == "int4":
+        if _gemv == "v1" or not triton_gemv.int4_splitk_ok(x.shape[-1], w.group):
+            return triton_gemv.wgemv4(x, w.q, w.scale, b, w.group)
+        return triton_gemv.wgemv4_splitk(x, w.q, w.scale, b, w.group)
+    use_v1 = _gemv == "v1" or (_gemv == "mixed" and x.shape[0] > 1)
+    kernel = triton_gemv.wgemv if use_v1 else triton_gemv.wgemv_splitk
+    return kernel(x, w.q, w.scale, b)
+
+
 def fast_rows(device: torch.device) -> int | None:
-    """The most rows (tokens) a quantized linear on ``device`` serves with the GEMV kernel; past them ``linear``
-    takes the torch path, which converts the whole weight per call (a 70B in int8 on an H200: ~215 ms for a 64-token
-    forward against ~23 ms for 16). None where no such cliff exists (the torch path at every size)."""
+    """The most rows (tokens) a quantized linear on ``device`` serves in ONE GEMV launch: past them a forward costs
+    one launch per 16 rows (up to ``CHUNKED_MAX_TOKENS``), then the torch path, which converts the whole weight per
+    call (a 70B in int8 on an H200: ~215 ms for a 63-token verify against ~23 ms for 16 rows). None where no such
+    step exists (the torch path at every size)."""
     if device.type != "cuda" or _backend not in ("auto", "triton") or not _triton_ok():
         return None
     return _TRITON_MAX_TOKENS

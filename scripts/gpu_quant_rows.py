@@ -1,0 +1,105 @@
+"""How a quantized forward's time grows with the tokens it feeds, with and without chunking the GEMV (issue 14).
+
+    python scripts/gpu_quant_rows.py OUT_DIR [--shapes 70b,7b] [--kind int8] [--rows 1,16,17,32,64,128]
+
+Past 16 rows ``kernels.quant.linear`` used to take the torch path, which converts every weight to bf16 per call
+(a 70B int8 verify of 63 tokens: 215 ms on an H200, against 22.6 ms for 8). Now up to ``CHUNKED_MAX_TOKENS`` rows it
+runs the GEMV once per 16 rows. Per shape, a random-weight model in ``--kind`` built one layer at a time
+(``gpu_quant.build``) under CUDA's default layout; per row count, the forward's median CUDA-graph replay with the
+old limit (16: the torch path past it) and the new one; the max |logit difference| between the two. Writes
+OUT_DIR/quant_rows.json and prints one line per measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_quant  # noqa: E402
+
+from pipespec.kernels import quant  # noqa: E402
+from pipespec.workers.static_llama import choose_variant  # noqa: E402
+
+
+def time_rows(static, n: int, device: torch.device) -> tuple[float, torch.Tensor]:
+    """Median ms of a forward of ``n`` tokens at positions 384.. of a 512-slot context: CUDA-graph replays (after
+    eager warm-ups, where Triton autotunes), or eager on the CPU; and its logits."""
+    ids = torch.arange(3, 3 + n, device=device) % static.embed.shape[0]
+    pos = torch.arange(384, 384 + n, device=device)
+    with torch.inference_mode():
+        if device.type != "cuda":
+            t0 = time.perf_counter()
+            out = static.forward(ids, pos, 512)
+            return (time.perf_counter() - t0) * 1000, out
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                static.forward(ids, pos, 512)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = static.forward(ids, pos, 512)
+        for _ in range(3):
+            graph.replay()
+        ms = gpu_quant._median_replay_ms(graph)
+        result = out.clone()
+        del graph
+        return ms, result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--shapes", default="70b,7b")
+    parser.add_argument("--kind", default="int8")
+    parser.add_argument("--rows", default="1,16,17,32,64,128")
+    parser.add_argument("--budget-s", type=float, default=200.0)
+    parser.add_argument("--device", default="cuda:0", help="cpu with --shapes smoke: a check of the script")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type != "cuda":
+        quant.set_backend("triton" if quant._triton_ok() else "torch")
+    gpu_quant.LAYOUT = choose_variant(device, False)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    end = time.monotonic() + args.budget_s
+    rows = [int(r) for r in args.rows.split(",")]
+    report: dict = {"layout": gpu_quant.LAYOUT, "kind": args.kind, "chunked_max": quant.CHUNKED_MAX_TOKENS, "runs": []}
+    new_limit = quant.CHUNKED_MAX_TOKENS
+    for shape in args.shapes.split(","):
+        if time.monotonic() > end:
+            break
+        t0 = time.monotonic()
+        static = gpu_quant.build(shape, device, args.kind)
+        print(f"{shape} {args.kind} built in {time.monotonic() - t0:.0f} s", flush=True)
+        for n in rows:
+            if time.monotonic() > end:
+                break
+            entry = {"shape": shape, "rows": n}
+            try:
+                quant.CHUNKED_MAX_TOKENS = 16
+                entry["old_ms"], old = time_rows(static, n, device)
+                quant.CHUNKED_MAX_TOKENS = new_limit
+                entry["new_ms"], new = time_rows(static, n, device)
+                entry["max_abs_logit_diff"] = float((old.float() - new.float()).abs().max())
+            except Exception as exc:  # noqa: BLE001 - recorded, the next one runs
+                entry["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            quant.CHUNKED_MAX_TOKENS = new_limit
+            report["runs"].append(entry)
+            print(json.dumps(entry), flush=True)
+            (out / "quant_rows.json").write_text(json.dumps(report, indent=2))
+        del static
+        gpu_quant.free(device)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
