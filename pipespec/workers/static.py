@@ -87,7 +87,7 @@ class StaticWorker(LogitsWorker):
 
     def describe(self) -> WorkerInfo:
         info = super().describe()
-        rows = fast_rows(self.device) if self.static.quantize is not None else None
+        rows = fast_rows(self.device) if getattr(self.static, "quantize", None) is not None else None
         # a verification of n proposals feeds 1 + n tokens (the last verified one, then the proposals)
         return info if rows is None else dataclasses.replace(info, max_window=rows - 1)
 
