@@ -112,8 +112,8 @@ class _Verifier:
         self.up = _Upstream(cfg.prompt, stage.index - 1)
         self.successor = SuccessorView(len(cfg.prompt), cfg.max_ahead)
         # the most proposals one forward may check: the request's cap, within the worker's fast window (a quantized
-        # model's kernel serves up to 16 rows; past them a forward costs ~10x, and the adaptive runtime's linear
-        # latency fit, shown one such forward, would keep the windows small for the rest of the generation)
+        # model's GEMV serves up to 16 rows per launch; the 17th doubles a forward's cost, and the adaptive runtime's
+        # linear latency fit, shown one such forward, would keep the windows small for the rest of the generation)
         self.ceiling = min(cfg.verify_cap, stage.max_window or cfg.verify_cap)
         self.verify_cap = self.ceiling  # adapted online when the adaptive runtime is on
         self.needs_rows = cfg.params.needs_probs
