@@ -57,7 +57,7 @@ def best_block(alpha: float, t0: float, t1: float, draft_s: float, ceiling: int)
 
     It runs on the lock-step hand-over's critical path (the verifier computes it before the draft may go on), so it
     keeps a running power of alpha and stops past the peak: tokens per second, a concave yield over an affine cost,
-    rise to one maximum and then fall (~70 -> ~8 us on a 2-vCPU VM for a 64-token ceiling)."""
+    rise to one maximum and then fall (~70 -> ~9 us on a 2-vCPU VM for a 64-token ceiling)."""
     if alpha <= 0.0:
         return 0  # nothing it drafts is accepted: waiting only adds cost
     best, best_rate = 0, 1.0 / max(t0 + t1, 1e-9)

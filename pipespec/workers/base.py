@@ -74,8 +74,8 @@ class WorkerInfo:
     contends: bool  # whether its forward passes compete for its device with other stages placed there
     eos_ids: tuple[int, ...] = ()  # end-of-sequence ids from the model's generation config
     dtype: str | None = None
-    # forwards of more tokens than this cost far more per token (a quantized model's GEMV kernel serves up to 16
-    # rows; past them a slower path): the stage's verify windows stay within it. None: no such cliff
+    # proposals past which a verification's forward costs a step more (a quantized model's GEMV serves 16 rows per
+    # launch: the 17th token doubles the forward): the stage's verify windows stay within it. None: no such step
     max_window: int | None = None
 
 
