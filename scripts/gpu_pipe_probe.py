@@ -101,6 +101,8 @@ def chains_for(args: argparse.Namespace) -> list[tuple[str, list[tuple[str, str]
            ("1b,8b,70b int8 on GPU 0", [("1b", "cuda:0"), ("8b", "cuda:0"), ("70b:int8", "cuda:0")])]
     if torch.cuda.device_count() >= 2:
         out.append(("68m,7b on GPU 0; 13b on GPU 1", [("68m", "cuda:0"), ("7b", "cuda:0"), ("13b", "cuda:1")]))
+        # issue 14's third row: the draft alone on GPU 0, the middle beside the target on GPU 1
+        out.append(("68m on GPU 0; 7b,13b on GPU 1", [("68m", "cuda:0"), ("7b", "cuda:1"), ("13b", "cuda:1")]))
         # issues 14 and 16: a 70B target split tensor-parallel over both GPUs (NCCL; rank 0 shares GPU 0 with the
         # drafts); --chains 70b runs only these
         out.append(("1b,8b on GPU 0; 70b on GPUs 0+1", [("1b", "cuda:0"), ("8b", "cuda:0"), ("70b", "cuda:0+cuda:1")]))
