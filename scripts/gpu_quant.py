@@ -118,10 +118,13 @@ def weight_bytes(static: StaticLlama) -> int:
     return total
 
 
-def time_forward(static: StaticLlama, n: int, device: torch.device) -> tuple[float, torch.Tensor]:
-    """Median ms of the forward of ``n`` tokens (CUDA graph replays on CUDA, eager on the CPU), and its logits."""
+def time_forward(static: StaticLlama, n: int, device: torch.device,
+                 position: int = CONTEXT - 16) -> tuple[float, torch.Tensor]:
+    """Median ms of the forward of ``n`` tokens from ``position`` of a ``CONTEXT``-slot context (CUDA graph replays
+    on CUDA, eager on the CPU), and its logits. ``position + n`` must stay within the model's capacity
+    (``CONTEXT + 16`` as ``build`` makes it)."""
     ids = torch.arange(3, 3 + n, device=device) % static.embed.shape[0]
-    pos = torch.arange(CONTEXT - 16, CONTEXT - 16 + n, device=device)
+    pos = torch.arange(position, position + n, device=device)
     with torch.inference_mode():
         if device.type != "cuda":
             times = []

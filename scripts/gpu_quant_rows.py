@@ -7,7 +7,8 @@ Past 16 rows ``kernels.quant.linear`` used to take the torch path, which convert
 runs the GEMV once per 16 rows. Per shape, a random-weight model in ``--kind`` built one layer at a time
 (``gpu_quant.build``) under CUDA's default layout; per row count, the forward's median CUDA-graph replay with the
 old limit (16: the torch path past it) and the new one; the max |logit difference| between the two. Writes
-OUT_DIR/quant_rows.json and prints one line per measurement.
+OUT_DIR/quant_rows.json and prints one line per measurement. Forwards start at position 384 of a 512-slot context
+(``gpu_quant.time_forward``), so 128 rows still fit the model's capacity.
 """
 
 from __future__ import annotations
@@ -25,34 +26,6 @@ import gpu_quant  # noqa: E402
 
 from pipespec.kernels import quant  # noqa: E402
 from pipespec.workers.static_llama import choose_variant  # noqa: E402
-
-
-def time_rows(static, n: int, device: torch.device) -> tuple[float, torch.Tensor]:
-    """Median ms of a forward of ``n`` tokens at positions 384.. of a 512-slot context: CUDA-graph replays (after
-    eager warm-ups, where Triton autotunes), or eager on the CPU; and its logits."""
-    ids = torch.arange(3, 3 + n, device=device) % static.embed.shape[0]
-    pos = torch.arange(384, 384 + n, device=device)
-    with torch.inference_mode():
-        if device.type != "cuda":
-            t0 = time.perf_counter()
-            out = static.forward(ids, pos, 512)
-            return (time.perf_counter() - t0) * 1000, out
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                static.forward(ids, pos, 512)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        torch.cuda.synchronize(device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = static.forward(ids, pos, 512)
-        for _ in range(3):
-            graph.replay()
-        ms = gpu_quant._median_replay_ms(graph)
-        result = out.clone()
-        del graph
-        return ms, result
 
 
 def main() -> int:
@@ -86,9 +59,9 @@ def main() -> int:
             entry = {"shape": shape, "rows": n}
             try:
                 quant.CHUNKED_MAX_TOKENS = 16
-                entry["old_ms"], old = time_rows(static, n, device)
+                entry["old_ms"], old = gpu_quant.time_forward(static, n, device, position=384)
                 quant.CHUNKED_MAX_TOKENS = new_limit
-                entry["new_ms"], new = time_rows(static, n, device)
+                entry["new_ms"], new = gpu_quant.time_forward(static, n, device, position=384)
                 entry["max_abs_logit_diff"] = float((old.float() - new.float()).abs().max())
             except Exception as exc:  # noqa: BLE001 - recorded, the next one runs
                 entry["error"] = f"{type(exc).__name__}: {exc}"[:300]
