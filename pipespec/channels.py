@@ -7,12 +7,18 @@
   a cycle of full buffers (proposals down, verdicts up) cannot deadlock.
 - ``Doorbell``: what a stage awaits when it has nothing to do; every channel or mailbox feeding the stage rings it.
 
-All of these are used from the event loop thread only.
+These are used from the event loop thread, with two exceptions for the draft stage, whose loop runs on its worker's
+thread (``stages.draft``): its verdicts come through a ``Mailbox`` (locked, so any thread may take), its doorbell is
+a ``ThreadDoorbell`` (a thread blocks on it), and its proposals go down a ``Handoff``, which a thread fills and which
+wakes the event loop only when the receiving stage is waiting on its doorbell (not while it runs a forward pass).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -21,7 +27,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 T = TypeVar("T")
 
-__all__ = ["Doorbell", "Channel", "Mailbox"]
+__all__ = ["Doorbell", "Channel", "Handoff", "Mailbox", "ThreadDoorbell"]
 
 
 class Doorbell:
@@ -47,6 +53,15 @@ class Doorbell:
         else:
             waiter.set_result(True)
 
+    def ring_from_thread(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Ring from another thread, waking the loop only if someone waits now. Lost wake-ups cannot happen: the
+        flag is set before the waiter is read here, and ``wait`` reads the flag again after publishing its waiter
+        (under the GIL one of the two sees the other's write)."""
+        self._rung = True
+        if self._waiter is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+                loop.call_soon_threadsafe(self.ring)
+
     async def wait(self, timeout: float | None = None) -> bool:
         """Wait for a ring (True), or until ``timeout`` seconds have passed (False)."""
         if self._rung:
@@ -58,6 +73,9 @@ class Doorbell:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[bool] = loop.create_future()
         self._waiter = waiter
+        if self._rung:  # rung from a thread (``ring_from_thread``) just before the waiter was published
+            self._rung, self._waiter = False, None
+            return True
         timer = loop.call_later(timeout, _expire, waiter) if timeout is not None else None
         try:
             return await waiter
@@ -114,25 +132,96 @@ class Channel(Generic[T]):
 
 
 class Mailbox(Generic[T]):
-    """One slot; ``put`` merges with an unread value through ``merge(old, new)`` (default: the newer wins)."""
+    """One slot; ``put`` merges with an unread value through ``merge(old, new)`` (default: the newer wins). Any thread
+    may take (the draft's loop takes on its worker's thread while the loop puts): a lock keeps a merge and a take
+    from interleaving, which would deliver a verdict twice or lose one."""
 
-    def __init__(self, name: str, doorbell: Doorbell, merge: Callable[[T, T], T] | None = None) -> None:
+    def __init__(self, name: str, doorbell: Doorbell | ThreadDoorbell,
+                 merge: Callable[[T, T], T] | None = None) -> None:
         self.name = name
         self._value: T | None = None
         self._doorbell = doorbell
         self._merge = merge
+        self._lock = threading.Lock()
         self.puts = 0  # values put so far, read ones and merged ones included (the sender's pace, for the reader)
 
     def put(self, value: T) -> None:
-        self.puts += 1
-        if self._value is not None and self._merge is not None:
-            value = self._merge(self._value, value)
-        self._value = value
+        with self._lock:
+            self.puts += 1
+            if self._value is not None and self._merge is not None:
+                value = self._merge(self._value, value)
+            self._value = value
         self._doorbell.ring()
 
     def take(self) -> T | None:
-        value, self._value = self._value, None
+        with self._lock:
+            value, self._value = self._value, None
         return value
 
     def peek(self) -> T | None:
         return self._value
+
+
+class ThreadDoorbell:
+    """A doorbell whose waiter is a thread (the draft stage's loop): ``ring`` from any thread never blocks;
+    ``wait_blocking`` blocks the calling thread until rung since it last returned, or until ``timeout`` seconds.
+    As with ``Doorbell``, callers drain their inputs after every wake-up, so a ring that lands between the wake-up
+    and the re-arm is not lost."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def ring(self) -> None:
+        self._event.set()
+
+    def wait_blocking(self, timeout: float | None = None) -> bool:
+        """True when rung, False when the time passed first (never call it on the event loop's thread)."""
+        rung = self._event.wait(timeout)
+        self._event.clear()
+        return rung
+
+
+class Handoff(Generic[T]):
+    """Proposals from a thread to a stage on the event loop: ``put`` on the producer's thread, ``drain`` on the loop.
+
+    Unbounded, since a thread cannot await back-pressure; bounded in practice by the producer's own limit (the draft
+    runs at most ``max_ahead`` tokens past its successor's verified sequence, and its successor drains every step).
+    ``put`` wakes the loop only when the receiving stage waits on its doorbell: while it runs a forward pass it
+    drains what came when the pass ends, and a draft that made k calls meanwhile cost the loop nothing.
+    """
+
+    def __init__(self, name: str, doorbell: Doorbell) -> None:
+        self.name = name
+        self._items: deque[T] = deque()
+        self._doorbell = doorbell
+        self._closed = False
+
+    def put(self, item: T, loop: asyncio.AbstractEventLoop) -> None:
+        """Any thread but the loop's: append, then ring the receiver through ``loop`` if it is waiting."""
+        if self._closed:
+            return
+        self._items.append(item)  # deque.append and popleft are atomic: no lock between one producer and one reader
+        self._doorbell.ring_from_thread(loop)
+
+    async def send(self, item: T) -> None:
+        """On the loop's thread (the ``Channel`` interface): append and ring."""
+        if not self._closed:
+            self._items.append(item)
+            self._doorbell.ring()
+
+    def drain(self) -> list[T]:
+        """Everything put so far, oldest first, without waiting."""
+        items: list[T] = []
+        while self._items:
+            items.append(self._items.popleft())
+        return items
+
+    @property
+    def depth(self) -> int:
+        return len(self._items)
+
+    def close(self) -> None:
+        self._closed = True
+        self._items.clear()

@@ -89,6 +89,28 @@ class ThreadRunner:
     def submit(self, method: str, *args: Any, **kwargs: Any) -> Future[Any]:
         return self._executor.submit(self._run, self._method(method), args, kwargs)
 
+    def host_loop(self, fn: Callable[[Callable[..., Any]], R]) -> Future[R]:
+        """Run ``fn(call)`` on the worker thread (``runners.hosting``): ``call(method, *args)`` calls the worker
+        directly, timed into ``busy_seconds`` as a runner call is, while the time ``fn`` spends between calls
+        (waiting for verdicts) is not. The thread serves nothing else until ``fn`` returns."""
+        worker = self.worker
+        if worker is None:
+            raise RuntimeError(f"runner {self.name} has no worker: call start() first")
+
+        def call(method: str, *args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return getattr(worker, method)(*args, **kwargs)
+            finally:
+                self.busy_seconds += time.perf_counter() - start
+
+        def body() -> R:
+            stream_ctx = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+            with torch.inference_mode(), stream_ctx:
+                return fn(call)
+
+        return self._executor.submit(body)
+
     async def drain(self, timeout: float = 10.0) -> bool:
         """Callers that drain during cancellation run this inside a shielded cancel scope."""
         fut = self._executor.submit(lambda: None)

@@ -100,12 +100,9 @@ class LinkEstimator:
     prior_weight: float = 4.0
     successes: float = 0.0
     failures: float = 0.0
-    # sums for the latency fit t = t0 + t1 * n
-    sw: float = 0.0
-    sn: float = 0.0
-    st: float = 0.0
-    snn: float = 0.0
-    snt: float = 0.0
+    # weighted sums (of 1, n, t, n*n, n*t) for the latency fit t = t0 + t1 * n, as one tuple replaced whole: the
+    # draft's loop observes its forwards on its own thread while the event loop reads, and one tuple is one snapshot
+    sums: tuple[float, float, float, float, float] = (0.0, 0.0, 0.0, 0.0, 0.0)
 
     def observe_verification(self, proposed: int, accepted: int) -> None:
         if proposed <= 0:
@@ -114,12 +111,19 @@ class LinkEstimator:
         self.failures = self.failures * self.decay + (1.0 if accepted < proposed else 0.0)
 
     def observe_forward(self, tokens: int, seconds: float) -> None:
-        d = self.decay
-        self.sw = self.sw * d + 1
-        self.sn = self.sn * d + tokens
-        self.st = self.st * d + seconds
-        self.snn = self.snn * d + tokens * tokens
-        self.snt = self.snt * d + tokens * seconds
+        d, (sw, sn, st, snn, snt) = self.decay, self.sums
+        self.sums = (sw * d + 1, sn * d + tokens, st * d + seconds, snn * d + tokens * tokens,
+                     snt * d + tokens * seconds)
+
+    @property
+    def sw(self) -> float:
+        """The weight of the forwards seen (0: none yet)."""
+        return self.sums[0]
+
+    def mean_tokens_seconds(self) -> tuple[float, float] | None:
+        """(mean tokens, mean seconds) per forward seen; None before the first."""
+        sw, sn, st, _, _ = self.sums
+        return (sn / sw, st / sw) if sw else None
 
     @property
     def alpha(self) -> float:
@@ -128,13 +132,14 @@ class LinkEstimator:
 
     def latency(self) -> tuple[float, float]:
         """(t0, t1): seconds per forward pass and per extra token; (mean, 0) until the tokens vary."""
-        if self.sw == 0:
+        sw, sn, st, snn, snt = self.sums
+        if sw == 0:
             return 1e-3, 0.0
-        mean_n, mean_t = self.sn / self.sw, self.st / self.sw
-        var_n = self.snn / self.sw - mean_n ** 2
+        mean_n, mean_t = sn / sw, st / sw
+        var_n = snn / sw - mean_n ** 2
         if var_n < 1e-6:
             return mean_t, 0.0
-        t1 = max(0.0, (self.snt / self.sw - mean_n * mean_t) / var_n)
+        t1 = max(0.0, (snt / sw - mean_n * mean_t) / var_n)
         return max(1e-6, mean_t - t1 * mean_n), t1
 
     def verify_cap(self, ceiling: int) -> int:
@@ -294,8 +299,8 @@ class ChainMonitor:
 
     def draft_seconds(self) -> float | None:
         """The draft's (stage 0) mean seconds per drafted token in the pipeline; None before its first call."""
-        draft = self._latency[0]
-        return draft.st / draft.sw if draft.sw else None
+        means = self._latency[0].mean_tokens_seconds()
+        return means[1] if means is not None else None
 
     # -- which stages run --------------------------------------------------------------------------------------------
 
@@ -307,7 +312,8 @@ class ChainMonitor:
         """Mean seconds of one forward pass of ``stage`` at its usual number of tokens."""
         est = self._latency[stage]
         t0, t1 = est.latency()
-        return t0 + t1 * (est.sn / est.sw if est.sw else 1.0)
+        means = est.mean_tokens_seconds()
+        return t0 + t1 * (means[0] if means is not None else 1.0)
 
     def predict(self, chain: tuple[int, ...]) -> float:
         """Predicted committed tokens per second of ``chain`` (stage indices, smallest first, ending at the target)."""

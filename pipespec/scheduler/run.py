@@ -12,7 +12,7 @@ import anyio
 import structlog
 import torch
 
-from ..channels import Channel, Doorbell, Mailbox
+from ..channels import Channel, Doorbell, Handoff, Mailbox, ThreadDoorbell
 from ..errors import PipelineError, first_line
 from .policy import ChainMonitor
 from ..stages import Stage, StageConfig, StageIO, run_draft, run_verifier
@@ -62,10 +62,18 @@ def build_stages(members: Sequence[Member], request: Request, output: Output,
     config = StageConfig(prompt=request.prompt, max_len=request.max_len, params=request.params,
                          verify_cap=request.verify_cap, max_ahead=request.max_ahead,
                          draft_batch=request.draft_batch)
-    bells = [Doorbell() for _ in members]
+    # the draft (stage 0 of two or more) runs its loop on a thread (``stages.draft``): it waits on a thread's
+    # doorbell and hands its proposals over through a ``Handoff``
+    bells: list[Doorbell | ThreadDoorbell] = [Doorbell() for _ in members]
+    if len(members) > 1:
+        bells[0] = ThreadDoorbell()
     ios = [StageIO(doorbell=bell) for bell in bells]
     for i in range(len(members) - 1):
-        down: Channel[Proposal] = Channel(f"proposals {i}->{i + 1}", PROPOSAL_BUFFER, bells[i + 1])
+        bell = bells[i + 1]
+        assert isinstance(bell, Doorbell)
+        down: Channel[Proposal] | Handoff[Proposal] = (
+            Handoff(f"proposals {i}->{i + 1}", bell) if i == 0
+            else Channel(f"proposals {i}->{i + 1}", PROPOSAL_BUFFER, bell))
         up: Mailbox[Verdict] = Mailbox(f"verdicts {i + 1}->{i}", bells[i], Verdict.merge)
         ios[i].outbox, ios[i + 1].inbox = down, down
         ios[i].verdicts_in, ios[i + 1].verdicts_out = up, up

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from ..channels import Channel, Doorbell, Mailbox
+from ..channels import Channel, Doorbell, Handoff, Mailbox, ThreadDoorbell
 from ..runners.base import Runner
 from ..tracing import StageTrace
 from ..types import Proposal, StageState, StageStats, Verdict
@@ -56,9 +56,9 @@ class StageConfig:
 
 @dataclass(slots=True)
 class StageIO:
-    doorbell: Doorbell  # rung by ``inbox`` and ``verdicts_in``
-    inbox: Channel[Proposal] | None = None  # proposals from the predecessor (None for stage 0)
-    outbox: Channel[Proposal] | None = None  # proposals to the successor (None for the target)
+    doorbell: Doorbell | ThreadDoorbell  # rung by ``inbox`` and ``verdicts_in`` (the draft's: a thread's doorbell)
+    inbox: Channel[Proposal] | Handoff[Proposal] | None = None  # proposals from the predecessor (None for stage 0)
+    outbox: Channel[Proposal] | Handoff[Proposal] | None = None  # to the successor (None for the target)
     verdicts_in: Mailbox[Verdict] | None = None  # verdicts from the successor (None for the target)
     verdicts_out: Mailbox[Verdict] | None = None  # verdicts to the predecessor (None for stage 0)
     commit: CommitFn | None = None  # the target's output (None for the other stages)

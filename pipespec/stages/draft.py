@@ -11,23 +11,39 @@ that stage's graph). While the successor is busy with a step much longer than a 
 per call delivers them no later than it could use them, for one round trip instead of k. A rollback may say how many
 tokens the successor waits for (``Verdict.block``): the next call drafts exactly those. Where the draft shares its
 GPU with that successor (lock step), it then waits for the verdict before drafting more.
+
+Where it runs: the coroutine ``run_draft`` owns the stage (its lifetime, errors, cancellation), but its loop,
+``DraftLoop``, runs on a thread: its worker's own where the runner hosts loops (``ThreadRunner.host_loop``: each
+worker call is then a plain function call), else a thread of its own that makes blocking runner calls
+(``runners.hosting``). The draft's whole job is to keep its worker busy, and every token it drafts through the event
+loop cost a round trip (a result's wake-up, the coroutine's step, the next call's hand-off: ~70 us of loop CPU on a
+2-core VM, 3+ times per committed token). On its thread it drafts call after call without the loop; the loop hears
+from it only when its successor is waiting for its tokens (``Handoff``), and it hears the loop through a locked
+mailbox and a ``ThreadDoorbell``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
+from typing import Any
 
-from ..channels import Mailbox
+import anyio
+
+from ..channels import Handoff, Mailbox, ThreadDoorbell
+from ..runners.hosting import host_loop
 from ..types import Proposal, Verdict
 from .base import Stage, SuccessorView
 
-__all__ = ["DraftPace", "run_draft"]
+__all__ = ["DraftLoop", "DraftPace", "run_draft"]
 
 # Seconds a draft in lock step waits at most for a verdict before the target's forward has been timed (its first,
 # which feeds the prompt too, is not), and beyond its usual bound for its verifier's first hand-over (sent before
 # that verifier's first forward, through a bypassed middle stage's relay once it has prefilled). Late, the draft
 # drafts on its own.
 START_WAIT = 0.5
+STOP_TIMEOUT = 10.0  # seconds a stopped draft loop may take to finish the worker call it is in
 
 
 class DraftPace:
@@ -94,83 +110,133 @@ class DraftPace:
 
 
 async def run_draft(stage: Stage) -> None:
-    cfg, io, stats, trace = stage.config, stage.io, stage.stats, stage.trace
-    assert io.outbox is not None and io.verdicts_in is not None, "the draft stage needs a successor"
-    seq = list(cfg.prompt)
-    successor = SuccessorView(len(cfg.prompt), cfg.max_ahead)
-    pace = DraftPace(io.verdicts_in) if cfg.draft_batch == 0 else None
-    # lock step (``ChainMonitor.lock_step``: the draft shares its GPU with the stage checking its blocks): after
-    # publishing a block, wait for the verdict on it (the count of verdicts then; None: not waiting). From the
-    # start: the verifier's first hand-over names the first block, so nothing is drafted before it comes
-    start_wait = stage.monitor is not None and stage.monitor.lock_step()
-    awaited: int | None = None
-    # every stage prefills at once, in its own thread, while the others prefill and draft
-    stats.forwards += await stage.runner.call("prefill", cfg.prompt)
-    while True:
-        rollback = successor.take(io.verdicts_in)
-        if rollback is not None:
-            seq = stage.adopt(rollback, successor.epoch, seq)
-        first_wait = START_WAIT if start_wait else 0.0
-        if start_wait and successor.epoch == 0:
-            awaited = io.verdicts_in.puts  # nothing handed over yet
-        start_wait = False
-        if awaited is not None:
-            if io.verdicts_in.puts == awaited and not stage.bypassed and stage.monitor is not None:
-                stage.set_state("waiting")
-                waited = time.perf_counter()
-                # bounded: a verdict that does not come (the successor moved on) must not stop the draft
-                target = stage.monitor.active[-1]
-                until = waited + first_wait + (3 * stage.monitor.step_seconds(target) + 0.005
-                                               if stage.monitor.step_known(target) else START_WAIT)
-                while io.verdicts_in.puts == awaited and not stage.bypassed:
-                    left = until - time.perf_counter()
-                    if left <= 0 or not await io.doorbell.wait(left):  # a ring already read: wait again
-                        break
-                if trace is not None:
-                    trace.span("wait", waited, reason="verdict")
-                if io.verdicts_in.puts == awaited:
-                    awaited = None  # late: draft on
+    """Run the draft stage's loop on a thread (see the module's docstring) until cancelled or failed; returns only
+    once that thread has left the loop, so no draft call outlives the generation."""
+    draft = DraftLoop(stage, asyncio.get_running_loop())
+    done = host_loop(stage.runner, draft.run)
+    try:
+        await asyncio.wrap_future(done)
+    finally:
+        draft.stop()
+        if not done.done():
+            with anyio.CancelScope(shield=True), anyio.move_on_after(STOP_TIMEOUT):
+                await asyncio.wait([asyncio.wrap_future(done)])
+
+
+class DraftLoop:
+    """The draft stage's loop (on a thread: never the event loop's). ``run(call)`` drafts until ``stop``; ``call``
+    makes one worker call (``call("draft", seq, k, params)``) and returns its result.
+
+    Everything it shares with the event loop is safe across threads: the verdict mailbox is locked; its doorbell is
+    a ``ThreadDoorbell``; its proposals go down a ``Handoff``; the stage's statistics and state are written by it
+    alone; a trace event is one ``list.append``; the adaptive runtime's latency estimate of stage 0 is written by it
+    alone and read as one snapshot (``policy.LinkEstimator``)."""
+
+    def __init__(self, stage: Stage, loop: asyncio.AbstractEventLoop) -> None:
+        io = stage.io
+        assert isinstance(io.outbox, Handoff) and io.verdicts_in is not None, "the draft stage needs a successor"
+        assert isinstance(io.doorbell, ThreadDoorbell), "the draft stage waits on a ThreadDoorbell"
+        self.stage = stage
+        self.loop = loop
+        self.outbox: Handoff[Proposal] = io.outbox
+        self.verdicts: Mailbox[Verdict] = io.verdicts_in
+        self.bell: ThreadDoorbell = io.doorbell
+        self.stopped = False
+
+    def stop(self) -> None:
+        """Leave the loop after the worker call it is in, if any (any thread)."""
+        self.stopped = True
+        self.bell.ring()
+
+    def _call(self, call: Callable[..., Any], method: str, *args: Any) -> Any:
+        began = time.perf_counter()
+        try:
+            return call(method, *args)
+        finally:
+            if self.stage.trace is not None:
+                self.stage.trace.span(method, began)
+
+    def _wait(self, reason: str, timeout: float | None = None) -> bool:
+        trace = self.stage.trace
+        waited = time.perf_counter()
+        rung = self.bell.wait_blocking(timeout)
+        if trace is not None:
+            trace.span("wait", waited, reason=reason)
+        return rung
+
+    def run(self, call: Callable[..., Any]) -> None:
+        stage, verdicts = self.stage, self.verdicts
+        cfg, stats, trace = stage.config, stage.stats, stage.trace
+        seq = list(cfg.prompt)
+        successor = SuccessorView(len(cfg.prompt), cfg.max_ahead)
+        pace = DraftPace(verdicts) if cfg.draft_batch == 0 else None
+        # lock step (``ChainMonitor.lock_step``: the draft shares its GPU with the stage checking its blocks): after
+        # publishing a block, wait for the verdict on it (the count of verdicts then; None: not waiting). From the
+        # start: the verifier's first hand-over names the first block, so nothing is drafted before it comes
+        start_wait = stage.monitor is not None and stage.monitor.lock_step()
+        awaited: int | None = None
+        # every stage prefills at once, on its own thread, while the others prefill and draft
+        stats.forwards += self._call(call, "prefill", cfg.prompt)
+        while not self.stopped:
+            rollback = successor.take(verdicts)
+            if rollback is not None:
+                seq = stage.adopt(rollback, successor.epoch, seq)
+            first_wait = START_WAIT if start_wait else 0.0
+            if start_wait and successor.epoch == 0:
+                awaited = verdicts.puts  # nothing handed over yet
+            start_wait = False
+            if awaited is not None:
+                if verdicts.puts == awaited and not stage.bypassed and stage.monitor is not None:
+                    stage.set_state("waiting")
+                    waited = time.perf_counter()
+                    # bounded: a verdict that does not come (the successor moved on) must not stop the draft
+                    target = stage.monitor.active[-1]
+                    until = waited + first_wait + (3 * stage.monitor.step_seconds(target) + 0.005
+                                                   if stage.monitor.step_known(target) else START_WAIT)
+                    while verdicts.puts == awaited and not stage.bypassed and not self.stopped:
+                        left = until - time.perf_counter()
+                        if left <= 0 or not self.bell.wait_blocking(left):  # a ring already read: wait again
+                            break
+                    if trace is not None:
+                        trace.span("wait", waited, reason="verdict")
+                    if verdicts.puts == awaited:
+                        awaited = None  # late: draft on
+                    continue
+                awaited = None
+            ahead = len(seq) - successor.verified
+            room = min(cfg.max_len - len(seq), successor.max_ahead - ahead)
+            if room <= 0 or stage.bypassed:
+                stage.set_state("bypassed" if stage.bypassed else "waiting")
+                self._wait("bypassed" if stage.bypassed else "ahead")
                 continue
-            awaited = None
-        ahead = len(seq) - successor.verified
-        room = min(cfg.max_len - len(seq), successor.max_ahead - ahead)
-        if room <= 0 or stage.bypassed:
-            stage.set_state("bypassed" if stage.bypassed else "waiting")
-            if trace is None:
-                await io.doorbell.wait()
+            stage.set_state("drafting")
+            started = time.perf_counter()
+            if pace is not None:
+                pace.observe_verdicts(started)
+            block = successor.block
+            if block:  # the successor waits for this many after its rollback: make them in one call
+                k, successor.block = min(block, room), None
+            elif pace is not None:
+                k = pace.batch(room)
             else:
-                waited = time.perf_counter()
-                await io.doorbell.wait()
-                trace.span("wait", waited, reason="bypassed" if stage.bypassed else "ahead")
-            continue
-        stage.set_state("drafting")
-        started = time.perf_counter()
-        if pace is not None:
-            pace.observe_verdicts(started)
-        block = successor.block
-        if block:  # the successor waits for this many after its rollback: make them in one call
-            k, successor.block = min(block, room), None
-        elif pace is not None:
-            k = pace.batch(room)
-        else:
-            k = min(cfg.draft_batch, room)
-        result = await stage.runner.call("draft", seq, k, cfg.params)
-        elapsed = time.perf_counter() - started
-        if pace is not None:
-            pace.observe_call(len(result.tokens), elapsed)
-        if stage.monitor is not None and result.tokens and (block or not stage.monitor.lock_step()):
-            # in lock step only a block's call is timed: the verifier waits then, while a call made beside its
-            # forward waits behind it on the shared GPU (a 1B drafted 23 ms a token so beside a 70B's rank), and
-            # that time would make the blocks, and so lock step, stop (``ChainMonitor.block``)
-            stage.monitor.observe_forward(stage.index, 1, elapsed / len(result.tokens))
-        stats.forwards += len(result.tokens)
-        stats.drafted += len(result.tokens)
-        if stage.pending_rollback(successor.epoch):
-            if trace is not None:
-                trace.instant("drafts dropped", tokens=len(result.tokens))
-            continue  # drafted on a sequence the successor has already rejected
-        start = len(seq)
-        seq.extend(result.tokens)
-        await io.outbox.send(Proposal(successor.epoch, start, result.tokens, result.probs))
-        if block and stage.monitor is not None and stage.monitor.lock_step():
-            awaited = io.verdicts_in.puts
+                k = min(cfg.draft_batch, room)
+            result = self._call(call, "draft", seq, k, cfg.params)
+            elapsed = time.perf_counter() - started
+            if pace is not None:
+                pace.observe_call(len(result.tokens), elapsed)
+            if stage.monitor is not None and result.tokens and (block or not stage.monitor.lock_step()):
+                # in lock step only a block's call is timed: the verifier waits then, while a call made beside its
+                # forward waits behind it on the shared GPU (a 1B drafted 23 ms a token so beside a 70B's rank),
+                # and that time would make the blocks, and so lock step, stop (``ChainMonitor.block``)
+                stage.monitor.observe_forward(stage.index, 1, elapsed / len(result.tokens))
+            stats.forwards += len(result.tokens)
+            stats.drafted += len(result.tokens)
+            if stage.pending_rollback(successor.epoch):
+                if trace is not None:
+                    trace.instant("drafts dropped", tokens=len(result.tokens))
+                continue  # drafted on a sequence the successor has already rejected
+            start = len(seq)
+            seq.extend(result.tokens)
+            self.outbox.put(Proposal(successor.epoch, start, result.tokens, result.probs), self.loop)
+            if block and stage.monitor is not None and stage.monitor.lock_step():
+                awaited = verdicts.puts

@@ -29,6 +29,7 @@ from typing import Any
 
 import structlog
 
+from ..channels import Doorbell
 from ..workers.base import common_prefix
 from ..types import Proposal, RowRefs, Verdict
 from .base import Stage, SuccessorView, log
@@ -107,6 +108,8 @@ class _Verifier:
     def __init__(self, stage: Stage) -> None:
         cfg = stage.config
         self.stage = stage
+        assert isinstance(stage.io.doorbell, Doorbell), "a verifying stage waits on the event loop"
+        self.bell: Doorbell = stage.io.doorbell
         self.is_target = stage.io.outbox is None
         self.seq = list(cfg.prompt)  # this stage's verified sequence (a bypassed stage: what it has relayed)
         self.up = _Upstream(cfg.prompt, stage.index - 1)
@@ -163,10 +166,10 @@ class _Verifier:
     async def wait(self, reason: str, timeout: float | None = None) -> None:
         trace = self.stage.trace
         if trace is None:
-            await self.stage.io.doorbell.wait(timeout)
+            await self.bell.wait(timeout)
             return
         waited = time.perf_counter()
-        await self.stage.io.doorbell.wait(timeout)
+        await self.bell.wait(timeout)
         trace.span("wait", waited, reason=reason)
 
     async def wait_for_block(self) -> bool:
