@@ -148,8 +148,8 @@ async def test_every_mode_commits_the_target_alone_tokens() -> None:
 @limit(60)
 async def test_a_stage_never_verifies_more_than_its_workers_fast_window() -> None:
     """A worker that says its forwards past 1 + max_window tokens are slow (a quantized model: its GEMV kernel serves
-    16 rows) is never given a bigger verification, whatever the request's cap, in pipe with and without the
-    adaptive runtime; the tokens are still the target's. The first of those real forwards (the draft ran ahead
+    16 rows) is never given a bigger verification, whatever the request's cap or lookahead, in pipe with and without
+    the adaptive runtime and in sd; the tokens are still the target's. The first of those real forwards (the draft ran ahead
     during the target's prefill) once taught the adaptive runtime a 10x cost per token, and it kept the windows at 3
     or 4 for the rest of a 70B generation (docs/benchmarks.md)."""
     oracle = Oracle([0.95], seed=5, vocab=1000)
@@ -166,6 +166,10 @@ async def test_a_stage_never_verifies_more_than_its_workers_fast_window() -> Non
             assert max(target.fed[1:]) <= 6, target.fed  # after the prefill: 1 + at most 5 proposals per forward
             if not adaptive:  # the draft (20x faster, alpha 0.95) would fill ~20 (the adaptive cap: 4 after a start at 5)
                 assert max(target.fed[1:]) == 6, target.fed
+        # sd's rounds too: lookahead 16 would feed 16 tokens a round; the window stays within 5 proposals
+        g = await pipe.generate(PROMPT, max_new_tokens=60, mode="sd", lookahead=16)
+        assert list(g.token_ids) == want
+        assert max(target.fed[1:]) == 6, target.fed  # after the first round's forward, which feeds the prompt too
 
 
 @limit(60)
