@@ -169,12 +169,14 @@ _MAX_STEPS = 512  # steps of a chain stepped exactly after a rollback; past that
 
 
 def _pipe_stage(
-    alpha: float, latency: float, rate: float, published: Callable[[float], float], next_latency: float, cap: int
+    alpha: float, latency: float, rate: float, published: Callable[[float], float], next_latency: float, cap: int,
+    last: bool = False,
 ) -> tuple[float, Callable[[float], float]]:
     """One verifying stage of the pipeline model (see ``predict_throughput``).
 
     ``rate``: tokens/s its predecessor publishes in sync; ``published(t)``: tokens the predecessor has published t
-    seconds after being rolled back. Returns this stage's mean tokens per step and its own ``published``.
+    seconds after being rolled back. Returns this stage's mean tokens per step and its own ``published`` (``last``,
+    the target: nobody reads it, and it is not computed, which halves a prediction's cost on the event loop).
     """
     window = min(max(rate * latency - 1.0, 0.0), float(cap))
     catch_up = next((j for j in range(1, _MAX_CATCH_UP + 1) if published(j * latency) >= j), None)
@@ -189,30 +191,42 @@ def _pipe_stage(
     else:  # semi-Markov: visits per G phase are 1 (lasting catch_up steps), x to V1, x * p1 / (1 - p) to V
         v = x * p1 / (1.0 - p)
         per_step = (catch_up + x * w1 + v * w) / (catch_up + x + v)
+    if last:
+        return per_step, _unused
     # Expected tokens in the first s steps after a rollback, s = 0..horizon, by stepping the chain from G's start.
     # States: G_0..G_{catch_up-1} (one decode each), V1, V.   dist: [catch_up + 2]
     horizon = min(_MAX_STEPS, math.ceil(_MAX_CATCH_UP * next_latency / latency) + 2)
-    # O(1) per step (the adaptive runtime calls this several times a look, on the event loop): the G states shift
+    # O(1) per step, and stepped only as far as the next stage asks (its catch-up search mostly stops within a few
+    # of its own steps; the adaptive runtime predicts several chains a look, on the event loop): the G states shift
     # along a deque and their total is kept, so a step's expected reward is g_total * 1 + v1 * w1 + vv * w.
     gs = collections.deque([1.0] + [0.0] * (catch_up - 1))  # G_0..G_{catch_up-1}
-    g_total, v1, vv = 1.0, 0.0, 0.0
+    state = [1.0, 0.0, 0.0]  # g_total, v1, vv
     cumulative = [0.0]
-    for _ in range(horizon):
-        cumulative.append(cumulative[-1] + g_total + v1 * w1 + vv * w)
-        g = gs.pop()
-        restart = g * (1.0 - x) + v1 * (1.0 - p1) + vv * (1.0 - p)
-        gs.appendleft(restart)
-        g_total += restart - g
-        v1, vv = g * x, v1 * p1 + vv * p
+
+    def step_to(n: int) -> None:
+        g_total, v1, vv = state
+        while len(cumulative) <= n:
+            cumulative.append(cumulative[-1] + g_total + v1 * w1 + vv * w)
+            g = gs.pop()
+            restart = g * (1.0 - x) + v1 * (1.0 - p1) + vv * (1.0 - p)
+            gs.appendleft(restart)
+            g_total += restart - g
+            v1, vv = g * x, v1 * p1 + vv * p
+        state[:] = g_total, v1, vv
 
     def own_published(t: float) -> float:
         # As for the draft: the forward in flight, then whole steps, t / latency - 1 of them on average; fractional
         # steps interpolate, and past the horizon the chain is at its steady rate.
         steps = max(t / latency - 1.0, 0.0)
         whole = min(int(steps), horizon - 1)
+        step_to(whole + 1)
         return cumulative[whole] + (steps - whole) * (cumulative[whole + 1] - cumulative[whole])
 
     return per_step, own_published
+
+
+def _unused(t: float) -> float:
+    raise AssertionError("the target's published tokens are not part of the model")
 
 
 def _pipe_throughput(lat: Sequence[float], acc: Sequence[float], verify_cap: int) -> float:
@@ -226,7 +240,8 @@ def _pipe_throughput(lat: Sequence[float], acc: Sequence[float], verify_cap: int
     published: Callable[[float], float] = draft_published
     for i in range(1, len(lat)):
         next_latency = lat[i + 1] if i + 1 < len(lat) else lat[i]
-        per_step, published = _pipe_stage(acc[i - 1], lat[i], rate, published, next_latency, verify_cap)
+        per_step, published = _pipe_stage(acc[i - 1], lat[i], rate, published, next_latency, verify_cap,
+                                          last=i == len(lat) - 1)
         rate = per_step / lat[i]
     return rate
 
