@@ -4,8 +4,8 @@
 *args)`` makes one worker call and returns its result, blocking that thread. Where the runner hosts loops itself
 (``ThreadRunner.host_loop``: the worker's own thread, each call a plain function call timed like a runner call), the
 loop runs there. Elsewhere (a worker in another process or a Ray actor) it runs on a thread of its own that makes
-blocking runner calls (``submit(...).result()``), with the runner's deadline where it has one: the same round trip
-per call as from the event loop, without the loop in it.
+blocking runner calls (``submit(...).result()``, bounded a little past the runner's own deadline where it has one):
+the same round trip per call as from the event loop, without the loop in it.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ CallFn = Callable[..., Any]  # call(method, *args, **kwargs) -> the worker metho
 
 __all__ = ["CallFn", "host_loop"]
 
+DEADLINE_GRACE = 5.0  # seconds past a runner's own deadline before a hosted loop stops waiting for a call
+
 
 def host_loop(runner: Runner, fn: Callable[[CallFn], R]) -> Future[R]:
     """Run ``fn(call)`` off the event loop, on the runner's own thread where it has one (see the module)."""
@@ -29,10 +31,12 @@ def host_loop(runner: Runner, fn: Callable[[CallFn], R]) -> Future[R]:
     if hosted is not None:
         return hosted(fn)  # type: ignore[no-any-return]
     done: Future[R] = Future()
+    # a runner with a deadline fails the call itself then, naming its stage and host; this is only the backstop
     deadline = getattr(runner, "deadline", None)
+    timeout = None if deadline is None else deadline + DEADLINE_GRACE
 
     def call(method: str, *args: Any, **kwargs: Any) -> Any:
-        return runner.submit(method, *args, **kwargs).result(deadline)
+        return runner.submit(method, *args, **kwargs).result(timeout)
 
     def body() -> None:
         if not done.set_running_or_notify_cancel():
