@@ -70,7 +70,10 @@ async def test_simulated_lock_step_is_lossless_and_drafts_only_the_blocks() -> N
     # step about what it checks (measured 417 forwards for 407 proposed over 300 tokens; 1152 for 498 free)
     assert drafted < 1.4 * proposed, (drafted, proposed)
     assert _counts(free)[0] > 1.6 * _counts(free)[1], _counts(free)
-    assert locked.stats.stages[0]["rollbacks"] <= locked.stats.stages[-1]["rollbacks_sent"]  # hand-overs not counted
+    # hand-overs are not counted as rollbacks: ~one a verification, so counting them would add dozens here. A few
+    # may count on the draft's side only: a hand-over that discards tokens the draft made after a late verdict
+    # (its loop runs on its own thread) and that the verifier had not received when it decided (1 in 15 runs: 43 vs 42)
+    assert locked.stats.stages[0]["rollbacks"] <= locked.stats.stages[-1]["rollbacks_sent"] + 3
 
 
 @limit(180)
