@@ -167,7 +167,8 @@ async def test_auto_tunes_down_where_sd_trails_at_its_default_lookahead() -> Non
         assert "sd:16 " in choice.reason and "sd:4 " in choice.reason, choice  # twice lost, then half was probed
         # sd at its best probed lookahead is a lookahead <= 4, and ar (what the 0.8 band left) is not chosen; pipe,
         # even held back, can come within a few % of sd here (CI: pipe 248.7, sd:4 245.3 tokens/s), so either may win
-        sd_rates = {int(la): float(r) for la, r in re.findall(r"sd:(\d+) ([\d.]+)", choice.reason)}
+        probes = choice.reason.split("; runoff")[0]  # the runoff's "sd:4 173.1" is another measure, over 128 tokens
+        sd_rates = {int(la): float(r) for la, r in re.findall(r"sd:(\d+) ([\d.]+)", probes)}
         assert max(sd_rates, key=sd_rates.get) <= 4, choice
         assert choice.mode in ("sd", "pipe"), choice
         if choice.mode == "sd":

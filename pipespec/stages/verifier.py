@@ -290,14 +290,18 @@ class _Verifier:
                 monitor.observe_verification(origin, stage.index, n, result.accepted)
                 self.verify_cap = monitor.verify_cap(origin, stage.index, self.ceiling)
                 ahead = monitor.run_ahead(origin, stage.index, cfg.max_ahead)
-            io.verdicts_out.put(Verdict(up.epoch, len(seq), ahead=ahead))
             self.relayed_up = (-1, -1)
             locked = monitor is not None and monitor.lock_step(stage.index)
+            # one verdict per verification: a rollback or hand-over replaces the plain one (the mailbox would merge
+            # them so), and a draft taking verdicts on its own thread never sees the plain one alone (it would draft
+            # freely beside this stage's next forward, then drop those drafts)
             if up.conflicts_with(seq):  # a rejected proposal (the correction differs from the predecessor's token)
                 self.roll_back_predecessor(self.expect_block())
             elif n and locked:
                 # in lock step the draft waits for this verdict: hand it the bonus token and the next block's size
                 self.roll_back_predecessor(self.expect_block(), rejected=False)
+            else:
+                io.verdicts_out.put(Verdict(up.epoch, len(seq), ahead=ahead))
             if locked:
                 # the draft, woken by that verdict, takes it and starts its block (a runner call) before this stage
                 # commits and looks for work: on a shared GPU the GPU idles until the draft's call is made
