@@ -205,12 +205,6 @@ class Handoff(Generic[T]):
         self._items.append(item)  # deque.append and popleft are atomic: no lock between one producer and one reader
         self._doorbell.ring_from_thread(loop)
 
-    async def send(self, item: T) -> None:
-        """On the loop's thread (the ``Channel`` interface): append and ring."""
-        if not self._closed:
-            self._items.append(item)
-            self._doorbell.ring()
-
     def drain(self) -> list[T]:
         """Everything put so far, oldest first, without waiting."""
         items: list[T] = []

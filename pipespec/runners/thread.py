@@ -46,14 +46,21 @@ class ThreadRunner:
             torch.cuda.set_device(self.device)
             self.stream = torch.cuda.Stream(self.device)
 
-    def _run(self, fn: Callable[..., R], args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
-        stream_ctx = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+    def _stream(self) -> contextlib.AbstractContextManager[Any]:
+        """The worker's own CUDA stream as the current one (nothing on the CPU)."""
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def _timed(self, fn: Callable[..., R], args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
+        """``fn(*args, **kwargs)``, its time added to ``busy_seconds``."""
         start = time.perf_counter()
         try:
-            with torch.inference_mode(), stream_ctx:
-                return fn(*args, **kwargs)
+            return fn(*args, **kwargs)
         finally:
             self.busy_seconds += time.perf_counter() - start
+
+    def _run(self, fn: Callable[..., R], args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
+        with torch.inference_mode(), self._stream():
+            return self._timed(fn, args, kwargs)
 
     def _method(self, method: str) -> Callable[..., Any]:
         if self.worker is None:
@@ -98,15 +105,10 @@ class ThreadRunner:
             raise RuntimeError(f"runner {self.name} has no worker: call start() first")
 
         def call(method: str, *args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return getattr(worker, method)(*args, **kwargs)
-            finally:
-                self.busy_seconds += time.perf_counter() - start
+            return self._timed(getattr(worker, method), args, kwargs)
 
         def body() -> R:
-            stream_ctx = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
-            with torch.inference_mode(), stream_ctx:
+            with torch.inference_mode(), self._stream():
                 return fn(call)
 
         return self._executor.submit(body)

@@ -156,13 +156,12 @@ class DraftLoop:
             if self.stage.trace is not None:
                 self.stage.trace.span(method, began)
 
-    def _wait(self, reason: str, timeout: float | None = None) -> bool:
+    def _wait(self, reason: str) -> None:
         trace = self.stage.trace
         waited = time.perf_counter()
-        rung = self.bell.wait_blocking(timeout)
+        self.bell.wait_blocking()
         if trace is not None:
             trace.span("wait", waited, reason=reason)
-        return rung
 
     def run(self, call: Callable[..., Any]) -> None:
         stage, verdicts = self.stage, self.verdicts

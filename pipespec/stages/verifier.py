@@ -29,7 +29,7 @@ from typing import Any
 
 import structlog
 
-from ..channels import Doorbell
+from ..channels import Channel, Doorbell
 from ..workers.base import common_prefix
 from ..types import Proposal, RowRefs, Verdict
 from .base import Stage, SuccessorView, log
@@ -235,7 +235,7 @@ class _Verifier:
     async def relay(self, room: int) -> None:
         """Bypassed: pass the predecessor's new tokens down as they are, and the successor's progress up."""
         stage, io, up, successor = self.stage, self.stage.io, self.up, self.successor
-        assert io.outbox is not None and io.verdicts_out is not None
+        assert isinstance(io.outbox, Channel) and io.verdicts_out is not None  # a Handoff is the draft's
         progress = (successor.verified, successor.max_ahead)
         if progress != self.relayed_up:  # the predecessor drafts against the successor's progress, not the relay's
             self.relayed_up = progress
@@ -314,6 +314,6 @@ class _Verifier:
                 stage.set_state("done")
                 return True
             return False
-        assert io.outbox is not None
+        assert isinstance(io.outbox, Channel)  # a Handoff is the draft's outbox only
         await io.outbox.send(Proposal(self.successor.epoch, start, result.tokens, result.probs))
         return False
