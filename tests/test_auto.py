@@ -19,7 +19,7 @@ from helpers import limit
 from pipespec.analysis.model import predict_throughput
 from pipespec.apps.simulate import simulated_pipeline
 from pipespec.scheduler import pipeline as pipeline_module
-from pipespec.scheduler.pipeline import runoff_modes, tune_lookahead
+from pipespec.scheduler.pipeline import runoff_modes, runoff_settled, tune_lookahead
 from pipespec.errors import ConfigError
 
 PROMPT = list(range(3, 19))
@@ -185,13 +185,36 @@ def test_runoff_takes_the_modes_near_the_leader() -> None:
     assert runoff_modes({"ar": 1.0, "sd": 2.0, "pipe": 3.0}, band=0.0) == ["pipe", "ar", "sd"]
 
 
-@limit(60)
-async def test_a_near_tie_is_decided_by_longer_runs(monkeypatch) -> None:
-    monkeypatch.setattr(pipeline_module, "RUNOFF_BAND", 0.0)  # every mode is "near": all three run off
+def test_a_runoff_settles_when_its_leader_is_clear() -> None:
+    assert runoff_settled({"sd": 572.0, "pipe": 629.3})  # 1.10x
+    assert not runoff_settled({"sd": 572.0, "pipe": 565.8})  # CI's single-run near tie that chose wrong
+    assert not runoff_settled({"ar": 100.0, "sd": 200.0, "pipe": 190.0})  # every other mode, not just the last
+    assert runoff_settled({"ar": 100.0, "sd": 200.0, "pipe": 190.0}, clear=1.05)
+
+
+@limit(90)
+@pytest.mark.parametrize("clear, runs", [(0.0, pipeline_module.RUNOFF_MIN_ROUNDS),
+                                         (100.0, pipeline_module.RUNOFF_ROUNDS)])
+async def test_a_near_tie_is_decided_by_longer_runs(monkeypatch, clear: float, runs: int) -> None:
+    # every mode is "near" (all three run off); each runs RUNOFF_MIN_ROUNDS times, interleaved, and once more where
+    # no lead is clear; the best run of each decides
+    monkeypatch.setattr(pipeline_module, "RUNOFF_BAND", 0.0)
+    monkeypatch.setattr(pipeline_module, "RUNOFF_CLEAR", clear)
     async with simulated_pipeline([0.3, 3.0], [0.9], seed=5, vocab=1000) as pipe:
+        real, longer = pipe._run, []
+
+        async def spy(request, on_piece, trace=None):
+            if request.max_new_tokens == 128:
+                longer.append(request.mode)
+            return await real(request, on_piece, trace)
+
+        monkeypatch.setattr(pipe, "_run", spy)
         g = await pipe.generate(PROMPT, max_new_tokens=32, mode="auto")
         choice = pipe.auto_choice
-        runoff = dict(re.findall(r"(ar|sd|pipe)(?::\d+)? ([\d.]+)", choice.reason.split("runoff over 128 tokens: ")[1]))
-        assert set(runoff) == {"ar", "sd", "pipe"}, choice
-        assert choice.mode == max(runoff, key=lambda m: float(runoff[m])), choice  # the runoff decides
+        assert len(longer) == 3 * runs, longer  # each round runs every mode once, the leader first
+        assert all(set(longer[i:i + 3]) == {"ar", "sd", "pipe"} for i in range(0, 3 * runs, 3)), longer
+        runoff = choice.reason.split(f"runoff over 128 tokens, best of {runs}: ")[1]
+        rates = dict(re.findall(r"(ar|sd|pipe)(?::\d+)? ([\d.]+)", runoff))
+        assert set(rates) == {"ar", "sd", "pipe"}, choice
+        assert choice.mode == max(rates, key=lambda m: float(rates[m])), choice  # the runoff decides
         assert g.token_ids == (await pipe.generate(PROMPT, max_new_tokens=32, mode="ar")).token_ids

@@ -62,6 +62,12 @@ RUNOFF_TOKENS = 128  # ... this many tokens, and that run decides. On an H200 64
 # probes pipe 161.4 / sd:4 166.6 tokens/s, timed 220.0 / 175.5, auto ran sd, 0.80x; alpha 0.7, probes ar 108.0 / sd:4
 # 107.4, timed 105.3 / 114.8, auto ran ar, 0.92x). Probing again while pipe's probes gained (its adaptive runtime
 # learning across generations) was tried first: it probed pipe a third time and still rated it 161.4.
+RUNOFF_MIN_ROUNDS = 2  # runoff runs per mode, interleaved; the best run of each counts, as in the probes; ...
+RUNOFF_ROUNDS = 3  # ... one more where the leader is not RUNOFF_CLEAR ahead of every other mode after those
+RUNOFF_CLEAR = 1.10
+# One run each let a single slow run decide: CI (2 loaded cores, {0.3 ms, 6 ms} at 0.9) ran the runoff pipe 565.8 /
+# sd:16 572.0, chose sd, then timed pipe 1.08x sd:16 over 15 paired rounds (a quiet run of pipe: 664-736). With a
+# busy loop on one of this VM's two cores one run of pipe fell to 519.9 against sd:16's 606.5, a false 1.17x lead.
 
 
 class AutoChoice(NamedTuple):
@@ -98,6 +104,14 @@ def runoff_modes(rates: dict[Mode, float], band: float | None = None) -> list[Mo
     band = RUNOFF_BAND if band is None else band
     leader = max(rates, key=lambda m: rates[m])
     return [leader] + [m for m in rates if m != leader and rates[m] >= band * rates[leader]]
+
+
+def runoff_settled(rates: dict[Mode, float], clear: float | None = None) -> bool:
+    """Whether a runoff may stop: its leader's rate is at least ``clear`` (default ``RUNOFF_CLEAR``) times every
+    other mode's."""
+    clear = RUNOFF_CLEAR if clear is None else clear
+    top, *rest = sorted(rates.values(), reverse=True)
+    return all(top >= clear * r for r in rest)
 
 
 class Pipeline:
@@ -275,7 +289,8 @@ class Pipeline:
         Every mode runs ``PROBE_ROUNDS`` short generations of the request's own prompt and sampling options
         (``PROBE_TOKENS`` tokens, interleaved ar, sd, pipe, ar, ...), and the best rate of each mode counts, so a
         first run that pays for warm-up (graph captures, caches) does not decide. Modes within ``RUNOFF_BAND`` of the
-        leader then run once more over ``RUNOFF_TOKENS`` tokens, and that run decides (short probes rate the
+        leader then run over ``RUNOFF_TOKENS`` tokens, interleaved, ``RUNOFF_MIN_ROUNDS`` times each, once more
+        (``RUNOFF_ROUNDS``) unless one leads by ``RUNOFF_CLEAR`` (``runoff_settled``), and the best run of each decides (short probes rate the
         speculative modes low, so a near tie is decided on longer runs). Greedy outputs are identical in
         every mode (lossless), so which one runs changes only the speed.
 
@@ -315,10 +330,15 @@ class Pipeline:
                             + [f"pipe {rates['pipe']:.1f}"])
         close = runoff_modes(rates)
         longer = max(1, min(RUNOFF_TOKENS, room))
-        if len(close) > 1 and longer > n:  # a near tie: one longer run each decides
-            final = {m: await rate(m, lookahead if m == "sd" else request.lookahead, longer) for m in close}
+        if len(close) > 1 and longer > n:  # a near tie: longer runs decide
+            final = {m: 0.0 for m in close}
+            for runs in range(1, RUNOFF_ROUNDS + 1):
+                for m in close:
+                    final[m] = max(final[m], await rate(m, lookahead if m == "sd" else request.lookahead, longer))
+                if runs >= RUNOFF_MIN_ROUNDS and runoff_settled(final):
+                    break
             best = max(final, key=lambda m: final[m])
-            listing += "; runoff over {} tokens: {}".format(longer, ", ".join(
+            listing += "; runoff over {} tokens, best of {}: {}".format(longer, runs, ", ".join(
                 f"{m}:{lookahead} {final[m]:.1f}" if m == "sd" else f"{m} {final[m]:.1f}" for m in close))
         what = f"sd (lookahead {lookahead})" if best == "sd" else best
         self.auto_choice = AutoChoice(
