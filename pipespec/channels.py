@@ -1,16 +1,16 @@
 """Typed channels between stages.
 
-- ``Channel[T]``: a bounded anyio memory object stream with a name, for proposals going down the chain. Only this
-  direction applies back-pressure; its receiver drains it without blocking and learns of new messages through its
-  ``Doorbell``.
-- ``Mailbox[T]``: a one-slot, never-blocking, latest-value-wins box for verdicts and rollbacks going up the chain, so
-  a cycle of full buffers (proposals down, verdicts up) cannot deadlock.
-- ``Doorbell``: what a stage awaits when it has nothing to do; every channel or mailbox feeding the stage rings it.
+- ``Handoff[T]``: proposals going down the chain, from a stage's thread to the next stage; its receiver drains it
+  without blocking and learns of new messages through its doorbell.
+- ``Mailbox[T]``: a one-slot, never-blocking, latest-value-wins box for verdicts and rollbacks going up the chain
+  (locked: any thread may put or take).
+- ``ThreadDoorbell`` / ``Doorbell``: what a stage waits on when it has nothing to do, on its thread or on the event
+  loop; every handoff or mailbox feeding the stage rings it.
 
-These are used from the event loop thread, with two exceptions for the draft stage, whose loop runs on its worker's
-thread (``stages.draft``): its verdicts come through a ``Mailbox`` (locked, so any thread may take), its doorbell is
-a ``ThreadDoorbell`` (a thread blocks on it), and its proposals go down a ``Handoff``, which a thread fills and which
-wakes the event loop only when the receiving stage is waiting on its doorbell (not while it runs a forward pass).
+Every stage but the target runs its loop on its worker's thread (``stages``) and waits on a ``ThreadDoorbell``; the
+target, on the event loop, waits on a ``Doorbell``. The handoff into the target wakes the event loop only while the
+target is waiting on its doorbell (not while it runs a forward pass). Nothing blocks a sender (a stage never runs
+more than ``max_ahead`` tokens past its successor), so no cycle of full buffers can deadlock the chain.
 """
 
 from __future__ import annotations
@@ -22,12 +22,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 T = TypeVar("T")
 
-__all__ = ["Doorbell", "Channel", "Handoff", "Mailbox", "ThreadDoorbell"]
+__all__ = ["Doorbell", "Handoff", "Mailbox", "ThreadDoorbell"]
 
 
 class Doorbell:
@@ -91,46 +89,6 @@ def _expire(waiter: asyncio.Future[bool]) -> None:
         waiter.set_result(False)
 
 
-class Channel(Generic[T]):
-    """A named, bounded, typed channel with non-blocking draining on the receiving side."""
-
-    def __init__(self, name: str, buffer_size: int, doorbell: Doorbell) -> None:
-        if buffer_size <= 0:
-            raise ValueError("channels are bounded: buffer_size must be positive")
-        self.name = name
-        self._send: MemoryObjectSendStream[T]
-        self._recv: MemoryObjectReceiveStream[T]
-        self._send, self._recv = anyio.create_memory_object_stream[T](buffer_size)
-        self._doorbell = doorbell
-
-    async def send(self, item: T) -> None:
-        """Send ``item``, waiting while the buffer is full (back-pressure). With room, it goes at once, without a
-        turn of the loop: the receiver, rung now, can take it in the same loop iteration."""
-        try:
-            self._send.send_nowait(item)
-        except anyio.WouldBlock:
-            await self._send.send(item)
-        self._doorbell.ring()
-
-    def drain(self) -> list[T]:
-        """Everything buffered now, oldest first, without waiting."""
-        items: list[T] = []
-        while True:
-            try:
-                items.append(self._recv.receive_nowait())
-            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-                return items
-
-    @property
-    def depth(self) -> int:
-        """Messages waiting in the buffer (for the live view)."""
-        return self._send.statistics().current_buffer_used
-
-    def close(self) -> None:
-        self._send.close()
-        self._recv.close()
-
-
 class Mailbox(Generic[T]):
     """One slot; ``put`` merges with an unread value through ``merge(old, new)`` (default: the newer wins). Any thread
     may take (the draft's loop takes on its worker's thread while the loop puts): a lock keeps a merge and a take
@@ -176,6 +134,10 @@ class ThreadDoorbell:
     def ring(self) -> None:
         self._event.set()
 
+    def ring_from_thread(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The same as ``ring`` (any thread may ring it): so a ``Handoff`` can feed a stage on a thread too."""
+        self._event.set()
+
     def wait_blocking(self, timeout: float | None = None) -> bool:
         """True when rung, False when the time passed first (never call it on the event loop's thread)."""
         rung = self._event.wait(timeout)
@@ -184,22 +146,23 @@ class ThreadDoorbell:
 
 
 class Handoff(Generic[T]):
-    """Proposals from a thread to a stage on the event loop: ``put`` on the producer's thread, ``drain`` on the loop.
+    """Proposals from a stage's thread to the next stage: ``put`` on the producer's thread, ``drain`` on the
+    receiver's (the event loop, or another stage's thread when its doorbell is a ``ThreadDoorbell``).
 
-    Unbounded, since a thread cannot await back-pressure; bounded in practice by the producer's own limit (the draft
+    Unbounded, since a thread cannot await back-pressure; bounded in practice by the producer's own limit (a stage
     runs at most ``max_ahead`` tokens past its successor's verified sequence, and its successor drains every step).
-    ``put`` wakes the loop only when the receiving stage waits on its doorbell: while it runs a forward pass it
-    drains what came when the pass ends, and a draft that made k calls meanwhile cost the loop nothing.
+    ``put`` wakes the event loop only when the receiving stage waits on its doorbell: while it runs a forward pass it
+    drains what came when the pass ends, and a producer that made k calls meanwhile cost the loop nothing.
     """
 
-    def __init__(self, name: str, doorbell: Doorbell) -> None:
+    def __init__(self, name: str, doorbell: Doorbell | ThreadDoorbell) -> None:
         self.name = name
         self._items: deque[T] = deque()
         self._doorbell = doorbell
         self._closed = False
 
     def put(self, item: T, loop: asyncio.AbstractEventLoop) -> None:
-        """Any thread but the loop's: append, then ring the receiver through ``loop`` if it is waiting."""
+        """On the producer's thread (a stage's): append, then ring the receiver (through ``loop`` if it waits there)."""
         if self._closed:
             return
         self._items.append(item)  # deque.append and popleft are atomic: no lock between one producer and one reader

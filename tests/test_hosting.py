@@ -1,8 +1,9 @@
-"""``runners.hosting``: a stage's loop run beside its worker (the draft's), off the event loop."""
+"""``runners.hosting``: a stage's loop run beside its worker (every stage's but the target's), off the event loop."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from helpers import limit
+from pipespec.apps.simulate import simulated_pipeline
 from pipespec.runners.hosting import host_loop
 from pipespec.runners.thread import ThreadRunner
 
@@ -85,3 +87,25 @@ async def test_a_loops_error_reaches_its_awaiter() -> None:
         assert await runner.call("nap", 0.0)  # the thread serves calls again
     finally:
         runner.close()
+
+
+@limit(60)
+async def test_only_the_target_calls_its_worker_through_the_event_loop() -> None:
+    """Every stage but the target runs its loop on its worker's thread (the draft's and the middle's: ``stages``),
+    so their forwards are plain calls there and cost the event loop nothing; only the target, which feeds the
+    output, calls through ``Runner.call``. Lossless all the same."""
+    prompt = list(range(3, 19))
+    async with simulated_pipeline([0.3, 2.0, 5.0], [0.8, 0.8], seed=2, vocab=1000) as pipe:
+        want = (await pipe.generate(prompt, max_new_tokens=40, mode="ar")).token_ids
+        through_loop: collections.Counter[tuple[int, str]] = collections.Counter()
+        for i, member in enumerate(pipe.members):
+            def spy(method: str, *args: Any, _i: int = i, _real: Any = member.runner.call, **kwargs: Any) -> Any:
+                through_loop[_i, method] += 1
+                return _real(method, *args, **kwargs)
+            member.runner.call = spy  # type: ignore[method-assign]
+        g = await pipe.generate(prompt, max_new_tokens=40, mode="pipe", adaptive=False)
+        assert g.token_ids == want
+        # the generation's set-up resets every worker from the loop; then only the target's calls come through it
+        assert {key for key in through_loop if key[0] < 2} == {(0, "reset"), (1, "reset")}, through_loop
+        assert through_loop[2, "step"] >= 5 and through_loop[0, "reset"] == through_loop[1, "reset"] == 1
+        assert g.stats.stages[1]["forwards"] > 1 and g.stats.stages[0]["forwards"] > 1, g.stats.stages

@@ -1,6 +1,7 @@
-"""The orchestrator's own cost per committed token, checked in ways a loaded machine cannot break: runner calls per
-token (counted), and the event loop's CPU time per runner call (``time.thread_time`` on the loop's thread, so
-waiting for the GIL or for a core does not count) against a bare asyncio round trip measured in the same test.
+"""The orchestrator's own cost per committed token, checked in ways a loaded machine cannot break: runner calls and
+loop wake-ups per token (counted), and the event loop's CPU time per token (``time.thread_time`` on the loop's
+thread, so waiting for the GIL or for a core does not count) against a bare asyncio round trip measured in the same
+test.
 
 Why not wall time, and why not "< 200 us per token" directly: on this 2-core VM a bare round trip (a loop future
 settled by ``call_soon_threadsafe`` from a thread that slept a few ms) costs 70-175 us of loop CPU by itself; see
@@ -61,15 +62,15 @@ def test_adaptive_draft_batching_cuts_runner_calls_not_speed() -> None:
     assert adaptive["measured_tokens_per_s"] > 0.85 * one["measured_tokens_per_s"]
 
 
-def test_event_loop_cpu_per_runner_call_is_near_a_bare_round_trip() -> None:
-    """What the orchestrator adds to each round trip (stage logic, channels, stats) stays small next to the round
-    trip itself: at most 4x a bare one measured here, now. Measured ~1.3-2x when written; 2.0-2.8x on 2026-12-01 on
-    the same 2-core VM, for this code and for the code before the session's changes alike (five runs each), with a
-    3.06 among them: a 3x bound failed on noise, 4x still catches a doubling of the orchestrator's own work."""
+def test_event_loop_cpu_per_token_is_within_three_bare_round_trips() -> None:
+    """The event loop's whole CPU per committed token (stage logic, channels, stats, the adaptive runtime) against
+    one bare round trip measured here, now: every stage but the target runs its loop on its worker's thread, so the
+    loop does the target's work and little else. Measured 1.1-1.7x on this 2-core VM (2026-12-01, five runs; a bare
+    round trip cost 106-161 us); with the middle stage on the loop it was ~5x, with the draft there too ~8x."""
     floor = _bare_round_trip_cpu_us()
     report = _report(0)
-    per_call = report["orchestrator_cpu_us_per_token"] / report["runner_calls_per_token"]
-    assert per_call < 4 * floor, (per_call, floor, report["orchestrator_cpu_us_per_token"])
+    assert report["lossless"]
+    assert report["orchestrator_cpu_us_per_token"] < 3 * floor, (floor, report["orchestrator_cpu_us_per_token"])
 
 
 def _pace(c0: float, c1: float, interval: float, calls: int = 12) -> DraftPace:
@@ -108,23 +109,26 @@ def test_a_target_waits_for_a_block_of_a_fast_draft_instead_of_decoding_alone() 
     assert 300 / target["forwards"] > 2.8, target  # tokens per target forward (measured 3.4; 2.4 before)
 
 
-def test_the_drafts_calls_do_not_wake_the_event_loop() -> None:
-    """The draft's loop runs on its worker's thread (``stages.draft``): its calls, most of the runner calls here,
-    cost the event loop no wake-up. The loop wakes for the verifying stages' results, and for the draft's tokens
-    only while a verifier waits for them. Counted: ~2.1 wake-ups per token against ~4.9 runner calls (4.7 wake-ups
-    when every draft call came back through the loop)."""
+def test_only_the_targets_work_wakes_the_event_loop() -> None:
+    """The draft's and the middle stage's loops run on their workers' threads (``stages``): their calls, most of the
+    runner calls here, cost the event loop no wake-up. It wakes for the target's results, and for the tokens the
+    target waits for. Counted: ~0.42 wake-ups per token against ~0.38 target forwards and ~4.3 runner calls (2.1
+    wake-ups with the middle stage on the loop, 4.7 with the draft there too)."""
     report = _report(0)
     assert report["lossless"]
-    assert report["loop_wakeups_per_token"] < 0.6 * report["runner_calls_per_token"], report
+    target_forwards = report["stages"][-1]["forwards"] / report["tokens"]
+    assert report["loop_wakeups_per_token"] < 1.5 * target_forwards, report
+    assert report["loop_wakeups_per_token"] < 0.2 * report["runner_calls_per_token"], report
 
 
 @limit(20)
-async def test_a_generation_returns_only_after_the_drafts_loop_has_stopped() -> None:
-    """No draft call outlives its generation (it would touch the next generation's KV cache)."""
-    async with simulated_pipeline([0.3, 3], [0.8]) as pipe:
-        draft = pipe.members[0].worker  # type: ignore[attr-defined]
+async def test_a_generation_returns_only_after_every_stages_loop_has_stopped() -> None:
+    """No call of the draft or the middle stage (their loops run on threads) outlives its generation: it would touch
+    the next generation's KV cache."""
+    async with simulated_pipeline([0.3, 1.0, 3], [0.8, 0.8]) as pipe:
+        workers = [m.worker for m in pipe.members[:2]]  # type: ignore[attr-defined]
         for _ in range(3):
             g = await pipe.generate(list(range(3, 19)), max_new_tokens=40)
-            calls = draft.calls
+            calls = [w.calls for w in workers]
             await asyncio.sleep(0.05)
-            assert draft.calls == calls and g.stats.tokens == 40
+            assert [w.calls for w in workers] == calls and g.stats.tokens == 40

@@ -177,7 +177,10 @@ class ChainMonitor:
     Per stage, a latency fit (``LinkEstimator`` latency part); per pair (proposer, verifier), an acceptance estimate
     (its alpha part); per sub-chain, the throughput measured while it ran; the sub-chain in use (``active``, always
     ending at the target). It outlives a generation (a ``Pipeline`` keeps one), so the next generation starts from
-    what this one learned. Mutated from the event loop only.
+    what this one learned. Mutated from the event loop and from the stages' threads (every stage but the target
+    runs its loop on its worker's thread): each stage observes its own forwards (``LinkEstimator.sums``, one tuple
+    replaced whole) and the verifications it makes; readers on another thread may see an estimate one observation
+    old, which is all the policy needs.
 
     Decisions, at most every ``interval`` seconds and ``settle`` committed tokens after the last switch:
 

@@ -12,7 +12,7 @@ import anyio
 import structlog
 import torch
 
-from ..channels import Channel, Doorbell, Handoff, Mailbox, ThreadDoorbell
+from ..channels import Doorbell, Handoff, Mailbox, ThreadDoorbell
 from ..errors import PipelineError, first_line
 from .policy import ChainMonitor
 from ..stages import Stage, StageConfig, StageIO, run_draft, run_verifier
@@ -21,7 +21,6 @@ from .output import Output
 from .request import Member, Request
 
 log = structlog.get_logger("pipespec.scheduler")
-PROPOSAL_BUFFER = 256  # messages; a stage drains its inbox every step, so this is rarely more than a few deep
 
 
 class LiveRun:
@@ -62,18 +61,13 @@ def build_stages(members: Sequence[Member], request: Request, output: Output,
     config = StageConfig(prompt=request.prompt, max_len=request.max_len, params=request.params,
                          verify_cap=request.verify_cap, max_ahead=request.max_ahead,
                          draft_batch=request.draft_batch)
-    # the draft (stage 0 of two or more) runs its loop on a thread (``stages.draft``): it waits on a thread's
-    # doorbell and hands its proposals over through a ``Handoff``
-    bells: list[Doorbell | ThreadDoorbell] = [Doorbell() for _ in members]
-    if len(members) > 1:
-        bells[0] = ThreadDoorbell()
+    # every stage but the target runs its loop on its worker's thread (``stages``): it waits on a thread's doorbell
+    # and hands its proposals over through a ``Handoff``; the target waits on the event loop
+    bells: list[Doorbell | ThreadDoorbell] = [ThreadDoorbell() for _ in members[:-1]]
+    bells.append(Doorbell())
     ios = [StageIO(doorbell=bell) for bell in bells]
     for i in range(len(members) - 1):
-        bell = bells[i + 1]
-        assert isinstance(bell, Doorbell)
-        down: Channel[Proposal] | Handoff[Proposal] = (
-            Handoff(f"proposals {i}->{i + 1}", bell) if i == 0
-            else Channel(f"proposals {i}->{i + 1}", PROPOSAL_BUFFER, bell))
+        down: Handoff[Proposal] = Handoff(f"proposals {i}->{i + 1}", bells[i + 1])
         up: Mailbox[Verdict] = Mailbox(f"verdicts {i + 1}->{i}", bells[i], Verdict.merge)
         ios[i].outbox, ios[i + 1].inbox = down, down
         ios[i].verdicts_in, ios[i + 1].verdicts_out = up, up

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 from dataclasses import dataclass
 
+import anyio
 import structlog
 
-from ..channels import Channel, Doorbell, Handoff, Mailbox, ThreadDoorbell
+from ..channels import Doorbell, Handoff, Mailbox, ThreadDoorbell
 from ..runners.base import Runner
+from ..runners.hosting import CallFn, host_loop
 from ..tracing import StageTrace
 from ..types import Proposal, StageState, StageStats, Verdict
 from ..verify import SamplingParams
@@ -18,6 +21,21 @@ log = structlog.get_logger("pipespec.stages")  # unconfigured structlog prints e
 
 # The target's output: called with the tokens it has just verified; returns True when the generation is over.
 CommitFn = Callable[[tuple[int, ...]], Awaitable[bool]]
+STOP_TIMEOUT = 10.0  # seconds a stopped stage loop on a thread may take to finish the worker call it is in
+
+
+async def run_hosted(stage: Stage, body: Callable[[CallFn], None], stop: Callable[[], None]) -> None:
+    """Run a stage's synchronous loop ``body(call)`` on a thread (``runners.hosting.host_loop``: its worker's own
+    where the runner hosts loops) until it returns or fails, or this coroutine is cancelled; then ``stop`` it and
+    wait, bounded, for it to leave, so no worker call of the stage outlives its generation."""
+    done = host_loop(stage.runner, body)
+    try:
+        await asyncio.wrap_future(done)
+    finally:
+        stop()
+        if not done.done():
+            with anyio.CancelScope(shield=True), anyio.move_on_after(STOP_TIMEOUT):
+                await asyncio.wait([asyncio.wrap_future(done)])
 
 
 class Monitor(Protocol):
@@ -56,9 +74,9 @@ class StageConfig:
 
 @dataclass(slots=True)
 class StageIO:
-    doorbell: Doorbell | ThreadDoorbell  # rung by ``inbox`` and ``verdicts_in`` (the draft's: a thread's doorbell)
-    inbox: Channel[Proposal] | Handoff[Proposal] | None = None  # proposals from the predecessor (None for stage 0)
-    outbox: Channel[Proposal] | Handoff[Proposal] | None = None  # to the successor (None for the target)
+    doorbell: Doorbell | ThreadDoorbell  # rung by ``inbox`` and ``verdicts_in`` (a stage on a thread: a thread's)
+    inbox: Handoff[Proposal] | None = None  # proposals from the predecessor (None for stage 0)
+    outbox: Handoff[Proposal] | None = None  # to the successor (None for the target)
     verdicts_in: Mailbox[Verdict] | None = None  # verdicts from the successor (None for the target)
     verdicts_out: Mailbox[Verdict] | None = None  # verdicts to the predecessor (None for stage 0)
     commit: CommitFn | None = None  # the target's output (None for the other stages)

@@ -29,12 +29,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import anyio
-
 from ..channels import Handoff, Mailbox, ThreadDoorbell
-from ..runners.hosting import host_loop
 from ..types import Proposal, Verdict
-from .base import Stage, SuccessorView
+from .base import Stage, SuccessorView, run_hosted
 
 __all__ = ["DraftLoop", "DraftPace", "run_draft"]
 
@@ -43,7 +40,6 @@ __all__ = ["DraftLoop", "DraftPace", "run_draft"]
 # that verifier's first forward, through a bypassed middle stage's relay once it has prefilled). Late, the draft
 # drafts on its own.
 START_WAIT = 0.5
-STOP_TIMEOUT = 10.0  # seconds a stopped draft loop may take to finish the worker call it is in
 
 
 class DraftPace:
@@ -113,14 +109,7 @@ async def run_draft(stage: Stage) -> None:
     """Run the draft stage's loop on a thread (see the module's docstring) until cancelled or failed; returns only
     once that thread has left the loop, so no draft call outlives the generation."""
     draft = DraftLoop(stage, asyncio.get_running_loop())
-    done = host_loop(stage.runner, draft.run)
-    try:
-        await asyncio.wrap_future(done)
-    finally:
-        draft.stop()
-        if not done.done():
-            with anyio.CancelScope(shield=True), anyio.move_on_after(STOP_TIMEOUT):
-                await asyncio.wait([asyncio.wrap_future(done)])
+    await run_hosted(stage, draft.run, draft.stop)
 
 
 class DraftLoop:
