@@ -32,3 +32,14 @@ gpu_tests() {
     timeout "$1" python3 -m pytest -q -m gpu tests/test_static.py tests/test_triton_attention.py > "$W/pytest.log" 2>&1
     echo "pytest rc=$?"; tail -2 "$W/pytest.log"
 }
+# `sim NAME PYTHONPATH-PREFIX`: the orchestrator on two pinned cores of this machine (`taskset -c 0,1 pipespec
+# simulate --latencies-ms 0.5,5,20 --acceptance 0.8,0.8 --tokens 400`) with the tree the prefix names first (empty:
+# this one); its figures into the log. Run from /tmp: with -m the working directory comes first on sys.path.
+sim() {  # NAME PYTHONPATH-PREFIX (run from /tmp: with -m the working directory comes first on sys.path)
+  (cd /tmp && PYTHONPATH=/tmp/site:$2$OLDPWD timeout 60 taskset -c 0,1 python3 -m pipespec simulate --latencies-ms 0.5,5,20 \
+      --acceptance 0.8,0.8 --tokens 400 --json > "$W/sim-$1.json" 2> "$W/sim-$1.err")
+  python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], {k: r[k] for k in (
+      'orchestrator_cpu_us_per_token', 'orchestrator_overhead_us_per_token', 'loop_wakeups_per_token',
+      'runner_calls_per_token', 'measured_over_simulated', 'measured_over_predicted', 'lossless')})" \
+      "$W/sim-$1.json" "$1" 2>&1 | tail -1
+}

@@ -11,14 +11,6 @@ set -u
 BEFORE=$1
 source "$(dirname "$0")/gpu_env.sh"
 levers_begin levers32
-sim() {  # NAME PYTHONPATH-PREFIX (run from /tmp: with -m the working directory comes first on sys.path)
-  (cd /tmp && PYTHONPATH=/tmp/site:$2$OLDPWD timeout 60 taskset -c 0,1 python3 -m pipespec simulate --latencies-ms 0.5,5,20 \
-      --acceptance 0.8,0.8 --tokens 400 --json > "$W/sim-$1.json" 2> "$W/sim-$1.err")
-  python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], {k: r[k] for k in (
-      'orchestrator_cpu_us_per_token', 'orchestrator_overhead_us_per_token', 'loop_wakeups_per_token',
-      'runner_calls_per_token', 'measured_over_simulated', 'measured_over_predicted', 'lossless')})" \
-      "$W/sim-$1.json" "$1" 2>&1 | tail -1
-}
 {
   echo "== after $PIPESPEC_COMMIT, before $BEFORE $(date +%T)"; nproc; nvidia-smi -L
   echo "== check $(date +%T)"; check_chain default 80
