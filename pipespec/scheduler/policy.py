@@ -358,8 +358,9 @@ class ChainMonitor:
         for chain in self._neighbours():
             if self.tokens >= self._next_trial.setdefault(chain, self.tokens + self._wait(chain)):
                 for stage in set(chain) - set(self.active):  # a stage coming back: measure its pairs afresh
-                    for pair in [p for p in self._pairs if stage in p]:
-                        del self._pairs[pair]
+                    # list(dict) copies in one step: a stage's thread may add a pair meanwhile (``_pair``)
+                    for pair in [p for p in list(self._pairs) if stage in p]:
+                        self._pairs.pop(pair, None)
                 return self._switch(chain, _Tentative(self.active, predicted=False))
         return None
 

@@ -42,8 +42,9 @@ class LiveRun:
         for stage in self.stages:
             st = stage.stats
             inbox = stage.io.inbox
-            recent_p = sum(p for p, _ in st.recent)
-            recent_a = sum(a for _, a in st.recent)
+            recent = tuple(st.recent)  # one step: a middle stage's thread appends to it meanwhile
+            recent_p = sum(p for p, _ in recent)
+            recent_a = sum(a for _, a in recent)
             views.append(StageSnapshot(
                 index=stage.index, model=st.model, device=st.device, state=st.state,
                 queue_depth=inbox.depth if inbox is not None else 0, in_flight=stage.in_flight,
