@@ -10,6 +10,7 @@ clear the screen or retitle the window, so control characters are shown as symbo
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -212,6 +213,11 @@ async def run_with_live_view(pipe: Any, prompt: str, options: dict[str, Any],
                     await finished.wait()
     if errors:
         raise errors[0]
+    if not result:
+        # the generation was cancelled (Ctrl-C cancels this task) but the task group returned instead of passing the
+        # cancellation on: seen once in CI, a Ctrl-C that ended in an IndexError here. Pass it on, so that
+        # asyncio.run turns it into the KeyboardInterrupt the CLI reports (the text so far, one line, exit 130).
+        raise asyncio.CancelledError
     g = result[0]
     console.out(printable(g.text), highlight=False)
     final = pipe.snapshot()
