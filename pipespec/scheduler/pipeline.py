@@ -290,9 +290,9 @@ class Pipeline:
         (``PROBE_TOKENS`` tokens, interleaved ar, sd, pipe, ar, ...), and the best rate of each mode counts, so a
         first run that pays for warm-up (graph captures, caches) does not decide. Modes within ``RUNOFF_BAND`` of the
         leader then run over ``RUNOFF_TOKENS`` tokens, interleaved, ``RUNOFF_MIN_ROUNDS`` times each, once more
-        (``RUNOFF_ROUNDS``) unless one leads by ``RUNOFF_CLEAR`` (``runoff_settled``), and the best run of each decides (short probes rate the
-        speculative modes low, so a near tie is decided on longer runs). Greedy outputs are identical in
-        every mode (lossless), so which one runs changes only the speed.
+        (``RUNOFF_ROUNDS``) unless one leads by ``RUNOFF_CLEAR`` (``runoff_settled``), and the best run of each
+        decides (short probes rate the speculative modes low, so a near tie is decided on longer runs). Greedy
+        outputs are identical in every mode (lossless), so which one runs changes only the speed.
 
         sd's lookahead: where the request left it unset (``lookahead_given``) and sd is within ``SD_TUNE_BAND`` of
         the leader, sd is probed at doubled or halved lookaheads too (``tune_lookahead``), and sd counts at its best
