@@ -60,6 +60,9 @@ def _on_tokens(n: int) -> None:
 
 
 def main() -> None:
+    # Ctrl-C as a terminal's foreground job has it: a test launched from a background job of a non-interactive shell
+    # inherits SIGINT ignored, and Python then keeps ignoring it
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     trigger, args = sys.argv[1], sys.argv[2:]
     kind, _, value = trigger.partition(":")
     if kind == "import":

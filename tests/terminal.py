@@ -29,7 +29,10 @@ class Terminal:
         env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "NO_COLOR", "FORCE_COLOR")}
         env.update(TERM="xterm-256color", OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8", HF_HUB_OFFLINE="1",
                    TOKENIZERS_PARALLELISM="false", PIPESPEC_HISTORY=str(tmp / "history"))
-        become_session = "import os, sys; os.login_tty(0); os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+        # SIGINT back to its default first: a test run from a background job of a non-interactive shell inherits it
+        # ignored, and Ctrl-C typed into the terminal would then do nothing
+        become_session = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.login_tty(0); "
+                          "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
         self.proc = subprocess.Popen([sys.executable, "-c", become_session, "-m", "pipespec", *args],
                                      stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
         os.close(slave)
