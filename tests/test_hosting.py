@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -109,3 +110,29 @@ async def test_only_the_target_calls_its_worker_through_the_event_loop() -> None
         assert {key for key in through_loop if key[0] < 2} == {(0, "reset"), (1, "reset")}, through_loop
         assert through_loop[2, "step"] >= 5 and through_loop[0, "reset"] == through_loop[1, "reset"] == 1
         assert g.stats.stages[1]["forwards"] > 1 and g.stats.stages[0]["forwards"] > 1, g.stats.stages
+
+
+@limit(60)
+async def test_a_middle_stage_driven_on_the_event_loop_is_lossless(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``stages.verifier`` writes the verifier's loop once, for two drivers: on a thread (every middle stage) and on
+    the event loop (the target). A middle stage on the event loop (``build_stages(on_loop=...)``) also sends
+    proposals down from there; its output is still the target's alone, and its calls come through the loop."""
+    from pipespec.scheduler import pipeline, run
+
+    prompt = list(range(3, 19))
+    async with simulated_pipeline([0.3, 2.0, 5.0], [0.8, 0.8], seed=3, vocab=1000) as pipe:
+        want = (await pipe.generate(prompt, max_new_tokens=40, mode="ar")).token_ids
+        monkeypatch.setattr(pipeline, "build_stages", functools.partial(run.build_stages, on_loop=(1,)))
+        through_loop: collections.Counter[str] = collections.Counter()
+        real = pipe.members[1].runner.call
+
+        def spy(method: str, *args: Any, **kwargs: Any) -> Any:
+            through_loop[method] += 1
+            return real(method, *args, **kwargs)
+
+        pipe.members[1].runner.call = spy  # type: ignore[method-assign]
+        for mode in ("pipe", "sd"):
+            g = await pipe.generate(prompt, max_new_tokens=40, mode=mode, adaptive=False)
+            assert g.token_ids == want, mode
+            assert g.stats.stages[1]["forwards"] > 1 and g.stats.stages[2]["accepted"] > 0, g.stats.stages
+        assert through_loop["verify"] + through_loop["step"] > 2, through_loop

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import anyio
 import structlog
@@ -56,15 +56,19 @@ class LiveRun:
 
 
 def build_stages(members: Sequence[Member], request: Request, output: Output,
-                 monitor: ChainMonitor | None = None) -> list[Stage]:
+                 monitor: ChainMonitor | None = None, on_loop: Collection[int] = ()) -> list[Stage]:
     """Stage objects and the channels between them: proposals down, verdicts up, one doorbell per stage.
-    ``monitor``: the adaptive runtime of this chain (None: static caps, every stage always in the chain)."""
+    ``monitor``: the adaptive runtime of this chain (None: static caps, every stage always in the chain).
+    ``on_loop``: middle stages that run their loop on the event loop as the target does, calling their workers
+    through it (slower: a diagnostic, and the seam that tests ``stages.verifier``'s event-loop driver with)."""
+    assert all(0 < i < len(members) - 1 for i in on_loop), "only a middle stage can move to the event loop"
     config = StageConfig(prompt=request.prompt, max_len=request.max_len, params=request.params,
                          verify_cap=request.verify_cap, max_ahead=request.max_ahead,
                          draft_batch=request.draft_batch)
     # every stage but the target runs its loop on its worker's thread (``stages``): it waits on a thread's doorbell
     # and hands its proposals over through a ``Handoff``; the target waits on the event loop
-    bells: list[Doorbell | ThreadDoorbell] = [ThreadDoorbell() for _ in members[:-1]]
+    bells: list[Doorbell | ThreadDoorbell] = [ThreadDoorbell() if i not in on_loop else Doorbell()
+                                              for i in range(len(members) - 1)]
     bells.append(Doorbell())
     ios = [StageIO(doorbell=bell) for bell in bells]
     for i in range(len(members) - 1):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 from dataclasses import dataclass
 
 import anyio
@@ -36,6 +37,17 @@ async def run_hosted(stage: Stage, body: Callable[[CallFn], None], stop: Callabl
         if not done.done():
             with anyio.CancelScope(shield=True), anyio.move_on_after(STOP_TIMEOUT):
                 await asyncio.wait([asyncio.wrap_future(done)])
+
+
+def traced_call(trace: StageTrace | None, call: CallFn, method: str, *args: Any) -> Any:
+    """A worker call from a stage's own thread (``call``: the one ``run_hosted``'s body is given), with its host span
+    on the stage's track of the trace when one is recorded."""
+    began = time.perf_counter()
+    try:
+        return call(method, *args)
+    finally:
+        if trace is not None:
+            trace.span(method, began)
 
 
 class Monitor(Protocol):

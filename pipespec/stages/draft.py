@@ -31,7 +31,7 @@ from typing import Any
 
 from ..channels import Handoff, Mailbox, ThreadDoorbell
 from ..types import Proposal, Verdict
-from .base import Stage, SuccessorView, run_hosted
+from .base import Stage, SuccessorView, run_hosted, traced_call
 
 __all__ = ["DraftLoop", "DraftPace", "run_draft"]
 
@@ -137,14 +137,6 @@ class DraftLoop:
         self.stopped = True
         self.bell.ring()
 
-    def _call(self, call: Callable[..., Any], method: str, *args: Any) -> Any:
-        began = time.perf_counter()
-        try:
-            return call(method, *args)
-        finally:
-            if self.stage.trace is not None:
-                self.stage.trace.span(method, began)
-
     def _wait(self, reason: str) -> None:
         trace = self.stage.trace
         waited = time.perf_counter()
@@ -164,7 +156,7 @@ class DraftLoop:
         start_wait = stage.monitor is not None and stage.monitor.lock_step()
         awaited: int | None = None
         # every stage prefills at once, on its own thread, while the others prefill and draft
-        stats.forwards += self._call(call, "prefill", cfg.prompt)
+        stats.forwards += traced_call(trace, call, "prefill", cfg.prompt)
         while not self.stopped:
             rollback = successor.take(verdicts)
             if rollback is not None:
@@ -208,7 +200,7 @@ class DraftLoop:
                 k = pace.batch(room)
             else:
                 k = min(cfg.draft_batch, room)
-            result = self._call(call, "draft", seq, k, cfg.params)
+            result = traced_call(trace, call, "draft", seq, k, cfg.params)
             elapsed = time.perf_counter() - started
             if pace is not None:
                 pace.observe_call(len(result.tokens), elapsed)

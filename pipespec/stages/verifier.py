@@ -41,7 +41,7 @@ from ..channels import Doorbell, Handoff, ThreadDoorbell
 from ..runners.hosting import CallFn
 from ..workers.base import common_prefix
 from ..types import Proposal, RowRefs, Verdict
-from .base import Stage, SuccessorView, log, run_hosted
+from .base import Stage, SuccessorView, log, run_hosted, traced_call
 
 
 # Seconds a verifier waits at most for a block whose drafting time nothing has measured yet (lock step's first; a
@@ -182,12 +182,7 @@ class _HostedVerifier:
                 except StopIteration:
                     return
                 if isinstance(effect, _Call):
-                    began = time.perf_counter()
-                    try:
-                        answer = call(effect.method, *effect.args)
-                    finally:
-                        if trace is not None:
-                            trace.span(effect.method, began)
+                    answer = traced_call(trace, call, effect.method, *effect.args)
                 elif isinstance(effect, _Wait):
                     answer = self.bell.wait_blocking(effect.timeout)
                 elif isinstance(effect, _Send):
