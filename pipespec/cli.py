@@ -165,7 +165,9 @@ def model_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def sampling_options(f: Callable[..., Any], default_mode: str = "pipe") -> Callable[..., Any]:
+def sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """run's and chat's generation options. The mode is auto by default: its probes' choice is remembered per chain,
+    placement and kind of request (``scheduler.choices``), so only the first command of a kind pays for them."""
     opts = [
         click.option("--temperature", "-t", type=float, default=0.0, show_default=True, help="0 means greedy."),
         click.option("--top-k", type=int, default=0, show_default=True, help="0 means no top-k filter."),
@@ -173,9 +175,11 @@ def sampling_options(f: Callable[..., Any], default_mode: str = "pipe") -> Calla
         click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed."),
         click.option("--acceptance", type=click.Choice(["coupled", "rejection"]), default="coupled",
                      show_default=True, help="How sampled drafts are verified (see docs/sampling.md)."),
-        click.option("--mode", type=click.Choice(REQUEST_MODES), default=default_mode, show_default=True,
+        click.option("--mode", type=click.Choice(REQUEST_MODES), default="auto", show_default=True,
                      help="pipe: asynchronous; sd: lock-step; ar: the target alone; auto: probe the three on this "
-                          "placement once, then run the fastest."),
+                          "placement, run the fastest, and remember the choice for later commands."),
+        click.option("--reprobe", is_flag=True,
+                     help="Mode auto: probe again instead of using the choice remembered from an earlier command."),
         click.option("--verify-cap", type=int, default=64, show_default=True,
                      help="Most proposed tokens a stage checks in one forward pass."),
         click.option("--lookahead", type=int, default=None,
@@ -191,11 +195,6 @@ def sampling_options(f: Callable[..., Any], default_mode: str = "pipe") -> Calla
     return f
 
 
-def chat_sampling_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """chat's: mode auto by default. A chat runs many generations on one pipeline, so the one-time probes (6 short
-    generations) pay for themselves; on the CPU with the built-in family auto picks ar at 2.4x pipe's rate
-    (docs/benchmarks.md). ``run`` keeps pipe: one generation per process cannot amortise the probes."""
-    return sampling_options(f, default_mode="auto")
 
 
 quantize_option = click.option(
@@ -333,8 +332,8 @@ def run(models: str | None, device: str, dtype: str, trust_remote_code: bool, pl
         options["trace"] = trace
     devices, chosen = resolve_chain(len(names), device, placement, backend, ray_address, call_deadline)
     code = run_command(names, text, options, device=devices, dtype=dtype, trust_remote_code=trust_remote_code,
-                       as_json=as_json, use_tui=use_tui, backend=chosen, quantize=quantize,
-                          split=split)
+                       as_json=as_json, use_tui=use_tui, backend=chosen, quantize=quantize, split=split,
+                       reprobe=kw["reprobe"])
     sys.exit(code)
 
 
@@ -364,7 +363,7 @@ def models_cmd(as_json: bool) -> None:
 
 @main.command()
 @model_options
-@chat_sampling_options
+@sampling_options
 @placement_option
 @quantize_option
 @split_option
@@ -388,8 +387,7 @@ def chat(models: str | None, device: str, dtype: str, trust_remote_code: bool, p
     options.update(max_new_tokens=max_new_tokens, stop=stop)
     devices, chosen = resolve_chain(len(names), device, placement, backend, ray_address, call_deadline)
     sys.exit(chat_command(names, options, device=devices, dtype=dtype, trust_remote_code=trust_remote_code,
-                          system=system, backend=chosen, quantize=quantize,
-                          split=split))
+                          system=system, backend=chosen, quantize=quantize, split=split, reprobe=kw["reprobe"]))
 
 
 # -- pipespec bench ----------------------------------------------------------------------------------------------

@@ -164,6 +164,7 @@ class Snapshot:
     elapsed: float  # seconds since the generation started
     text: str  # generated text so far
     done: bool = False
+    note: str = ""  # what runs before the generation starts (mode auto's probes), for the live view
 
     @property
     def tokens_per_second(self) -> float:

@@ -6,10 +6,17 @@ versus a verified window) cannot flip an argmax through rounding.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# mode auto's remembered choices (``scheduler.choices``): one fresh folder for the session, never the developer's own,
+# inherited by the commands the tests start
+os.environ["PIPESPEC_CACHE_DIR"] = _CACHE = tempfile.mkdtemp(prefix="pipespec-test-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 import pytest
 import torch

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import inspect
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,6 +20,12 @@ from transformers import LlamaForCausalLM
 import pipespec
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def sigint_default() -> None:
+    """``preexec_fn`` of a command a test will SIGINT: Ctrl-C as a terminal's foreground job has it. A test run
+    from a background job of a non-interactive shell inherits SIGINT ignored, and the signal would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def limit(seconds: float) -> Callable[[F], F]:

@@ -203,10 +203,10 @@ async def test_a_near_tie_is_decided_by_longer_runs(monkeypatch, clear: float, r
     async with simulated_pipeline([0.3, 3.0], [0.9], seed=5, vocab=1000) as pipe:
         real, longer = pipe._run, []
 
-        async def spy(request, on_piece, trace=None):
+        async def spy(request, on_piece, trace=None, **kwargs):
             if request.max_new_tokens == 128:
                 longer.append(request.mode)
-            return await real(request, on_piece, trace)
+            return await real(request, on_piece, trace, **kwargs)
 
         monkeypatch.setattr(pipe, "_run", spy)
         g = await pipe.generate(PROMPT, max_new_tokens=32, mode="auto")

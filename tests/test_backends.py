@@ -18,7 +18,7 @@ import torch
 
 import pipespec
 from conftest import noisy_copy, tiny_llama
-from helpers import hf_greedy, limit, save_folder, slow
+from helpers import hf_greedy, limit, save_folder, sigint_default, slow
 from pipespec.errors import PipelineError
 from pipespec.runners import Backend
 from pipespec.verify import SamplingParams
@@ -166,7 +166,7 @@ def test_ctrl_c_leaves_no_worker_processes(tmp_path: "os.PathLike[str]") -> None
     proc = subprocess.Popen([sys.executable, "-m", "pipespec", "run", "--models", "tiny-draft,tiny-middle,tiny-target",
                              "--device", "cpu", "--backend", "process", "--no-tui", "--max-new-tokens", "2000",
                              "--prompt", "def f(x):"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, preexec_fn=sigint_default)
     try:
         deadline = time.monotonic() + 120
         while len(grandchildren := _children_of(proc.pid)) < 3:  # the three workers are up

@@ -28,7 +28,7 @@ import torch
 import pipespec
 from conftest import noisy_copy, tiny_llama
 from faults import rss_mib
-from helpers import byte_tokenizer, hf_greedy, limit
+from helpers import byte_tokenizer, hf_greedy, limit, sigint_default
 
 torch.set_num_threads(1)
 
@@ -57,7 +57,7 @@ def _read_until(proc: subprocess.Popen[bytes], n_bytes: int, timeout: float) -> 
 def test_ctrl_c_keeps_the_text_and_exits_130_within_2s() -> None:
     proc = subprocess.Popen([sys.executable, "-m", "pipespec", "run", "--prompt", "def add(a, b):", "-n", "2000",
                              "--no-tui"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=sigint_default)
     try:
         before = _read_until(proc, 40, timeout=120)  # startup (imports, loading) may be slow on a busy CI host
         assert len(before) >= 40, ("no streamed text", before, proc.poll())

@@ -268,12 +268,12 @@ def line_history() -> Iterator[None]:
 
 def chat_command(names: list[str], options: dict[str, Any], *, device: str | list[str], dtype: str,
                  trust_remote_code: bool, system: str | None = None, backend: Any = "thread",
-                 quantize: str | None = None, split: str = "tensor") -> int:
+                 quantize: str | None = None, split: str = "tensor", reprobe: bool = False) -> int:
     """Load the chain, then talk until /quit or Ctrl-D. Returns the process exit code."""
     with asyncio.Runner() as runner:
         try:
             pipe = runner.run(load_pipeline(names, device, dtype, trust_remote_code, sys.stderr.isatty(),
-                                            backend, quantize, split))
+                                            backend, quantize, split, reprobe))
         except KeyboardInterrupt:
             error("interrupted while loading")
             return EXIT_INTERRUPTED

@@ -15,6 +15,7 @@ from ..errors import exit_code
 
 if TYPE_CHECKING:
     from ..scheduler import Pipeline
+    from ..scheduler.choices import ChoiceStore
 
 __all__ = ["error", "report", "load_pipeline"]
 
@@ -50,16 +51,37 @@ def _quiet_transformers() -> Iterator[None]:
 
 async def load_pipeline(names: list[str], device: str | list[str], dtype: str, trust_remote_code: bool,
                         progress: bool, backend: Any = "thread", quantize: str | None = None,
-                        split: str = "tensor") -> Pipeline:
+                        split: str = "tensor", reprobe: bool = False) -> Pipeline:
     """Load the chain (its workers where ``backend`` says); with ``progress``, one Rich progress line per model on
-    stderr."""
+    stderr. Mode auto's choices are remembered across commands (``scheduler.choices``); ``reprobe``: this one
+    probes again (and remembers what it finds)."""
     from ..scheduler import Pipeline
 
     if not progress:
-        return await Pipeline.load(names, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+        pipe = await Pipeline.load(names, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                                    backend=backend, quantize=quantize, split=split)
-    from .tui import loading_progress
+    else:
+        from .tui import loading_progress
 
-    with _quiet_transformers(), loading_progress(names) as on_loaded:
-        return await Pipeline.load(names, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                                   on_loaded=on_loaded, backend=backend, quantize=quantize, split=split)
+        with _quiet_transformers(), loading_progress(names) as on_loaded:
+            pipe = await Pipeline.load(names, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                                       on_loaded=on_loaded, backend=backend, quantize=quantize, split=split)
+    pipe.choices = choice_store(pipe, dtype, quantize, split, backend, reprobe)
+    return pipe
+
+
+def choice_store(pipe: Pipeline, dtype: str, quantize: str | None, split: str, backend: Any,
+                 reprobe: bool) -> ChoiceStore:
+    """The store of mode auto's choices, scoped to what this command loaded where: the models as named, their
+    devices and dtypes, quantization, the split, the backend, the GPUs' names, the versions of pipespec and torch."""
+    import torch
+
+    from .. import __version__
+    from ..scheduler.choices import ChoiceStore
+
+    gpus = sorted({m.device.split(":")[-1] for m in pipe.members if m.device.startswith("cuda")})
+    scope = {"pipespec": __version__, "torch": torch.__version__, "models": pipe.names,
+             "devices": [m.device for m in pipe.members], "dtypes": [m.info.dtype for m in pipe.members],
+             "dtype": dtype, "quantize": quantize, "split": split, "backend": getattr(backend, "kind", str(backend)),
+             "gpus": [torch.cuda.get_device_name(int(i)) for i in gpus if i.isdigit()]}
+    return ChoiceStore.default(scope, reprobe=reprobe)

@@ -22,12 +22,13 @@ def _result_json(g: Generation) -> str:
 
 def run_command(names: list[str], prompt: str, options: dict[str, Any], *, device: str | list[str], dtype: str,
                 trust_remote_code: bool, as_json: bool, use_tui: bool, backend: Any = "thread",
-                quantize: str | None = None, split: str = "tensor") -> int:
+                quantize: str | None = None, split: str = "tensor", reprobe: bool = False) -> int:
     """Returns the process exit code."""
     holder: dict[str, Any] = {}
 
     async def main() -> int:
-        pipe = await load_pipeline(names, device, dtype, trust_remote_code, use_tui, backend, quantize, split)
+        pipe = await load_pipeline(names, device, dtype, trust_remote_code, use_tui, backend, quantize, split,
+                                   reprobe)
         holder["pipe"] = pipe
         async with pipe:
             pipe.make_request(prompt, **{k: v for k, v in options.items() if k != "trace"})  # validate first

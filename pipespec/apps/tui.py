@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,8 @@ def footer(snap: Snapshot) -> Text:
     return Text.assemble(("committed ", "dim"), (f"{snap.committed}", "bold"), (" tokens  ", "dim"),
                          (f"{snap.tokens_per_second:.1f}", "bold"), (" tokens/s  ", "dim"),
                          ("elapsed ", "dim"), (f"{snap.elapsed:.1f}s", "bold"),
-                         ("  done" if snap.done else "", "bold green"))
+                         ("  done" if snap.done else "", "bold green"),
+                         (f"  {snap.note}" if snap.note else "", "yellow"))
 
 
 class _Tail:
@@ -209,6 +211,8 @@ async def run_with_live_view(pipe: Any, prompt: str, options: dict[str, Any],
                 snap = pipe.snapshot()
                 if snap is not None and not snap.done:  # a done one is the previous generation's, or the end
                     latest[0] = snap
+                elif getattr(pipe, "probing", None) and latest[0].committed == 0:  # mode auto, before it starts
+                    latest[0] = dataclasses.replace(latest[0], note=pipe.probing)
                 with anyio.move_on_after(1 / REFRESH_PER_SECOND):
                     await finished.wait()
     if errors:

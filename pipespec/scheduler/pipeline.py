@@ -25,6 +25,7 @@ from ..errors import ConfigError, PipelineClosed, PipelineError, first_error
 from ..runners.backend import Backend
 from ..types import REQUEST_MODES, Generation, GenerationStats, Mode, RequestMode, Snapshot, StageStats
 from ..verify import SamplingParams
+from .choices import ChoiceStore
 from .loader import load_chain
 from .lockstep import run_lockstep
 from .output import Output, steady_rate
@@ -114,6 +115,15 @@ def runoff_settled(rates: dict[Mode, float], clear: float | None = None) -> bool
     return all(top >= clear * r for r in rest)
 
 
+def choice_parts(request: Request) -> dict[str, Any]:
+    """What of a request changes which mode runs fastest (``ChoiceStore``'s key, beside what was loaded where):
+    greedy or sampled and the acceptance rule, a lookahead the caller gave, the pipe settings. Not the prompt."""
+    sampled = request.params.temperature > 0
+    return {"sampled": sampled, "acceptance": request.params.acceptance if sampled else None,
+            "lookahead": request.lookahead if request.lookahead_given else None, "verify_cap": request.verify_cap,
+            "max_ahead": request.max_ahead, "draft_batch": request.draft_batch, "adaptive": request.adaptive}
+
+
 class Pipeline:
     """A chain of causal LMs sharing one tokenizer, smallest first; the last one is the target."""
 
@@ -129,6 +139,9 @@ class Pipeline:
         # the adaptive runtime's knowledge of this chain; it carries over from one generation to the next
         self.monitor = self.fresh_monitor()
         self.auto_choice: AutoChoice | None = None  # mode "auto": what the probes chose, and why
+        # mode "auto"'s choices remembered across processes (the CLI sets one; None: probe in every process)
+        self.choices: ChoiceStore | None = None
+        self.probing: str | None = None  # mode "auto": which probe runs now (for a live view), else None
 
     def fresh_monitor(self) -> ChainMonitor:
         """An adaptive runtime that knows this chain's placement (who shares a device) and nothing it learned:
@@ -284,7 +297,9 @@ class Pipeline:
 
     async def choose_mode(self, request: Request) -> AutoChoice:
         """Mode "auto": the mode that measures fastest on this chain and placement, and why; probed once per
-        Pipeline (``auto_choice``; set it to None to probe again).
+        Pipeline (``auto_choice``; set it to None to probe again), or read back from ``choices`` where an earlier
+        process probed the same chain, placement and kind of request (``scheduler.choices``; written there after
+        probing). The probes are not published (``snapshot``); ``probing`` says which one runs.
 
         Every mode runs ``PROBE_ROUNDS`` short generations of the request's own prompt and sampling options
         (``PROBE_TOKENS`` tokens, interleaved ar, sd, pipe, ar, ...), and the best rate of each mode counts, so a
@@ -302,12 +317,34 @@ class Pipeline:
         if len(self.members) == 1:
             self.auto_choice = AutoChoice("ar", "one model: the target alone")
             return self.auto_choice
+        parts = choice_parts(request)
+        found = self.choices.get(parts) if self.choices is not None else None
+        if found is not None:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(found.when))
+            self.auto_choice = AutoChoice(found.mode, f"remembered from the probes of {when} (--reprobe probes "
+                                                      f"again): {found.reason}", found.lookahead)
+            return self.auto_choice
+        try:
+            self.auto_choice = await self._probe_modes(request)
+        finally:
+            self.probing = None
+        if self.choices is not None:
+            self.choices.put(parts, *self.auto_choice)
+        return self.auto_choice
+
+    async def _probe_modes(self, request: Request) -> AutoChoice:
+        """``choose_mode``'s measurements: the probes, sd's tuning and the runoff; the choice and why."""
         room = self.context - len(request.prompt) if self.context else max(PROBE_TOKENS, RUNOFF_TOKENS)
         n = max(1, min(PROBE_TOKENS, room))
 
+        runs = 0
+
         async def rate(mode: Mode, lookahead: int, tokens: int = n) -> float:
+            nonlocal runs
+            runs += 1
+            self.probing = f"mode auto: probe {runs}, {mode}" + (f":{lookahead}" if mode == "sd" else "")
             probe = _replace_mode(request, mode, max_new_tokens=tokens, stop=(), lookahead=lookahead)
-            stats = (await self._run(probe, None)).stats
+            stats = (await self._run(probe, None, publish=False)).stats
             # the steady decode rate: a short probe's start (prefills, first round) and cut-off last round cost the
             # speculative modes more than ar, whose rounds are one token (H200, {68m,7b,13b}, alpha 0.7: 64-token
             # probes rated sd:8 13 % and pipe 9 % under their 128-token medians, ar 2 %; auto then ran ar, 0.91x)
@@ -332,23 +369,23 @@ class Pipeline:
         longer = max(1, min(RUNOFF_TOKENS, room))
         if len(close) > 1 and longer > n:  # a near tie: longer runs decide
             final = {m: 0.0 for m in close}
-            for runs in range(1, RUNOFF_ROUNDS + 1):
+            for rounds in range(1, RUNOFF_ROUNDS + 1):
                 for m in close:
                     final[m] = max(final[m], await rate(m, lookahead if m == "sd" else request.lookahead, longer))
-                if runs >= RUNOFF_MIN_ROUNDS and runoff_settled(final):
+                if rounds >= RUNOFF_MIN_ROUNDS and runoff_settled(final):
                     break
             best = max(final, key=lambda m: final[m])
-            listing += "; runoff over {} tokens, best of {}: {}".format(longer, runs, ", ".join(
+            listing += "; runoff over {} tokens, best of {}: {}".format(longer, rounds, ", ".join(
                 f"{m}:{lookahead} {final[m]:.1f}" if m == "sd" else f"{m} {final[m]:.1f}" for m in close))
         what = f"sd (lookahead {lookahead})" if best == "sd" else best
-        self.auto_choice = AutoChoice(
-            best, f"{what}: fastest in probes on this placement ({PROBE_ROUNDS} x {n} tokens per mode, best run "
-                  f"each; tokens/s: {listing})", lookahead if best == "sd" else None)
         log("debug", "mode chosen", mode=what, tokens_per_s=listing)  # debug: at -v it would land in a streamed reply
-        return self.auto_choice
+        return AutoChoice(best, f"{what}: fastest in probes on this placement ({PROBE_ROUNDS} x {n} tokens per mode, "
+                                f"best run each; tokens/s: {listing})", lookahead if best == "sd" else None)
 
     async def _run(self, request: Request, on_piece: Callable[[str], Awaitable[None]] | None,
-                   trace: TraceTo = None) -> Generation:
+                   trace: TraceTo = None, publish: bool = True) -> Generation:
+        """One generation. ``publish``: whether ``snapshot`` shows it (not mode auto's probes: a live view, or
+        the text printed on Ctrl-C, would show a probe's text as the caller's)."""
         if self._closed:
             raise PipelineClosed("this pipeline is closed")
         if request.mode == "auto":
@@ -374,7 +411,8 @@ class Pipeline:
             stages = build_stages(members, request, output, self.monitor if adaptive else None)
             live = LiveRun(request, stages, output)
             busy_before = [m.runner.busy_seconds for m in members]
-            self._live = live
+            if publish:
+                self._live = live
             recording = None
             try:
                 if tracer is not None:
