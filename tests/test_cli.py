@@ -44,7 +44,7 @@ def invoke(*args: str, input: str | None = None) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
-@pytest.mark.parametrize("mode", ["pipe", "sd", "ar"])
+@pytest.mark.parametrize("mode", ["pipe", "sd", "ar", "auto"])
 def test_run_json_equals_target_alone(folders: dict[str, str], mode: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -61,7 +61,10 @@ def test_run_json_equals_target_alone(folders: dict[str, str], mode: str) -> Non
     assert got == want[:len(got)]
     assert len(got) == 20 or got[-1] == tok.eos_token_id  # stopped by max_new_tokens or at the tokenizer's EOS
     assert data["stats"]["tokens"] == len(data["token_ids"]) <= 20
-    assert data["stats"]["mode"] == mode
+    if mode == "auto":  # the default: what it ran, and why
+        assert data["stats"]["mode"] == data["stats"]["mode_chosen"] and data["stats"]["reason"], data["stats"]
+    else:
+        assert data["stats"]["mode"] == mode
     assert [s["model"] for s in data["stats"]["stages"]] == ["draft", "middle", "target"]
     assert data["text"] == tok.decode(data["token_ids"], skip_special_tokens=True)
     for stage in data["stats"]["stages"]:

@@ -140,6 +140,22 @@ async def test_run_with_live_view_returns_the_generation_and_prints_it(folder_ch
     assert all(name in tail for name in ("draft", "middle", "target")) and "done" in tail
 
 
+@limit(120)
+async def test_mode_auto_in_the_live_view_says_which_probe_runs_and_then_what_it_chose(folder_chain: list[str]) -> None:
+    assert "mode auto: probe 3, pipe" in frame(snapshot(committed=0, note="mode auto: probe 3, pipe"))
+    torch.set_num_threads(1)
+    console = Console(record=True, width=160, force_terminal=True, color_system=None)
+    async with Pipeline.load(folder_chain, device="cpu") as pipe:
+        want = await pipe.generate("def add(a, b):", max_new_tokens=24, mode="ar")
+        got = await run_with_live_view(pipe, "def add(a, b):", {"max_new_tokens": 24, "mode": "auto"},
+                                       console=console)
+    assert got.token_ids == want.token_ids and got.stats.mode_chosen is not None
+    out = console.export_text(styles=False)
+    assert printable(got.text) in out
+    after_table = out[out.rindex(" done"):]  # the final table's footer, then what auto ran and why
+    assert f"\nmode auto: {got.stats.mode_chosen}" in after_table and "fastest in probes" in after_table, out[-600:]
+
+
 # -- a real terminal ---------------------------------------------------------------------------------------------
 
 
@@ -148,7 +164,7 @@ async def test_run_with_live_view_returns_the_generation_and_prints_it(folder_ch
 def test_run_in_a_terminal_shows_the_live_view_while_text_streams(folder_chain: list[str], tmp_path: Path) -> None:
     log = tmp_path / "run.jsonl"
     term = Terminal(["run", "--models", ",".join(folder_chain), "--device", "cpu", "--prompt", "def add(a, b):",
-                     "--max-new-tokens", "300", "--log-file", str(log), "-vv"], tmp_path)
+                     "--max-new-tokens", "300", "--mode", "pipe", "--log-file", str(log), "-vv"], tmp_path)
     try:
         assert term.wait(120) == 0, term.text
     finally:

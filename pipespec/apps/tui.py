@@ -227,6 +227,8 @@ async def run_with_live_view(pipe: Any, prompt: str, options: dict[str, Any],
     final = pipe.snapshot()
     if final is not None:
         console.print(render(final, title=title, show_text=False))
+    if g.stats.mode_chosen is not None:  # mode auto: what it ran and why (the probes' rates, or remembered ones)
+        console.print(Text(f"mode auto: {g.stats.reason}", style="dim"))
     return g
 
 
