@@ -89,8 +89,8 @@ def test_scripted_session_continues_the_transcript_and_answers_commands(folder_c
     out = result.stdout
     assert "plain continuation" in out and "draft -> middle -> target" in out
     assert "> " + printable(first) in out and printable(second) in out
-    replies = re.findall(r"\[(\d+) tokens · [0-9.]+ tokens/s", out)
-    assert len(replies) == 2
+    replies = re.findall(r"\[(\d+) tokens · [0-9.]+ tokens/s · mode (?:pipe|sd|ar)", out)
+    assert len(replies) == 2, out  # what mode auto (chat's default) runs is in every reply's summary
     stats = out.split("session: ")
     assert "rollbacks" in stats[0] and all(name in stats[0] for name in ("draft", "middle", "target"))
     assert re.search(r"^1 replies, \d+ tokens .* 2 turns", stats[1])

@@ -231,7 +231,7 @@ class ChatSession:
         self.replies += 1
         self.tokens += snap.committed
         self.seconds += snap.elapsed
-        parts = [f"{snap.committed} tokens", f"{snap.tokens_per_second:.1f} tokens/s"]
+        parts = [f"{snap.committed} tokens", f"{snap.tokens_per_second:.1f} tokens/s", f"mode {snap.mode}"]
         target = snap.stages[-1]
         if target.acceptance is not None:
             parts.append(f"acceptance {100 * target.acceptance:.0f}%")
