@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import limit
 from pipespec.apps.simulate import simulated_pipeline
 from pipespec.scheduler.choices import MAX_ENTRIES, ChoiceStore, default_dir
-from pipespec.scheduler.pipeline import choice_parts
+from pipespec.scheduler import pipeline as pipeline_module
+from pipespec.scheduler.pipeline import WARM_UP_TOKENS, choice_parts
 
 PROMPT = list(range(3, 19))
 SCOPE = {"models": ["a", "b"], "devices": ["cpu", "cpu"]}
@@ -79,7 +79,7 @@ async def test_a_pipeline_with_a_remembered_choice_runs_it_without_probing(tmp_p
         pipe.choices = ChoiceStore(path, SCOPE)
         first = await pipe.generate(PROMPT, max_new_tokens=40, mode="auto")
         assert "fastest in probes" in (first.stats.reason or "")
-        assert pipe.probing is None
+        assert pipe.preparing is None
     assert path.exists()
     async with simulated_pipeline([0.3, 4.0], [0.9], seed=1, vocab=1000) as pipe:
         pipe.choices = ChoiceStore(path, SCOPE)
@@ -106,13 +106,13 @@ async def test_a_pipeline_with_a_remembered_choice_runs_it_without_probing(tmp_p
 @limit(60)
 async def test_probes_are_not_shown_as_the_generation() -> None:
     """While mode auto probes, ``snapshot`` shows no probe (a live view, or Ctrl-C's printout, would show a probe's
-    text as the caller's); ``probing`` says which probe runs."""
+    text as the caller's); ``preparing`` says which probe runs."""
     async with simulated_pipeline([0.3, 4.0], [0.9], seed=1, vocab=1000) as pipe:
         seen: list[tuple[object, str | None]] = []
         real = pipe._run  # noqa: SLF001
 
         async def watched(request, *args, **kwargs):  # type: ignore[no-untyped-def]
-            seen.append((pipe.snapshot(), pipe.probing))
+            seen.append((pipe.snapshot(), pipe.preparing))
             return await real(request, *args, **kwargs)
 
         pipe._run = watched  # type: ignore[method-assign]  # noqa: SLF001
@@ -121,7 +121,7 @@ async def test_probes_are_not_shown_as_the_generation() -> None:
         assert len(probes) >= 6 and all(snap is None for snap, _ in probes), seen
         assert [note for _, note in probes][:3] == ["mode auto: probe 1, ar", "mode auto: probe 2, sd:8",
                                                     "mode auto: probe 3, pipe"]
-        assert pipe.probing is None and pipe.snapshot() is not None and pipe.snapshot().committed == len(g.token_ids)
+        assert pipe.preparing is None and pipe.snapshot() is not None and pipe.snapshot().committed == len(g.token_ids)
 
 
 def test_the_request_parts_of_the_key() -> None:
@@ -156,3 +156,56 @@ def test_run_defaults_to_auto_and_a_second_run_remembers(tmp_path: Path) -> None
     assert first["stats"]["mode"] == second["stats"]["mode"] == first["stats"]["mode_chosen"]
     assert first["token_ids"] == second["token_ids"] == third["token_ids"]
     assert len(json.loads((tmp_path / "auto-choices.json").read_text())["choices"]) == 1
+
+
+# -- warming up before a process's first generation (CUDA) -------------------------------------------------------
+
+
+def _counting(pipe):  # type: ignore[no-untyped-def]
+    runs: list[tuple[str, int, bool]] = []
+    real = pipe._run  # noqa: SLF001
+
+    async def counted(request, on_piece=None, trace=None, publish=True):  # type: ignore[no-untyped-def]
+        if request.mode != "auto":
+            runs.append((request.mode, request.max_new_tokens, publish))
+        return await real(request, on_piece, trace, publish)
+
+    pipe._run = counted  # noqa: SLF001
+    return runs
+
+
+@limit(120)
+async def test_a_first_generation_on_cuda_is_preceded_by_a_short_unpublished_one(tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """``generate(warm_up=True)`` (what the CLI asks): on a pipeline with a model on CUDA that has run nothing yet,
+    first WARM_UP_TOKENS tokens of the same request, unpublished, so the real one replays the graphs captured at its
+    start; then never again. Lossless all the same. On the CPU, or with mode auto's probes run, nothing more."""
+    async with simulated_pipeline([0.3, 4.0], [0.9], seed=1, vocab=1000) as pipe:
+        want = (await pipe.generate(PROMPT, max_new_tokens=40, mode="ar")).token_ids
+    async with simulated_pipeline([0.3, 4.0], [0.9], seed=1, vocab=1000) as pipe:
+        monkeypatch.setattr(pipeline_module, "_on_cuda", lambda members: True)
+        runs = _counting(pipe)
+        g = await pipe.generate(PROMPT, max_new_tokens=40, mode="pipe", warm_up=True)
+        assert runs == [("pipe", WARM_UP_TOKENS, False), ("pipe", 40, True)] and g.token_ids == want
+        assert pipe.preparing is None and pipe.snapshot().committed == 40  # type: ignore[union-attr]
+        await pipe.generate(PROMPT, max_new_tokens=40, mode="sd", warm_up=True)
+        assert runs[2:] == [("sd", 40, True)]  # warm already
+    # mode auto with a remembered choice: the short run is of the chosen mode; with probes: none
+    path = tmp_path / "c.json"
+    ChoiceStore(path, SCOPE).put(choice_parts(pipe.make_request(PROMPT, mode="auto")), "sd", "sd: fastest", 4)
+    for store, first in ((ChoiceStore(path, SCOPE), [("sd", WARM_UP_TOKENS, False)]), (None, None)):
+        async with simulated_pipeline([0.3, 4.0], [0.9], seed=1, vocab=1000) as pipe:
+            pipe.choices = store
+            runs = _counting(pipe)
+            async for _ in pipe.stream(PROMPT, max_new_tokens=40, mode="auto", warm_up=True):
+                pass
+            assert pipe.snapshot().committed == 40  # type: ignore[union-attr]  # the generation, not a warm-up
+            if first is not None:
+                assert runs == first + [("sd", 40, True)], runs
+            else:  # the probes ran (unpublished), then the generation, and no warm-up between them
+                assert len(runs) >= 7 and not any(publish for *_, publish in runs[:-1]) and runs[-1][2], runs
+    monkeypatch.undo()
+    async with simulated_pipeline([0.3, 4.0], [0.9], seed=1, vocab=1000) as pipe:  # the CPU: nothing to warm
+        runs = _counting(pipe)
+        await pipe.generate(PROMPT, max_new_tokens=40, mode="pipe", warm_up=True)
+        assert runs == [("pipe", 40, True)]

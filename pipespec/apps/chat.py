@@ -219,7 +219,8 @@ class ChatSession:
             self.summary(stopped)
 
     async def _stream(self, ids: list[int], budget: int, pieces: list[str]) -> None:
-        async for piece in self.pipe.stream(ids, **self.options, max_new_tokens=budget):
+        # warm_up: before the chat's first reply where it pays (CUDA), so that reply replays CUDA graphs too
+        async for piece in self.pipe.stream(ids, **self.options, max_new_tokens=budget, warm_up=True):
             pieces.append(piece)
             self.out.write(printable(piece))
             self.out.flush()

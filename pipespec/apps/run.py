@@ -32,17 +32,19 @@ def run_command(names: list[str], prompt: str, options: dict[str, Any], *, devic
         holder["pipe"] = pipe
         async with pipe:
             pipe.make_request(prompt, **{k: v for k, v in options.items() if k != "trace"})  # validate first
+            # a warm-up first where it pays (CUDA): this process's only generation would otherwise run eagerly
+            generation = {**options, "warm_up": True}
             if as_json:
-                g = await pipe.generate(prompt, **options)
+                g = await pipe.generate(prompt, **generation)
                 click.echo(_result_json(g))
                 return EXIT_OK
             if use_tui:
                 from .tui import run_with_live_view
 
-                g = await run_with_live_view(pipe, prompt, options)
+                g = await run_with_live_view(pipe, prompt, generation)
                 holder["done"] = True
                 return EXIT_OK
-            async for piece in pipe.stream(prompt, **options):
+            async for piece in pipe.stream(prompt, **generation):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")

@@ -211,8 +211,8 @@ async def run_with_live_view(pipe: Any, prompt: str, options: dict[str, Any],
                 snap = pipe.snapshot()
                 if snap is not None and not snap.done:  # a done one is the previous generation's, or the end
                     latest[0] = snap
-                elif getattr(pipe, "probing", None) and latest[0].committed == 0:  # mode auto, before it starts
-                    latest[0] = dataclasses.replace(latest[0], note=pipe.probing)
+                elif getattr(pipe, "preparing", None) and latest[0].committed == 0:  # mode auto, before it starts
+                    latest[0] = dataclasses.replace(latest[0], note=pipe.preparing)
                 with anyio.move_on_after(1 / REFRESH_PER_SECOND):
                     await finished.wait()
     if errors:

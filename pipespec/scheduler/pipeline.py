@@ -69,6 +69,7 @@ RUNOFF_CLEAR = 1.10
 # One run each let a single slow run decide: CI (2 loaded cores, {0.3 ms, 6 ms} at 0.9) ran the runoff pipe 565.8 /
 # sd:16 572.0, chose sd, then timed pipe 1.08x sd:16 over 15 paired rounds (a quiet run of pipe: 664-736). With a
 # busy loop on one of this VM's two cores one run of pipe fell to 519.9 against sd:16's 606.5, a false 1.17x lead.
+WARM_UP_TOKENS = 32  # ``Pipeline.warm_up``: tokens of the short generation that lets the next one replay CUDA graphs
 
 
 class AutoChoice(NamedTuple):
@@ -141,7 +142,9 @@ class Pipeline:
         self.auto_choice: AutoChoice | None = None  # mode "auto": what the probes chose, and why
         # mode "auto"'s choices remembered across processes (the CLI sets one; None: probe in every process)
         self.choices: ChoiceStore | None = None
-        self.probing: str | None = None  # mode "auto": which probe runs now (for a live view), else None
+        # what runs before a generation starts (mode auto's probe, a warm-up), for a live view; else None
+        self.preparing: str | None = None
+        self._generations = 0  # generations run on this pipeline so far (probes and warm-ups included)
 
     def fresh_monitor(self) -> ChainMonitor:
         """An adaptive runtime that knows this chain's placement (who shares a device) and nothing it learned:
@@ -259,15 +262,19 @@ class Pipeline:
                        lookahead=lookahead, lookahead_given=lookahead_given, draft_batch=draft_batch,
                        adaptive=bool(adaptive))
 
-    async def generate(self, prompt: str | Sequence[int], *, trace: TraceTo = None, **options: Any) -> Generation:
+    async def generate(self, prompt: str | Sequence[int], *, trace: TraceTo = None, warm_up: bool = False,
+                       **options: Any) -> Generation:
         """Generate and return the whole result. Options: see ``make_request``.
 
         ``trace``: a file name to write this generation's timeline to (Chrome / Perfetto trace-event JSON, see
-        ``pipespec.tracing`` and docs/usage.md), or a ``Tracer`` to add it to (the caller writes it)."""
+        ``pipespec.tracing`` and docs/usage.md), or a ``Tracer`` to add it to (the caller writes it).
+        ``warm_up``: first a short untimed generation where it pays (``warm_up``; the CLI asks for it)."""
         request = self.make_request(prompt, **options)
+        if warm_up:
+            await self.warm_up(request)
         return await self._run(request, None, trace)
 
-    async def stream(self, prompt: str | Sequence[int], *, trace: TraceTo = None,
+    async def stream(self, prompt: str | Sequence[int], *, trace: TraceTo = None, warm_up: bool = False,
                      **options: Any) -> AsyncIterator[str]:
         """Yield the generated text piece by piece as the target commits it (``trace``: as for ``generate``).
 
@@ -280,6 +287,8 @@ class Pipeline:
 
         async def produce() -> None:
             async with send:
+                if warm_up:
+                    await self.warm_up(request)
                 result.append(await self._run(request, send.send, trace))
 
         task = asyncio.create_task(produce())
@@ -295,11 +304,33 @@ class Pipeline:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
 
+    async def warm_up(self, request: Request, tokens: int = WARM_UP_TOKENS) -> bool:
+        """Before this pipeline's first generation, where a model is on CUDA: one short generation of ``request``
+        (``tokens`` tokens, no stop strings, not published, its output dropped), so that the generation after it
+        replays CUDA graphs. A static worker captures the shapes a generation met at the next one's start
+        (``StaticWorker.reset``), so a process's first generation runs every shape eagerly, and ``pipespec run`` (one
+        generation per process) would never replay one: the built-in family on an H200 took 1.9 s for 256 tokens
+        of ``ar`` eagerly, 0.15 s replayed. Mode auto resolves first: its probes warm up too, and then nothing more
+        runs. Returns whether a warm-up generation ran."""
+        if self._generations or not _on_cuda(self.members):
+            return False
+        if request.mode == "auto":
+            await self.choose_mode(request)
+            if self._generations:  # the probes ran: they met the shapes
+                return False
+        self.preparing = "warming up: a short generation, so the next one replays CUDA graphs"
+        try:
+            await self._run(replace(request, max_new_tokens=min(tokens, request.max_new_tokens), stop=()), None,
+                            publish=False)
+        finally:
+            self.preparing = None
+        return True
+
     async def choose_mode(self, request: Request) -> AutoChoice:
         """Mode "auto": the mode that measures fastest on this chain and placement, and why; probed once per
         Pipeline (``auto_choice``; set it to None to probe again), or read back from ``choices`` where an earlier
         process probed the same chain, placement and kind of request (``scheduler.choices``; written there after
-        probing). The probes are not published (``snapshot``); ``probing`` says which one runs.
+        probing). The probes are not published (``snapshot``); ``preparing`` says which one runs.
 
         Every mode runs ``PROBE_ROUNDS`` short generations of the request's own prompt and sampling options
         (``PROBE_TOKENS`` tokens, interleaved ar, sd, pipe, ar, ...), and the best rate of each mode counts, so a
@@ -327,7 +358,7 @@ class Pipeline:
         try:
             self.auto_choice = await self._probe_modes(request)
         finally:
-            self.probing = None
+            self.preparing = None
         if self.choices is not None:
             self.choices.put(parts, *self.auto_choice)
         return self.auto_choice
@@ -342,7 +373,7 @@ class Pipeline:
         async def rate(mode: Mode, lookahead: int, tokens: int = n) -> float:
             nonlocal runs
             runs += 1
-            self.probing = f"mode auto: probe {runs}, {mode}" + (f":{lookahead}" if mode == "sd" else "")
+            self.preparing = f"mode auto: probe {runs}, {mode}" + (f":{lookahead}" if mode == "sd" else "")
             probe = _replace_mode(request, mode, max_new_tokens=tokens, stop=(), lookahead=lookahead)
             stats = (await self._run(probe, None, publish=False)).stats
             # the steady decode rate: a short probe's start (prefills, first round) and cut-off last round cost the
@@ -396,10 +427,11 @@ class Pipeline:
                     reason += f"; lookahead {request.lookahead} as requested"
                 else:
                     changes["lookahead"] = tuned
-            g = await self._run(_replace_mode(request, chosen, **changes), on_piece, trace)
+            g = await self._run(_replace_mode(request, chosen, **changes), on_piece, trace, publish)
             stats = replace(g.stats, mode_chosen=chosen, reason=reason)
             return Generation(text=g.text, token_ids=g.token_ids, stats=stats)
         tracer = trace if isinstance(trace, Tracer) or trace is None else Tracer()
+        self._generations += 1
         async with self._lock:
             members: Sequence[Member] = self.members if request.mode != "ar" else self.members[-1:]
             if request.mode == "sd" and len(members) == 1:
@@ -513,6 +545,11 @@ def _gpus(members: Sequence[Member]) -> tuple[frozenset[str] | None, ...]:
         parts = frozenset(p for p in str(m.device).split("+") if p.startswith("cuda"))
         out.append(parts if parts and m.info.contends else None)
     return tuple(out)
+
+
+def _on_cuda(members: Sequence[Member]) -> bool:
+    """Whether a model of the chain runs on CUDA (where its static worker replays CUDA graphs)."""
+    return any(m.device.startswith("cuda") for m in members)
 
 
 def _replace_mode(request: Request, mode: Mode, **changes: Any) -> Request:

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Twelfth session, ONE H200, ~6 minutes (issue 14): a process's one generation on a GPU with and without
+# Pipeline.warm_up (a short unpublished generation first, so the real one replays CUDA graphs), each run a fresh
+# process (scripts/gpu_warm_up.py), alternating without / with:
+#  1. the built-in family on cuda:0, 256 tokens: ar, sd, pipe, 2 runs each way;
+#  2. {68m,7b} synthetic (alpha 0.9, prompt 128), 256 tokens: ar and sd, 1 run each way;
+#  3. `pipespec run --json` on the built-in family in a fresh cache folder: first (probes), second (remembered, with
+#     the warm-up now), --mode pipe.
+# Usage: PIPESPEC_COMMIT=<sha> bash scripts/gpu_levers34.sh      Results: $OUT/levers34.log (+ .tgz)
+set -u
+source "$(dirname "$0")/gpu_env.sh"
+levers_begin levers34
+one() {  # CHAIN MODE [--warm-up]
+  timeout 120 python3 scripts/gpu_warm_up.py --chain "$1" --mode "$2" --tokens 256 ${3:-} 2>> "$W/warm.err" \
+      | tail -1 | tee -a "$W/warm.jsonl"
+}
+runcli() {  # NAME ARGS...
+  local name=$1; shift
+  local t0; t0=$(date +%s.%N)
+  PIPESPEC_CACHE_DIR=$W/cache timeout 120 python3 -m pipespec run --device cuda:0 --prompt "def fibonacci(n):" \
+      -n 256 --json "$@" > "$W/cli-$name.json" 2> "$W/cli-$name.err"
+  local rc=$? t1; t1=$(date +%s.%N)
+  python3 -c "import json,sys; r=json.load(open(sys.argv[1])); s=r['stats']; print(sys.argv[2], 'rc', sys.argv[3],
+      'wall_s', sys.argv[4], {k: s.get(k) for k in ('mode', 'tokens', 'seconds')})" "$W/cli-$name.json" \
+      "$name" "$rc" "$(python3 -c "print(round($t1 - $t0, 2))")" 2>&1 | tail -1 | cut -c1-400
+}
+{
+  echo "== $PIPESPEC_COMMIT $(date +%T)"; nproc; nvidia-smi -L
+  echo "== family $(date +%T)"
+  for i in 1 2; do for mode in ar sd pipe; do one family $mode; one family $mode --warm-up; done; done
+  echo "== 68m,7b $(date +%T)"
+  for mode in ar sd; do one 68m,7b $mode; one 68m,7b $mode --warm-up; done
+  echo "== cli $(date +%T)"
+  runcli first; runcli second; runcli pipe --mode pipe
+  echo "== end $(date +%T)"
+} > "$O/levers34.log" 2>&1
+levers_end
