@@ -14,7 +14,7 @@ from helpers import limit
 from pipespec.apps.simulate import simulated_pipeline
 from pipespec.scheduler.choices import MAX_ENTRIES, ChoiceStore, default_dir
 from pipespec.scheduler import pipeline as pipeline_module
-from pipespec.scheduler.pipeline import WARM_UP_TOKENS, choice_parts, warm_up_spans
+from pipespec.scheduler.pipeline import WARM_UP_TOKENS, choice_parts
 
 PROMPT = list(range(3, 19))
 SCOPE = {"models": ["a", "b"], "devices": ["cpu", "cpu"]}
@@ -209,16 +209,3 @@ async def test_a_first_generation_on_cuda_is_preceded_by_a_short_unpublished_one
         runs = _counting(pipe)
         await pipe.generate(PROMPT, max_new_tokens=40, mode="pipe", warm_up=True)
         assert runs == [("pipe", 40, True)]
-
-
-def test_warm_up_spans_meet_every_context_bucket_of_the_request() -> None:
-    prompt = (5, 6, 7)
-    spans = warm_up_spans(prompt, 700, 32, 256)  # positions 3..699: buckets of 256, 512 and 768 slots
-    assert [(len(p), n) for p, n in spans] == [(3, 32), (256, 32), (512, 32)]
-    assert spans[0][0] == prompt and spans[1][0][:7] == (5, 6, 7, 5, 6, 7, 5)  # the prompt, repeated
-    assert [(len(p), n) for p, n in warm_up_spans(prompt, 270, 32, 256)] == [(3, 32), (256, 14)]  # within max_len
-    assert [(len(p), n) for p, n in warm_up_spans(prompt, 30, 32, 256)] == [(3, 27)]
-    # every bucket a decode from the prompt to max_len attends over is met by some span's first token
-    for p_len, max_len in ((3, 700), (255, 1000), (256, 513), (100, 101)):
-        met = {-(-(len(p) + 1) // 256) for p, _ in warm_up_spans(tuple(range(1, p_len + 1)), max_len, 32, 256)}
-        assert met == {-(-(pos + 1) // 256) for pos in range(p_len, max_len)}, (p_len, max_len)
