@@ -427,7 +427,7 @@ class Pipeline:
                     reason += f"; lookahead {request.lookahead} as requested"
                 else:
                     changes["lookahead"] = tuned
-            g = await self._run(_replace_mode(request, chosen, **changes), on_piece, trace, publish)
+            g = await self._run(_replace_mode(request, chosen, **changes), on_piece, trace, publish=publish)
             stats = replace(g.stats, mode_chosen=chosen, reason=reason)
             return Generation(text=g.text, token_ids=g.token_ids, stats=stats)
         tracer = trace if isinstance(trace, Tracer) or trace is None else Tracer()
