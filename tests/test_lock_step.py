@@ -142,9 +142,14 @@ async def test_lock_step_from_the_first_token_on_a_shared_gpu(tmp_path: Any) -> 
         g = await pipe.generate(PROMPT, max_new_tokens=60, mode="pipe", trace=str(trace))
     assert list(g.token_ids) == want
     target = g.stats.stages[-1]
-    assert target["forwards"] == target["verifications"], target  # the first verify feeds the prompt: no prefill
     events = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") != "M"]
-    assert not [e for e in events if e["name"] == "decode"]
+    decodes = [e for e in events if e["name"] == "decode"]
+    # every forward of the target verifies the draft's block (the first feeds the prompt too: no prefill), except
+    # where its bounded wait for a block ran out (``expect_block``: so a stalled draft cannot stall the target). On
+    # a loaded 2-core CI host that happened 2 times in 18 forwards; before lock step from the first token, the
+    # target decoded alone in 16 of its first 16 steps (two H200s)
+    assert target["forwards"] == target["verifications"] + len(decodes), target
+    assert len(decodes) <= max(2, target["forwards"] // 8), (len(decodes), target)
     first_draft = min(e["ts"] for e in events if e["name"] == "draft")
     first_hand_over = min(e["ts"] for e in events if e["name"] == "handed over")
     assert first_hand_over <= first_draft
