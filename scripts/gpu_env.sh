@@ -43,3 +43,15 @@ sim() {  # NAME PYTHONPATH-PREFIX (run from /tmp: with -m the working directory 
       'runner_calls_per_token', 'measured_over_simulated', 'measured_over_predicted', 'lossless')})" \
       "$W/sim-$1.json" "$1" 2>&1 | tail -1
 }
+# `runcli NAME ARGS...`: one `pipespec run --json` (the built-in family on cuda:0, 256 tokens) in the cache folder
+# $W/cache, timed from the shell; its exit code, wall time, mode, tokens, seconds and mode auto's reason into the log.
+runcli() {  # NAME ARGS...
+  local name=$1; shift
+  local t0; t0=$(date +%s.%N)
+  PIPESPEC_CACHE_DIR=$W/cache timeout 120 python3 -m pipespec run --device cuda:0 --prompt "def fibonacci(n):" \
+      -n 256 --json "$@" > "$W/cli-$name.json" 2> "$W/cli-$name.err"
+  local rc=$? t1; t1=$(date +%s.%N)
+  python3 -c "import json,sys; r=json.load(open(sys.argv[1])); s=r['stats']; print(sys.argv[2], 'rc', sys.argv[3],
+      'wall_s', sys.argv[4], {k: s.get(k) for k in ('mode', 'tokens', 'seconds', 'reason')})" "$W/cli-$name.json" \
+      "$name" "$rc" "$(python3 -c "print(round($t1 - $t0, 2))")" 2>&1 | tail -1 | cut -c1-700
+}

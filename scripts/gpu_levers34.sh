@@ -15,16 +15,6 @@ one() {  # CHAIN MODE [--warm-up]
   timeout 120 python3 scripts/gpu_warm_up.py --chain "$1" --mode "$2" --tokens 256 ${3:-} 2>> "$W/warm.err" \
       | tail -1 | tee -a "$W/warm.jsonl"
 }
-runcli() {  # NAME ARGS...
-  local name=$1; shift
-  local t0; t0=$(date +%s.%N)
-  PIPESPEC_CACHE_DIR=$W/cache timeout 120 python3 -m pipespec run --device cuda:0 --prompt "def fibonacci(n):" \
-      -n 256 --json "$@" > "$W/cli-$name.json" 2> "$W/cli-$name.err"
-  local rc=$? t1; t1=$(date +%s.%N)
-  python3 -c "import json,sys; r=json.load(open(sys.argv[1])); s=r['stats']; print(sys.argv[2], 'rc', sys.argv[3],
-      'wall_s', sys.argv[4], {k: s.get(k) for k in ('mode', 'tokens', 'seconds')})" "$W/cli-$name.json" \
-      "$name" "$rc" "$(python3 -c "print(round($t1 - $t0, 2))")" 2>&1 | tail -1 | cut -c1-400
-}
 {
   echo "== $PIPESPEC_COMMIT $(date +%T)"; nproc; nvidia-smi -L
   if [ "${SHORT:-0}" = 1 ]; then  # after the spans change: with the warm-up only, and one cold ar baseline
