@@ -21,7 +21,7 @@ from pipespec.runners.thread import ThreadRunner
 from pipespec.scheduler.request import Member
 from pipespec.workers.simulated import SimulatedWorker
 from pipespec.scheduler.pipeline import _gpus
-from pipespec.scheduler.policy import ChainMonitor
+from pipespec.scheduler.policy import PROBE_EVERY, ChainMonitor
 from test_bypass import Flipping
 
 PROMPT = [5, 17, 33, 2, 9]
@@ -131,7 +131,7 @@ def _shared_gpu_pipeline(latencies_ms: list[float], alpha: float) -> pipespec.Pi
 
 
 @limit(60)
-async def test_lock_step_from_the_first_token_on_a_shared_gpu(tmp_path: Any) -> None:
+async def test_lock_step_from_the_first_token_on_a_shared_gpu(tmp_path: Any, patient_blocks: None) -> None:
     """A fresh runtime (a ``run``'s only generation): the draft waits for the verifier's first hand-over instead of
     drafting beside its prefill, the first block has a size before any latency is known, and the target never
     decodes alone. Before, the draft ran free first, timed its own calls behind the target's forwards, and the
@@ -144,12 +144,15 @@ async def test_lock_step_from_the_first_token_on_a_shared_gpu(tmp_path: Any) -> 
     target = g.stats.stages[-1]
     events = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") != "M"]
     decodes = [e for e in events if e["name"] == "decode"]
-    # every forward of the target verifies the draft's block (the first feeds the prompt too: no prefill), except
-    # where its bounded wait for a block ran out (``expect_block``: so a stalled draft cannot stall the target). On
-    # a loaded 2-core CI host that happened 2 times in 18 forwards; before lock step from the first token, the
-    # target decoded alone in 16 of its first 16 steps (two H200s)
+    # every forward of the target verifies the draft's block (the first feeds the prompt too: no prefill). Where its
+    # bounded wait for a block runs out (``expect_block``: so a stalled draft cannot stall the target) it decodes
+    # alone; the test's ``patient_blocks`` keeps a loaded CI host's scheduling delays (3 in 22 forwards) out of
+    # that. A block call the host slowed can still make the blocks 0 for a while: then the verifier probes the draft
+    # within ``PROBE_EVERY`` (six busy loops on 2 cores: 1 run in 8 had 4 such decodes, 0 the others; before the
+    # probe, 2 in 5 had 5 and 9). Before lock step from the first token, the target decoded alone in 16 of its first
+    # 16 steps (two H200s)
     assert target["forwards"] == target["verifications"] + len(decodes), target
-    assert len(decodes) <= max(2, target["forwards"] // 8), (len(decodes), target)
+    assert len(decodes) <= PROBE_EVERY, (len(decodes), target)
     first_draft = min(e["ts"] for e in events if e["name"] == "draft")
     first_hand_over = min(e["ts"] for e in events if e["name"] == "handed over")
     assert first_hand_over <= first_draft

@@ -96,10 +96,11 @@ def test_draft_pace_batches_by_the_successor_step_and_the_marginal_cost() -> Non
     assert DraftPace(Mailbox("v", Doorbell())).batch(64) == 1  # type: ignore[arg-type]
 
 
-def test_a_target_waits_for_a_block_of_a_fast_draft_instead_of_decoding_alone() -> None:
+def test_a_target_waits_for_a_block_of_a_fast_draft_instead_of_decoding_alone(patient_blocks: None) -> None:
     """After a rejection the target used to decode one token alone (a whole forward) while the draft restarted;
     with the adaptive runtime it waits for ``best_block`` of the draft's tokens (the rollback tells the draft how
-    many). Counted: forwards that checked nothing, per rollback sent (measured ~0.1; ~1 before)."""
+    many). Counted: forwards that checked nothing, per rollback sent (measured ~0.1; ~1 before). The bounded wait's
+    host slack is raised (``patient_blocks``): a loaded CI host once ran out of it in 29 of 67 rollbacks."""
     report = run_on_clock(lambda clock: simulate_report(clock, [0.3, 6], [0.8], tokens=300, seed=0))
     assert report["lossless"]
     target = report["stages"][-1]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 
 from pipespec.analysis.model import window_tokens
-from pipespec.scheduler.policy import COLD_BLOCK, ChainMonitor, LinkEstimator, best_block, best_verify_cap, useful_run_ahead
+from pipespec.scheduler.policy import (COLD_BLOCK, PROBE_EVERY, ChainMonitor, LinkEstimator, best_block,
+                                      best_verify_cap, useful_run_ahead)
 
 
 def test_window_tokens() -> None:
@@ -51,6 +52,22 @@ def test_link_estimator_learns_acceptance_and_latency() -> None:
     assert math.isclose(t0, 0.002, rel_tol=1e-6) and math.isclose(t1, 0.0005, rel_tol=1e-6)
     assert link.verify_cap(64) <= 8
     assert link.run_ahead(64) <= 8
+
+
+def test_one_slow_forward_does_not_set_the_latency() -> None:
+    """A forward far slower than the fit (a CUDA graph captured mid-generation, a thread that waited for a core)
+    counts as ``OUTLIER`` times the prediction; a lasting slowdown still shows within a few forwards."""
+    link = LinkEstimator()
+    link.observe_forward(1, 0.5)  # before it has settled, every forward counts in full (a first call may be slow)
+    assert link.mean_tokens_seconds() == (1.0, 0.5)
+    link = LinkEstimator()
+    for _ in range(20):
+        link.observe_forward(1, 0.001)
+    link.observe_forward(1, 0.3)  # 300x: unclipped, the mean of the last ~10 forwards would be ~30 ms
+    assert link.latency()[0] < 0.0015  # it counted as OUTLIER x 1 ms: ~1.3 ms
+    for _ in range(15):
+        link.observe_forward(1, 0.010)  # a real 10x slowdown
+    assert link.latency()[0] > 0.007
 
 
 # -- stage bypass: the ChainMonitor on hand-fed observations ---------------------------------------------------------
@@ -152,6 +169,16 @@ def test_monitor_asks_for_a_block_only_from_the_draft() -> None:
     assert ChainMonitor(2, devices=(gpu0, gpu0)).block(1, 64) == COLD_BLOCK  # lock step names a first block at once
     assert ChainMonitor(2, devices=(gpu0, gpu0)).block(1, 2) == 2
     assert m.draft_seconds() is not None and abs(m.draft_seconds() - 0.3e-3) < 1e-9
+
+
+def test_lock_step_probes_a_draft_it_stopped_waiting_for() -> None:
+    """Only a block's call times the draft in lock step, so a verifier that asks for no block would never see the
+    draft get fast again: every ``PROBE_EVERY``-th time it asks for one token's block anyway."""
+    gpu0 = frozenset({"cuda:0"})
+    locked = fed([5, 6], {(0, 1): 0.6}, devices=(gpu0, gpu0))  # a draft as slow as its target: no block is worth it
+    assert [locked.block(1, 64) for _ in range(2 * PROBE_EVERY)] == ([0] * (PROBE_EVERY - 1) + [1]) * 2
+    free = fed([5, 6], {(0, 1): 0.6})  # not in lock step: the draft's every call is timed, no probe is needed
+    assert [free.block(1, 64) for _ in range(2 * PROBE_EVERY)] == [0] * 2 * PROBE_EVERY
 
 
 def test_stages_on_devices_of_their_own_are_not_taken_out_on_trial() -> None:

@@ -74,6 +74,18 @@ def best_block(alpha: float, t0: float, t1: float, draft_s: float, ceiling: int)
     return best
 
 
+# A forward more than this many times slower than the fit predicts counts as this many (once ``SETTLED`` forwards are
+# seen): one slow call (a CUDA graph captured for a new context bucket, a host that had no core for the thread) must
+# not set the estimate of the last ~10 forwards. A real slowdown still shows within a few forwards (each raises the
+# mean by ~30 %).
+OUTLIER = 4.0
+SETTLED = 3.0
+
+# In lock step, a verifier that decided on no block (drafting looked not worth waiting for) still asks for one
+# token's block every ``PROBE_EVERY``-th time: only a block's call times the draft, so without it one slow block
+# would keep the blocks at 0, and the target decoding alone, for the rest of a generation.
+PROBE_EVERY = 4
+
 # Lock step's first block, before the draft's and its verifier's latencies are known (one generation in, they are).
 COLD_BLOCK = 4
 
@@ -112,6 +124,9 @@ class LinkEstimator:
 
     def observe_forward(self, tokens: int, seconds: float) -> None:
         d, (sw, sn, st, snn, snt) = self.decay, self.sums
+        if sw >= SETTLED:
+            t0, t1 = self.latency()
+            seconds = min(seconds, OUTLIER * (t0 + t1 * tokens))
         self.sums = (sw * d + 1, sn * d + tokens, st * d + seconds, snn * d + tokens * tokens,
                      snt * d + tokens * seconds)
 
@@ -227,6 +242,7 @@ class ChainMonitor:
     _clean: bool = False  # the interval since the last look ran one chain in steady state
     _last_switch: int = 0
     _scores: dict[tuple[int, ...], float] = field(default_factory=dict)  # predictions of the current look
+    _no_blocks: int = 0  # lock step's blocks of 0 in a row (``PROBE_EVERY``)
 
     def __post_init__(self) -> None:
         if self.stages < 1:
@@ -285,7 +301,12 @@ class ChainMonitor:
             return min(COLD_BLOCK, ceiling) if self.lock_step(verifier) else 0
         t0, t1 = mine.latency()
         ceiling = min(ceiling, useful_run_ahead(self.alpha(0, verifier), ceiling))
-        return best_block(self.alpha(0, verifier), t0, t1, draft_s, ceiling)
+        block = best_block(self.alpha(0, verifier), t0, t1, draft_s, ceiling)
+        if block or ceiling < 1 or not self.lock_step(verifier):
+            self._no_blocks = 0
+            return block
+        self._no_blocks += 1
+        return 1 if self._no_blocks % PROBE_EVERY == 0 else 0
 
     def lock_step(self, verifier: int | None = None) -> bool:
         """Whether ``verifier`` checks the draft's (stage 0's) tokens on a GPU the draft also computes on. Then

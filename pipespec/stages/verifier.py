@@ -47,6 +47,10 @@ from .base import Stage, SuccessorView, log, run_hosted, traced_call
 # Seconds a verifier waits at most for a block whose drafting time nothing has measured yet (lock step's first; a
 # block's calls may also capture CUDA graphs then). Past it the verifier decodes alone, which is correct, only slower.
 COLD_WAIT = 0.25
+# Seconds added to a measured block's wait: the host's share of it (the draft thread's wake-up, a round trip through
+# the loop), which the forwards' times do not include. Tests that count what the scheduling does, not how promptly a
+# loaded 2-core host runs it, raise it (the ``patient_blocks`` fixture): there a thread may wait milliseconds for a core.
+BLOCK_SLACK = 0.0005
 
 
 class _Upstream:
@@ -306,14 +310,16 @@ class _Verifier:
     def expect_block(self) -> int:
         """After rolling the predecessor back: how many of the draft's tokens to wait for (the adaptive runtime's
         ``block``; 0 without it), and until when (twice their drafting time plus a quarter of this stage's step:
-        the draft first finishes the call it is in; ``COLD_WAIT`` before the draft's time is known)."""
+        the draft first finishes the call it is in; plus ``BLOCK_SLACK`` for the host; ``COLD_WAIT`` before the draft's
+        time is known)."""
         monitor, stage = self.stage.monitor, self.stage
         if monitor is None:
             return 0
         self.want = monitor.block(stage.index, min(self.verify_cap, stage.config.max_len - len(self.seq) - 1))
         draft_s = monitor.draft_seconds()
         if self.want:
-            wait = COLD_WAIT if draft_s is None else 2 * self.want * draft_s + 0.25 * monitor.step_seconds(stage.index)
+            step_s = monitor.step_seconds(stage.index)
+            wait = COLD_WAIT if draft_s is None else 2 * self.want * draft_s + 0.25 * step_s + BLOCK_SLACK
             self.want_until = time.perf_counter() + wait
         return self.want
 
