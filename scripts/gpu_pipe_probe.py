@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -65,7 +66,7 @@ from pipespec.runners.base import Runner
 from pipespec.runners.mps import ensure_mps, shared_gpus
 from pipespec.runners.process import ProcessRunner
 from pipespec.runners.thread import ThreadRunner
-from pipespec.scheduler import Member, Pipeline
+from pipespec.scheduler import Member, Pipeline, policy
 from pipespec.tracing import gpu_gaps, summarize
 from pipespec.placement import stage_devices
 from pipespec.runners.tensor_parallel import build_synthetic_tp
@@ -83,6 +84,8 @@ PIPE_VARIANTS: dict[str, dict[str, Any]] = {  # name -> generate options (+ "dev
     "pipe:no_device_draft": {"device_draft": False},
     "pipe:draft_batch=8": {"draft_batch": 8},
     "pipe:static": {"adaptive": False},
+    # the adaptive runtime before the thirteenth session: every forward's time counted in full, no lock-step probes
+    "pipe:unclipped": {"policy": {"OUTLIER": math.inf, "PROBE_EVERY": 1 << 30}},
 }
 
 
@@ -250,9 +253,17 @@ async def measure_chain(label: str, members: list[Member], prompt: list[int], ar
         async def once(name: str, timed: bool) -> None:
             opts = dict(methods[name])
             device_draft = opts.pop("device_draft", True)
+            constants = opts.pop("policy", {})  # the adaptive runtime's constants for this generation only
             for i, m in enumerate(members):
                 await m.runner.call("configure", device_draft=device_draft if i == 0 else True)
-            g = await pipe.generate(prompt, max_new_tokens=args.tokens if timed else 16, **opts)
+            saved = {k: getattr(policy, k) for k in constants}
+            try:
+                for k, v in constants.items():
+                    setattr(policy, k, v)
+                g = await pipe.generate(prompt, max_new_tokens=args.tokens if timed else 16, **opts)
+            finally:
+                for k, v in saved.items():
+                    setattr(policy, k, v)
             if timed:
                 rates[name].append(g.stats.tokens / g.stats.seconds)
                 outputs.setdefault(name, g.token_ids)
