@@ -96,7 +96,7 @@ async def test_a_pipeline_with_a_remembered_choice_runs_it_without_probing(tmp_p
         assert generations == 2  # the auto request and the chosen mode's generation: no probe
         assert again.stats.mode == first.stats.mode and again.token_ids == first.token_ids
         assert (again.stats.reason or "").startswith("remembered from the probes of ")
-        assert first.stats.reason in (again.stats.reason or "")
+        assert first.stats.reason in (again.stats.reason or "") and "--reprobe" not in (again.stats.reason or "")
     async with simulated_pipeline([0.3, 4.0], [0.9], seed=1, vocab=1000) as pipe:
         pipe.choices = ChoiceStore(path, SCOPE, reprobe=True)
         probed = await pipe.generate(PROMPT, max_new_tokens=40, mode="auto")
@@ -152,6 +152,7 @@ def test_run_defaults_to_auto_and_a_second_run_remembers(tmp_path: Path) -> None
     first, second, third = run(), run(), run("--reprobe")
     assert "fastest in probes" in first["stats"]["reason"], first["stats"]
     assert second["stats"]["reason"].startswith("remembered from the probes of "), second["stats"]
+    assert "(--reprobe probes again): " in second["stats"]["reason"]  # the CLI's words, named by the CLI's store
     assert "fastest in probes" in third["stats"]["reason"], third["stats"]
     assert first["stats"]["mode"] == second["stats"]["mode"] == first["stats"]["mode_chosen"]
     assert first["token_ids"] == second["token_ids"] == third["token_ids"]

@@ -84,4 +84,4 @@ def choice_store(pipe: Pipeline, dtype: str, quantize: str | None, split: str, b
              "devices": [m.device for m in pipe.members], "dtypes": [m.info.dtype for m in pipe.members],
              "dtype": dtype, "quantize": quantize, "split": split, "backend": getattr(backend, "kind", str(backend)),
              "gpus": [torch.cuda.get_device_name(int(i)) for i in gpus if i.isdigit()]}
-    return ChoiceStore.default(scope, reprobe=reprobe)
+    return ChoiceStore.default(scope, reprobe=reprobe, again="--reprobe probes again")

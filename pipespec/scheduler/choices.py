@@ -5,7 +5,7 @@ from the next command's first token on.
 generations, up to four more to tune sd's lookahead, a runoff of a near tie) would cost every run seconds. So the
 CLI gives its pipeline a ``ChoiceStore`` (``apps.common.choice_store``): the first run probes and writes what it
 chose, keyed by everything the choice depends on, and later runs with the same key read it back instead of probing.
-``--reprobe`` probes again.
+the CLI's ``--reprobe`` probes again (its words are the store's ``again``).
 
 The key holds what the application loaded (model names or folders, devices, dtype, quantization, backend, the GPUs'
 names, the versions of pipespec and torch: ``scope``) and what the request asks that changes a mode's speed (greedy
@@ -60,15 +60,17 @@ def default_dir() -> Path:
 class ChoiceStore:
     """Mode "auto"'s choices in one JSON file, keyed by ``scope`` (what was loaded, where) plus a request's parts."""
 
-    def __init__(self, path: str | os.PathLike[str], scope: Mapping[str, Any], *, reprobe: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], scope: Mapping[str, Any], *, reprobe: bool = False,
+                 again: str = "") -> None:
         self.path = Path(path)
         self.scope = dict(scope)
         self.reprobe = reprobe  # read nothing back (probe again), still write what is chosen
+        self.again = again  # how the user makes it probe again, for a remembered choice's reason (the app's words)
         self._warned = False
 
     @classmethod
-    def default(cls, scope: Mapping[str, Any], *, reprobe: bool = False) -> ChoiceStore:
-        return cls(default_dir() / FILE_NAME, scope, reprobe=reprobe)
+    def default(cls, scope: Mapping[str, Any], *, reprobe: bool = False, again: str = "") -> ChoiceStore:
+        return cls(default_dir() / FILE_NAME, scope, reprobe=reprobe, again=again)
 
     def key(self, parts: Mapping[str, Any]) -> str:
         return json.dumps({**self.scope, **parts}, sort_keys=True, separators=(",", ":"), default=str)

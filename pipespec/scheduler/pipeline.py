@@ -352,8 +352,9 @@ class Pipeline:
         found = self.choices.get(parts) if self.choices is not None else None
         if found is not None:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(found.when))
-            self.auto_choice = AutoChoice(found.mode, f"remembered from the probes of {when} (--reprobe probes "
-                                                      f"again): {found.reason}", found.lookahead)
+            again = f" ({self.choices.again})" if self.choices.again else ""
+            self.auto_choice = AutoChoice(found.mode, f"remembered from the probes of {when}{again}: {found.reason}",
+                                          found.lookahead)
             return self.auto_choice
         try:
             self.auto_choice = await self._probe_modes(request)
