@@ -5,7 +5,7 @@ from the next command's first token on.
 generations, up to four more to tune sd's lookahead, a runoff of a near tie) would cost every run seconds. So the
 CLI gives its pipeline a ``ChoiceStore`` (``apps.common.choice_store``): the first run probes and writes what it
 chose, keyed by everything the choice depends on, and later runs with the same key read it back instead of probing.
-the CLI's ``--reprobe`` probes again (its words are the store's ``again``).
+The CLI's ``--reprobe`` probes again (its words are the store's ``again``).
 
 The key holds what the application loaded (model names or folders, devices, dtype, quantization, backend, the GPUs'
 names, the versions of pipespec and torch: ``scope``) and what the request asks that changes a mode's speed (greedy
