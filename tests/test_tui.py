@@ -3,8 +3,11 @@ chain, and ``pipespec run`` in a real pseudo-terminal (160x48), read back byte f
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import re
+from types import SimpleNamespace
 from pathlib import Path
 
 import torch
@@ -161,6 +164,47 @@ async def test_mode_auto_in_the_live_view_says_which_probe_runs_and_then_what_it
 
 
 @needs_pty
+class _Endless:
+    """A pipeline whose generation runs until it is cancelled, and says so."""
+
+    names = ["d", "t"]
+    members = [SimpleNamespace(device="cpu"), SimpleNamespace(device="cpu")]
+    preparing = None
+
+    def __init__(self) -> None:
+        self.started, self.cancelled = asyncio.Event(), 0
+
+    def snapshot(self) -> None:
+        return None
+
+    async def generate(self, prompt: str, **options: object) -> None:
+        self.started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+
+@limit(60)
+async def test_a_cancelled_live_view_cancels_its_generation_and_passes_the_cancellation_on() -> None:
+    """Ctrl-C cancels the task showing the live view; at whatever point of a redraw's wait it comes, the generation
+    is cancelled and the cancellation goes on to ``asyncio.run`` (which the CLI turns into its Ctrl-C exit). With an
+    AnyIO task group and a ``move_on_after`` per redraw, CI once saw it lost: no result, and an IndexError."""
+    from pipespec.apps import tui
+
+    console = Console(file=io.StringIO(), force_terminal=False)
+    for i in range(24):  # cancels spread over two redraw periods
+        pipe = _Endless()
+        task = asyncio.ensure_future(run_with_live_view(pipe, "hi", {}, console=console))
+        await pipe.started.wait()
+        await asyncio.sleep(i / 12 / tui.REFRESH_PER_SECOND)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5)
+        assert task in done and task.cancelled(), i
+        assert pipe.cancelled == 1, i
+
+
 def test_run_in_a_terminal_shows_the_live_view_while_text_streams(folder_chain: list[str], tmp_path: Path) -> None:
     log = tmp_path / "run.jsonl"
     term = Terminal(["run", "--models", ",".join(folder_chain), "--device", "cpu", "--prompt", "def add(a, b):",

@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import anyio
 from rich.cells import cell_len, set_cell_size
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.panel import Panel
@@ -190,39 +189,29 @@ async def run_with_live_view(pipe: Any, prompt: str, options: dict[str, Any],
     console = console or Console()
     title = " -> ".join(pipe.names)
     latest = [initial_snapshot(pipe.names, [m.device for m in pipe.members], options.get("mode", "pipe"))]
-    result: list[Generation] = []
-    errors: list[Exception] = []
-    finished = anyio.Event()
-
-    async def generate() -> None:
-        try:
-            result.append(await pipe.generate(prompt, **options))
-        except Exception as exc:  # noqa: BLE001 - re-raised below, once the live view is gone
-            errors.append(exc)
-        finally:
-            finished.set()
+    # the generation runs as its own task, and this one redraws until it is done. Plain asyncio on purpose: an AnyIO
+    # task group with a ``move_on_after`` per redraw lost a Ctrl-C once in CI (the generation ended cancelled, the
+    # group returned normally, and there was no result): a scope whose deadline passes in the same loop cycle as a
+    # native ``Task.cancel`` can take that cancellation for its own (agronholm/anyio#1214). ``asyncio.wait``'s
+    # timeout cancels nothing, so nothing can be mistaken for it
+    task = asyncio.ensure_future(pipe.generate(prompt, **options))
 
     # redirect_stderr: a stray warning printed during the run goes above the view instead of through it
     with Live(get_renderable=lambda: render(latest[0], title=title), console=console,
               refresh_per_second=REFRESH_PER_SECOND, transient=True, redirect_stderr=True):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(generate)
-            while not finished.is_set():
+        try:
+            while not task.done():
                 snap = pipe.snapshot()
                 if snap is not None and not snap.done:  # a done one is the previous generation's, or the end
                     latest[0] = snap
                 elif getattr(pipe, "preparing", None) and latest[0].committed == 0:  # mode auto, before it starts
                     latest[0] = dataclasses.replace(latest[0], note=pipe.preparing)
-                with anyio.move_on_after(1 / REFRESH_PER_SECOND):
-                    await finished.wait()
-    if errors:
-        raise errors[0]
-    if not result:
-        # the generation was cancelled (Ctrl-C cancels this task) but the task group returned instead of passing the
-        # cancellation on: seen once in CI, a Ctrl-C that ended in an IndexError here. Pass it on, so that
-        # asyncio.run turns it into the KeyboardInterrupt the CLI reports (the text so far, one line, exit 130).
-        raise asyncio.CancelledError
-    g = result[0]
+                await asyncio.wait({task}, timeout=1 / REFRESH_PER_SECOND)
+        except BaseException:  # Ctrl-C cancels this task: cancel the generation, wait for it to stop, pass it on
+            task.cancel()
+            await asyncio.wait({task})
+            raise
+    g = task.result()  # the generation's error, if it raised one, now that the live view is gone
     console.out(printable(g.text), highlight=False)
     final = pipe.snapshot()
     if final is not None:
