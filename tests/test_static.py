@@ -14,7 +14,8 @@ import torch
 import pipespec
 from conftest import noisy_copy, tiny_llama
 from helpers import grow_or_diverge, hf_greedy, limit, slow
-from pipespec.workers.static import StaticWorker
+from pipespec.verify import SamplingParams
+from pipespec.workers.static import CAPTURE_AHEAD, CONTEXT_STEP, StaticWorker, reachable
 from pipespec.workers.static_llama import supports_static
 
 
@@ -57,6 +58,48 @@ async def test_pipeline_on_static_path_equals_target_alone(target: torch.nn.Modu
         alone = await pipe.generate(prompt, max_new_tokens=20, mode="ar", temperature=1.0, seed=4)
         chain = await pipe.generate(prompt, max_new_tokens=20, mode="pipe", temperature=1.0, seed=4)
         assert alone.token_ids == chain.token_ids
+
+
+def test_shapes_are_captured_ahead_at_the_context_buckets_a_generation_may_reach() -> None:
+    """A shape met in one context bucket is wanted at the larger ones the next generation may reach (its prompt plus
+    its new tokens), at most ``CAPTURE_AHEAD`` past where it was met, never at smaller ones."""
+    assert reachable({(1, 256), (8, 256)}, 384, 2176) == {(1, 512), (8, 512)}
+    assert reachable({(1, 256)}, 200, 2176) == set()  # the generation stays in the bucket
+    assert reachable({(4, 512, ("greedy",))}, 900, 2176) == {(4, 768, ("greedy",)), (4, 1024, ("greedy",))}
+    assert reachable({(16, 2048)}, 2100, 2176) == {(16, 2176)}  # the last bucket is the cache's end
+    far = reachable({(1, 256)}, 100_000, 1 << 20)
+    assert far == {(1, 256 + CONTEXT_STEP * i) for i in range(1, CAPTURE_AHEAD + 1)}
+
+
+@torch.inference_mode()
+def test_reset_asks_for_the_shapes_met_at_the_buckets_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's side, with graphs on and the capture itself recorded (it needs CUDA): a generation that met
+    shapes at context bucket 256 makes the next reset for a 600-token generation want them at 512 and 768 too,
+    forwards and device drafts alike; ``PIPESPEC_CAPTURE_AHEAD=0`` turns that off."""
+    def wanted_at_reset(ahead: str) -> tuple[set, set]:
+        monkeypatch.setenv("PIPESPEC_CAPTURE_AHEAD", ahead)
+        worker = StaticWorker(tiny_llama(3, hidden=32), "m", torch.device("cpu"), graphs=True, capacity=1000)
+        seen: list[tuple[set, set]] = []
+
+        def capture() -> None:
+            seen.append((set(worker._wanted), set(worker._draft_wanted)))  # noqa: SLF001
+            worker._wanted.clear()  # noqa: SLF001
+            worker._draft_wanted.clear()  # noqa: SLF001
+
+        monkeypatch.setattr(worker, "capture_pending", capture)
+        worker.reset(None, 600)  # nothing met yet: nothing to capture
+        assert not seen
+        seq = [5, 6, 7, 8, 9]
+        worker.logits(seq, 1)  # a prefill of 5 tokens: bucket 8 at context 256, eager (not captured yet)
+        worker.draft(seq, 3, SamplingParams())  # a device draft of 2 steps at context 256
+        worker.reset(None, 600)
+        return seen[0]
+
+    forwards, drafts = wanted_at_reset("1")
+    assert {(8, k) for k in (256, 512, 768)} <= forwards
+    assert {k[:2] for k in drafts} >= {(2, 256), (2, 512), (2, 768)}
+    forwards, drafts = wanted_at_reset("0")
+    assert {k[1] for k in forwards} == {k[1] for k in drafts} == {256}
 
 
 @pytest.mark.gpu
