@@ -28,7 +28,8 @@ Protocol, per chain and alpha, all in one process on the same machine:
 - 3 timed repeats each (round-robin over methods, so drift hits all alike): median, min, max tokens/s;
 - every method's tokens must equal ``ar``'s (greedy; lossless) - reported per row;
 - per stage, in-pipeline ms per forward (busy / forwards) next to its standalone forward (1 and 8 tokens);
-- one trace (``trace=``) of a default ``pipe`` run per chain at the highest alpha: open it in ui.perfetto.dev.
+- one trace (``trace=``) of a default ``pipe`` run per chain at the highest alpha (``--trace-alphas``: at those):
+  open it in ui.perfetto.dev.
 
 Backends (issue 14: do stages that share ONE GPU run faster as separate processes under CUDA MPS?): ``--backend
 thread`` (the default) puts every worker on a thread of this process; ``--backend process`` puts each in a
@@ -298,7 +299,7 @@ async def measure_chain(label: str, members: list[Member], prompt: list[int], ar
                  "all_identical": all(r["identical_to_ar"] for r in rows)}
         if skipped:
             entry["skipped"] = "time budget: fewer repeats for some methods"
-        if alpha == max(args.alphas):
+        if alpha in (args.trace_alphas or [max(args.alphas)]):
             await members[0].runner.call("configure", device_draft=True)
             stem = f"trace-{len(result['alphas'])}-{label.replace(' ', '_').replace(';', '').replace(',', '-')}"
             for name in args.trace_methods:
@@ -563,6 +564,7 @@ if __name__ == "__main__":
     parser.add_argument("--trace-methods", default="pipe",
                         help="methods traced once at the highest alpha (trace files and the GPU's gaps: "
                              "pipespec.tracing.gpu_gaps)")
+    parser.add_argument("--trace-alphas", default="", help="comma-separated alphas to trace at (default: the highest)")
     parser.add_argument("--one-gpu", action="store_true", help="only the chains whose stages all share one device")
     parser.add_argument("--methods", default=None, help="comma-separated subset of: " + ",".join(all_methods())
                                                         + " (ar is always run: outputs are compared with it)")
@@ -574,6 +576,7 @@ if __name__ == "__main__":
     a = parser.parse_args()
     a.alphas = [float(x) for x in a.alphas.split(",")]
     a.trace_methods = [m for m in a.trace_methods.split(",") if m]
+    a.trace_alphas = [float(x) for x in a.trace_alphas.split(",") if x]
     a.tokens = a.tokens or (24 if a.smoke else 128)
     a.prompt_len = a.prompt_len or (16 if a.smoke else 128)
     known = all_methods()
