@@ -62,8 +62,11 @@ async def test_trace_file_has_every_stage_and_matches_the_stats(tmp_path: Path) 
         assert instants["rollback adopted"] == st["rollbacks"]
         assert instants["rollback sent"] == st["rollbacks_sent"]
         if i == 0:
-            drafted = sum(1 for e in spans if e["name"] == "draft")
-            assert drafted >= 1 and count["verify"] == 0
+            drafts = [e for e in spans if e["name"] == "draft"]
+            assert drafts and count["verify"] == 0
+            # each draft call says how many tokens it made, and whether it was a block its successor waited for
+            assert sum(e["args"]["tokens"] for e in drafts) == st["drafted"]
+            assert all(isinstance(e["args"]["block"], bool) for e in drafts)
             continue
         verify = [e for e in spans if e["name"] == "verify"]
         assert len(verify) == st["verifications"]

@@ -39,15 +39,20 @@ async def run_hosted(stage: Stage, body: Callable[[CallFn], None], stop: Callabl
                 await asyncio.wait([asyncio.wrap_future(done)])
 
 
-def traced_call(trace: StageTrace | None, call: CallFn, method: str, *args: Any) -> Any:
+def traced_call(trace: StageTrace | None, call: CallFn, method: str, *args: Any, **span_args: Any) -> Any:
     """A worker call from a stage's own thread (``call``: the one ``run_hosted``'s body is given), with its host span
-    on the stage's track of the trace when one is recorded."""
+    on the stage's track of the trace when one is recorded: ``span_args`` as its arguments, and for a draft the
+    number of tokens it made (``tokens``)."""
     began = time.perf_counter()
+    result = None
     try:
-        return call(method, *args)
+        result = call(method, *args)
+        return result
     finally:
         if trace is not None:
-            trace.span(method, began)
+            if method == "draft" and result is not None:
+                span_args["tokens"] = len(result.tokens)
+            trace.span(method, began, **span_args)
 
 
 class Monitor(Protocol):

@@ -200,7 +200,8 @@ class DraftLoop:
                 k = pace.batch(room)
             else:
                 k = min(cfg.draft_batch, room)
-            result = traced_call(trace, call, "draft", seq, k, cfg.params)
+            # block: the call drafts the block its successor waits for (in lock step, the only calls timed)
+            result = traced_call(trace, call, "draft", seq, k, cfg.params, block=bool(block))
             elapsed = time.perf_counter() - started
             if pace is not None:
                 pace.observe_call(len(result.tokens), elapsed)
