@@ -39,10 +39,11 @@ async def run_hosted(stage: Stage, body: Callable[[CallFn], None], stop: Callabl
                 await asyncio.wait([asyncio.wrap_future(done)])
 
 
-def traced_call(trace: StageTrace | None, call: CallFn, method: str, *args: Any, **span_args: Any) -> Any:
+def traced_call(trace: StageTrace | None, call: CallFn, method: str, *args: Any,
+                args_of: Callable[[Any], dict[str, Any]] | None = None, **span_args: Any) -> Any:
     """A worker call from a stage's own thread (``call``: the one ``run_hosted``'s body is given), with its host span
-    on the stage's track of the trace when one is recorded: ``span_args`` as its arguments, and for a draft the
-    number of tokens it made (``tokens``)."""
+    on the stage's track of the trace when one is recorded: ``span_args`` as its arguments, and ``args_of(result)``'s
+    too once the call has returned (what only the result says, e.g. how many tokens a draft made)."""
     began = time.perf_counter()
     result = None
     try:
@@ -50,8 +51,8 @@ def traced_call(trace: StageTrace | None, call: CallFn, method: str, *args: Any,
         return result
     finally:
         if trace is not None:
-            if method == "draft" and result is not None:
-                span_args["tokens"] = len(result.tokens)
+            if args_of is not None and result is not None:
+                span_args.update(args_of(result))
             trace.span(method, began, **span_args)
 
 

@@ -105,6 +105,11 @@ class DraftPace:
         return max(1, min(k, limit))
 
 
+def _drafted(result: Any) -> dict[str, Any]:
+    """A draft call's span arguments from its result (``traced_call``): how many tokens it made."""
+    return {"tokens": len(result.tokens)}
+
+
 async def run_draft(stage: Stage) -> None:
     """Run the draft stage's loop on a thread (see the module's docstring) until cancelled or failed; returns only
     once that thread has left the loop, so no draft call outlives the generation."""
@@ -201,7 +206,7 @@ class DraftLoop:
             else:
                 k = min(cfg.draft_batch, room)
             # block: the call drafts the block its successor waits for (in lock step, the only calls timed)
-            result = traced_call(trace, call, "draft", seq, k, cfg.params, block=bool(block))
+            result = traced_call(trace, call, "draft", seq, k, cfg.params, block=bool(block), args_of=_drafted)
             elapsed = time.perf_counter() - started
             if pace is not None:
                 pace.observe_call(len(result.tokens), elapsed)

@@ -41,6 +41,11 @@ _CAPTURE = threading.Lock()  # one capture at a time in the process
 CAPTURE_AHEAD = 4
 
 
+def ceil_bucket(tokens: int) -> int:
+    """The context bucket (a multiple of ``CONTEXT_STEP``) that covers ``tokens`` positions."""
+    return -(-tokens // CONTEXT_STEP) * CONTEXT_STEP
+
+
 def reachable(met: Iterable[tuple[Any, ...]], length: int, capacity: int,
               ahead: int = CAPTURE_AHEAD) -> set[tuple[Any, ...]]:
     """The shapes (keys whose first two parts are a token count and a context bucket: a forward's ``(bucket,
@@ -52,7 +57,7 @@ def reachable(met: Iterable[tuple[Any, ...]], length: int, capacity: int,
     out: set[tuple[Any, ...]] = set()
     for key in met:
         n, kv_len, rest = key[0], key[1], key[2:]
-        top = min(-(-(length + n) // CONTEXT_STEP) * CONTEXT_STEP, kv_len + ahead * CONTEXT_STEP)
+        top = min(ceil_bucket(length + n), kv_len + ahead * CONTEXT_STEP)
         out.update((n, min(k, capacity), *rest) for k in range(kv_len + CONTEXT_STEP, top + 1, CONTEXT_STEP))
     return out
 
@@ -153,7 +158,7 @@ class StaticWorker(LogitsWorker):
             raise ValueError(f"sequence of {end} tokens exceeds the static cache ({self.static.capacity - PAD})")
         bucket = _bucket(n)
         # attend over a multiple of CONTEXT_STEP slots that covers every (padded) position of this call
-        kv_len = min(-(-(position + bucket) // CONTEXT_STEP) * CONTEXT_STEP, self.static.capacity)
+        kv_len = min(ceil_bucket(position + bucket), self.static.capacity)
         staged = bucket in self._host
         if staged:
             ids, pos = self._host[bucket]
@@ -215,7 +220,7 @@ class StaticWorker(LogitsWorker):
         end = position + steps  # cache slots used: 0 .. end - 1 (the last draft is not fed)
         if end + PAD > self.static.capacity:
             raise ValueError(f"sequence of {end} tokens exceeds the static cache ({self.static.capacity - PAD})")
-        kv_len = min(-(-end // CONTEXT_STEP) * CONTEXT_STEP, self.static.capacity)
+        kv_len = min(ceil_bucket(end), self.static.capacity)
         seed_h = self._seed_tensor(params.seed)
         first_pos = torch.full((1,), position, dtype=torch.long, device=self.device)
         first = choose_on_device(logits[-1:], params, first_pos, seed_h)  # [1]
