@@ -158,3 +158,46 @@ async def test_lock_step_from_the_first_token_on_a_shared_gpu(tmp_path: Any, pat
     assert first_hand_over <= first_draft
     # the draft's time per token as the runtime knows it: its own forward's (1.6 ms), not the target's 25
     assert pipe.monitor.draft_seconds() < 0.005, pipe.monitor.draft_seconds()
+
+
+class _OutAndBack(ChainMonitor):
+    """Takes the draft out of the chain once ``out`` tokens are committed and brings it back at ``back``."""
+
+    def __init__(self, out: int, back: int) -> None:
+        super().__init__(2, interval=0.002, devices=(GPU0, GPU0))
+        self.out, self.back = out, back
+
+    def decide(self, now: float) -> tuple[int, ...] | None:
+        want = (1,) if self.out <= self.tokens < self.back else (0, 1)
+        if want == self.active:
+            return None
+        self.active, self.switches = want, self.switches + 1
+        return want
+
+
+@limit(60)
+async def test_a_draft_back_from_bypass_rejoins_lock_step_at_once(tmp_path: Any, patient_blocks: None) -> None:
+    """A draft brought back into the chain is behind: its successor decoded alone meanwhile. It waits for a hand-over
+    instead of drafting from its stale sequence beside the verifier's forward, and the verifier hands over (with the
+    block it waits for) after the forward it is in. Before, on one H200 the 68M draft drafted 19 free calls from 50
+    tokens back, its verifier rolled it back without a block three times and decoded alone until its lock-step probe
+    ({68m,7b,13b}, alpha 0.7: docs/benchmarks.md)."""
+    async with _shared_gpu_pipeline([1.6, 25], 0.9) as pipe:
+        pipe.monitor = _OutAndBack(12, 24)
+        pipe.monitor.devices = (GPU0, GPU0)
+        want = target_alone(pipe.members[0].worker.oracle, PROMPT, 48)  # type: ignore[attr-defined]
+        trace = tmp_path / "t.json"
+        g = await pipe.generate(PROMPT, max_new_tokens=48, mode="pipe", trace=str(trace))
+    assert list(g.token_ids) == want
+    doc = json.loads(trace.read_text())
+    names = {e["tid"]: e["args"]["name"] for e in doc["traceEvents"] if e.get("name") == "thread_name"}
+    draft_tid = next(t for t, n in names.items() if n.startswith("stage 0 ("))
+    target_tid = next(t for t, n in names.items() if n.startswith("stage 1 ("))
+    events = sorted((e for e in doc["traceEvents"] if e.get("ph") != "M"), key=lambda e: e["ts"])
+    back = next(e["ts"] for e in events if e["tid"] == draft_tid and e["name"] == "bypass off")
+    after = [e for e in events if e["ts"] >= back]
+    drafts = [e for e in after if e["tid"] == draft_tid and e["name"] == "draft"]
+    assert drafts and drafts[0]["args"]["block"], drafts[:3]  # its first call drafts the block asked for
+    first_verify = next(e["ts"] for e in after if e["tid"] == target_tid and e["name"] == "verify")
+    lone = [e for e in after if e["tid"] == target_tid and e["name"] == "decode" and e["ts"] < first_verify]
+    assert len(lone) <= 1, lone  # the forward it was in when the draft came back (or none)

@@ -170,6 +170,12 @@ class DraftLoop:
             if start_wait and successor.epoch == 0:
                 awaited = verdicts.puts  # nothing handed over yet
             start_wait = False
+            if (awaited is None and len(seq) + 1 < successor.verified and not stage.bypassed
+                    and stage.monitor is not None and stage.monitor.lock_step()):
+                # behind its successor (back from a bypass, it decoded alone meanwhile): what it would draft from
+                # here is already decided, and would only slow its verifier's forward; its verifier hands over
+                # (``stages.verifier``: a lone decode with nothing of the draft's at its position)
+                awaited = verdicts.puts
             if awaited is not None:
                 if verdicts.puts == awaited and not stage.bypassed and stage.monitor is not None:
                     stage.set_state("waiting")

@@ -410,6 +410,7 @@ class _Verifier:
                       accepted=result.accepted, tokens=len(result.tokens))
         stats.drafted += 1
         start = len(seq)
+        behind = len(up.tokens) < start  # the predecessor has nothing at this position (back from a bypass)
         seq.extend(result.tokens)
         if io.verdicts_out is not None:
             ahead = None
@@ -424,8 +425,10 @@ class _Verifier:
             # freely beside this stage's next forward, then drop those drafts)
             if up.conflicts_with(seq):  # a rejected proposal (the correction differs from the predecessor's token)
                 self.roll_back_predecessor(self.expect_block())
-            elif n and locked:
-                # in lock step the draft waits for this verdict: hand it the bonus token and the next block's size
+            elif locked and (n or behind):
+                # in lock step the draft waits for this verdict: hand it the bonus token and the next block's size.
+                # A draft behind this stage (back from a bypass) waits for it too: it would draft only what is
+                # decided already, and three rollbacks without a block left the target decoding alone until its probe
                 self.roll_back_predecessor(self.expect_block(), rejected=False)
             else:
                 io.verdicts_out.put(Verdict(up.epoch, len(seq), ahead=ahead))
