@@ -171,7 +171,7 @@ class _OutAndBack(ChainMonitor):
         want = (1,) if self.out <= self.tokens < self.back else (0, 1)
         if want == self.active:
             return None
-        self.active, self.switches = want, self.switches + 1
+        self.active, self.switches, self.why = want, self.switches + 1, "trial"
         return want
 
 
@@ -194,7 +194,8 @@ async def test_a_draft_back_from_bypass_rejoins_lock_step_at_once(tmp_path: Any,
     draft_tid = next(t for t, n in names.items() if n.startswith("stage 0 ("))
     target_tid = next(t for t, n in names.items() if n.startswith("stage 1 ("))
     events = sorted((e for e in doc["traceEvents"] if e.get("ph") != "M"), key=lambda e: e["ts"])
-    back = next(e["ts"] for e in events if e["tid"] == draft_tid and e["name"] == "bypass off")
+    back, why = next((e["ts"], e["args"]["why"]) for e in events if e["tid"] == draft_tid and e["name"] == "bypass off")
+    assert why == "trial"  # the mark says why the runtime changed the chain
     after = [e for e in events if e["ts"] >= back]
     drafts = [e for e in after if e["tid"] == draft_tid and e["name"] == "draft"]
     assert drafts and drafts[0]["args"]["block"], drafts[:3]  # its first call drafts the block asked for

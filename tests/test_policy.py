@@ -109,6 +109,7 @@ def test_monitor_bypasses_a_slow_middle_that_agrees_poorly() -> None:
     clock = Clock(m)
     assert clock.tick(10) is None  # the generation's first interval (prefill) measures nothing
     assert clock.tick(10) == (0, 2) and m.active == (0, 2)  # measured 80 tokens/s, then switched
+    assert m.why == "predicted"  # (the trace's bypass marks say why)
     assert m.decide(clock.now + 0.01) is None  # within one interval: no second look
     assert clock.tick(12) is None  # the interval with the switch in it measures nothing; settling
     assert clock.tick(12) is None and m.active == (0, 2)  # measured 96 > 80 tokens/s: confirmed
@@ -122,6 +123,7 @@ def test_a_predicted_switch_that_measures_slower_is_undone() -> None:
     assert clock.tick(10) == (0, 2)  # 80 tokens/s on the whole chain
     decisions = [clock.tick(8) for _ in range(6)]  # 64 tokens/s: judged once 32 tokens are measured (4 looks)
     assert decisions == [None] * 4 + [(0, 1, 2), None]  # back, although the model still prefers (0, 2)
+    assert m.why == "switch lost"
     for _ in range(5):
         assert clock.tick(10) is None  # and the model does not propose it again until its wait is over
 
@@ -140,12 +142,14 @@ def test_trials_find_what_the_model_cannot_see() -> None:
     m = fed([1, 5, 20], {(0, 1): 0.9, (1, 2): 0.8}, trial_after=64)
     clock = Clock(m)
     rates = {(0, 1, 2): 10, (1, 2): 15, (0, 2): 8, (2,): 9}  # tokens per look
-    seen = []
+    seen, whys = [], []
     for _ in range(60):
         chain = clock.tick(rates[m.active])
         if chain is not None:
             seen.append(chain)
+            whys.append(m.why)
     assert seen[0] in ((0, 2), (1, 2))  # the first trial (fewest models first), after 64 tokens
+    assert whys[0] == "trial" and "trial lost" in whys  # (the trace's bypass marks say why)
     assert (1, 2) in seen and m.active == (1, 2)  # kept: it measured faster
     assert (0, 1, 2) in seen[seen.index((1, 2)) + 1:]  # the whole chain is tried again later, and loses
 

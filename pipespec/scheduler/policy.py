@@ -231,6 +231,9 @@ class ChainMonitor:
     devices: tuple[frozenset[str] | None, ...] = ()
     tokens: int = 0  # committed tokens seen, all generations together
     switches: int = 0
+    # why the last switch was made: "predicted" (the model), "trial" (a neighbour tried) or "trial lost" / "switch
+    # lost" (back to the chain before, which measured faster): the trace's bypass marks say it
+    why: str = ""
     _latency: list[LinkEstimator] = field(default_factory=list)
     _pairs: dict[tuple[int, int], LinkEstimator] = field(default_factory=dict)
     _measured: dict[tuple[int, ...], _Measured] = field(default_factory=dict)
@@ -375,14 +378,14 @@ class ChainMonitor:
             return self._judge(self._tentative)
         chain = self._best()
         if chain != self.active:
-            return self._switch(chain, _Tentative(self.active, predicted=True))
+            return self._switch(chain, _Tentative(self.active, predicted=True), "predicted")
         for chain in self._neighbours():
             if self.tokens >= self._next_trial.setdefault(chain, self.tokens + self._wait(chain)):
                 for stage in set(chain) - set(self.active):  # a stage coming back: measure its pairs afresh
                     # list(dict) copies in one step: a stage's thread may add a pair meanwhile (``_pair``)
                     for pair in [p for p in list(self._pairs) if stage in p]:
                         self._pairs.pop(pair, None)
-                return self._switch(chain, _Tentative(self.active, predicted=False))
+                return self._switch(chain, _Tentative(self.active, predicted=False), "trial")
         return None
 
     def _judge(self, tentative: _Tentative) -> tuple[int, ...] | None:
@@ -397,7 +400,7 @@ class ChainMonitor:
             return None
         self._waits[self.active] = min(2 * self._wait(self.active), self.trial_max)
         self._next_trial[self.active] = self.tokens + self._wait(self.active)
-        return self._switch(tentative.previous, None)
+        return self._switch(tentative.previous, None, "switch lost" if tentative.predicted else "trial lost")
 
     def _score(self, chain: tuple[int, ...]) -> float:
         """``predict``, computed once per look (``_best`` and ``_neighbours`` ask for the same chains)."""
@@ -432,8 +435,9 @@ class ChainMonitor:
         first = self.removal_trial_after if len(chain) < len(self.active) else self.trial_after
         return self._waits.get(chain, first)
 
-    def _switch(self, chain: tuple[int, ...], tentative: _Tentative | None) -> tuple[int, ...]:
+    def _switch(self, chain: tuple[int, ...], tentative: _Tentative | None, why: str) -> tuple[int, ...]:
         self._measured[chain] = _Measured()  # its rate from now on
+        self.why = why
         self._tentative = tentative
         self._clean = False  # the interval with the switch in it measures neither chain
         self.active = chain

@@ -105,10 +105,11 @@ def stage_failed(stage: Stage, exc: Exception) -> PipelineError:
     return PipelineError(f"{name} failed: {type(exc).__name__}: {first_line(exc, 400)}"[:400], stage=stage.index)
 
 
-def use_chain(stages: Sequence[Stage], chain: tuple[int, ...]) -> None:
-    """Bypass every stage that is not in ``chain`` (the target always is) and bring back those that are."""
+def use_chain(stages: Sequence[Stage], chain: tuple[int, ...], why: str = "") -> None:
+    """Bypass every stage that is not in ``chain`` (the target always is) and bring back those that are; ``why``:
+    the monitor's reason (``ChainMonitor.why``), for the trace."""
     for stage in stages[:-1]:
-        stage.bypass(stage.index not in chain)
+        stage.bypass(stage.index not in chain, why)
 
 
 async def _control(stages: list[Stage], monitor: ChainMonitor) -> None:
@@ -122,7 +123,7 @@ async def _control(stages: list[Stage], monitor: ChainMonitor) -> None:
                 log.warning("stage bypass off for this generation", error=f"{type(exc).__name__}: {exc}")
             return
         if chain is not None:
-            use_chain(stages, chain)
+            use_chain(stages, chain, monitor.why)
             if structlog.is_configured():
                 log.debug("chain changed", chain=[stages[i].stats.model for i in chain])
 
@@ -131,7 +132,7 @@ async def run_pipe(stages: list[Stage], live: LiveRun) -> None:
     """Run every stage until the target says the generation is over, then cancel the rest."""
     monitor = stages[-1].monitor if len(stages) > 1 else None  # a chain of one has nothing to bypass
     if monitor is not None:
-        use_chain(stages, monitor.active)  # start from the sub-chain the last generation ended with
+        use_chain(stages, monitor.active, "carried over")  # start from the sub-chain the last generation ended with
         monitor.begin(time.perf_counter())
     async with anyio.create_task_group() as tg:
         for stage in stages[:-1]:

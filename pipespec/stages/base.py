@@ -139,12 +139,13 @@ class Stage:
     trace: StageTrace | None = None  # this stage's track of a trace (None: no tracing, no cost)
     max_window: int | None = None  # its worker's ``WorkerInfo.max_window``: its verify windows stay within it
 
-    def bypass(self, on: bool) -> None:
-        """Take this stage out of the chain or bring it back (the controller's call); wakes it to notice."""
+    def bypass(self, on: bool, why: str = "") -> None:
+        """Take this stage out of the chain or bring it back (the controller's call); wakes it to notice. ``why``:
+        the adaptive runtime's reason, on the trace's mark."""
         if on and not self.bypassed:
             self.stats.bypasses += 1
         if self.trace is not None and on != self.bypassed:
-            self.trace.instant("bypass on" if on else "bypass off")
+            self.trace.instant("bypass on" if on else "bypass off", **({"why": why} if why else {}))
         self.bypassed = on
         self.io.doorbell.ring()
 
