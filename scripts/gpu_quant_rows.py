@@ -8,7 +8,10 @@ runs the GEMV once per 16 rows. Per shape, a random-weight model in ``--kind`` b
 (``gpu_quant.build``) under CUDA's default layout; per row count, the forward's median CUDA-graph replay with the
 old limit (16: the torch path past it) and the new one; the max |logit difference| between the two. Writes
 OUT_DIR/quant_rows.json and prints one line per measurement. Forwards start at position 384 of a 512-slot context
-(``gpu_quant.time_forward``), so 128 rows still fit the model's capacity.
+(``gpu_quant.time_forward``), so 128 rows still fit the model's capacity; more rows start earlier (512 from 0).
+
+``--compare gemm``: "old" is the routing without the Triton GEMM (``kernels.triton_wgemm``: the GEMV once per 16 rows
+up to ``CHUNKED_MAX_TOKENS``, then the torch path), "new" the GEMM at every count past 16 rows.
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ def main() -> int:
     parser.add_argument("--rows", default="1,16,17,32,64,128")
     parser.add_argument("--budget-s", type=float, default=200.0)
     parser.add_argument("--device", default="cuda:0", help="cpu with --shapes smoke: a check of the script")
+    parser.add_argument("--compare", choices=("chunk", "gemm"), default="chunk",
+                        help="chunk: the GEMV limit at 16 (old) against CHUNKED_MAX_TOKENS (new); gemm: without the "
+                             "Triton GEMM (old: GEMV chunks, then the torch path) against it past 16 rows (new)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type != "cuda":
@@ -46,7 +52,8 @@ def main() -> int:
     end = time.monotonic() + args.budget_s
     rows = [int(r) for r in args.rows.split(",")]
     report: dict = {"layout": gpu_quant.LAYOUT, "kind": args.kind, "chunked_max": quant.CHUNKED_MAX_TOKENS, "runs": []}
-    new_limit = quant.CHUNKED_MAX_TOKENS
+    new_limit, gemm_rows = quant.CHUNKED_MAX_TOKENS, quant.GEMM_ROWS
+    report["compare"] = args.compare
     for shape in args.shapes.split(","):
         if time.monotonic() > end:
             break
@@ -58,14 +65,21 @@ def main() -> int:
                 break
             entry = {"shape": shape, "rows": n}
             try:
-                quant.CHUNKED_MAX_TOKENS = 16
-                entry["old_ms"], old = gpu_quant.time_forward(static, n, device, position=384)
+                position = max(0, min(384, gpu_quant.CONTEXT - n))  # a prompt's rows from its start
+                if args.compare == "chunk":
+                    quant.CHUNKED_MAX_TOKENS = 16
+                else:
+                    quant.GEMM_ROWS = (1 << 62, 0)  # off
+                entry["old_ms"], old = gpu_quant.time_forward(static, n, device, position=position)
                 quant.CHUNKED_MAX_TOKENS = new_limit
-                entry["new_ms"], new = gpu_quant.time_forward(static, n, device, position=384)
+                if args.compare == "gemm":
+                    quant.GEMM_ROWS = (17, 1 << 62)
+                entry["new_ms"], new = gpu_quant.time_forward(static, n, device, position=position)
+                quant.GEMM_ROWS = gemm_rows
                 entry["max_abs_logit_diff"] = float((old.float() - new.float()).abs().max())
             except Exception as exc:  # noqa: BLE001 - recorded, the next one runs
                 entry["error"] = f"{type(exc).__name__}: {exc}"[:300]
-            quant.CHUNKED_MAX_TOKENS = new_limit
+            quant.CHUNKED_MAX_TOKENS, quant.GEMM_ROWS = new_limit, gemm_rows
             report["runs"].append(entry)
             print(json.dumps(entry), flush=True)
             (out / "quant_rows.json").write_text(json.dumps(report, indent=2))

@@ -100,7 +100,7 @@ def test_dependencies_point_one_way() -> None:
 
 # modules that need an optional dependency (absent from CI): checked only where it is installed
 OPTIONAL = {"pipespec.kernels.triton_gemv": "triton", "pipespec.kernels.triton_attention": "triton",
-            "pipespec.kernels.triton_elementwise": "triton"}
+            "pipespec.kernels.triton_elementwise": "triton", "pipespec.kernels.triton_wgemm": "triton"}
 
 
 def test_every_module_imports_in_a_fresh_interpreter() -> None:

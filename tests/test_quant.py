@@ -259,6 +259,77 @@ print("ok")
     assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
+def test_gemm_kernel_in_the_interpreter() -> None:
+    """Our GEMM (``triton_wgemm``, a prompt's rows) equals x @ dequant(q).T + b for odd shapes (M, N and K not
+    multiples of the tiles, more row blocks than a group) with and without a bias, int8 and fp8 (float32: the
+    interpreter's bf16 dots are wrong), and gives the same bits on a repeat; ``auto`` routes ``GEMM_ROWS`` to it on
+    CUDA only (the CPU keeps the torch path)."""
+    pytest.importorskip("triton")
+    code = """
+import torch
+from pipespec.kernels import quant
+from pipespec.kernels.triton_wgemm import row_bucket, wgemm
+assert [row_bucket(m) for m in (1, 17, 64, 65, 700, 5000)] == [1, 32, 64, 128, 1024, 1024]
+torch.manual_seed(0)
+n, k = 37, 300
+for kind in ("int8", "fp8"):
+    qw = quant.quantize(torch.randn(n, k), kind)
+    for m in (1, 16, 33, 70):
+        x, b = torch.randn(m, k), torch.randn(n)
+        for bias in (None, b):
+            want = x @ quant.dequantize(qw).T + (0 if bias is None else bias)
+            got = wgemm(x, qw.q, qw.scale, bias)
+            err = (got - want).abs().max().item()
+            assert err < 1e-3 * (1 + want.abs().max().item()), (kind, m, err)
+            assert torch.equal(got, wgemm(x, qw.q, qw.scale, bias))
+    quant.set_backend("wgemm")
+    x = torch.randn(70, k)
+    assert torch.allclose(quant.linear(x, qw), x @ quant.dequantize(qw).T, atol=1e-3, rtol=1e-3)
+    quant.set_backend("auto")
+assert quant.GEMM_ROWS[0] == quant.CHUNKED_MAX_TOKENS + 1
+print("ok")
+"""
+    out = run_interpreted(code)
+    assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gemm_on_the_gpu_in_bf16() -> None:
+    """On CUDA in bf16 (the interpreter checks float32 only): the GEMM equals x @ dequant(q).T + b within bf16's
+    rounding at prompt-like row counts and 70B-like widths, repeats bit for bit, and ``auto`` takes it past
+    ``CHUNKED_MAX_TOKENS`` rows (the same bits as calling it)."""
+    pytest.importorskip("triton")
+    from pipespec.kernels import quant
+    from pipespec.kernels.triton_wgemm import wgemm
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda", 0)
+    for kind in ("int8", "fp8"):
+        for n, k in ((1000, 8192), (4096, 1000)):
+            qw = quant.quantize(torch.randn(n, k, device=dev) * 0.02, kind)
+            b = torch.randn(n, device=dev, dtype=torch.bfloat16)
+            for m in (17, 100, 700):
+                x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+                want = x.float() @ quant.dequantize(qw).T + b.float()
+                got = wgemm(x, qw.q, qw.scale, b)
+                tol = 2**-7 * want.abs() + 1e-3 * (x.float().abs() @ quant.dequantize(qw).abs().T) + 1e-2
+                assert ((got.float() - want).abs() <= tol).all(), (kind, n, k, m)
+                assert torch.equal(got, wgemm(x, qw.q, qw.scale, b))
+                if m > quant.CHUNKED_MAX_TOKENS:
+                    assert torch.equal(quant.linear(x, qw, b), got)
+
+
+def test_gemm_rows_setting() -> None:
+    """``PIPESPEC_WGEMM_ROWS``: "LO-HI", "LO-" (no upper end) or "off"."""
+    from pipespec.kernels.quant import _gemm_rows
+
+    assert _gemm_rows("65-") == (65, 1 << 62)
+    assert _gemm_rows("17-4096") == (17, 4096)
+    lo, hi = _gemm_rows("off")
+    assert lo > hi
+
+
 def test_splitk_kernel_in_the_interpreter() -> None:
     """v2 (split-K) equals x @ dequant(q).T + b for odd shapes (K, N not multiples of the tiles), with 1, 2 and 3
     splits and both int8 conversions, and gives the same bits on a repeat (the fixed-order reduction)."""

@@ -20,7 +20,11 @@ on top of 0.5 (bf16 scales would save 3 % of the bytes read; not worth a second 
 Which kernel computes it is a process-wide choice (``set_backend`` or ``PIPESPEC_QLINEAR``), read when a forward is
 traced or captured:
 
-- ``auto``: ``triton`` on CUDA for up to 16 tokens when Triton imports, else ``torch``.
+- ``auto``: on CUDA where Triton imports, ``wgemm`` for an int8 / fp8 weight at ``GEMM_ROWS`` rows (by default
+  past ``CHUNKED_MAX_TOKENS``), else ``triton`` up to ``CHUNKED_MAX_TOKENS`` rows (once per 16 past 16); else
+  ``torch``.
+- ``wgemm``: our GEMM (``triton_wgemm``) at any number of rows: each weight byte read once per block of rows and
+  converted in registers, ``tl.dot`` on the tensor cores. int8 and fp8; int4 takes the torch path.
 - ``triton``: our GEMV (``triton_gemv``): reads each weight byte once, converts in registers, fp32 accumulation.
   Two versions (``set_gemv`` or ``PIPESPEC_WGEMV``): ``v1`` and ``splitk`` (split-K, deterministic two-pass
   reduction), and ``mixed``, the default: splitk for one token, where it measured faster on an H200, v1 for more.
@@ -53,7 +57,7 @@ __all__ = ["BACKENDS", "CHUNKED_MAX_TOKENS", "GEMVS", "INT4_GROUP", "KINDS", "Qu
 
 KINDS = ("int8", "fp8", "int4")
 INT4_GROUP = 128  # inputs per int4 scale (GPTQ/AWQ's usual size: 3 % of scale bytes over the 4-bit payload)
-BACKENDS = ("auto", "triton", "torch", "int8pack")
+BACKENDS = ("auto", "triton", "wgemm", "torch", "int8pack")
 _QMAX = {"int8": 127.0, "fp8": 448.0, "int4": 7.0}  # the largest magnitude each format holds exactly (e4m3fn: 448)
 _TRITON_MAX_TOKENS = 16  # the GEMV kernels serve 1..16 rows (tokens) per launch
 # Up to this many rows ``auto`` runs the GEMV once per 16 rows rather than the torch path: that path converts the
@@ -61,6 +65,21 @@ _TRITON_MAX_TOKENS = 16  # the GEMV kernels serve 1..16 rows (tokens) per launch
 # cost ~215 ms on an H200 against ~23 ms per 16 rows by GEMV. Past it the torch path's matmul wins (a long prompt).
 # Settable for measurements (scripts/gpu_quant_rows.py); 16 is the behaviour before chunking.
 CHUNKED_MAX_TOKENS = 64
+
+
+
+def _gemm_rows(spec: str) -> tuple[int, int]:
+    """``PIPESPEC_WGEMM_ROWS``: "LO-HI" (rows that take the GEMM under ``auto``), or "off"."""
+    if spec == "off":
+        return (1 << 62, 0)
+    lo, _, hi = spec.partition("-")
+    return int(lo), int(hi) if hi else 1 << 62
+
+
+# Under ``auto`` on CUDA, an int8 / fp8 linear of this many rows (inclusive) runs the Triton GEMM
+# (``triton_wgemm``): one pass over the weight bytes, converted in registers, instead of the GEMV once per 16 rows
+# or the torch path's bf16 copy of the weight per call. ``PIPESPEC_WGEMM_ROWS`` sets it ("LO-HI", or "off").
+GEMM_ROWS = _gemm_rows(os.environ.get("PIPESPEC_WGEMM_ROWS", f"{CHUNKED_MAX_TOKENS + 1}-"))
 
 _backend = os.environ.get("PIPESPEC_QLINEAR", "auto")
 # which Triton GEMV the ``triton`` backend calls: ``splitk`` (v2: split-K, deterministic two-pass reduction; its own
@@ -192,7 +211,17 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, b: torch.Tensor | Non
         return F.linear(x, w, b)
     backend = _backend
     if backend == "auto":
-        backend = "triton" if x.is_cuda and x.shape[0] <= CHUNKED_MAX_TOKENS and _triton_ok() else "torch"
+        rows = x.shape[0]
+        if not (x.is_cuda and _triton_ok()):
+            backend = "torch"
+        elif GEMM_ROWS[0] <= rows <= GEMM_ROWS[1] and w.kind != "int4":
+            backend = "wgemm"
+        else:
+            backend = "triton" if rows <= CHUNKED_MAX_TOKENS else "torch"
+    if backend == "wgemm" and w.kind != "int4":
+        from . import triton_wgemm
+
+        return triton_wgemm.wgemm(x, w.q, w.scale, b)
     if backend == "triton" and _gemv_serves(w):
         if x.shape[0] > _TRITON_MAX_TOKENS:
             return by_rows(lambda part: _gemv_linear(part, w, b), x, _TRITON_MAX_TOKENS)
