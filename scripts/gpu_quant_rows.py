@@ -31,6 +31,20 @@ from pipespec.kernels import quant  # noqa: E402
 from pipespec.workers.static_llama import choose_variant  # noqa: E402
 
 
+def first_eager_ms(static, n: int, device: torch.device, position: int) -> float:  # noqa: ANN001
+    """Wall ms of one eager forward of ``n`` tokens at ``position`` (host sync included)."""
+    ids = torch.arange(3, 3 + n, device=device) % static.embed.shape[0]
+    pos = torch.arange(position, position + n, device=device)
+    with torch.inference_mode():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        static.forward(ids, pos, gpu_quant.CONTEXT)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) * 1000
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
@@ -74,6 +88,8 @@ def main() -> int:
                 quant.CHUNKED_MAX_TOKENS = new_limit
                 if args.compare == "gemm":
                     quant.GEMM_ROWS = (17, 1 << 62)
+                    # the first eager forward at this count: a new row bucket's tuning (and a first compile) in it
+                    entry["first_new_ms"] = first_eager_ms(static, n, device, position)
                 entry["new_ms"], new = gpu_quant.time_forward(static, n, device, position=position)
                 quant.GEMM_ROWS = gemm_rows
                 entry["max_abs_logit_diff"] = float((old.float() - new.float()).abs().max())
