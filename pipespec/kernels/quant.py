@@ -21,8 +21,8 @@ Which kernel computes it is a process-wide choice (``set_backend`` or ``PIPESPEC
 traced or captured:
 
 - ``auto``: on CUDA where Triton imports, ``wgemm`` for an int8 / fp8 weight at ``GEMM_ROWS`` rows (by default
-  past ``CHUNKED_MAX_TOKENS``), else ``triton`` up to ``CHUNKED_MAX_TOKENS`` rows (once per 16 past 16); else
-  ``torch``.
+  past 16), else ``triton`` up to ``CHUNKED_MAX_TOKENS`` rows (once per 16 past 16: int4, or the GEMM turned off);
+  else ``torch``.
 - ``wgemm``: our GEMM (``triton_wgemm``) at any number of rows: each weight byte read once per block of rows and
   converted in registers, ``tl.dot`` on the tensor cores. int8 and fp8; int4 takes the torch path.
 - ``triton``: our GEMV (``triton_gemv``): reads each weight byte once, converts in registers, fp32 accumulation.
@@ -79,7 +79,10 @@ def _gemm_rows(spec: str) -> tuple[int, int]:
 # Under ``auto`` on CUDA, an int8 / fp8 linear of this many rows (inclusive) runs the Triton GEMM
 # (``triton_wgemm``): one pass over the weight bytes, converted in registers, instead of the GEMV once per 16 rows
 # or the torch path's bf16 copy of the weight per call. ``PIPESPEC_WGEMM_ROWS`` sets it ("LO-HI", or "off").
-GEMM_ROWS = _gemm_rows(os.environ.get("PIPESPEC_WGEMM_ROWS", f"{CHUNKED_MAX_TOKENS + 1}-"))
+# Measured on an H200 (scripts/gpu_quant_rows.py --compare gemm, whole forward, CUDA-graph replay; docs/benchmarks.md):
+# faster than both at every count past 16 rows: the 70B in int8 46.0 -> 33.2 ms at 17 rows, 92.5 -> 44.6 at 64,
+# 218.2 -> 56.5 at 65, 293.3 -> 181.1 at 512; the 7B 6.8 -> 5.5 at 17, 22.8 -> 8.0 at 65. So from 17 rows.
+GEMM_ROWS = _gemm_rows(os.environ.get("PIPESPEC_WGEMM_ROWS", f"{_TRITON_MAX_TOKENS + 1}-"))
 
 _backend = os.environ.get("PIPESPEC_QLINEAR", "auto")
 # which Triton GEMV the ``triton`` backend calls: ``splitk`` (v2: split-K, deterministic two-pass reduction; its own
@@ -268,9 +271,9 @@ def _gemv_linear(x: torch.Tensor, w: QuantWeight, b: torch.Tensor | None) -> tor
 
 def fast_rows(device: torch.device) -> int | None:
     """The most rows (tokens) a quantized linear on ``device`` serves in ONE GEMV launch: past them a forward costs
-    one launch per 16 rows (up to ``CHUNKED_MAX_TOKENS``: a 70B in int8 on an H200, 23.3 ms for 16 rows, 45.9 for
-    17, 93.3 for 64), then the torch path, which converts the whole weight per call (~215 ms). None where no such
-    step exists (the torch path at every size)."""
+    the GEMM (a 70B in int8 on an H200: 23.3 ms for 16 rows, 33.2 for 17, 44.6 for 64; int4: one GEMV launch per 16
+    rows up to ``CHUNKED_MAX_TOKENS``, then the torch path, which converts the whole weight per call, ~215 ms). None
+    where no such step exists (the torch path at every size)."""
     if device.type != "cuda" or _backend not in ("auto", "triton") or not _triton_ok():
         return None
     return _TRITON_MAX_TOKENS
