@@ -4,7 +4,8 @@
 #     forwards past 16 rows run the Triton GEMM, now auto's choice from 17 rows): ar, sd and pipe agree;
 #  2. the gpu tests of the static path and the quantized linears (the GEMM in bf16);
 #  3. a process's first long generation again (scripts/gpu_first_generation.py), now that reset also captures the
-#     token buckets a verifier has not met yet (workers.static.ladder).
+#     token buckets a verifier has not met yet (workers.static.ladder; reverted after this call: on this cold
+#     machine its captures made the {68m,7b} pipe first generation slower, docs/benchmarks.md).
 # Usage: PIPESPEC_COMMIT=<sha> bash scripts/gpu_levers39.sh      Results: $OUT/levers39.log (+ .tgz)
 set -u
 source "$(dirname "$0")/gpu_env.sh"

@@ -15,7 +15,7 @@ import pipespec
 from conftest import noisy_copy, tiny_llama
 from helpers import grow_or_diverge, hf_greedy, limit, slow
 from pipespec.verify import SamplingParams
-from pipespec.workers.static import CAPTURE_AHEAD, CONTEXT_STEP, StaticWorker, ladder, reachable
+from pipespec.workers.static import CAPTURE_AHEAD, CONTEXT_STEP, StaticWorker, reachable
 from pipespec.workers.static_llama import supports_static
 
 
@@ -71,16 +71,6 @@ def test_shapes_are_captured_ahead_at_the_context_buckets_a_generation_may_reach
     assert far == {(1, 256 + CONTEXT_STEP * i) for i in range(1, CAPTURE_AHEAD + 1)}
 
 
-def test_a_verifier_wants_the_token_buckets_it_has_not_met_yet() -> None:
-    """``ladder``: a worker that met several token buckets (it checks windows) wants every bucket up to 4x the
-    largest (at most 16) at each context bucket; one that met a single bucket (``ar``'s decodes) wants nothing more."""
-    assert ladder({(1, 256), (2, 256), (4, 512)}) == {(b, k) for b in (1, 2, 4, 8, 16) for k in (256, 512)}
-    assert ladder({(1, 256), (2, 256)}) == {(b, 256) for b in (1, 2, 4, 8)}
-    assert ladder({(1, 256), (1, 512)}) == set()  # one bucket: a decoder
-    assert ladder({(1, 256), (64, 256)}) == set()  # a prompt's bucket is no window
-    assert ladder({(1, 256), (2, 256), (64, 256)}) == {(b, 256) for b in (1, 2, 4, 8)}
-
-
 @torch.inference_mode()
 def test_reset_asks_for_the_shapes_met_at_the_buckets_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
     """The worker's side, with graphs on and the capture itself recorded (it needs CUDA): a generation that met
@@ -107,7 +97,6 @@ def test_reset_asks_for_the_shapes_met_at_the_buckets_ahead(monkeypatch: pytest.
 
     forwards, drafts = wanted_at_reset("1")
     assert {(8, k) for k in (256, 512, 768)} <= forwards
-    assert {(16, k) for k in (256, 512, 768)} <= forwards  # the ladder: it met buckets 1 and 8
     assert {k[:2] for k in drafts} >= {(2, 256), (2, 512), (2, 768)}
     forwards, drafts = wanted_at_reset("0")
     assert {k[1] for k in forwards} == {k[1] for k in drafts} == {256}

@@ -38,7 +38,12 @@ traced or captured:
 - ``int8pack``: ``torch._weight_int8pack_mm`` (int8 only). Torch's CUDA kernel (added in 2.9-ish) gives one output
   element to one thread, uncoalesced (pytorch#190529 rewrites it); measured by scripts/gpu_quant.py, not the default.
 
-Losslessness is relative to the quantized target: the chain's output equals the quantized target decoding alone.
+Losslessness is relative to the quantized target: the chain's output equals the quantized target decoding alone,
+greedy. These kernels are not batch-invariant: a row's logits differ in the last bits between a one-token forward
+(split-K GEMV), a 2-16-token window (v1 GEMV) and more rows (the GEMM), so under sampling the coupled rule's choice
+can flip at a near-tie and seed-for-seed equality with ``ar`` is not guaranteed on CUDA (measured: a tiny int8
+target's sampled ``sd`` left ``ar`` at token 18 of 128, with the GEMM and without it). The distribution is the
+target's, up to that rounding.
 """
 
 from __future__ import annotations

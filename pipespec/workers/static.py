@@ -11,8 +11,8 @@ stream is capturing"). A shape first met during a generation runs eagerly (same 
 captured at the next ``reset``; captures are serialised across workers by a process-wide lock. ``reset`` also
 captures every shape met so far at the larger context buckets the coming generation may reach (``reachable``):
 a shape met in the first 256 positions would otherwise run eagerly past them (a 7B: 80 tokens/s instead of 211 for
-the last ~130 tokens of a first 256-token generation after a 128-token prompt), and for a worker that checks windows
-of varying size the token buckets it has not met yet (``ladder``). ``PIPESPEC_CAPTURE_AHEAD=0`` turns both off.
+the last ~130 tokens of a first 256-token generation after a 128-token prompt). ``PIPESPEC_CAPTURE_AHEAD=0`` turns
+that off.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ PAD = TOKEN_BUCKETS[-1]  # slack slots past the longest sequence, where padding 
 _CAPTURE = threading.Lock()  # one capture at a time in the process
 # context buckets captured ahead of a generation past those its shapes were met at (``reachable``): 4 x 256 positions
 CAPTURE_AHEAD = 4
-LADDER_TOP = 16  # the largest token bucket ``ladder`` fills in (a verify window of up to 15 proposals)
 
 
 def ceil_bucket(tokens: int) -> int:
@@ -61,21 +60,6 @@ def reachable(met: Iterable[tuple[Any, ...]], length: int, capacity: int,
         top = min(ceil_bucket(length + n), kv_len + ahead * CONTEXT_STEP)
         out.update((n, min(k, capacity), *rest) for k in range(kv_len + CONTEXT_STEP, top + 1, CONTEXT_STEP))
     return out
-
-
-def ladder(met: Iterable[tuple[int, int]], top: int = LADDER_TOP) -> set[tuple[int, int]]:
-    """The forward shapes a worker that checks windows of varying size will likely meet: where ``met`` (``(bucket,
-    kv_len)`` keys) holds more than one token bucket up to ``top`` (a verifier, or a draft re-fed after rollbacks;
-    not ``ar``'s one-token decodes), every token bucket up to 4x the largest of them (at most ``top``) at each of its
-    context buckets. A process's warm-up generation meets the small ones only: its draft runs eagerly, its time per
-    token looks long, and the blocks it is asked for stay short; graphs then make the blocks longer (a {68m,7b}
-    chain's first generation on an H200 ran 78 eager 8-token 7B verifies, 2.1 s of 5.6)."""
-    met = list(met)
-    small = {key[0] for key in met if key[0] <= top}
-    if len(small) < 2:
-        return set()
-    highest = min(top, 4 * max(small))
-    return {(b, kv_len) for b in TOKEN_BUCKETS if b <= highest for kv_len in {key[1] for key in met} if b <= kv_len}
 
 
 def _bucket(n: int) -> int:
@@ -151,7 +135,6 @@ class StaticWorker(LogitsWorker):
             limit = self.static.capacity  # the largest context bucket a call attends over (``forward``)
             self._wanted.update(k for k in reachable([*self._graphs, *self._wanted], capacity, limit)
                                 if k not in self._graphs)
-            self._wanted.update(k for k in ladder([*self._graphs, *self._wanted]) if k not in self._graphs)
             drafts = {**self._draft_params, **self._draft_wanted}
             params = {(key[0], *key[2:]): p for key, p in drafts.items()}  # per (steps, rule)
             for key in reachable(drafts, capacity, limit):
