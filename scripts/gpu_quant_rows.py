@@ -66,7 +66,7 @@ def main() -> int:
     end = time.monotonic() + args.budget_s
     rows = [int(r) for r in args.rows.split(",")]
     report: dict = {"layout": gpu_quant.LAYOUT, "kind": args.kind, "chunked_max": quant.CHUNKED_MAX_TOKENS, "runs": []}
-    new_limit, gemm_rows = quant.CHUNKED_MAX_TOKENS, quant.GEMM_ROWS
+    new_limit, gemm_rows = quant.CHUNKED_MAX_TOKENS, quant.gemm_rows()
     report["compare"] = args.compare
     for shape in args.shapes.split(","):
         if time.monotonic() > end:

@@ -286,7 +286,7 @@ for kind in ("int8", "fp8"):
     x = torch.randn(70, k)
     assert torch.allclose(quant.linear(x, qw), x @ quant.dequantize(qw).T, atol=1e-3, rtol=1e-3)
     quant.set_backend("auto")
-assert quant.GEMM_ROWS[0] == 17  # past the GEMV's 16 rows (measured faster there: docs/benchmarks.md)
+assert quant.gemm_rows()[0] == 17  # past the GEMV's 16 rows (measured faster there: docs/benchmarks.md)
 print("ok")
 """
     out = run_interpreted(code)
@@ -316,18 +316,21 @@ def test_gemm_on_the_gpu_in_bf16() -> None:
                 tol = 2**-7 * want.abs() + 1e-3 * (x.float().abs() @ quant.dequantize(qw).abs().T) + 1e-2
                 assert ((got.float() - want).abs() <= tol).all(), (kind, n, k, m)
                 assert torch.equal(got, wgemm(x, qw.q, qw.scale, b))
-                if m >= quant.GEMM_ROWS[0]:
+                if m >= quant.gemm_rows()[0]:
                     assert torch.equal(quant.linear(x, qw, b), got)
 
 
 def test_gemm_rows_setting() -> None:
-    """``PIPESPEC_WGEMM_ROWS``: "LO-HI", "LO-" (no upper end) or "off"."""
+    """``PIPESPEC_WGEMM_ROWS``: "LO-HI", "LO-" (no upper end) or "off"; anything else a one-line ConfigError."""
+    from pipespec.errors import ConfigError
     from pipespec.kernels.quant import _gemm_rows
 
     assert _gemm_rows("65-") == (65, 1 << 62)
     assert _gemm_rows("17-4096") == (17, 4096)
     lo, hi = _gemm_rows("off")
     assert lo > hi
+    with pytest.raises(ConfigError, match="PIPESPEC_WGEMM_ROWS='many': use LO-HI"):
+        _gemm_rows("many")
 
 
 def test_splitk_kernel_in_the_interpreter() -> None:

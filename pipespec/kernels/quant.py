@@ -72,13 +72,15 @@ _TRITON_MAX_TOKENS = 16  # the GEMV kernels serve 1..16 rows (tokens) per launch
 CHUNKED_MAX_TOKENS = 64
 
 
-
 def _gemm_rows(spec: str) -> tuple[int, int]:
-    """``PIPESPEC_WGEMM_ROWS``: "LO-HI" (rows that take the GEMM under ``auto``), or "off"."""
+    """``PIPESPEC_WGEMM_ROWS``: "LO-HI" or "LO-" (rows that take the GEMM under ``auto``), or "off"."""
     if spec == "off":
         return (1 << 62, 0)
     lo, _, hi = spec.partition("-")
-    return int(lo), int(hi) if hi else 1 << 62
+    try:
+        return int(lo), int(hi) if hi else 1 << 62
+    except ValueError:
+        raise ConfigError(f"PIPESPEC_WGEMM_ROWS={spec!r}: use LO-HI, LO- or off (e.g. 17-)") from None
 
 
 # Under ``auto`` on CUDA, an int8 / fp8 linear of this many rows (inclusive) runs the Triton GEMM
@@ -87,7 +89,17 @@ def _gemm_rows(spec: str) -> tuple[int, int]:
 # Measured on an H200 (scripts/gpu_quant_rows.py --compare gemm, whole forward, CUDA-graph replay; docs/benchmarks.md):
 # faster than both at every count past 16 rows: the 70B in int8 46.0 -> 33.2 ms at 17 rows, 92.5 -> 44.6 at 64,
 # 218.2 -> 56.5 at 65, 293.3 -> 181.1 at 512; the 7B 6.8 -> 5.5 at 17, 22.8 -> 8.0 at 65. So from 17 rows.
-GEMM_ROWS = _gemm_rows(os.environ.get("PIPESPEC_WGEMM_ROWS", f"{_TRITON_MAX_TOKENS + 1}-"))
+# None: read from the environment at the first quantized forward (a malformed value is a stage's one-line error then,
+# not an import failure); scripts and tests set it directly
+GEMM_ROWS: tuple[int, int] | None = None
+
+
+def gemm_rows() -> tuple[int, int]:
+    """``GEMM_ROWS``, read from ``PIPESPEC_WGEMM_ROWS`` the first time (default: from 17 rows, no upper end)."""
+    global GEMM_ROWS
+    if GEMM_ROWS is None:
+        GEMM_ROWS = _gemm_rows(os.environ.get("PIPESPEC_WGEMM_ROWS", f"{_TRITON_MAX_TOKENS + 1}-"))
+    return GEMM_ROWS
 
 _backend = os.environ.get("PIPESPEC_QLINEAR", "auto")
 # which Triton GEMV the ``triton`` backend calls: ``splitk`` (v2: split-K, deterministic two-pass reduction; its own
@@ -222,7 +234,7 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, b: torch.Tensor | Non
         rows = x.shape[0]
         if not (x.is_cuda and _triton_ok()):
             backend = "torch"
-        elif GEMM_ROWS[0] <= rows <= GEMM_ROWS[1] and w.kind != "int4":
+        elif gemm_rows()[0] <= rows <= gemm_rows()[1] and w.kind != "int4":
             backend = "wgemm"
         else:
             backend = "triton" if rows <= CHUNKED_MAX_TOKENS else "torch"
