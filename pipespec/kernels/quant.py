@@ -231,10 +231,10 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, b: torch.Tensor | Non
         return F.linear(x, w, b)
     backend = _backend
     if backend == "auto":
-        rows = x.shape[0]
+        rows, (lo, hi) = x.shape[0], gemm_rows()
         if not (x.is_cuda and _triton_ok()):
             backend = "torch"
-        elif gemm_rows()[0] <= rows <= gemm_rows()[1] and w.kind != "int4":
+        elif lo <= rows <= hi and w.kind != "int4":
             backend = "wgemm"
         else:
             backend = "triton" if rows <= CHUNKED_MAX_TOKENS else "torch"

@@ -11,7 +11,8 @@ the weight is ever written. Programs run M-blocks grouped (``GROUP_M``) so that 
 Tiles are autotuned per (row bucket, N, K) on the first call, which must be eager (a CUDA-graph capture cannot
 benchmark; StaticWorker runs every shape eagerly before capturing it, and a prefill past 64 tokens runs eagerly).
 The bucket is the rows rounded up to a power of two (at most 1024), so every prompt length in one bucket shares one
-tile and one loop order: the same bits for the same input on every run. Wrapped as a torch custom op so torch.compile treats it as one opaque call.
+tile and one loop order: the same bits for the same input on every run. Wrapped as a torch custom op so
+torch.compile treats it as one opaque call.
 """
 
 from __future__ import annotations
