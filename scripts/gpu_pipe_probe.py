@@ -19,7 +19,7 @@ CPU chain whose target is split over "cpu+cpu" (gloo).
 
 Protocol, per chain and alpha, all in one process on the same machine:
 - warm: every graph bucket (tokens 1..64, contexts up to the longest sequence) and every multi-token draft graph
-  (``StaticWorker.warm_up(draft_steps=...)``) is captured before any clock starts, and each method runs one
+  (``StaticWorker.warm_up(draft_sizes=...)``) is captured before any clock starts, and each method runs one
   untimed generation first;
 - methods: ``ar``; ``sd`` at lookahead 2/4/8/16; ``pipe`` default (adaptive runtime, adaptive draft batching,
   multi-token drafts on the device); ``pipe`` with each lever off or fixed (``draft_batch=1``: one token per call,
@@ -394,7 +394,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         for key, m in list(loaded.members.items()):
             try:
                 captures += await m.runner.call("warm_up", (1, 2, 4, 8, 16, 32, 64), context,
-                                                draft_steps=tuple(range(1, 16)) if key in drafters else ())
+                                                draft_sizes=tuple(range(1, 17)) if key in drafters else ())
             except Exception as exc:  # noqa: BLE001 - this key's chains fail, the others run
                 loaded.failed[key] = f"warming {key[0]} on {key[1]}: {type(exc).__name__}: {exc}"[:500]
                 print(f"FAILED {loaded.failed[key]}", flush=True)

@@ -91,13 +91,13 @@ def test_reset_asks_for_the_shapes_met_at_the_buckets_ahead(monkeypatch: pytest.
         assert not seen
         seq = [5, 6, 7, 8, 9]
         worker.logits(seq, 1)  # a prefill of 5 tokens: bucket 8 at context 256, eager (not captured yet)
-        worker.draft(seq, 3, SamplingParams())  # a device draft of 2 steps at context 256
+        worker.draft(seq, 3, SamplingParams())  # a device draft of 3 tokens, 1 fed, at context 256
         worker.reset(None, 600)
         return seen[0]
 
     forwards, drafts = wanted_at_reset("1")
     assert {(8, k) for k in (256, 512, 768)} <= forwards
-    assert {k[:2] for k in drafts} >= {(2, 256), (2, 512), (2, 768)}
+    assert {k[:3] for k in drafts} >= {(3, 256, 1), (3, 512, 1), (3, 768, 1)}
     forwards, drafts = wanted_at_reset("0")
     assert {k[1] for k in forwards} == {k[1] for k in drafts} == {256}
 

@@ -94,7 +94,7 @@ async def test_synthetic_worker_in_a_process_captures_graphs_on_cuda() -> None:
         infos = await asyncio.gather(*(
             r.start(build_synthetic, shape, "cuda:0", Oracle([0.8], seed=2, vocab=512), i, dims=dims, capacity=256)
             for i, (r, (shape, dims)) in enumerate(zip(runners, TINY.items()))))
-        assert await runners[0].call("warm_up", (1, 2, 4, 8), 256, draft_steps=(1, 3, 7)) > 0
+        assert await runners[0].call("warm_up", (1, 2, 4, 8), 256, draft_sizes=(1, 3, 7)) > 0
         assert await runners[1].call("warm_up", (1, 2, 4, 8), 256) > 0
         pipe = Pipeline([Member(info.name, r, info) for r, info in zip(runners, infos)], tokenizer=None)
         prompt = list(range(10, 26))

@@ -28,7 +28,7 @@ import torch
 
 from ..verify import SamplingParams, choose_on_device, seed_hash
 from ..kernels.quant import fast_rows
-from .base import LogitsWorker, StepResult, WorkerInfo
+from .base import LogitsWorker, StepResult, WorkerInfo, common_prefix
 from .static_llama import StaticLlama, Variant, choose_variant
 
 __all__ = ["StaticWorker", "TOKEN_BUCKETS"]
@@ -39,6 +39,9 @@ PAD = TOKEN_BUCKETS[-1]  # slack slots past the longest sequence, where padding 
 _CAPTURE = threading.Lock()  # one capture at a time in the process
 # context buckets captured ahead of a generation past those its shapes were met at (``reachable``): 4 x 256 positions
 CAPTURE_AHEAD = 4
+# a device draft feeds at most this many tokens inside its graph: what the cache lacks after a verdict (the correction,
+# or the last draft and the bonus); more (a prompt's tail, a catch-up) go through an ordinary forward first
+FUSED_FEED = 2
 
 
 def ceil_bucket(tokens: int) -> int:
@@ -49,7 +52,7 @@ def ceil_bucket(tokens: int) -> int:
 def reachable(met: Iterable[tuple[Any, ...]], length: int, capacity: int,
               ahead: int = CAPTURE_AHEAD) -> set[tuple[Any, ...]]:
     """The shapes (keys whose first two parts are a token count and a context bucket: a forward's ``(bucket,
-    kv_len)``, a device draft's ``(steps, kv_len, rule)``) that ``met`` grows into when a generation reaches
+    kv_len)``, a device draft's ``(tokens, kv_len, fed, *rule)``) that ``met`` grows into when a generation reaches
     ``length`` tokens: each at the larger context buckets up to the one its last call may attend over (``length``
     plus its tokens, capped at ``capacity``), at most ``ahead`` of them past the one it was met at (a generation
     that ends early must not have paid for many; the next ``reset`` extends them). Not the smaller buckets: a
@@ -100,15 +103,19 @@ class StaticWorker(LogitsWorker):
         self._pool: Any = None
         self._wanted: set[tuple[int, int]] = set()  # shapes met eagerly, to capture at the next reset
         self.captures = 0  # graphs captured so far (for tests and stats)
-        # multi-token drafts: k-1 one-token forwards and the choices between them on the device, as ONE graph per
-        # (steps, context bucket, sampling rule) on CUDA; the same code eagerly elsewhere. Off: one forward and one
-        # host sync per drafted token (LogitsWorker.draft). PIPESPEC_DEVICE_DRAFT=0 turns it off.
+        # device drafts: the fed tokens' forward, then n - 1 one-token forwards, and the n choices on the device, as
+        # ONE graph per (tokens, context bucket, fed tokens, sampling rule) on CUDA; the same code eagerly elsewhere.
+        # Off: one forward and one host sync per drafted token (LogitsWorker.draft). PIPESPEC_DEVICE_DRAFT=0 turns it
+        # off.
         self.device_draft = os.environ.get("PIPESPEC_DEVICE_DRAFT", "1") != "0"
-        self._draft_graphs: dict[tuple[Any, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor,
-                                                         torch.Tensor, torch.Tensor]] = {}
+        self._draft_graphs: dict[tuple[Any, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._draft_wanted: dict[tuple[Any, ...], SamplingParams] = {}  # to capture at the next reset
         self._draft_params: dict[tuple[Any, ...], SamplingParams] = {}  # of every draft graph captured
-        self._seed_h: tuple[int, torch.Tensor] | None = None
+        # the draft graphs' inputs, shared by all of them: per count of fed tokens a pinned host buffer and its
+        # device copy (ids, then positions), and the seed's hash
+        self._feed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._seed_buf: torch.Tensor | None = None
+        self._seed_of: int | None = None
 
     # -- cache primitives ---------------------------------------------------------------------------------------
 
@@ -143,6 +150,9 @@ class StaticWorker(LogitsWorker):
         if self.use_graphs and (self._wanted or self._draft_wanted):
             self.capture_pending()
         self._seed(seed)
+
+    def uncaptured(self) -> tuple[int, int]:
+        return len(self._wanted), len(self._draft_wanted)
 
     def release(self) -> None:
         self.cached = []  # the static cache stays allocated: the next generation reuses it
@@ -181,8 +191,12 @@ class StaticWorker(LogitsWorker):
             event.record(torch.cuda.current_stream(self.device))
             self._copied[bucket] = event
         self.forwards += 1
-        self.cached.extend(tokens)
+        self._note_fed(tokens)
         return logits[n - keep:n]
+
+    def _note_fed(self, tokens: Sequence[int]) -> None:
+        """``tokens`` went into the cache (a forward, or a device draft's graph)."""
+        self.cached.extend(tokens)
 
     def _replay(self, ids: torch.Tensor, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         key = (ids.shape[0], kv_len)
@@ -200,11 +214,11 @@ class StaticWorker(LogitsWorker):
     # -- multi-token drafts on the device ------------------------------------------------------------------------
 
     def draft(self, seq: Sequence[int], n: int, params: SamplingParams) -> StepResult:
-        """Draft ``n`` tokens with one host sync: the first forward feeds what the cache lacks (as ``logits``); the
-        other ``n - 1`` (one token each) and every choice run on the device (``choose_on_device``), on CUDA as one
-        captured graph. Same tokens as one forward and one sync per token. The rejection rule (probability rows,
-        the generator) keeps the per-token path."""
-        if n <= 1 or not self.device_draft or params.rule == "rejection":
+        """Draft ``n`` tokens with one host sync: what the cache lacks of ``seq`` (one or two tokens: a correction,
+        or the last draft and the bonus; ``FUSED_FEED``) is fed, and ``n`` forwards and choices run on the device
+        (``choose_on_device``), on CUDA as ONE captured graph. Same tokens as one forward and one sync per token.
+        The rejection rule (probability rows, the generator) keeps the per-token path."""
+        if n < 1 or not self.device_draft or params.rule == "rejection":
             return super().draft(seq, n, params)
         tokens = self._device_draft(seq, n, params)
         self.cached.extend(tokens[:-1])  # the last drafted token is not fed, as in the per-token path
@@ -212,67 +226,83 @@ class StaticWorker(LogitsWorker):
 
     def _device_draft(self, seq: Sequence[int], n: int, params: SamplingParams) -> list[int]:
         """The ``n`` drafted tokens; feeds ``seq`` (what it lacks) and the first ``n - 1`` drafts into the cache
-        (the caller extends ``cached``)."""
+        (the caller extends ``cached`` with the drafts)."""
         span = self._gpu_span_begin()  # the whole draft as one GPU span (a trace's GPU track)
-        logits = self.logits(seq, len(seq))  # [1, vocab]
-        position = len(seq)  # the position the first draft takes
-        steps = n - 1
-        end = position + steps  # cache slots used: 0 .. end - 1 (the last draft is not fed)
+        start = min(common_prefix(self.cached, seq), len(seq) - 1)  # the graph feeds seq[start:]: 1 token at least
+        self.rollback(start)
+        if len(seq) - start > FUSED_FEED:  # a prompt's tail or a long catch-up: all but the last token first
+            self._timed_forward(seq[start:-1], start, 0)
+            start = len(seq) - 1
+        fed = [t if t < self.id_limit else 0 for t in seq[start:]]  # a wider stage's padding id: see LogitsWorker
+        m = len(fed)
+        end = start + m + n - 1  # cache slots used: 0 .. end - 1 (the last draft is not fed)
         if end + PAD > self.static.capacity:
             raise ValueError(f"sequence of {end} tokens exceeds the static cache ({self.static.capacity - PAD})")
         kv_len = min(ceil_bucket(end), self.static.capacity)
-        seed_h = self._seed_tensor(params.seed)
-        first_pos = torch.full((1,), position, dtype=torch.long, device=self.device)
-        first = choose_on_device(logits[-1:], params, first_pos, seed_h)  # [1]
-        key = (steps, kv_len, _rule_key(params))
+        feed = self._feed_input(m, fed, start)
+        seed_h = self._seed_input(params.seed)
+        key = (n, kv_len, m, *_rule_key(params))
         entry = self._draft_graphs.get(key) if self.use_graphs else None
         if entry is None:
             if self.use_graphs:
                 self._draft_wanted[key] = params  # capture at the next reset; eager now (same kernels)
-            rest = self._draft_steps(first, first_pos, steps, kv_len, params, seed_h)
+            out = self._draft_steps(feed[:m], feed[m:], n, kv_len, params, seed_h)
         else:
-            graph, tok_in, pos_in, seed_in, out = entry
-            tok_in.copy_(first)
-            pos_in.copy_(first_pos)
-            seed_in.copy_(seed_h)
+            graph, out = entry
             graph.replay()
-            rest = out
+        self._note_fed(fed)
         self._gpu_span_end(span, n)
-        self.forwards += steps
-        return self.reader.ints(torch.cat((first, rest)))  # the one host sync of the call
+        self.forwards += n
+        return self.reader.ints(out)  # the one host sync of the call
 
-    def _draft_steps(self, tok: torch.Tensor, pos: torch.Tensor, steps: int, kv_len: int, params: SamplingParams,
+    def _draft_steps(self, tok: torch.Tensor, pos: torch.Tensor, n: int, kv_len: int, params: SamplingParams,
                      seed_h: torch.Tensor) -> torch.Tensor:
-        """Feed ``tok`` [1] at ``pos`` [1], choose the next token, feed it, ... ``steps`` times: [steps] tokens.
+        """Feed ``tok`` [m] at ``pos`` [m], choose the next token, feed it, ... until ``n`` are chosen: [n] tokens.
         Device tensors only (no host data, no sync): capturable as one CUDA graph."""
         out = []
-        for _ in range(steps):
-            logits = self.static.forward(tok, pos, kv_len)  # [1, vocab]
-            pos = pos + 1  # the position the chosen token takes
+        for _ in range(n):
+            logits = self.static.forward(tok, pos, kv_len)[-1:]  # [1, vocab]
+            pos = pos[-1:] + 1  # the position the chosen token takes
             tok = choose_on_device(logits, params, pos, seed_h)
             out.append(tok)
         return torch.cat(out)
 
-    def _seed_tensor(self, seed: int) -> torch.Tensor:
-        if self._seed_h is None or self._seed_h[0] != seed:
-            self._seed_h = (seed, seed_hash(seed, self.device))
-        return self._seed_h[1]
+    def _feed_input(self, m: int, tokens: Sequence[int], position: int) -> torch.Tensor:
+        """The device buffer a draft graph of ``m`` fed tokens reads ([m] ids, then [m] positions), filled by one
+        copy from a pinned host buffer. Reusing that host buffer is safe: every draft call ends with a sync."""
+        if m not in self._feed:
+            pin = self.device.type == "cuda"
+            self._feed[m] = (torch.zeros(2 * m, dtype=torch.long, pin_memory=pin),
+                             torch.zeros(2 * m, dtype=torch.long, device=self.device))
+        host, dev = self._feed[m]
+        host.copy_(torch.tensor([*tokens, *range(position, position + m)], dtype=torch.long))
+        dev.copy_(host, non_blocking=True)
+        return dev
+
+    def _seed_input(self, seed: int) -> torch.Tensor:
+        """The device buffer every draft graph reads the seed's hash from; written when the seed changes."""
+        if self._seed_buf is None:
+            self._seed_buf = seed_hash(seed, self.device)
+            self._seed_of = seed
+        elif self._seed_of != seed:
+            self._seed_buf.copy_(seed_hash(seed, self.device))
+            self._seed_of = seed
+        return self._seed_buf
 
     def _capture_drafts(self, stream: Any) -> None:
-        for key, params in sorted(self._draft_wanted.items(), key=lambda kv: kv[0][:2]):
-            steps, kv_len, _ = key
+        for key, params in sorted(self._draft_wanted.items(), key=lambda kv: kv[0][:3]):
+            n, kv_len, m = key[:3]
             if key in self._draft_graphs or kv_len > self.static.capacity:
                 continue
-            tok_in = torch.zeros(1, dtype=torch.long, device=self.device)
-            pos_in = torch.zeros(1, dtype=torch.long, device=self.device)
-            seed_in = self._seed_tensor(params.seed).clone()
+            feed = self._feed_input(m, [0] * m, 0)
+            seed_h = self._seed_input(params.seed)
             for _ in range(2):
-                self._draft_steps(tok_in, pos_in, steps, kv_len, params, seed_in)
+                self._draft_steps(feed[:m], feed[m:], n, kv_len, params, seed_h)
             stream.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
-                out = self._draft_steps(tok_in, pos_in, steps, kv_len, params, seed_in)
-            self._draft_graphs[key] = (graph, tok_in, pos_in, seed_in, out)
+                out = self._draft_steps(feed[:m], feed[m:], n, kv_len, params, seed_h)
+            self._draft_graphs[key] = (graph, out)
             self._draft_params[key] = params
             self.captures += 1
         self._draft_wanted.clear()
@@ -305,18 +335,20 @@ class StaticWorker(LogitsWorker):
             self._capture_drafts(stream)
 
     def warm_up(self, buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64), context: int = 2 * CONTEXT_STEP,
-                draft_steps: Sequence[int] = (), params: SamplingParams | None = None) -> None:
+                draft_sizes: Sequence[int] = (), params: SamplingParams | None = None) -> None:
         """Capture the common shapes ahead of the first generation (optional; benchmarks call it).
-        ``draft_steps``: also the multi-token drafts of 1 + s tokens for each s (``params``: greedy by default)."""
+        ``draft_sizes``: also the device drafts of n tokens for each n, fed 1 to ``FUSED_FEED`` tokens (``params``:
+        greedy by default)."""
         if not self.use_graphs:
             return
         for kv_len in range(CONTEXT_STEP, min(context, self.static.capacity) + 1, CONTEXT_STEP):
             for bucket in buckets:
                 if bucket <= kv_len:
                     self._wanted.add((bucket, kv_len))
-            for steps in draft_steps:
-                p = params or SamplingParams()
-                self._draft_wanted[(steps, kv_len, _rule_key(p))] = p
+            p = params or SamplingParams()
+            for n in draft_sizes:
+                for m in range(1, FUSED_FEED + 1):
+                    self._draft_wanted[(n, kv_len, m, *_rule_key(p))] = p
         self.capture_pending()
 
 

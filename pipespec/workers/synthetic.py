@@ -178,13 +178,12 @@ class SyntheticChoices(OracleChoices):
         super().rollback(length)
         del self._hashes[length + 1:]
 
-    def forward(self, tokens: Sequence[int], position: int, keep: int) -> torch.Tensor:
-        out = super().forward(tokens, position, keep)
+    def _note_fed(self, tokens: Sequence[int]) -> None:
+        super()._note_fed(tokens)  # a forward's (on a tensor-parallel rank 0, after it was mirrored) or a draft's
         h = self._hashes[-1]
         for t in tokens:
             h = self.oracle.extend(h, t)
             self._hashes.append(h)
-        return out
 
     def _wait(self, logits: torch.Tensor) -> None:
         # the oracle does not read the logits, but the stage must not get ahead of its device: wait as the real
@@ -207,7 +206,7 @@ class SyntheticChoices(OracleChoices):
         if params.rule != "greedy":
             raise ValueError("synthetic acceptance is greedy only")
         self._learn_prompt(len(seq))
-        if n > 1 and self.device_draft:
+        if self.device_draft:
             return super().draft(seq, n, params)  # StaticWorker.draft: the bookkeeping; tokens from _device_draft
         work = list(seq)
         for _ in range(n):
@@ -220,7 +219,7 @@ class SyntheticChoices(OracleChoices):
         device's. The cache then holds K/V of the device's own tokens, which nothing reads (the oracle decides),
         while ``cached`` (extended by ``StaticWorker.draft``) and the hashes name the oracle's, as after per-token
         drafts."""
-        super()._device_draft(seq, n, params)  # feeds seq's missing tail via forward (hashes kept)
+        super()._device_draft(seq, n, params)  # feeds seq's missing tail (hashes kept: ``_note_fed``)
         work = list(seq)
         work.append(self._choice(len(work)))
         for _ in range(n - 1):  # the hashes of the n - 1 drafts fed to the cache

@@ -502,7 +502,7 @@ class TPStaticWorker(StaticWorker):
         super().reset(seed, capacity)
 
     def warm_up(self, buckets: Sequence[int] = (1, 2, 4, 8, 16, 32, 64), context: int = 512,
-                draft_steps: Sequence[int] = (), params: Any = None) -> None:
+                draft_sizes: Sequence[int] = (), params: Any = None) -> None:
         if self.mirror is not None:
             self.mirror(("warm_up", tuple(buckets), context))
         super().warm_up(buckets, context)
