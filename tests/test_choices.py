@@ -14,8 +14,7 @@ from helpers import limit
 from pipespec.apps.simulate import simulated_pipeline
 from pipespec.scheduler.choices import MAX_ENTRIES, ChoiceStore, default_dir
 from pipespec.scheduler import pipeline as pipeline_module
-from pipespec.scheduler.pipeline import WARM_UP_PASSES, WARM_UP_TOKENS, choice_parts
-from pipespec.workers.simulated import SimulatedWorker
+from pipespec.scheduler.pipeline import WARM_UP_TOKENS, choice_parts
 
 PROMPT = list(range(3, 19))
 SCOPE = {"models": ["a", "b"], "devices": ["cpu", "cpu"]}
@@ -211,24 +210,3 @@ async def test_a_first_generation_on_cuda_is_preceded_by_a_short_unpublished_one
         runs = _counting(pipe)
         await pipe.generate(PROMPT, max_new_tokens=40, mode="pipe", warm_up=True)
         assert runs == [("pipe", 40, True)]
-
-
-@limit(120)
-@pytest.mark.parametrize(("left", "passes"), [([(5, 0)], 1), ([(2, 3), (0, 0)], 2), ([(2, 3), (1, 0), (1, 0)], 3),
-                                              ([(0, 1)] * 5, WARM_UP_PASSES)])
-async def test_the_warm_up_runs_again_while_a_pass_met_shapes_to_capture(
-        monkeypatch: pytest.MonkeyPatch, left: list[tuple[int, int]], passes: int) -> None:
-    """After each warm-up pass the workers say what they ran eagerly (``uncaptured``: forwards, device drafts). A
-    draft that ran eagerly drafts differently once replayed, so its verifiers may meet new windows: another pass.
-    Past the first, any shape met for the first time: another pass. At most ``WARM_UP_PASSES``; then the request."""
-    script = list(left)
-
-    def uncaptured(self: SimulatedWorker) -> tuple[int, int]:  # the draft's word; the target has nothing left
-        return script.pop(0) if self.stage == 0 and script else (0, 0)
-
-    monkeypatch.setattr(SimulatedWorker, "uncaptured", uncaptured)
-    monkeypatch.setattr(pipeline_module, "_on_cuda", lambda members: True)
-    async with simulated_pipeline([0.3, 4.0], [0.9], seed=1, vocab=1000) as pipe:
-        runs = _counting(pipe)
-        await pipe.generate(PROMPT, max_new_tokens=40, mode="pipe", warm_up=True)
-    assert runs == [("pipe", WARM_UP_TOKENS, False)] * passes + [("pipe", 40, True)]

@@ -70,7 +70,6 @@ RUNOFF_CLEAR = 1.10
 # sd:16 572.0, chose sd, then timed pipe 1.08x sd:16 over 15 paired rounds (a quiet run of pipe: 664-736). With a
 # busy loop on one of this VM's two cores one run of pipe fell to 519.9 against sd:16's 606.5, a false 1.17x lead.
 WARM_UP_TOKENS = 32  # ``Pipeline.warm_up``: tokens of the short generation that lets the next one replay CUDA graphs
-WARM_UP_PASSES = 3  # ``Pipeline.warm_up``: at most this many of them (another while the last met shapes to capture)
 
 
 class AutoChoice(NamedTuple):
@@ -306,34 +305,23 @@ class Pipeline:
                         await task
 
     async def warm_up(self, request: Request, tokens: int = WARM_UP_TOKENS) -> bool:
-        """Before this pipeline's first generation, where a model is on CUDA: short generations of ``request``
-        (``tokens`` tokens, no stop strings, not published, output dropped), so that the generation after them
+        """Before this pipeline's first generation, where a model is on CUDA: one short generation of ``request``
+        (``tokens`` tokens, no stop strings, not published, its output dropped), so that the generation after it
         replays CUDA graphs. A static worker captures the shapes a generation met at the next one's start
         (``StaticWorker.reset``), so a process's first generation runs every shape eagerly, and ``pipespec run`` (one
         generation per process) would never replay one: the built-in family on an H200 took 1.9 s for 256 tokens
-        of ``ar`` eagerly, 0.15 s replayed.
-
-        A second pass runs where the first ran a device draft eagerly: replayed, the draft is faster, drafts more per
-        call, and its verifiers meet windows the first pass never did (a 7B's 8-token verify: 78 of them eager, 2.1
-        s of a first 512-token generation of {68m,7b} on an H200). A third where the second still met new shapes;
-        at most ``WARM_UP_PASSES``. Mode auto resolves first: its probes warm up too, and then nothing more runs.
-        Returns whether a warm-up generation ran."""
+        of ``ar`` eagerly, 0.15 s replayed. Mode auto resolves first: its probes warm up too, and then nothing more
+        runs. Returns whether a warm-up generation ran."""
         if self._generations or not _on_cuda(self.members):
             return False
         if request.mode == "auto":
             await self.choose_mode(request)
             if self._generations:  # the probes ran: they met the shapes
                 return False
-        short = replace(request, max_new_tokens=min(tokens, request.max_new_tokens), stop=())
+        self.preparing = "warming up: a short generation, so the next one replays CUDA graphs"
         try:
-            for done in range(1, WARM_UP_PASSES + 1):
-                self.preparing = (f"warming up: a short generation ({done} of at most {WARM_UP_PASSES}), so the "
-                                  "next one replays CUDA graphs")
-                await self._run(short, None, publish=False)
-                left = [await m.runner.call("uncaptured") for m in self.members]
-                forwards, drafts = sum(f for f, _ in left), sum(d for _, d in left)
-                if not (drafts or (done > 1 and forwards)):
-                    break
+            await self._run(replace(request, max_new_tokens=min(tokens, request.max_new_tokens), stop=()), None,
+                            publish=False)
         finally:
             self.preparing = None
         return True

@@ -31,8 +31,7 @@ __all__ = ["Worker", "WorkerInfo", "StepResult", "ProbRows", "LogitsWorker", "co
 ProbRows = Sequence[tuple[torch.Tensor, int]]
 
 # The calls a runner serves by name (``await runner.call("step", ...)``): a worker's whole remote surface.
-CALLS = ("prefill", "step", "draft", "reset", "release", "rollback", "describe", "gpu_trace", "gpu_spans",
-         "uncaptured")
+CALLS = ("prefill", "step", "draft", "reset", "release", "rollback", "describe", "gpu_trace", "gpu_spans")
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -158,11 +157,6 @@ class LogitsWorker(ABC):
         if seed is not None:
             self.generator = torch.Generator(device=self.device)
             self.generator.manual_seed(seed)
-
-    def uncaptured(self) -> tuple[int, int]:
-        """Shapes the last generation ran eagerly that the next ``reset`` captures as CUDA graphs: (forwards, device
-        drafts). None here; a static worker's (``StaticWorker``). ``Pipeline.warm_up`` reads it."""
-        return 0, 0
 
     # -- GPU spans for a trace (pipespec.tracing): CUDA events around every forward, read back after the generation --
 

@@ -96,9 +96,6 @@ class SimulatedWorker(OracleChoices):
     def release(self) -> None:
         self.reset()
 
-    def uncaptured(self) -> tuple[int, int]:
-        return 0, 0  # nothing to capture: no graphs (``LogitsWorker.uncaptured``)
-
     def rollback(self, length: int) -> None:
         del self.cached[length:]
         del self._hashes[length + 1:]
