@@ -1,8 +1,6 @@
-"""What a process's first long generation costs on a GPU, with capture ahead and without (issue 14), or with one
-warm-up pass and with as many as ``Pipeline.warm_up`` runs (``--compare passes``).
+"""What a process's first long generation costs on a GPU, with capture ahead and without (issue 14).
 
     python scripts/gpu_first_generation.py OUT_DIR                  # one H200, ~2-3 minutes
-    python scripts/gpu_first_generation.py OUT_DIR --compare passes # the warm-up's passes (WARM_UP_PASSES) vs one
     python scripts/gpu_first_generation.py OUT_DIR --smoke          # tiny shapes on the CPU: the same code
 
 A ``pipespec run`` is one generation per process: ``Pipeline.warm_up`` runs a short one first, and capture ahead
@@ -48,9 +46,6 @@ async def one(shapes: tuple[str, ...], mode: str, args: argparse.Namespace) -> d
     from pipespec.scheduler.request import Member
     from pipespec.workers.synthetic import build_synthetic
 
-    if args.passes is not None:  # the "off" side of --compare passes
-        from pipespec.scheduler import pipeline as pipeline_module
-        pipeline_module.WARM_UP_PASSES = args.passes
     device = "cpu" if args.smoke else "cuda:0"
     vocab = 512 if args.smoke else 32000
     oracle = Oracle([args.alpha] * (len(shapes) - 1), seed=0, vocab=vocab)
@@ -76,7 +71,7 @@ async def one(shapes: tuple[str, ...], mode: str, args: argparse.Namespace) -> d
     names = {e["tid"]: e["args"]["name"] for e in doc["traceEvents"] if e.get("name") == "thread_name"}
     resets = {names.get(e["tid"], str(e["tid"])): round(e["dur"] / 1e6, 3) for e in doc["traceEvents"]
               if e.get("ph") == "X" and e["name"] == "reset"}
-    return {"warm_up_s": round(t1 - t0, 3), "warm_up_passes": passes, "first_s": round(t2 - t1, 3), "second_s": round(t3 - t2, 3),
+    return {"warm_up_s": round(t1 - t0, 3), "warm_up_generations": passes, "first_s": round(t2 - t1, 3), "second_s": round(t3 - t2, 3),
             "first_reset_s": resets, "tokens": len(first.token_ids), "same_twice": first.token_ids == second.token_ids,
             "ids": list(first.token_ids)}
 
@@ -91,10 +86,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--alpha", type=float, default=0.8)
     parser.add_argument("--timeout-s", type=float, default=150.0, help="per fresh process")
-    parser.add_argument("--compare", choices=("ahead", "passes"), default="ahead",
-                        help="on / off: capture ahead (PIPESPEC_CAPTURE_AHEAD), or the warm-up's passes (all / one)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # CHAIN:MODE, in a child process
-    parser.add_argument("--passes", type=int, default=None, help=argparse.SUPPRESS)  # the child's WARM_UP_PASSES
     parser.add_argument("--label", default="on", help=argparse.SUPPRESS)  # the child's setting, for its trace name
     args = parser.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -111,13 +103,9 @@ def main() -> None:
             for ahead in ("1", "0"):  # on (the default), then off
                 cmd = [sys.executable, __file__, args.out, "--one", f"{chain}:{mode}", "--tokens", str(args.tokens),
                        "--prompt-len", str(args.prompt_len), "--alpha", str(args.alpha),
-                       "--label", f"{args.compare}-{'on' if ahead == '1' else 'off'}"] + (["--smoke"] if args.smoke
+                       "--label", "on" if ahead == "1" else "off"] + (["--smoke"] if args.smoke
                                                                                        else [])
-                env = dict(os.environ)
-                if args.compare == "ahead":
-                    env["PIPESPEC_CAPTURE_AHEAD"] = ahead
-                elif ahead == "0":
-                    cmd += ["--passes", "1"]
+                env = {**os.environ, "PIPESPEC_CAPTURE_AHEAD": ahead}
                 try:
                     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout_s)
                     lines = done.stdout.strip().splitlines()
@@ -125,7 +113,7 @@ def main() -> None:
                         "error": (done.stderr.strip().splitlines() or ["no output"])[-1][:300]}
                 except subprocess.TimeoutExpired:
                     got[ahead] = {"error": f"timed out after {args.timeout_s} s"}
-                print(chain, mode, args.compare, "on" if ahead == "1" else "off",
+                print(chain, mode, "ahead" if ahead == "1" else "off",
                       {k: v for k, v in got[ahead].items() if k != "ids"}, flush=True)
             on, off = got["1"], got["0"]
             same = "ids" in on and "ids" in off and on["ids"] == off["ids"]
@@ -134,14 +122,13 @@ def main() -> None:
         for key in ("ahead", "off"):
             row[key].pop("ids", None)
     Path(args.out, "first_generation.json").write_text(json.dumps(rows, indent=1))
-    lines = [f"on / off: {'capture ahead' if args.compare == 'ahead' else 'every warm-up pass / one'}", "",
-             "| chain | mode | warm-up passes (on / off) | warm-up s (on / off) | first s (on / off) | second s (on / off) | first's resets s (on) "
+    lines = ["on / off: capture ahead", "", "| chain | mode | warm-up generations (on / off) | warm-up s (on / off) | first s (on / off) | second s (on / off) | first's resets s (on) "
              "| identical |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         on, off = r["ahead"], r["off"]
         def pair(k: str) -> str:
             return f"{on.get(k, '-')} / {off.get(k, '-')}"
-        lines.append(f"| {r['chain']} | {r['mode']} | {pair('warm_up_passes')} | {pair('warm_up_s')} | "
+        lines.append(f"| {r['chain']} | {r['mode']} | {pair('warm_up_generations')} | {pair('warm_up_s')} | "
                      f"{pair('first_s')} | {pair('second_s')} | "
                      f"{on.get('first_reset_s', on.get('error', '-'))} | {r['identical']} |")
     Path(args.out, "first_generation.md").write_text("\n".join(lines) + "\n")

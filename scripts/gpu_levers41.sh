@@ -6,7 +6,8 @@
 #     repeats; ar, sd:4/8/16, pipe, auto) with the draft feeding what its cache lacks inside its own graph; pipe
 #     traced at 0.7 and summarised; the GPU's clocks sampled every 200 ms through the rows (nvidia-smi), to see
 #     whether a lease's slow draft comes with low clocks;
-#  4. a process's first long generation (512 tokens after 128) with the warm-up's passes against one pass.
+#  4. a process's first long generation (512 tokens after 128) with the warm-up's passes against one pass (the passes,
+#     6f08c6e, were reverted after this call, and gpu_first_generation.py's --compare passes with them).
 # Usage: PIPESPEC_COMMIT=<sha> bash scripts/gpu_levers41.sh      Results: $OUT/levers41.log (+ .tgz)
 set -u
 source "$(dirname "$0")/gpu_env.sh"
