@@ -71,7 +71,8 @@ async def one(shapes: tuple[str, ...], mode: str, args: argparse.Namespace) -> d
     names = {e["tid"]: e["args"]["name"] for e in doc["traceEvents"] if e.get("name") == "thread_name"}
     resets = {names.get(e["tid"], str(e["tid"])): round(e["dur"] / 1e6, 3) for e in doc["traceEvents"]
               if e.get("ph") == "X" and e["name"] == "reset"}
-    return {"warm_up_s": round(t1 - t0, 3), "warm_up_generations": passes, "first_s": round(t2 - t1, 3), "second_s": round(t3 - t2, 3),
+    return {"warm_up_s": round(t1 - t0, 3), "warm_up_generations": passes, "first_s": round(t2 - t1, 3),
+            "second_s": round(t3 - t2, 3),
             "first_reset_s": resets, "tokens": len(first.token_ids), "same_twice": first.token_ids == second.token_ids,
             "ids": list(first.token_ids)}
 
@@ -122,7 +123,9 @@ def main() -> None:
         for key in ("ahead", "off"):
             row[key].pop("ids", None)
     Path(args.out, "first_generation.json").write_text(json.dumps(rows, indent=1))
-    lines = ["on / off: capture ahead", "", "| chain | mode | warm-up generations (on / off) | warm-up s (on / off) | first s (on / off) | second s (on / off) | first's resets s (on) "
+    lines = ["on / off: capture ahead", "",
+             "| chain | mode | warm-up generations (on / off) | warm-up s (on / off) | first s (on / off) | "
+             "second s (on / off) | first's resets s (on) "
              "| identical |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         on, off = r["ahead"], r["off"]
