@@ -322,7 +322,8 @@ async def measure_chain(label: str, members: list[Member], prompt: list[int], ar
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# gpu_pipe_probe, {report['backend']} backend ({report['label']})", "",
-             f"device: {report['device']}; commit {report['commit']}; {report['tokens']} tokens, prompt "
+             f"device: {report['device']}; commit {report['commit']}; GIL switch interval "
+             f"{report.get('switch_interval_us')} us; {report['tokens']} tokens, prompt "
              f"{report['prompt_len']}, {report['repeats']} repeats (median [min-max] tokens/s); wall "
              f"{report['wall_s']} s", "",
              f"MPS: {report['mps']}; CUDA initialised in the probe's own process: {report['parent_cuda_initialized']}",
@@ -440,6 +441,7 @@ def header(args: argparse.Namespace, commit: str) -> dict[str, Any]:
     device = "cpu" if args.smoke else f"{gpu_name()} x{torch.cuda.device_count()}"
     return {"label": "SYNTHETIC ACCEPTANCE" + (" (smoke: tiny shapes on the CPU)" if args.smoke else ""),
             "device": device, "commit": commit, "tokens": args.tokens, "prompt_len": args.prompt_len,
+            "switch_interval_us": round(sys.getswitchinterval() * 1e6, 1),
             "repeats": args.repeats, "alphas": args.alphas, "methods": args.methods}
 
 
@@ -573,7 +575,12 @@ if __name__ == "__main__":
     parser.add_argument("--backends", default=None, help="e.g. 'thread,process': one run per backend (a fresh "
                                                          "process each, an equal share of --budget-s), side by side; "
                                                          "process-nomps: worker processes without MPS")
+    parser.add_argument("--switch-interval-us", type=float, default=None,
+                        help="the interpreter's GIL switch interval for this run (sys.setswitchinterval; default 5000): "
+                             "how long a thread woken by a hand-over may wait for another that holds the GIL")
     a = parser.parse_args()
+    if a.switch_interval_us is not None:
+        sys.setswitchinterval(a.switch_interval_us / 1e6)
     a.alphas = [float(x) for x in a.alphas.split(",")]
     a.trace_methods = [m for m in a.trace_methods.split(",") if m]
     a.trace_alphas = [float(x) for x in a.trace_alphas.split(",") if x]
