@@ -27,7 +27,9 @@ Protocol, per chain and alpha, all in one process on the same machine:
   ``static``: ``adaptive=False``); ``auto`` (probes once, then runs its choice; the choice is reported);
 - 3 timed repeats each (round-robin over methods, so drift hits all alike): median, min, max tokens/s;
 - every method's tokens must equal ``ar``'s (greedy; lossless) - reported per row;
-- per stage, in-pipeline ms per forward (busy / forwards) next to its standalone forward (1 and 8 tokens);
+- per stage, in-pipeline ms per forward (busy / forwards) next to its standalone forward (1 and 8 tokens), and its
+  ratio to the standalone forward at the stage's own mean tokens per forward (interpolated between forwards of 1, 8,
+  16 and 32 tokens: a verifier whose windows are 9-17 tokens long is not compared with an 8-token forward);
 - one trace (``trace=``) of a default ``pipe`` run per chain at the highest alpha (``--trace-alphas``: at those):
   open it in ui.perfetto.dev.
 
@@ -55,6 +57,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -225,16 +228,33 @@ def gpu_apps() -> str:
         return f"{type(exc).__name__}: {exc}"
 
 
+STANDALONE_SIZES = (1, 8, 16, 32)  # tokens of the standalone forwards timed per stage
+
+
+def at_tokens(ms: Sequence[float], tokens: float) -> float:
+    """A stage's standalone ms per forward at ``tokens`` tokens fed, interpolated linearly between its forwards timed
+    at ``STANDALONE_SIZES`` (and held at the ends)."""
+    sizes = STANDALONE_SIZES
+    if tokens <= sizes[0]:
+        return ms[0]
+    for (a, ma), (b, mb) in zip(zip(sizes, ms), zip(sizes[1:], ms[1:])):
+        if tokens <= b:
+            return ma + (mb - ma) * (tokens - a) / (b - a)
+    return ms[-1]
+
+
 async def measure_chain(label: str, members: list[Member], prompt: list[int], args: argparse.Namespace,
                         deadline: float, out_dir: Path) -> dict[str, Any]:
     pipe = Pipeline(members, tokenizer=None)  # shares the loaded runners; not closed here
     for i, m in enumerate(members):
         await m.runner.call("configure", stage=i)
     # warm, one stage at a time (the others idle): what a stage's forward costs alone
-    stand = [await m.runner.call("standalone_ms", prompt) for m in members]
+    stand_by = [await m.runner.call("standalone_ms", prompt, STANDALONE_SIZES) for m in members]
+    stand = [(row[0], row[1]) for row in stand_by]  # 1 and 8 tokens
     result: dict[str, Any] = {"chain": label, "models": [m.name for m in members],
                               "devices": [m.device for m in members],
                               "standalone_ms": [[round(a, 3), round(b, 3)] for a, b in stand], "alphas": [],
+                              "standalone_ms_by_tokens": [[round(x, 3) for x in row] for row in stand_by],
                               "max_window": [m.info.max_window for m in members]}
     methods = {name: opts for name, opts in all_methods().items() if name in args.methods}
     for alpha in args.alphas:
@@ -249,6 +269,7 @@ async def measure_chain(label: str, members: list[Member], prompt: list[int], ar
         rates: dict[str, list[float]] = {name: [] for name in methods}
         outputs: dict[str, tuple[int, ...]] = {}
         stage_ms: dict[str, list[float | None]] = {}
+        stage_ratio: dict[str, list[float | None]] = {}
         auto_choice = None
 
         async def once(name: str, timed: bool) -> None:
@@ -270,6 +291,9 @@ async def measure_chain(label: str, members: list[Member], prompt: list[int], ar
                 outputs.setdefault(name, g.token_ids)
                 stage_ms[name] = [round(1000 * s["busy_seconds"] / s["forwards"], 3) if s["forwards"] else None
                                   for s in g.stats.stages]
+                stage_ratio[name] = [round(ms / at_tokens(row, (s["proposed"] + s["forwards"]) / s["forwards"]), 3)
+                                     if ms is not None else None
+                                     for ms, s, row in zip(stage_ms[name], g.stats.stages, stand_by)]
 
         for name in methods:  # untimed warm-up generations (auto probes here)
             await once(name, timed=False)
@@ -288,7 +312,8 @@ async def measure_chain(label: str, members: list[Member], prompt: list[int], ar
                 continue
             rows.append({"method": name, "median_tokens_per_s": round(statistics.median(r), 2),
                          "min": round(min(r), 2), "max": round(max(r), 2), "repeats": len(r),
-                         "identical_to_ar": outputs.get(name) == want, "stage_ms_per_forward": stage_ms.get(name)})
+                         "identical_to_ar": outputs.get(name) == want, "stage_ms_per_forward": stage_ms.get(name),
+                         "stage_x_standalone": stage_ratio.get(name)})
         lat = [a for a, _ in stand]
         acc = [alpha] * (len(members) - 1)
         predicted = {"ar": 1000 / lat[-1],
@@ -346,14 +371,15 @@ def markdown(report: dict[str, Any]) -> str:
             lines += ["", f"### alpha {entry['alpha']} (predicted: {entry['predicted_tokens_per_s']}; auto chose "
                           f"{entry['auto_choice'][0] if entry['auto_choice'] else '-'}; outputs identical: "
                           f"{entry['all_identical']})", "",
-                      "| method | tok/s median | min-max | x best sd | identical | in-pipeline ms/forward per stage |",
-                      "|---|---:|---:|---:|---|---|"]
+                      "| method | tok/s median | min-max | x best sd | identical | in-pipeline ms/forward per stage "
+                      "| x standalone at its mean tokens per forward |",
+                      "|---|---:|---:|---:|---|---|---|"]
             if entry["auto_choice"]:  # the probes' rates: why auto ran what it ran
                 lines.append(f"auto's reason: {entry['auto_choice'][1]}\n")
             for r in entry["rows"]:
                 ratio = r["median_tokens_per_s"] / best_sd["median_tokens_per_s"] if best_sd else float("nan")
                 lines.append(f"| {r['method']} | {r['median_tokens_per_s']} | {r['min']}-{r['max']} | {ratio:.2f} | "
-                             f"{r['identical_to_ar']} | {r['stage_ms_per_forward']} |")
+                             f"{r['identical_to_ar']} | {r['stage_ms_per_forward']} | {r.get('stage_x_standalone')} |")
             if entry.get("trace"):
                 lines.append(f"\ntrace of a default pipe run: {entry['trace']} (open in https://ui.perfetto.dev); "
                              "where the time went (count, total ms):")
@@ -576,8 +602,8 @@ if __name__ == "__main__":
                                                          "process each, an equal share of --budget-s), side by side; "
                                                          "process-nomps: worker processes without MPS")
     parser.add_argument("--switch-interval-us", type=float, default=None,
-                        help="the interpreter's GIL switch interval for this run (sys.setswitchinterval; default 5000): "
-                             "how long a thread woken by a hand-over may wait for another that holds the GIL")
+                        help="the interpreter's GIL switch interval for this run (sys.setswitchinterval; default "
+                             "5000): how long a thread woken by a hand-over may wait for another that holds the GIL")
     a = parser.parse_args()
     if a.switch_interval_us is not None:
         sys.setswitchinterval(a.switch_interval_us / 1e6)
