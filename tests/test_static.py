@@ -123,3 +123,27 @@ def test_cuda_graph_replay_matches_eager() -> None:
                 want = reference(torch.tensor([seq], device="cuda")).logits[0, -2:]
                 assert torch.allclose(got, want, atol=1e-3, rtol=1e-3), generation
     assert worker.captures > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_spans_sit_on_the_host_clock() -> None:
+    """``gpu_trace`` pins the GPU's clock to the host's (``time.perf_counter``): a forward's GPU span lies within the
+    host's call around it, give or take the anchor's error (well under a millisecond)."""
+    import time
+
+    model = tiny_llama(3, hidden=64, dtype=torch.float32).cuda()
+    worker = StaticWorker(model, "m", torch.device("cuda", 0), capacity=600)
+    worker.reset(None, 600)
+    with torch.inference_mode():
+        assert worker.gpu_trace(True)
+        calls = []
+        for i in range(5):
+            time.sleep(0.01)  # idle between calls, so each span starts when its call launches
+            before = time.perf_counter()
+            worker.reader.ints(worker.logits([5, 6, 7, 8 + i], 4)[-1:].argmax(-1))
+            calls.append((before, time.perf_counter()))
+        spans = worker.gpu_spans()
+    assert len(spans) == 5
+    for (start, end, _), (before, after) in zip(spans, calls):
+        assert before - 3e-4 <= start <= end <= after + 3e-4, (start - before, after - end)
