@@ -15,7 +15,8 @@ import pipespec
 from conftest import noisy_copy, tiny_llama
 from helpers import grow_or_diverge, hf_greedy, limit, slow
 from pipespec.verify import SamplingParams
-from pipespec.workers.static import CAPTURE_AHEAD, CONTEXT_STEP, StaticWorker, reachable
+from pipespec.workers.static import (CAPTURE_AHEAD, CHUNKED_MAX, CONTEXT_STEP, PAD, TOKEN_BUCKETS, StaticWorker,
+                                     reachable)
 from pipespec.workers.static_llama import supports_static
 
 
@@ -100,6 +101,43 @@ def test_reset_asks_for_the_shapes_met_at_the_buckets_ahead(monkeypatch: pytest.
     assert {k[:3] for k in drafts} >= {(3, 256, 1), (3, 512, 1), (3, 768, 1)}
     forwards, drafts = wanted_at_reset("0")
     assert {k[1] for k in forwards} == {k[1] for k in drafts} == {256}
+
+
+@torch.inference_mode()
+def test_a_forward_past_the_largest_bucket_runs_in_chunks_that_graphs_replay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With graphs, a forward of PAD + 1 .. CHUNKED_MAX tokens (a prompt, or lock step's first verify: the prompt and a
+    block) runs as forwards of at most PAD tokens, the last holding the rows asked for: the same logits and cache as
+    one forward, and shapes a graph replays once met (one eager forward of 142 tokens cost a 7B 21-56 ms on an H200).
+    Longer ones, and workers without graphs, run as one forward."""
+    model = tiny_llama(3, hidden=32)
+    chunked = StaticWorker(model, "c", torch.device("cpu"), graphs=True, capacity=1200)
+    monkeypatch.setattr(chunked, "capture_pending", lambda: None)  # capturing needs CUDA; the shapes are recorded
+    whole = StaticWorker(model, "w", torch.device("cpu"), capacity=1200)
+    rng = random.Random(1)
+    calls: list[tuple[int, int]] = []
+    one = chunked._forward_one  # noqa: SLF001
+
+    def spy(tokens, position, keep_rows):  # noqa: ANN001, ANN202
+        calls.append((len(tokens), keep_rows))
+        return one(tokens, position, keep_rows)
+
+    chunked._forward_one = spy  # noqa: SLF001
+    for n, keep in ((PAD + 14, 15), (2 * PAD, 1), (PAD + 1, PAD), (3 * PAD + 5, 7), (CHUNKED_MAX + 3, 2)):
+        seq = [rng.randrange(96) for _ in range(n)]
+        for w in (chunked, whole):
+            w.reset(None, 1200)
+        calls.clear()
+        got = chunked.logits(seq, n - keep + 1)
+        want = whole.logits(seq, n - keep + 1)
+        assert got.shape == want.shape == (keep, 96)
+        assert torch.allclose(got, want, atol=1e-9), n
+        assert chunked.cached == whole.cached == seq
+        if n <= CHUNKED_MAX:
+            assert all(size <= PAD for size, _ in calls) and sum(size for size, _ in calls) == n
+            assert calls[-1][1] == keep and calls[-1][0] >= keep and all(k == 0 for _, k in calls[:-1])
+        else:
+            assert calls == [(n, keep)]
+            assert {bucket for bucket, _ in chunked._wanted} <= set(TOKEN_BUCKETS)  # noqa: SLF001
 
 
 @pytest.mark.gpu
