@@ -154,9 +154,6 @@ class StaticWorker(LogitsWorker):
             self.capture_pending()
         self._seed(seed)
 
-    def uncaptured(self) -> tuple[int, int]:
-        return len(self._wanted), len(self._draft_wanted)
-
     def release(self) -> None:
         self.cached = []  # the static cache stays allocated: the next generation reuses it
 
