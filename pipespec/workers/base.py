@@ -199,9 +199,14 @@ class LogitsWorker(ABC):
         event0, host0 = anchor
         return [(host0 + event0.elapsed_time(a) / 1e3, host0 + event0.elapsed_time(b) / 1e3, n) for a, b, n in events]
 
+    def _feedable(self, tokens: Sequence[int]) -> Sequence[int]:
+        """``tokens`` as this model can feed them: a padding id of a wider stage becomes 0 (see ``__init__``)."""
+        if tokens and max(tokens) >= self.id_limit:
+            return [t if t < self.id_limit else 0 for t in tokens]
+        return tokens
+
     def _timed_forward(self, tokens: Sequence[int], position: int, keep: int) -> torch.Tensor:
-        if tokens and max(tokens) >= self.id_limit:  # a padding id of a wider stage (see __init__)
-            tokens = [t if t < self.id_limit else 0 for t in tokens]
+        tokens = self._feedable(tokens)
         events = self._gpu_events
         if events is None:
             return self.forward(tokens, position, keep)

@@ -252,7 +252,7 @@ class StaticWorker(LogitsWorker):
         if len(seq) - start > FUSED_FEED:  # a prompt's tail or a long catch-up: all but the last token first
             self._timed_forward(seq[start:-1], start, 0)
             start = len(seq) - 1
-        fed = [t if t < self.id_limit else 0 for t in seq[start:]]  # a wider stage's padding id: see LogitsWorker
+        fed = list(self._feedable(seq[start:]))
         m = len(fed)
         end = start + m + n - 1  # cache slots used: 0 .. end - 1 (the last draft is not fed)
         if end + PAD > self.static.capacity:
